@@ -1,0 +1,65 @@
+"""Every decoding knob in one place, with documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+METHODS = ("ar", "chain", "static", "dynamic")
+
+# A Medusa/SpecInfer-style static tree of 25 nodes: wide near the root, where the draft is least
+# sure of the exact continuation, thin at depth. Each tuple is a path of draft ranks.
+DEFAULT_STATIC_CHOICES: tuple[tuple[int, ...], ...] = (
+    (0,), (1,), (2,), (3,),
+    (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (3, 0),
+    (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (2, 0, 0),
+    (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0), (1, 0, 0, 0),
+    (0, 0, 0, 0, 0), (0, 0, 0, 0, 1),
+    (0, 0, 0, 0, 0, 0),
+    (0, 0, 0, 0, 0, 0, 0),
+)
+
+
+@dataclass
+class TreeConfig:
+    """Tree-shape knobs. Defaults suit a draft about a tenth of the target's cost.
+
+    Dynamic tree (method="dynamic", the Spec-LLaVA method):
+      max_depth      deepest draft level (= draft forwards per step, at most).
+      node_budget    most draft nodes verified per step (root excluded); the final tree is the
+                     `node_budget` nodes of highest path confidence (an ancestor-closed set).
+      max_children   cap on the children of one node.
+      child_mass     a node gets children in order of draft probability until their cumulative
+                     probability reaches this mass: a sure draft gives one child, an unsure one
+                     several (up to `max_children`).
+      min_path_conf  prune any node whose path confidence (product of draft probabilities along
+                     its root path) falls below this floor.
+      frontier       most nodes expanded (fed to the draft) per depth, the most confident first.
+    Chain (method="chain"): `chain_length` guesses in a row, each the draft's top token.
+    Static tree (method="static"): `choices`, paths of draft ranks (Medusa notation).
+    """
+
+    max_depth: int = 6
+    node_budget: int = 32
+    max_children: int = 4
+    child_mass: float = 0.8
+    min_path_conf: float = 0.02
+    frontier: int = 8
+    chain_length: int = 5
+    choices: tuple[tuple[int, ...], ...] = field(default=DEFAULT_STATIC_CHOICES)
+
+    def __post_init__(self):
+        for name in ("max_depth", "node_budget", "max_children", "frontier", "chain_length"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TreeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.child_mass <= 1.0:
+            raise ValueError(f"TreeConfig.child_mass must be in (0, 1], got {self.child_mass}")
+        if not 0.0 <= self.min_path_conf < 1.0:
+            raise ValueError(f"TreeConfig.min_path_conf must be in [0, 1), got {self.min_path_conf}")
+
+    @classmethod
+    def from_options(cls, **options) -> TreeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown tree option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)

@@ -1,0 +1,260 @@
+"""The decoding loop: `SpeculativeDecoder.generate` (draft -> verify -> accept -> compact -> emit).
+
+Contract: for batch size 1, `generate(...)` returns the same `sequences` as
+`target.generate(...)` would with the same arguments at T=0 (token for token, in float32), and
+sequences distributed exactly as the target's own sampling at T>0. `method="ar"` is plain
+autoregressive decoding through the same loop (the root-only tree), the in-loop baseline.
+
+Stats (`out.stats`):
+  new_tokens       tokens emitted (prompt excluded)
+  target_forwards  target forward passes, the prefill included
+  draft_forwards   draft forward passes, its prefill included
+  mean_accepted    tokens emitted per target forward (bonus included; plain decoding = 1)
+  accept_hist      accept_hist[k] = verification steps that accepted k draft tokens
+  accept_by_depth  accept_by_depth[d-1] = steps whose accepted path reached depth >= d
+  tree_nodes_mean  mean draft nodes per verified tree (root excluded)
+  time_*_s         wall time: prefill (target + draft), decode (after prefill), draft, verify
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import compact
+from .config import METHODS, TreeConfig
+from .drafting import Drafter
+from .runner import ModelRunner, image_token_id, is_vlm, vocab_size
+from .sampling import SamplingParams, processed_probs
+from .tree import ancestor_mask, attention_bias, position_ids, root_only
+from .verify import verify_greedy, verify_sampling
+
+
+@dataclass
+class SpecOutput:
+    sequences: torch.Tensor  # [1, prompt_len + new_tokens]
+    stats: dict = field(default_factory=dict)
+
+
+class SpeculativeDecoder:
+    """Lossless speculative decoding of `target` with `draft`.
+
+    target: a Hugging Face causal LM or LLaVA-style `...ForConditionalGeneration` (unmodified).
+    draft:  a smaller model with the same vocabulary: a LLaVA-style VLM (gets the image too) or a
+            text-only causal LM (gets the prompt without image tokens). May be None for "ar".
+    method: "ar" | "chain" | "static" | "dynamic".
+    tree_options: fields of `TreeConfig` (or pass `config=TreeConfig(...)`).
+    """
+
+    def __init__(self, target, draft=None, method: str = "dynamic", config: TreeConfig | None = None, **tree_options):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method != "ar" and draft is None:
+            raise ValueError(f"method {method!r} needs a draft model (only 'ar' runs without one)")
+        if config is not None and tree_options:
+            raise ValueError("pass either config=TreeConfig(...) or tree options, not both")
+        self.config = config or TreeConfig.from_options(**tree_options)
+        if draft is not None:
+            vt, vd = vocab_size(target), vocab_size(draft)
+            if vt != vd:
+                raise ValueError(
+                    f"draft/target vocabulary mismatch: the target predicts {vt} tokens, the draft {vd}; "
+                    "the draft must share the target's tokenizer and output vocabulary"
+                )
+            if is_vlm(draft) and not is_vlm(target):
+                raise ValueError("a vision-language draft needs a vision-language target (the target is text-only)")
+        self.target, self.draft, self.method = target, draft, method
+
+    # ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        seed: int | None = None,
+        streamer=None,
+    ) -> SpecOutput:
+        self._check_inputs(input_ids, pixel_values, attention_mask, max_new_tokens)
+        params = SamplingParams(do_sample, temperature, top_k, top_p)
+        eos = self._eos_set(eos_token_id)
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(int(seed))
+        else:
+            gen.seed()
+        input_ids = input_ids.to(self.target.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        t0 = time.perf_counter()
+        target = ModelRunner(self.target)
+        drafter = self._prefill_draft(input_ids, pixel_values, params)
+        # 0. prefill: the first token comes from generate()'s own prefill logits.
+        first_logits = target.prefill_like_generate(input_ids, pixel_values, attention_mask)
+        root = self._choose(first_logits, params, gen)
+        t_prefill = time.perf_counter() - t0
+
+        out_tokens = [root]
+        stats = _Stats()
+        done = root in eos or max_new_tokens == 1
+        if streamer is not None:
+            streamer.put(torch.tensor([root]))
+        while not done:
+            # 1. draft a tree rooted at the last emitted token (plain decoding: the root alone)
+            t = time.perf_counter()
+            tree = drafter.draft(root) if drafter else root_only(root, device=input_ids.device)
+            stats.t_draft += time.perf_counter() - t
+            # 2. verify: one target forward over the whole tree, on top of the cached prefix
+            t = time.perf_counter()
+            prefix = target.length
+            anc = ancestor_mask(tree.parents)  # [N, N]
+            logits = target.forward(tree.tokens, position_ids(tree, prefix), attention_bias(anc, prefix, target.dtype))
+            # 3. accept: the accepted path and the bonus token
+            if params.do_sample:
+                verdict = verify_sampling(tree, _LazyProbs(logits, params), gen)
+            else:
+                verdict = verify_greedy(tree, logits, anc)
+            # 4. compact both caches to the accepted path
+            compact(target.cache, prefix, torch.tensor(verdict.path, dtype=torch.long))
+            if drafter:
+                drafter.commit(tree, verdict.path)
+            stats.t_verify += time.perf_counter() - t
+            stats.record(tree, verdict)
+            # 5. emit, cutting exactly where generate() stops (EOS or max_new_tokens)
+            new, done = _cut(verdict.emitted(tree), eos, max_new_tokens - len(out_tokens))
+            out_tokens += new
+            if streamer is not None:
+                streamer.put(torch.tensor(new))
+            root = verdict.bonus
+        t_total = time.perf_counter() - t0
+        if streamer is not None:
+            streamer.end()
+
+        sequences = torch.cat([input_ids, torch.tensor([out_tokens], device=input_ids.device)], dim=1)
+        return SpecOutput(
+            sequences=sequences,
+            stats=stats.summary(
+                new_tokens=len(out_tokens),
+                target_forwards=target.forwards,
+                draft_forwards=drafter.runner.forwards if drafter else 0,
+                time_prefill_s=t_prefill,
+                time_total_s=t_total,
+            ),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def _prefill_draft(self, input_ids, pixel_values, params) -> Drafter | None:
+        if self.method == "ar":
+            return None
+        runner = ModelRunner(self.draft)
+        if is_vlm(self.draft):
+            runner.prefill(input_ids.to(self.draft.device), pixel_values=pixel_values)
+        else:
+            ids = input_ids
+            img = image_token_id(self.target) if is_vlm(self.target) else None
+            if img is not None:  # a text-only draft reads the prompt without the image tokens
+                ids = ids[:, ids[0] != img]
+            runner.prefill(ids.to(self.draft.device))
+        # The draft cache now holds the whole prompt; the first step feeds it the root.
+        return Drafter(runner, self.method, self.config, temperature=params.temperature if params.do_sample else 1.0)
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+        if not params.do_sample:
+            return int(logits.argmax())
+        p = processed_probs(logits[None], params)[0]
+        return int(torch.multinomial(p.cpu(), 1, generator=gen))
+
+    def _eos_set(self, eos_token_id) -> set[int]:
+        if eos_token_id is None:
+            eos_token_id = self.target.generation_config.eos_token_id
+        if eos_token_id is None:
+            return set()
+        if isinstance(eos_token_id, int):
+            return {eos_token_id}
+        return {int(e) for e in (eos_token_id.tolist() if torch.is_tensor(eos_token_id) else eos_token_id)}
+
+    def _check_inputs(self, input_ids, pixel_values, attention_mask, max_new_tokens) -> None:
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a LongTensor of shape [1, prompt_len]")
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"batch size {input_ids.shape[0]} is not supported: specllava decodes one sequence at a time (batch size 1)")
+        if input_ids.shape[1] == 0:
+            raise ValueError("empty prompt: input_ids has no tokens")
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if attention_mask is not None and not bool((attention_mask == 1).all()):
+            raise ValueError("attention_mask with padding (zeros) is not supported for batch size 1; pass the unpadded prompt")
+        if pixel_values is not None and pixel_values.shape[0] != 1:
+            raise ValueError(f"pixel_values has batch size {pixel_values.shape[0]}; specllava supports batch size 1")
+        if not is_vlm(self.target):
+            if pixel_values is not None:
+                raise ValueError("pixel_values given, but the target is a text-only model; drop the image or use a vision-language target")
+            return
+        n_img = int((input_ids == image_token_id(self.target)).sum())
+        if n_img and pixel_values is None:
+            raise ValueError(f"the prompt has {n_img} image tokens but no pixel_values were given; pass the processor's pixel_values")
+        if pixel_values is not None and not n_img:
+            raise ValueError("pixel_values given, but the prompt has no image tokens; build the prompt with the processor so <image> is expanded")
+
+
+class _LazyProbs:
+    """Rows of the processed target distribution p, computed only for the nodes the sampler visits
+    (processing all N rows would sort N full-vocabulary rows for top-p on every step)."""
+
+    def __init__(self, logits: torch.Tensor, params: SamplingParams):
+        self.logits, self.params, self.rows = logits, params, {}
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        if node not in self.rows:
+            self.rows[node] = processed_probs(self.logits[node : node + 1], self.params)[0]
+        return self.rows[node]
+
+
+def _cut(tokens: list[int], eos: set[int], room: int) -> tuple[list[int], bool]:
+    """Emitted tokens up to the first EOS (kept, as generate() keeps it) and at most `room`."""
+    for i, tok in enumerate(tokens[:room]):
+        if tok in eos:
+            return tokens[: i + 1], True
+    return tokens[:room], len(tokens) >= room
+
+
+class _Stats:
+    def __init__(self):
+        self.t_draft = self.t_verify = 0.0
+        self.hist: list[int] = []
+        self.nodes: list[int] = []
+
+    def record(self, tree, verdict) -> None:
+        k = len(verdict.path) - 1
+        if k >= len(self.hist):
+            self.hist += [0] * (k + 1 - len(self.hist))
+        self.hist[k] += 1
+        self.nodes.append(len(tree) - 1)
+
+    def summary(self, new_tokens, target_forwards, draft_forwards, time_prefill_s, time_total_s) -> dict:
+        by_depth = [sum(self.hist[d:]) for d in range(1, len(self.hist))]
+        return {
+            "new_tokens": new_tokens,
+            "target_forwards": target_forwards,
+            "draft_forwards": draft_forwards,
+            "mean_accepted": new_tokens / max(target_forwards, 1),
+            "accept_hist": self.hist,
+            "accept_by_depth": by_depth,
+            "steps": len(self.nodes),
+            "tree_nodes_mean": sum(self.nodes) / len(self.nodes) if self.nodes else 0.0,
+            "time_prefill_s": time_prefill_s,
+            "time_decode_s": time_total_s - time_prefill_s,
+            "time_draft_s": self.t_draft,
+            "time_verify_s": self.t_verify,
+            "time_total_s": time_total_s,
+        }

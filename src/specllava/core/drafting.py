@@ -1,0 +1,188 @@
+"""Drafting: the draft model grows a token tree from the root, one forward per depth.
+
+The draft keeps its own KV cache across decoding steps. Its cache holds the *committed* tokens
+(prompt + emitted tokens) it has seen, followed during a step by the tree nodes it was fed
+("fed" nodes: those expanded to get their children). Tokens committed but not yet in the draft
+cache are *pending*; they always end with the root (the last emitted token).
+
+One step:
+  1. feed the pending tokens (a causal chain) -> q at the root;
+  2. per depth: turn the frontier's q into children (the policy: chain, static or dynamic), pick
+     the next frontier, and feed it in one forward with a tree mask (each node sees the committed
+     prefix, its fed ancestors and itself);
+  3. the policy picks the final tree (dynamic: the `node_budget` most confident nodes);
+  4. after verification, `commit` keeps the fed nodes of the accepted path in the draft cache
+     and makes the rest of the accepted tokens (plus the bonus) pending.
+
+q is the draft's distribution (softmax of its logits, at the sampling temperature when
+sampling). Candidates are chosen deterministically from q, never from the target's random draws.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import compact
+from .config import TreeConfig
+from .runner import ModelRunner
+from .tree import Tree, ancestor_mask, attention_bias, chain_choices, validate_choices
+
+
+class Drafter:
+    """Grows trees with a draft model. `policy` is one of "chain", "static", "dynamic"."""
+
+    def __init__(self, runner: ModelRunner, policy: str, cfg: TreeConfig, temperature: float = 1.0):
+        self.runner = runner
+        self.policy = policy
+        self.cfg = cfg
+        self.temperature = temperature
+        self.pending: list[int] = []
+        if policy in ("chain", "static"):
+            choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
+            self.static = _StaticPlan(choices)
+
+    # -- one step --------------------------------------------------------------------------
+    def draft(self, root: int) -> Tree:
+        self.pending.append(root)
+        q_root = self._feed_pending()  # [V]
+        dev = q_root.device
+        tokens = torch.tensor([root], dtype=torch.long, device=dev)
+        parents = torch.tensor([-1], dtype=torch.long, device=dev)
+        depth = torch.zeros(1, dtype=torch.long, device=dev)
+        score = torch.ones(1, dtype=torch.float32, device=dev)
+        self.fed = torch.empty(0, dtype=torch.long, device=dev)  # tree nodes in draft-cache order
+        frontier, q = torch.zeros(1, dtype=torch.long, device=dev), q_root[None]
+        for d in range(1, self._max_depth() + 1):
+            par, tok, sc = self._expand(frontier, q, score, d)  # [C] each
+            if par.numel() == 0:
+                break
+            first_new = tokens.numel()
+            tokens = torch.cat([tokens, tok])
+            parents = torch.cat([parents, par])
+            depth = torch.cat([depth, torch.full_like(tok, d)])
+            score = torch.cat([score, sc])
+            if d == self._max_depth():
+                break
+            frontier = self._next_frontier(first_new, score, d)
+            if frontier.numel() == 0 or self._cannot_improve(score, frontier):
+                break
+            q = self._feed_frontier(frontier, tokens, parents, depth)
+        tree = Tree(tokens, parents, depth, score)
+        return self._finalize(tree)
+
+    def commit(self, tree: Tree, path: list[int]) -> None:
+        """Keep the accepted fed nodes in the draft cache; the other emitted tokens become pending."""
+        fed_rank = {int(n): i for i, n in enumerate(self.fed.tolist())}
+        keep = []
+        for node in path[1:]:
+            if node not in fed_rank:
+                break
+            keep.append(fed_rank[node])
+        start = self.runner.length - self.fed.numel()  # committed part of the draft cache
+        compact(self.runner.cache, start, torch.tensor(keep, dtype=torch.long))
+        # Accepted but never fed (e.g. leaves) must still reach the draft cache; the bonus is
+        # added by the next draft() call as its root.
+        self.pending = [int(t) for t in tree.tokens[path[1 + len(keep):]].tolist()]
+
+    # -- draft-model calls -----------------------------------------------------------------
+    def _q(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def _feed_pending(self) -> torch.Tensor:
+        n, start = len(self.pending), self.runner.length
+        dev = self.runner.device
+        tokens = torch.tensor(self.pending, dtype=torch.long, device=dev)
+        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        bias = attention_bias(causal, start, self.runner.dtype)
+        logits = self.runner.forward(tokens, torch.arange(start, start + n, device=dev), bias, logits_to_keep=1)
+        self.pending = []
+        self.root_pos = start + n - 1
+        return self._q(logits[-1])
+
+    def _feed_frontier(self, frontier, tokens, parents, depth) -> torch.Tensor:
+        """One draft forward over the frontier nodes; returns their q, [F, V]."""
+        self.fed = torch.cat([self.fed, frontier])
+        anc = ancestor_mask(parents)  # [n, n]
+        visible = anc[frontier][:, self.fed]  # [F, fed]: fed ancestors and the node itself
+        committed = self.runner.length - (self.fed.numel() - frontier.numel())
+        bias = attention_bias(visible, committed, self.runner.dtype)
+        # attention_bias lays the tree block right after `committed`; here that block is all fed
+        # nodes so far (older fed nodes are already cached, the frontier is being fed now).
+        logits = self.runner.forward(tokens[frontier], self.root_pos + depth[frontier], bias)
+        return self._q(logits)
+
+    # -- policies ----------------------------------------------------------------------------
+    def _max_depth(self) -> int:
+        return self.cfg.max_depth if self.policy == "dynamic" else self.static.max_depth
+
+    def _expand(self, frontier, q, score, d):
+        """Children of the frontier nodes: (parent index, token, path confidence), each [C]."""
+        if self.policy != "dynamic":
+            return self.static.expand(frontier, q, score, d)
+        cfg = self.cfg
+        k = min(cfg.max_children, q.shape[-1])
+        vals, toks = q.topk(k, dim=-1)  # [F, k], sorted by draft probability
+        mass_before = vals.cumsum(-1) - vals  # probability of the better siblings
+        sc = score[frontier][:, None] * vals  # [F, k]
+        keep = (mass_before < cfg.child_mass) & (sc >= cfg.min_path_conf)
+        par = frontier[:, None].expand_as(toks)
+        return par[keep], toks[keep], sc[keep]
+
+    def _next_frontier(self, first_new: int, score, d) -> torch.Tensor:
+        """Nodes to feed next: static: those with children in the plan; dynamic: the most confident."""
+        if self.policy != "dynamic":
+            return self.static.frontier(d)
+        new = torch.arange(first_new, score.numel(), device=score.device)
+        if new.numel() > self.cfg.frontier:
+            top = score[new].topk(self.cfg.frontier).indices.sort().values
+            new = new[top]
+        return new
+
+    def _cannot_improve(self, score, frontier) -> bool:
+        """Dynamic only: stop once no descendant of the frontier can enter the final tree."""
+        budget = self.cfg.node_budget
+        if self.policy != "dynamic" or score.numel() - 1 <= budget:
+            return False
+        kth = score[1:].topk(budget).values[-1]
+        return bool(score[frontier].max() <= kth)
+
+    def _finalize(self, tree: Tree) -> Tree:
+        if self.policy != "dynamic" or len(tree) - 1 <= self.cfg.node_budget:
+            return tree
+        # Path confidence only falls along a path, and a stable sort keeps parents (earlier
+        # indices) ahead of equally scored children: the top of the order is ancestor-closed.
+        order = torch.sort(-tree.score[1:], stable=True).indices[: self.cfg.node_budget] + 1
+        keep = torch.cat([torch.zeros(1, dtype=torch.long, device=order.device), order]).sort().values
+        return tree.select(keep)
+
+
+class _StaticPlan:
+    """A static tree (chain included) as per-depth index tables over its choices."""
+
+    def __init__(self, choices: list[tuple[int, ...]]):
+        index = {(): 0}
+        for i, c in enumerate(choices, start=1):
+            index[c] = i
+        self.max_depth = max(len(c) for c in choices)
+        self.by_depth = []  # per depth: (parent node index [C], rank [C])
+        self.frontiers = []  # per depth d: nodes at depth d that have children
+        has_children = {c[:-1] for c in choices}
+        for d in range(1, self.max_depth + 1):
+            level = [c for c in choices if len(c) == d]
+            self.by_depth.append(
+                (torch.tensor([index[c[:-1]] for c in level]), torch.tensor([c[-1] for c in level]))
+            )
+            self.frontiers.append(torch.tensor([index[c] for c in level if c in has_children], dtype=torch.long))
+        self.max_rank = max(c[-1] for c in choices) + 1
+
+    def expand(self, frontier, q, score, d):
+        par, rank = self.by_depth[d - 1]
+        par, rank = par.to(q.device), rank.to(q.device)
+        if self.max_rank > q.shape[-1]:
+            raise ValueError(f"static tree uses draft rank {self.max_rank - 1} but the vocabulary has {q.shape[-1]} tokens")
+        vals, toks = q.topk(self.max_rank, dim=-1)  # [F, R]
+        row = torch.searchsorted(frontier, par)  # frontier is ascending
+        return par, toks[row, rank], score[par] * vals[row, rank]
+
+    def frontier(self, d: int) -> torch.Tensor:
+        return self.frontiers[d - 1]

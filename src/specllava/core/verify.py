@@ -1,0 +1,85 @@
+"""Verification: pure functions of (tree, target output[, generator]) -> accepted path + bonus.
+
+Words used throughout:
+  p               the target's (processed) distribution at a node, i.e. over the token after it;
+  accepted token  a draft token on the accepted path: the target would have emitted it itself;
+  rejected token  a draft token the target did not take;
+  bonus token     the one token the target itself contributes per verification: its own choice
+                  after the last accepted node (argmax at T=0, a draw from what is left at T>0).
+A step therefore emits len(accepted path) - 1 draft tokens + 1 bonus token; the *mean accepted
+length* is that count averaged over target forwards.
+
+No model and no cache in here: everything is tensors in, tensors/ints out, so each rule can be
+tested on hand-made trees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tree import Tree
+
+
+@dataclass
+class Verdict:
+    path: list[int]  # accepted node indices, root first (the root is always on it)
+    bonus: int  # bonus token id
+
+    def emitted(self, tree: Tree) -> list[int]:
+        """Tokens this step emits: the accepted draft tokens, then the bonus token."""
+        return [int(t) for t in tree.tokens[self.path[1:]].tolist()] + [self.bonus]
+
+
+def verify_greedy(tree: Tree, logits: torch.Tensor, anc: torch.Tensor) -> Verdict:
+    """Greedy rule: walk from the root, taking the child equal to the target's argmax.
+
+    logits: [N, V] target logits at every node.  anc: [N, N] ancestor mask of the tree.
+    Vectorised: a node is accepted iff it and all its ancestors match the argmax at their parent.
+    Siblings carry distinct tokens, so at most one child per node can match and the accepted
+    nodes form a single path; its deepest node gives the bonus token.
+    """
+    argmax = logits.argmax(dim=-1)  # [N]
+    match = tree.tokens == argmax[tree.parents.clamp(min=0)]  # [N]
+    match[0] = True  # the root is already emitted
+    accepted = ~(anc & ~match[None, :]).any(dim=1)  # [N]: every node on the root path matches
+    depth = torch.where(accepted, tree.depth, -1)
+    last = int(depth.argmax())
+    path = anc[last].nonzero().flatten().tolist()  # ancestors in index order = root first
+    return Verdict(path=path, bonus=int(argmax[last]))
+
+
+def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    """Lossless multi-candidate rule for candidates fixed by the draft (not by the target).
+
+    p: [N, V] processed target distribution at every node.
+    At the current node, with children x1..xk in draft order: accept x1 with probability p(x1);
+    if rejected, set p(x1) = 0, renormalise and try x2 the same way, and so on. If one is accepted,
+    move to it and repeat with its own p. If all are rejected (or the node has no children), the
+    bonus token is drawn from what is left of p. Each emitted token is therefore an ordinary
+    draw from p, performed one candidate at a time: the output is distributed exactly as the
+    target's own sampling, whatever rule picked the candidates (proof sketch in docs/algorithms.md).
+    """
+    parents = tree.parents.tolist()
+    children: list[list[int]] = [[] for _ in parents]
+    for i, par in enumerate(parents):
+        if par >= 0:
+            children[par].append(i)
+    tokens = tree.tokens.tolist()
+    node, path = 0, [0]
+    while True:
+        residual = p[node].double().clone()  # [V]; float64 so repeated renormalising stays exact
+        moved = False
+        for child in children[node]:
+            tok = tokens[child]
+            total = residual.sum()
+            u = torch.rand((), generator=generator, dtype=torch.float64, device=residual.device)
+            if bool(u * total < residual[tok]):
+                node, moved = child, True
+                path.append(child)
+                break
+            residual[tok] = 0.0
+        if not moved:
+            bonus = torch.multinomial(residual / residual.sum(), 1, generator=generator)
+            return Verdict(path=path, bonus=int(bonus))
