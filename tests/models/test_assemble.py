@@ -112,6 +112,8 @@ def test_generate_runs_on_assembled_pair_and_the_image_matters(assembled):
     prompt = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True)
     inputs = processor(images=image(0), text=prompt, return_tensors="pt")
     for model in (assembled.target, assembled.draft):
+        # the saved checkpoints reload with the LM head still tied to the embedding, as in SmolLM2
+        assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         assert out.shape == (1, inputs.input_ids.shape[1] + 4)
     other = processor(images=image(1), text=prompt, return_tensors="pt")
