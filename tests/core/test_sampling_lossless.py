@@ -1,0 +1,118 @@
+"""Statistical losslessness at T > 0: the joint distribution of the first three sampled tokens
+equals the target's own (exact, computed by enumeration on a tiny vocabulary), and the same check
+rejects a deliberately wrong acceptance rule.
+
+Bound: Pearson chi-square goodness of fit against the exact distribution (rare outcomes pooled);
+a correct sampler passes with p-value > 1e-3 (fails by chance 1 time in 1000; the seeds are
+fixed, so the test is deterministic), the wrong rule must give p-value < 1e-6.
+"""
+
+from collections import Counter
+from itertools import product
+
+import pytest
+import torch
+
+import specllava.core.decoder as decoder_module
+from conftest import chi2_pvalue, text_prompt, tiny_lm
+from specllava import SpeculativeDecoder
+from specllava.core.sampling import SamplingParams, processed_probs
+from specllava.core.verify import Verdict
+
+V = 8
+N_TOKENS = 3
+DEEP = dict(min_path_conf=0.0, node_budget=12, max_depth=3, max_children=3, frontier=4)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_lm(11, vocab=V, hidden=32, layers=1, init=0.6)
+    draft = tiny_lm(12, vocab=V, hidden=32, layers=1, init=0.6)  # disagrees often: many rejections
+    return target, draft
+
+
+@torch.inference_mode()
+def exact_joint(target, ids, params):
+    """P(first N_TOKENS tokens) under the target's own processed sampling, by enumeration."""
+    probs = {(): 1.0}
+    for _ in range(N_TOKENS):
+        nxt = {}
+        for prefix, pr in probs.items():
+            seq = torch.cat([ids, torch.tensor([prefix], dtype=torch.long).reshape(1, -1)], dim=1)
+            p = processed_probs(target(input_ids=seq).logits[:, -1], params)[0]
+            for tok in range(V):
+                if p[tok] > 0:
+                    nxt[prefix + (tok,)] = pr * float(p[tok])
+        probs = nxt
+    return probs
+
+
+def sample_ours(target, draft, ids, params, n, method="dynamic", options=DEEP):
+    dec = SpeculativeDecoder(target, draft, method=method, **options)
+    counts = Counter()
+    for i in range(n):
+        out = dec.generate(
+            input_ids=ids, max_new_tokens=N_TOKENS, do_sample=True, temperature=params.temperature,
+            top_k=params.top_k, top_p=params.top_p, seed=1000 + i,
+        )
+        counts[tuple(out.sequences[0, ids.shape[1]:].tolist())] += 1
+    return counts
+
+
+CASES = [
+    ("T=1", SamplingParams(True, 1.0, 0, 1.0), "dynamic"),
+    ("T=0.7,top_k=4", SamplingParams(True, 0.7, 4, 1.0), "chain"),
+    ("T=1.3,top_p=0.8", SamplingParams(True, 1.3, 0, 0.8), "dynamic"),
+]
+
+
+@pytest.mark.parametrize("name, params, method", CASES, ids=[c[0] for c in CASES])
+def test_speculative_sampling_matches_target_distribution(pair, name, params, method):
+    target, draft = pair
+    ids = text_prompt(5, length=6, vocab=V)
+    exact = exact_joint(target, ids, params)
+    options = DEEP if method == "dynamic" else dict(chain_length=3)
+    counts = sample_ours(target, draft, ids, params, 1200, method=method, options=options)
+    pval = chi2_pvalue(counts, exact)
+    assert pval > 1e-3, f"{name}: speculative samples differ from the target's distribution (p-value {pval:.2e})"
+
+
+def test_target_generate_sampling_matches_the_same_exact_distribution(pair):
+    """Sanity check of the reference itself: HF's own sampling fits `exact_joint`."""
+    target, _ = pair
+    ids = text_prompt(5, length=6, vocab=V)
+    params = SamplingParams(True, 1.3, 0, 0.8)
+    exact = exact_joint(target, ids, params)
+    counts = Counter()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for _ in range(800):
+            out = target.generate(input_ids=ids, max_new_tokens=N_TOKENS, do_sample=True, temperature=1.3, top_k=0, top_p=0.8)
+            counts[tuple(out[0, ids.shape[1]:].tolist())] += 1
+    assert chi2_pvalue(counts, exact) > 1e-3
+
+
+def wrong_rule(tree, p, generator):
+    """Accept a candidate with probability p(x) but, when all are rejected, draw the bonus from the
+    full p instead of the residual: candidates come out too often."""
+    parents = tree.parents.tolist()
+    node, path = 0, [0]
+    while True:
+        for child in [i for i, par in enumerate(parents) if par == node]:
+            if torch.rand((), generator=generator) < p[node][tree.tokens[child]]:
+                node = child
+                path.append(child)
+                break
+        else:
+            return Verdict(path=path, bonus=int(torch.multinomial(p[node], 1, generator=generator)))
+
+
+def test_the_check_fails_on_a_wrong_acceptance_rule(pair, monkeypatch):
+    target, draft = pair
+    ids = text_prompt(5, length=6, vocab=V)
+    params = SamplingParams(True, 1.0, 0, 1.0)
+    exact = exact_joint(target, ids, params)
+    monkeypatch.setattr(decoder_module, "verify_sampling", wrong_rule)
+    counts = sample_ours(target, draft, ids, params, 1500)
+    pval = chi2_pvalue(counts, exact)
+    assert pval < 1e-6, f"the losslessness check did not catch a wrong rule (p-value {pval:.2e})"

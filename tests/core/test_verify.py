@@ -1,0 +1,120 @@
+"""The verification rules as pure functions, on hand-made trees and distributions."""
+
+from collections import Counter
+
+import torch
+
+from conftest import chi2_pvalue
+from specllava.core.tree import Tree, ancestor_mask
+from specllava.core.verify import Verdict, verify_greedy, verify_sampling
+
+V = 6
+
+
+def tree_of(parents, tokens):
+    parents = torch.tensor(parents)
+    depth = torch.zeros_like(parents)
+    for i, p in enumerate(parents.tolist()):
+        depth[i] = 0 if p < 0 else depth[p] + 1
+    return Tree(torch.tensor(tokens), parents, depth, torch.ones(len(parents)))
+
+
+def one_hot_logits(argmaxes):
+    logits = torch.zeros(len(argmaxes), V)
+    logits[torch.arange(len(argmaxes)), torch.tensor(argmaxes)] = 5.0
+    return logits
+
+
+def test_greedy_walks_the_matching_branch():
+    #        0(root)
+    #       /      \
+    #     1:tok3  2:tok4        target argmax at root = 4  -> take node 2
+    #     |        |   \
+    #   3:tok1   4:tok0 5:tok2  argmax at node 2 = 2        -> take node 5
+    tree = tree_of([-1, 0, 0, 1, 2, 2], [9, 3, 4, 1, 0, 2])
+    logits = one_hot_logits([4, 1, 2, 0, 0, 5])  # argmax at node 5 = 5 -> bonus
+    v = verify_greedy(tree, logits, ancestor_mask(tree.parents))
+    assert v.path == [0, 2, 5] and v.bonus == 5
+    assert v.emitted(tree) == [4, 2, 5]
+
+
+def test_greedy_nothing_accepted_gives_bonus_only():
+    tree = tree_of([-1, 0, 0], [9, 3, 4])
+    v = verify_greedy(tree, one_hot_logits([1, 0, 0]), ancestor_mask(tree.parents))
+    assert v.path == [0] and v.bonus == 1 and v.emitted(tree) == [1]
+
+
+def test_greedy_does_not_accept_child_of_rejected_node():
+    # node 3 matches the argmax at its parent 1, but 1 itself was rejected
+    tree = tree_of([-1, 0, 1], [9, 3, 1])
+    v = verify_greedy(tree, one_hot_logits([2, 1, 0]), ancestor_mask(tree.parents))
+    assert v.path == [0] and v.bonus == 2
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+def wrong_verify_sampling(tree, p, generator):
+    """Deliberately wrong: after rejecting every candidate, draw the bonus from the full p
+    (forgetting to remove the rejected candidates). Over-produces the draft's candidates."""
+    children = {}
+    for i, par in enumerate(tree.parents.tolist()):
+        children.setdefault(par, []).append(i)
+    node, path = 0, [0]
+    while True:
+        for child in children.get(node, []):
+            if torch.rand((), generator=generator) < p[node][tree.tokens[child]]:
+                node = child
+                path.append(child)
+                break
+        else:
+            return Verdict(path=path, bonus=int(torch.multinomial(p[node], 1, generator=generator)))
+
+
+def sample_first_two(rule, tree, p, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    counts = Counter()
+    for _ in range(n):
+        emitted = rule(tree, p, gen).emitted(tree)
+        counts[tuple(emitted[:2])] += 1
+    return counts
+
+
+def exact_first_two(tree, p):
+    """P(first two emitted tokens): token 1 ~ p[root]; token 2 ~ p[child carrying token 1] when
+    that child is in the tree (otherwise the step ends after the bonus, a 1-token outcome)."""
+    child_of = {int(tree.tokens[i]): i for i in range(1, len(tree)) if int(tree.parents[i]) == 0}
+    out = {}
+    for a in range(V):
+        pa = float(p[0][a])
+        if a in child_of:
+            for b in range(V):
+                out[(a, b)] = pa * float(p[child_of[a]][b])
+        else:
+            out[(a,)] = pa
+    return out
+
+
+def skewed_p(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(7, V, generator=g) * 1.5, dim=-1)
+
+
+def test_sampling_rule_is_lossless_and_wrong_rule_is_caught():
+    # root with candidates 2, 0, 5 (draft order); node 1 (token 2) has children of its own
+    tree = tree_of([-1, 0, 0, 0, 1, 1, 2], [9, 2, 0, 5, 1, 3, 4])
+    p = skewed_p(0)
+    exact = exact_first_two(tree, p)
+    ok = chi2_pvalue(sample_first_two(verify_sampling, tree, p, 20000, seed=1), exact)
+    bad = chi2_pvalue(sample_first_two(wrong_verify_sampling, tree, p, 20000, seed=1), exact)
+    assert ok > 1e-3, f"lossless rule rejected by the chi-square test (p-value {ok:.2e})"
+    assert bad < 1e-6, f"the check failed to catch a wrong rule (p-value {bad:.2e})"
+
+
+def test_sampling_zero_probability_candidate_is_never_accepted():
+    tree = tree_of([-1, 0], [9, 3])
+    p = torch.full((2, V), 1.0 / (V - 1))
+    p[0, 3] = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        v = verify_sampling(tree, p, gen)
+        assert v.path == [0] and v.bonus != 3
