@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from specllava.data.openclipart import (DEFAULT_ROOT, caption, clean_text, find_svgs, load_catalog,
@@ -77,3 +78,15 @@ def test_render_time_limit_stops_a_busy_loop():
                 pass
     with _time_limit(5):  # and a finished block leaves no timer behind
         pass
+
+
+def test_small_drawing_on_a_big_page_is_cropped_to_fill_the_image(tmp_path):
+    pytest.importorskip("cairosvg")
+    from conftest import write_svg
+
+    from specllava.data.openclipart import render_png
+
+    body = '<rect x="40" y="60" width="40" height="40" fill="blue"/>'  # 4% of a 1000 px page
+    img = render_png(write_svg(tmp_path / "corner.svg", "Box", body=body, w=1000, h=1000))
+    blue = (np.asarray(img)[..., 2] > 200) & (np.asarray(img)[..., 0] < 60)
+    assert blue.mean() > 0.8  # the square now fills the picture (minus the margin)

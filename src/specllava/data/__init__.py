@@ -21,10 +21,10 @@ ever seen in training and the split does not move when limits change.
 
 Commands::
 
-    # everything (renders ~4.4k drawings in minutes; SmolLM2 adds ~2-3 s per description)
+    # everything (renders ~4.4k drawings in minutes; SmolLM2 adds ~1-2 s per description)
     specllava build-data --out data --seed 0              # or: python -m specllava.data ...
     # the slow part alone, in the background, resumable:
-    nohup python -m specllava.data.describe --out data --limit 1400 > data/logs/describe.log 2>&1 &
+    nohup python -m specllava.data.describe --out data --limit 1500 > data/logs/describe.log 2>&1 &
     # then merge without generating more:
     specllava build-data --out data --skip-describe
     # refresh the small evaluation subset shipped in src/specllava/assets/eval:

@@ -51,7 +51,7 @@ class BuildConfig:
     out: Path = Path("data")
     clipart_root: Path = DEFAULT_ROOT
     limit_clipart: int | None = None  # None = all drawings (after thinning icon sets)
-    limit_descriptions: int = 1400  # SmolLM2 descriptions (~2 s each on one thread here)
+    limit_descriptions: int = 1500  # SmolLM2 descriptions (~1-2 s each on one thread here)
     limit_easyvqa: int | None = None
     describe: bool = True  # False: merge only what descriptions.jsonl already holds
     seed: int = 0
@@ -186,7 +186,7 @@ def build(cfg: BuildConfig) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'source':<22}{'train':>8}{'test':>8}"]
+    lines = [f"{'source':<22}{'train':>8}{'test':>8}{'photos':>8}"]
     sources = sorted({s for c in summary["counts"].values() for s in c})
     for s in sources:
         lines.append(f"{s:<22}{summary['counts']['train'].get(s, 0):>8}"

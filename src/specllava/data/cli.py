@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"openclipart SVG folder (default: {DEFAULT_ROOT})")
     p.add_argument("--limit-clipart", type=int, default=None, help="drawings to render (default: all)")
     p.add_argument("--limit-descriptions", type=int, default=BuildConfig.limit_descriptions,
-                   help="drawings SmolLM2 describes (default: %(default)s; ~2 s each on one thread)")
+                   help="drawings SmolLM2 describes (default: %(default)s; ~1-2 s each on one thread)")
     p.add_argument("--limit-easyvqa", type=int, default=None, help="easy-vqa images (default: all)")
     p.add_argument("--skip-describe", action="store_true",
                    help="do not run SmolLM2; merge only the descriptions already in descriptions.jsonl")

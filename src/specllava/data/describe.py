@@ -13,7 +13,7 @@ Contract:
   restart does not redo them); on restart, ids already in the file are skipped.
 - Slow (tens of ms per token on one CPU thread), so it runs in the background::
 
-      nohup python -m specllava.data.describe --out data --limit 1000 \\
+      nohup python -m specllava.data.describe --out data --limit 1500 \\
           > data/logs/describe.log 2>&1 &
 
   The tqdm bar goes to the log. ``python -m specllava.data build`` later merges the file into the
@@ -40,7 +40,9 @@ class DescribeConfig:
     """Knobs for description generation (defaults measured to give usable text here)."""
 
     max_new_tokens: int = 96
-    batch_size: int = 8  # batching amortises the per-step Python/kernel overhead on CPU
+    batch_size: int = 16  # batching amortises the per-step Python/kernel overhead on CPU
+    # bf16 (AMX matmuls on this CPU): measured 0.9 s vs 3.7 s per drawing in fp32 at batch 16
+    dtype: str = "bfloat16"
     repetition_penalty: float = 1.15  # SmolLM2-135M loops without it
     min_words: int = 12  # shorter outputs are not "detailed descriptions"
     max_words: int = 120
@@ -131,8 +133,8 @@ def find_gguf() -> Path:
     return files[0]
 
 
-def load_smollm2():
-    """(model, tokenizer) for SmolLM2-135M-Instruct from the GGUF, float32 (fastest here), eval."""
+def load_smollm2(dtype: str = "float32"):
+    """(model, tokenizer) for SmolLM2-135M-Instruct from the GGUF, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,8 +143,9 @@ def load_smollm2():
     tok.padding_side = "left"  # batched generation: prompts end where the answer starts
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    # loaded in fp32 (the GGUF loader is fastest so), then cast
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    return model.eval(), tok
+    return model.to(getattr(torch, dtype)).eval(), tok
 
 
 def describe_batch(model, tok, metas: list[ClipartMeta], cfg: DescribeConfig) -> list[str]:
@@ -204,7 +207,7 @@ def run_descriptions(metas: list[ClipartMeta], out_jsonl: Path, cfg: DescribeCon
     print(f"{len(done)} already done, {len(todo)} to describe -> {out_jsonl}", flush=True)
     if not todo:
         return {"done": len(done), "new": 0}
-    model, tok = load_smollm2()
+    model, tok = load_smollm2(cfg.dtype)
     start, n_ok, n_tokens = time.time(), 0, 0
     with out_jsonl.open("a") as f, tqdm(total=len(todo), desc="describe", mininterval=30) as bar:
         for i in range(0, len(todo), cfg.batch_size):
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data"), help="data folder (default: data)")
     parser.add_argument("--clipart-root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--limit", type=int, default=1000, help="drawings to describe (default 1000)")
+    parser.add_argument("--limit", type=int, default=1500, help="drawings to describe (default 1500)")
     parser.add_argument("--seed", type=int, default=0, help="order in which drawings are taken")
     parser.add_argument("--batch-size", type=int, default=DescribeConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1)

@@ -149,33 +149,50 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGPROF, previous)
 
 
-def render_png(svg: Path, size: int = 224, min_ink: float = 0.01,
-               timeout: float = 10.0) -> Image.Image | None:
+def render_png(svg: Path, size: int = 224, min_ink: float = 0.01, timeout: float = 10.0,
+               supersample: int = 2, margin: float = 0.04) -> Image.Image | None:
     """Render ``svg`` onto a white ``size`` x ``size`` square; None if it fails or is nearly blank.
 
-    ``min_ink`` is the smallest share of pixels that must differ visibly from white: files whose
-    drawing is empty, off-canvas or white-on-transparent render as a blank square and teach nothing.
-    Files that take more than ``timeout`` CPU seconds (~250x the usual) are skipped too.
+    Many drawings sit small in a big page (an A4 canvas with a logo in one corner), so the drawing
+    is rendered at ``supersample`` times the size, cropped to its ink with a ``margin``, and scaled
+    to fit the square, centred, aspect ratio kept. ``min_ink`` is the smallest share of the final
+    pixels that must differ visibly from white: empty, off-canvas or white-on-transparent files
+    render blank and teach nothing. Files that take more than ``timeout`` CPU seconds (~250x the
+    usual) are skipped too.
     """
     import cairosvg  # optional dependency (the `data` extra); imported here so the rest works without
 
+    big = size * supersample
     try:
         with _time_limit(timeout):
-            png = cairosvg.svg2png(url=str(svg), output_width=size)
+            png = cairosvg.svg2png(url=str(svg), output_width=big)
             img = Image.open(io.BytesIO(png))
-            if img.height > size:  # taller than wide: fit the height instead
-                png = cairosvg.svg2png(url=str(svg), output_height=size)
+            if img.height > big:  # taller than wide: fit the height instead
+                png = cairosvg.svg2png(url=str(svg), output_height=big)
                 img = Image.open(io.BytesIO(png))
             img = img.convert("RGBA")
     except Exception:  # cairosvg raises many kinds (XML, parsing, cairo, recursion); all mean "skip"
         return None
     if img.width == 0 or img.height == 0:
         return None
-    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
-    canvas.alpha_composite(img, ((size - img.width) // 2, (size - img.height) // 2))
-    rgb = canvas.convert("RGB")
-    ink = (np.asarray(rgb) < 240).any(axis=-1).mean()
-    return rgb if ink >= min_ink else None
+    flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    flat.alpha_composite(img)
+    flat = flat.convert("RGB")
+    ink = (np.asarray(flat) < 240).any(axis=-1)  # [H, W] visible (non-white) pixels
+    if not ink.any():
+        return None
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    pad = int(margin * max(rows[-1] - rows[0], cols[-1] - cols[0]))
+    box = (max(cols[0] - pad, 0), max(rows[0] - pad, 0),
+           min(cols[-1] + 1 + pad, flat.width), min(rows[-1] + 1 + pad, flat.height))
+    crop = flat.crop(box)
+    scale = size / max(crop.size)
+    crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))),
+                       Image.LANCZOS)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(crop, ((size - crop.width) // 2, (size - crop.height) // 2))
+    share = (np.asarray(canvas) < 240).any(axis=-1).mean()
+    return canvas if share >= min_ink else None
 
 
 def subject(meta: ClipartMeta) -> str:
