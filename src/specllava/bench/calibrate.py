@@ -1,0 +1,356 @@
+"""Hardware-aware tree budget (`--budget auto`): pick the dynamic tree's `node_budget` that
+maximises the expected decoding speed on this machine.
+
+Model. One decoding step with a budget of B draft nodes emits tau(B) tokens (the mean accepted
+length) and costs
+
+    t_step(B) = t_verify(B + 1) + t_rest
+
+where t_verify(n) is the target's forward over n tree tokens (root + B nodes) on a cached prefix,
+and t_rest is everything else in a step (drafting, acceptance, cache compaction, Python), taken as
+independent of B (the draft's work depends on max_depth and frontier, not on the budget). The
+chosen budget maximises tau(B) / t_step(B).
+
+- t_verify comes from `verify_cost_curve`: timed target forwards of 1, 2, 4, ..., 96 tree tokens on
+  a cached prefix of realistic length, on this machine. It depends on the architecture, dtype, CPU
+  and thread count, not on the weights, and is cached under ~/.cache/specllava/calibration/ keyed
+  by (architecture fingerprint, CPU model, threads, dtype, torch version).
+- tau(B) comes from `acceptance_profile`: one greedy decoding run with a large budget, recording
+  every step's tree and accepted path. The dynamic tree with budget B keeps the B nodes of highest
+  path confidence (an ancestor-closed set, `Drafter._finalize`), and greedy verification accepts
+  the target's argmax path, so with budget B that step would have accepted the leading part of the
+  recorded path that lies inside the top B: tau(B) is replayed exactly per step, for every B at
+  once. (Steps then fall at different places in the text; the profile assumes acceptance is
+  stationary over the text. At T>0 the greedy profile is used as an approximation.) t_rest is
+  measured in the same run. The profile depends on the weights of both models and is cached per
+  (target weights, draft weights, tree options, machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.cache import crop
+from ..core.config import TreeConfig
+from ..core.decoder import SpeculativeDecoder
+from ..core.runner import ModelRunner
+from ..core.tree import attention_bias
+
+CACHE_DIR = Path.home() / ".cache" / "specllava" / "calibration"
+SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96)
+
+
+# ---------------------------------------------------------------------------------------------
+# keys
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(dtype: torch.dtype, threads: int | None = None) -> dict:
+    return {"cpu": cpu_model(), "threads": threads or torch.get_num_threads(),
+            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__}
+
+
+def architecture_fingerprint(model) -> str:
+    """Hash of the model's config (shapes and kinds), without paths or version stamps: the cost of
+    a forward depends on these, not on the weights."""
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model) -> str:
+    """Architecture plus a sample of every parameter (first and last 256 values): cheap, and it
+    changes when trained weights replace untrained ones."""
+    h = hashlib.sha256(architecture_fingerprint(model).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(name.encode())
+            h.update(torch.cat([flat[:256], flat[-256:]]).float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_file(kind: str, key: dict, cache_dir: Path) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"{kind}-{digest}.json"
+
+
+def _load_cached(path: Path, key: dict) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("key") == key else None
+
+
+def _store(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the verification cost curve
+
+
+def isotonic(ys: list[float]) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators). A forward over more tokens
+    never costs less; on a shared machine single points jump, and the budget choice should not
+    chase that noise.  Example: [1, 3, 2, 4] -> [1, 2.5, 2.5, 4]."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for y in ys:
+        blocks.append([y, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1), (m2, w2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2]
+    return [m for m, w in blocks for _ in range(int(w))]
+
+
+@dataclass
+class CostCurve:
+    sizes: list[int]  # tree tokens per forward (root included)
+    seconds: list[float]  # median wall time of one target forward (as measured)
+    prefix_len: int
+    key: dict
+
+    def at(self, n: float) -> float:
+        """Linear interpolation (and extrapolation past the ends) of the monotone fit."""
+        xs, ys = self.sizes, isotonic(self.seconds)
+        if n <= xs[0]:
+            return ys[0]
+        for i in range(1, len(xs)):
+            if n <= xs[i]:
+                w = (n - xs[i - 1]) / (xs[i] - xs[i - 1])
+                return ys[i - 1] + w * (ys[i] - ys[i - 1])
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + slope * (n - xs[-1])
+
+
+@torch.inference_mode()
+def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 5, seed: int = 0) -> list[float]:
+    """Median seconds of one target forward over n tree tokens on a cached `prefix_len` prefix.
+
+    The prefix is random text tokens (the cost of attention depends on its length, not its
+    content); the n tokens get a causal mask (any tree mask costs the same: it is an additive
+    [n, prefix + n] tensor either way). The cache is cropped back after every forward.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = target.get_output_embeddings().weight.shape[0]
+    runner = ModelRunner(target)
+    runner.prefill(torch.randint(3, vocab, (1, prefix_len), generator=g))
+    out = []
+    for n in sizes:
+        tokens = torch.randint(3, vocab, (n,), generator=g)
+        positions = torch.arange(prefix_len, prefix_len + n)
+        bias = attention_bias(torch.ones(n, n, dtype=torch.bool).tril(), prefix_len, runner.dtype)
+        times = []
+        for i in range(repeats + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            runner.forward(tokens, positions, bias)
+            dt = time.perf_counter() - t
+            crop(runner.cache, prefix_len)
+            if i:
+                times.append(dt)
+        out.append(statistics.median(times))
+    return out
+
+
+def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 5,
+                      cache_dir: Path = CACHE_DIR, refresh: bool = False) -> CostCurve:
+    """The cached cost curve for this (architecture, machine); measured on a cache miss."""
+    key = {"arch": architecture_fingerprint(target), **machine_key(target.dtype),
+           "sizes": list(sizes), "prefix_len": prefix_len}
+    path = _cache_file("verify", key, cache_dir)
+    cached = None if refresh else _load_cached(path, key)
+    if cached is not None:
+        return CostCurve(**cached["curve"])
+    curve = CostCurve(list(sizes), measure_verify_cost(target, sizes, prefix_len, repeats), prefix_len, key)
+    _store(path, {"key": key, "curve": asdict(curve), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------
+# the acceptance profile
+
+
+class _StepRecorder:
+    """Wraps the decoder's Drafter and records (sorted node order, accepted path) per step.
+
+    It relies on `SpeculativeDecoder._prefill_draft` (private) returning the Drafter, and on
+    `Drafter.commit(tree, path)` seeing every verified tree with its accepted path; a public
+    per-step hook in the core would make this wrapper unnecessary.
+    """
+
+    def __init__(self, drafter, steps: list):
+        self._drafter, self._steps = drafter, steps
+
+    def __getattr__(self, name):
+        return getattr(self._drafter, name)
+
+    def draft(self, root):
+        return self._drafter.draft(root)
+
+    def commit(self, tree, path):
+        # rank of every node in the budget order (the same stable sort as Drafter._finalize)
+        order = torch.sort(-tree.score[1:], stable=True).indices + 1
+        rank = torch.empty(len(tree), dtype=torch.long)
+        rank[0] = -1
+        rank[order] = torch.arange(order.numel())
+        self._steps.append({"nodes": len(tree) - 1, "path_ranks": rank[path[1:]].tolist()})
+        return self._drafter.commit(tree, path)
+
+
+class _RecordingDecoder(SpeculativeDecoder):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps: list[dict] = []
+
+    def _prefill_draft(self, input_ids, pixel_values, params):
+        return _StepRecorder(super()._prefill_draft(input_ids, pixel_values, params), self.steps)
+
+
+@dataclass
+class AcceptanceProfile:
+    budgets: list[int]  # B = 1 .. max_budget
+    tau: list[float]  # replayed mean accepted length (bonus included) per budget
+    rest_s: float  # seconds per step besides the verification forward
+    steps: int
+    key: dict
+
+
+def replay_tau(steps: list[dict], budget: int) -> float:
+    """Mean accepted length had the tree kept only its `budget` most confident nodes.
+
+    A step's accepted path is cut at its first node outside the top `budget` (path_ranks holds
+    each accepted node's rank in that order); every step also emits its bonus token.
+    Example: path_ranks [0, 2, 7], budget 4 -> nodes of rank 0 and 2 kept, 7 cut -> 3 tokens.
+    """
+    total = 0
+    for s in steps:
+        kept = 0
+        for rank in s["path_ranks"]:
+            if rank >= budget:
+                break
+            kept += 1
+        total += kept + 1
+    return total / max(len(steps), 1)
+
+
+@torch.inference_mode()
+def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, cost: CostCurve,
+                       max_budget: int = 96, max_new_tokens: int = 96) -> AcceptanceProfile:
+    opts = {**tree_options, "node_budget": max_budget}
+    steps, rest = [], []
+    for inp in inputs:
+        dec = _RecordingDecoder(target, draft, method="dynamic", **opts)
+        out = dec.generate(input_ids=inp["input_ids"], pixel_values=inp.get("pixel_values"),
+                           max_new_tokens=max_new_tokens)
+        st = out.stats
+        if st["steps"]:
+            # everything in a step but the verification forward itself
+            per_step = st["time_decode_s"] / st["steps"]
+            rest.append(per_step - cost.at(st["tree_nodes_mean"] + 1))
+        steps += dec.steps
+    budgets = list(range(1, max_budget + 1))
+    return AcceptanceProfile(budgets, [replay_tau(steps, b) for b in budgets],
+                             max(statistics.median(rest), 0.0) if rest else 0.0, len(steps), {})
+
+
+def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | None = None, cost: CostCurve | None = None,
+                       max_budget: int = 96, max_new_tokens: int = 96, cache_dir: Path = CACHE_DIR,
+                       refresh: bool = False) -> AcceptanceProfile:
+    """The cached acceptance profile of this (target, draft, tree options, machine)."""
+    tree_options = {k: v for k, v in (tree_options or {}).items() if k != "node_budget"}
+    TreeConfig.from_options(**tree_options)  # validate
+    cost = cost or verify_cost_curve(target, cache_dir=cache_dir)
+    key = {"target": weights_fingerprint(target), "draft": weights_fingerprint(draft),
+           "tree_options": json.loads(json.dumps(tree_options, sort_keys=True, default=list)),
+           **machine_key(target.dtype), "max_budget": max_budget, "max_new_tokens": max_new_tokens,
+           "n_prompts": len(inputs)}
+    path = _cache_file("acceptance", key, cache_dir)
+    cached = None if refresh else _load_cached(path, key)
+    if cached is not None:
+        return AcceptanceProfile(**cached["profile"])
+    prof = measure_acceptance(target, draft, inputs, tree_options, cost, max_budget, max_new_tokens)
+    prof.key = key
+    _store(path, {"key": key, "profile": asdict(prof)})
+    return prof
+
+
+# ---------------------------------------------------------------------------------------------
+# the choice
+
+
+def expected_speed(cost: CostCurve, profile: AcceptanceProfile) -> list[float]:
+    """Expected tokens per second for every budget in `profile.budgets`."""
+    return [tau / (cost.at(b + 1) + profile.rest_s) for b, tau in zip(profile.budgets, profile.tau)]
+
+
+def choose_node_budget(cost: CostCurve, profile: AcceptanceProfile) -> int:
+    speed = expected_speed(cost, profile)
+    return profile.budgets[max(range(len(speed)), key=speed.__getitem__)]
+
+
+def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | None = None,
+                     cache_dir: Path = CACHE_DIR, refresh: bool = False, max_new_tokens: int = 96) -> tuple[int, dict]:
+    """The node budget that maximises expected speed here, and a report of how it was chosen.
+
+    inputs: prepared model inputs (dicts with input_ids and, for a VLM, pixel_values) to profile
+    acceptance on; one or two representative prompts suffice. Both measurements are cached, so
+    the core's `generate` CLI can call this on every run cheaply after the first.
+    """
+    cost = verify_cost_curve(target, cache_dir=cache_dir, refresh=refresh)
+    prof = acceptance_profile(target, draft, inputs, tree_options, cost, cache_dir=cache_dir,
+                              refresh=refresh, max_new_tokens=max_new_tokens)
+    budget = choose_node_budget(cost, prof)
+    speed = expected_speed(cost, prof)
+    return budget, {"node_budget": budget, "cost_curve": asdict(cost), "profile": asdict(prof),
+                    "expected_tokens_per_s": speed}
+
+
+def plot_calibration(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cost, prof = report["cost_curve"], report["profile"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(cost["sizes"], [1e3 * s for s in cost["seconds"]], "o", label="measured (median)")
+    a.plot(cost["sizes"], [1e3 * s for s in isotonic(cost["seconds"])], "-", label="monotone fit")
+    a.legend(fontsize=7)
+    a.set_xlabel("tree tokens verified (root included)")
+    a.set_ylabel("target forward, ms")
+    a.set_title(f"verification cost ({cost['key']['dtype']}, {cost['key']['threads']} threads)", fontsize=9)
+    b.plot(prof["budgets"], report["expected_tokens_per_s"], label="expected tokens/s")
+    b.axvline(report["node_budget"], color="grey", ls="--", lw=0.8)
+    b.set_xlabel("node budget B")
+    b.set_ylabel("expected tokens/s")
+    b2 = b.twinx()
+    b2.plot(prof["budgets"], prof["tau"], color="tab:orange", label="replayed tau(B)")
+    b2.set_ylabel("mean accepted length", color="tab:orange")
+    b.set_title(f"chosen node_budget = {report['node_budget']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,223 @@
+"""`specllava bench`: compare hf, hf-assisted and specllava's methods on the same prompts.
+
+    specllava bench                                   # default pair, in-domain set, T=0
+    specllava bench --set in-domain out-of-domain --temperature 0 1 --limit 10 --max-new-tokens 128
+    specllava bench --target DIR --draft DIR --data my.json --image-root imgs/ --methods hf,dynamic
+    specllava bench --budget auto                     # calibrated dynamic node_budget
+
+Writes to --out (default runs/bench/<timestamp>/): results.json (settings, machine, every run),
+table.md, and bench_speedup.png / bench_acceptance.png / bench_time.png (plus
+bench_calibration.png with --budget auto). One section per (set, temperature).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+from ..core.config import TreeConfig
+from .methods import ALL_METHODS
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(ALL_METHODS)}")
+    return names
+
+
+def _budget(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget must be 'auto' or a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--budget must be >= 1, got {value}")
+    return value
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli import _tree_option  # the same NAME=VALUE parsing as `specllava generate`
+
+    p = subparsers.add_parser(
+        "bench", help="benchmark hf / hf-assisted / specllava methods side by side",
+        description="Time transformers' generate() (plain and assisted) and specllava's methods on the same "
+        "(image, prompt) pairs, interleaved, with exact-match checks at T=0. Without --target/--draft the "
+        "embedded default pair is used.",
+    )
+    src = p.add_argument_group("prompts")
+    src.add_argument("--set", nargs="+", default=["in-domain"], choices=["in-domain", "out-of-domain"],
+                     help="built-in evaluation set(s) (default: in-domain); ignored with --data")
+    src.add_argument("--data", type=Path, help="a LLaVA conversation JSON file instead of the built-in sets")
+    src.add_argument("--image-root", type=Path, help="folder the --data image paths are relative to (default: the file's folder)")
+    src.add_argument("--limit", type=int, default=None, help="use the first N prompts of each set")
+    models = p.add_argument_group("models")
+    models.add_argument("--target", help="target model directory or hub id (default: the embedded default target)")
+    models.add_argument("--draft", help="draft model directory or hub id (default: the embedded default draft)")
+    models.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+    run = p.add_argument_group("measurement")
+    run.add_argument("--methods", type=_methods, default=ALL_METHODS, metavar="M1,M2",
+                     help=f"comma-separated methods (default: {','.join(ALL_METHODS)})")
+    run.add_argument("--temperature", type=float, nargs="+", default=[0.0], help="0 = greedy; several values run one section each")
+    run.add_argument("--top-k", type=int, default=0, help="top-k filter when sampling, for every method (0 = off)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus filter when sampling, for every method (1 = off)")
+    run.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default: 128)")
+    run.add_argument("--repeats", type=int, default=1, help="timed runs per (prompt, method); medians are reported")
+    run.add_argument("--warmup", type=int, default=1, help="untimed runs of every method before timing (default: 1)")
+    run.add_argument("--threads", type=int, default=2, help="torch CPU threads, fixed for the whole run (default: 2)")
+    run.add_argument("--seed", type=int, default=0, help="base seed for sampling (same per prompt for every method)")
+    run.add_argument("--budget", type=_budget, default=None, metavar="auto|N",
+                     help="dynamic tree node_budget: N, or 'auto' to calibrate it on this machine (cached)")
+    run.add_argument("--recalibrate", action="store_true", help="with --budget auto: ignore the calibration cache")
+    run.add_argument(
+        "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
+        help=f"a TreeConfig field for chain/static/dynamic, repeatable; fields: {', '.join(TreeConfig.__dataclass_fields__)}",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _load_models(args):
+    from ..models.hf import load_model, load_processor, parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    if args.target is None:
+        if args.draft is not None:
+            raise ValueError("--draft given without --target: give both, or neither for the default pair")
+        from ..models import load_default_models
+
+        m = load_default_models(dtype=dtype)
+        return m.target, m.draft, m.processor, {"target": "default", "draft": "default",
+                                                 "trained": dict(m.paths.trained)}
+    needs_draft = any(m not in ("hf", "ar") for m in args.methods)
+    if needs_draft and args.draft is None:
+        raise ValueError(f"methods {','.join(args.methods)} need --draft (only hf and ar run without one)")
+    target = load_model(args.target, dtype)
+    draft = load_model(args.draft, dtype) if args.draft else None
+    return target, draft, load_processor(args.target), {"target": args.target, "draft": args.draft}
+
+
+def _prompt_sets(args) -> dict:
+    from .prompts import builtin_set, load_llava_json
+
+    if args.data is not None:
+        sets = {args.data.stem: load_llava_json(args.data, args.image_root)}
+    else:
+        sets = {name: builtin_set(name) for name in args.set}
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        sets = {k: v[: args.limit] for k, v in sets.items()}
+    return sets
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+    import transformers
+
+    from .calibrate import cpu_model
+
+    return {"cpu": cpu_model(), "cores": _cores(), "torch_threads": threads, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "load_average_at_start": _loadavg()}
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: on a shared machine, how contended the cores were."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def run(args) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .harness import BenchSettings, prepare_inputs, run_benchmark
+    from .methods import Sampling
+    from .report import divergence_table, markdown_table, plot_all, summarize, write_json
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()  # assisted generation warns on every call about its own kwargs
+    sets = _prompt_sets(args)
+    target, draft, processor, model_info = _load_models(args)
+    tree_options = dict(args.tree_option)
+    TreeConfig.from_options(**tree_options)  # fail before any timing on a bad option
+    out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    calibration = None
+    if args.budget == "auto":
+        if draft is None:
+            raise ValueError("--budget auto needs a draft model")
+        from .calibrate import auto_node_budget, plot_calibration
+
+        first = next(iter(sets.values()))[:1]  # profiled on the first prompt of the first set
+        inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
+        t = time.perf_counter()
+        budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
+                                               max_new_tokens=args.max_new_tokens)
+        calibration["seconds"] = time.perf_counter() - t
+        calibration["profiled_on"] = [p.id for p in first]
+        tree_options["node_budget"] = budget
+        plot_calibration(calibration, out_dir / "bench_calibration.png")
+        print(f"--budget auto: node_budget = {budget} (calibrated in {calibration['seconds']:.1f} s)", file=sys.stderr)
+    elif args.budget is not None:
+        tree_options["node_budget"] = args.budget
+
+    sections, summaries = {}, {}
+    for set_name, prompts in sets.items():
+        for temp in args.temperature:
+            if temp < 0:
+                raise ValueError(f"--temperature must be >= 0, got {temp}")
+            name = f"{set_name} T={temp:g}"
+            settings = BenchSettings(
+                methods=args.methods, max_new_tokens=args.max_new_tokens,
+                sampling=Sampling(temp, args.top_k, args.top_p), repeats=args.repeats,
+                warmup=args.warmup, seed=args.seed, tree_options=tree_options,
+            )
+            sections[name] = run_benchmark(target, draft, processor, prompts, settings,
+                                           progress=not args.no_progress, label=name)
+            sections[name]["prompts"] = [{"id": p.id, "prompt": p.prompt, "image": str(p.image)} for p in prompts]
+            summaries[name] = summarize(sections[name])
+
+    result = {
+        "command": " ".join(["specllava"] + sys.argv[1:]),
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "machine": machine_info(torch.get_num_threads()),
+        "models": {**model_info, "dtype": args.dtype},
+        "tree_options": tree_options,
+        "calibration": calibration,
+        "summary": summaries,
+        "sections": sections,
+    }
+    result["machine"]["load_average_at_end"] = _loadavg()
+    write_json(result, out_dir / "results.json")
+    md = []
+    for name, summary in summaries.items():
+        md += [f"## {name}\n", markdown_table(summary)]
+        if "divergences" in sections[name]:
+            md.append(divergence_table(sections[name]["divergences"]))
+    (out_dir / "table.md").write_text("\n".join(md))
+    plot_all(summaries, out_dir)
+    print("\n".join(md))
+    print(f"results in {out_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,214 @@
+"""Turning benchmark records into numbers, a markdown table, PNG plots and a JSON file.
+
+Definitions (all per prompt first, then the median over prompts; repeats of one prompt are
+combined by their median first):
+  decode time per token  decode_s / decode tokens, where decode tokens are those emitted after
+                         the first streamer put (the prefill's output)
+  speedup                hf's decode time per token / the method's, on the same prompt. At T=0
+                         every exact-matching method emits hf's tokens, so this is the ratio of
+                         decode times; at T>0 the samples (and their lengths) differ, and the
+                         per-token rate is the fair comparison.
+  speedup (e2e)          the same ratio for end-to-end time per emitted token
+  tokens/s               decode tokens / decode_s
+  mean accepted length   tokens emitted per target forward, prefill included (hf: 1)
+  acceptance by depth    share of verification steps whose accepted path reached depth d
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .methods import HF_METHODS
+
+
+def _decode_tokens(rec: dict) -> int:
+    # for ours and hf the prefill emits one token; HF's assisted generation verifies candidates
+    # inside its prefill forward and may emit several there
+    return max(rec["decode_tokens"], 1)
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def summarize(result: dict) -> dict:
+    """{method: metrics} for one (set, temperature) result of `run_benchmark`."""
+    recs = result["records"]
+    methods = result["settings"]["methods"]
+    per = defaultdict(lambda: defaultdict(list))  # method -> prompt -> [records]
+    for r in recs:
+        per[r["method"]][r["prompt_id"]].append(r)
+
+    def per_prompt(method, fn):
+        return {pid: _median([fn(r) for r in rs]) for pid, rs in per[method].items()}
+
+    dec = {m: per_prompt(m, lambda r: r["decode_s"] / _decode_tokens(r)) for m in methods}
+    e2e = {m: per_prompt(m, lambda r: r["e2e_s"] / max(r["new_tokens"], 1)) for m in methods}
+    out = {}
+    for m in methods:
+        rs = [r for r in recs if r["method"] == m]
+        row = {
+            "runs": len(rs),
+            "new_tokens_median": _median([r["new_tokens"] for r in rs]),
+            "decode_s_median": _median(list(per_prompt(m, lambda r: r["decode_s"]).values())),
+            "prefill_s_median": _median(list(per_prompt(m, lambda r: r["prefill_s"]).values())),
+            "e2e_s_median": _median(list(per_prompt(m, lambda r: r["e2e_s"]).values())),
+            "tokens_per_s": _median([1 / v for v in dec[m].values()]),
+            "mean_accepted": _median(list(per_prompt(m, lambda r: r["mean_accepted"]).values())),
+            "peak_rss_mb": _median([r["peak_rss_mb"] for r in rs]),
+        }
+        if "hf" in methods:
+            sp = [dec["hf"][p] / dec[m][p] for p in dec[m] if p in dec["hf"]]
+            sp_e2e = [e2e["hf"][p] / e2e[m][p] for p in e2e[m] if p in e2e["hf"]]
+            row.update(speedup=_median(sp), speedup_min=min(sp), speedup_max=max(sp),
+                       speedup_e2e=_median(sp_e2e), speedup_per_prompt=dict(zip(dec[m], sp)))
+        if m not in HF_METHODS:
+            row.update(_our_metrics(rs))
+        if "exact_match" in result:
+            row["exact_match"] = result["exact_match"][m]["rate"]
+        out[m] = row
+    return out
+
+
+def _our_metrics(rs: list[dict]) -> dict:
+    """Acceptance by depth, tree size and the time split, from specllava's own stats."""
+    steps = sum(r["stats"]["steps"] for r in rs)
+    depth = max((len(r["stats"]["accept_by_depth"]) for r in rs), default=0)
+    by_depth = [sum(r["stats"]["accept_by_depth"][d] for r in rs if d < len(r["stats"]["accept_by_depth"])) / max(steps, 1)
+                for d in range(depth)]
+    draft = sum(r["stats"]["time_draft_s"] for r in rs)
+    verify = sum(r["stats"]["time_verify_s"] for r in rs)
+    decode = sum(r["stats"]["time_decode_s"] for r in rs)
+    return {
+        "accept_by_depth": by_depth,
+        "tree_nodes_mean": sum(r["stats"]["tree_nodes_mean"] * r["stats"]["steps"] for r in rs) / max(steps, 1),
+        "draft_share": draft / max(decode, 1e-12),
+        "verify_share": verify / max(decode, 1e-12),
+        "draft_ms_per_step": 1e3 * draft / max(steps, 1),
+        "verify_ms_per_step": 1e3 * verify / max(steps, 1),
+        "other_ms_per_step": 1e3 * (decode - draft - verify) / max(steps, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# markdown
+
+
+def _f(x, fmt="{:.2f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+def markdown_table(summary: dict) -> str:
+    head = ("| method | exact match | speedup (decode) | speedup (e2e) | decode tok/s | mean accepted length "
+            "| tree nodes | draft / verify / other ms per step | prefill s | peak RSS MB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m, row in summary.items():
+        split = "–"
+        if "draft_ms_per_step" in row:
+            split = f"{row['draft_ms_per_step']:.1f} / {row['verify_ms_per_step']:.1f} / {row['other_ms_per_step']:.1f}"
+        speed = _f(row.get("speedup"), "{:.2f}x")
+        if row.get("speedup") is not None:
+            speed += f" ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})"
+        lines.append(
+            f"| {m} | {_f(row.get('exact_match'), '{:.0%}')} | {speed} | {_f(row.get('speedup_e2e'), '{:.2f}x')} "
+            f"| {_f(row['tokens_per_s'], '{:.1f}')} | {_f(row['mean_accepted'])} | {_f(row.get('tree_nodes_mean'), '{:.1f}')} "
+            f"| {split} | {_f(row['prefill_s_median'], '{:.3f}')} | {_f(row['peak_rss_mb'], '{:.0f}')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def divergence_table(divergences: list[dict]) -> str:
+    if not divergences:
+        return "No divergences from `hf`.\n"
+    lines = ["| method | prompt | repeat | position | hf token | method token | target top-2 margin (logits) |",
+             "|---|---|---|---|---|---|---|"]
+    for d in divergences:
+        lines.append(f"| {d['method']} | {d['prompt_id']} | {d['repeat']} | {d['position']} | {d['hf_token']} "
+                     f"| {d['method_token']} | {d['margin']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") -> list[Path]:
+    """Three PNGs over every (set, temperature) section: speedup, acceptance by depth, time split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    sections = list(summaries)
+
+    fig, axes = plt.subplots(1, len(sections), figsize=(4.2 * len(sections), 3.6), squeeze=False)
+    for ax, sec in zip(axes[0], sections):
+        s = summaries[sec]
+        ms = [m for m in s if s[m].get("speedup") is not None]
+        ax.bar(ms, [s[m]["speedup"] for m in ms], color="tab:blue", alpha=0.8)
+        for x, m in enumerate(ms):
+            pts = list(s[m]["speedup_per_prompt"].values())
+            ax.scatter([x] * len(pts), pts, s=8, color="black", zorder=3)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(sec, fontsize=9)
+        ax.set_ylabel("decode speedup vs hf (median; dots: prompts)", fontsize=8)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / f"{prefix}speedup.png"))
+
+    fig, axes = plt.subplots(1, len(sections), figsize=(4.2 * len(sections), 3.4), squeeze=False)
+    for ax, sec in zip(axes[0], sections):
+        for m, row in summaries[sec].items():
+            acc = row.get("accept_by_depth")
+            if acc:
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=3, label=m)
+        ax.set_title(sec, fontsize=9)
+        ax.set_xlabel("tree depth d")
+        ax.set_ylabel("share of steps accepting >= d draft tokens", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / f"{prefix}acceptance.png"))
+
+    fig, axes = plt.subplots(1, len(sections), figsize=(4.2 * len(sections), 3.6), squeeze=False)
+    for ax, sec in zip(axes[0], sections):
+        s = summaries[sec]
+        ms = list(s)
+        dec = [s[m]["decode_s_median"] for m in ms]
+        prefill = [s[m]["prefill_s_median"] for m in ms]
+        draft = [s[m].get("draft_share", 0) * d for m, d in zip(ms, dec)]
+        verify = [s[m].get("verify_share", 0) * d for m, d in zip(ms, dec)]
+        unsplit = [d if m in HF_METHODS else 0.0 for m, d in zip(ms, dec)]
+        other = [d - a - b - c for d, a, b, c in zip(dec, draft, verify, unsplit)]
+        bottom = [0.0] * len(ms)
+        parts = ((prefill, "prefill"), (unsplit, "decode (transformers, not split)"), (draft, "draft"),
+                 (verify, "verify + accept + compact"), (other, "loop overhead"))
+        for vals, name in parts:
+            ax.bar(ms, vals, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(sec, fontsize=9)
+        ax.set_ylabel("seconds per generation (median)", fontsize=8)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / f"{prefix}time.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_json(obj: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    return path

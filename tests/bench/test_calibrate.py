@@ -1,0 +1,101 @@
+"""Calibration: cache keying, the acceptance replay, and the budget choice."""
+
+import pytest
+import torch
+
+from conftest import llava_prompt, perturbed_copy, tiny_llava
+from specllava.bench import calibrate
+from specllava.bench.calibrate import (
+    AcceptanceProfile,
+    CostCurve,
+    _RecordingDecoder,
+    choose_node_budget,
+    isotonic,
+    replay_tau,
+    verify_cost_curve,
+)
+
+SIZES = (1, 2, 4)
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = calibrate.measure_verify_cost
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "measure_verify_cost", counted)
+    return calls
+
+
+def test_cost_curve_is_cached_per_architecture_dtype_and_threads(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    model = tiny_llava(0)
+    kw = dict(sizes=SIZES, prefix_len=8, repeats=1, cache_dir=tmp_path)
+    first = verify_cost_curve(model, **kw)
+    assert len(calls) == 1 and len(first.seconds) == 3 and all(s > 0 for s in first.seconds)
+    assert verify_cost_curve(model, **kw).seconds == first.seconds and len(calls) == 1  # cache hit
+    verify_cost_curve(tiny_llava(5), **kw)  # other weights, same architecture: still a hit
+    assert len(calls) == 1
+    verify_cost_curve(tiny_llava(0, layers=3), **kw)  # other architecture
+    assert len(calls) == 2
+    verify_cost_curve(tiny_llava(0).to(torch.bfloat16), **kw)  # other dtype
+    assert len(calls) == 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        verify_cost_curve(model, **kw)  # other thread count
+        assert len(calls) == 4
+    finally:
+        torch.set_num_threads(threads)
+    verify_cost_curve(model, **kw, refresh=True)
+    assert len(calls) == 5
+    assert len(list(tmp_path.glob("verify-*.json"))) == 4
+
+
+def test_weights_fingerprint_tells_trained_from_untrained():
+    a, b = tiny_llava(0), tiny_llava(0)
+    assert calibrate.weights_fingerprint(a) == calibrate.weights_fingerprint(b)
+    with torch.no_grad():
+        b.model.multi_modal_projector.linear_1.weight.add_(0.01)
+    assert calibrate.weights_fingerprint(a) != calibrate.weights_fingerprint(b)
+    assert calibrate.architecture_fingerprint(a) == calibrate.architecture_fingerprint(b)
+
+
+def test_replay_cuts_each_accepted_path_at_the_first_node_outside_the_budget():
+    steps = [{"path_ranks": [0, 2, 7]}, {"path_ranks": []}, {"path_ranks": [1]}]
+    assert replay_tau(steps, 1) == pytest.approx((2 + 1 + 1) / 3)  # rank 0 only
+    assert replay_tau(steps, 4) == pytest.approx((3 + 1 + 2) / 3)
+    assert replay_tau(steps, 8) == pytest.approx((4 + 1 + 2) / 3)
+
+
+def test_replay_at_the_recorded_budget_equals_the_run_mean_accepted_length():
+    target = tiny_llava(0)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    ids, px = llava_prompt(4)
+    dec = _RecordingDecoder(target, draft, method="dynamic", node_budget=16, min_path_conf=0.0)
+    out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=30)
+    hist = out.stats["accept_hist"]
+    per_step = sum((k + 1) * n for k, n in enumerate(hist)) / sum(hist)
+    assert len(dec.steps) == out.stats["steps"]
+    assert replay_tau(dec.steps, 16) == pytest.approx(per_step)
+    assert replay_tau(dec.steps, 1) <= replay_tau(dec.steps, 4) <= replay_tau(dec.steps, 16)
+
+
+def test_budget_choice_trades_acceptance_against_verification_cost():
+    # verification: flat to 16 tokens, then steep; acceptance saturates
+    cost = CostCurve([1, 16, 32, 64], [0.010, 0.010, 0.030, 0.070], 100, {})
+    budgets = list(range(1, 64))
+    tau = [1 + 2 * (1 - 0.8 ** b) for b in budgets]
+    prof = AcceptanceProfile(budgets, tau, rest_s=0.002, steps=10, key={})
+    assert choose_node_budget(cost, prof) == 15  # the largest budget whose root+B tokens stay on the flat part
+    flat = AcceptanceProfile(budgets, [1.0] * len(budgets), 0.002, 10, {})
+    assert choose_node_budget(cost, flat) == 1  # a useless draft: the smallest tree
+
+
+def test_isotonic_fit_never_decreases():
+    assert isotonic([1, 3, 2, 4]) == [1, 2.5, 2.5, 4]
+    ys = isotonic([5.0, 1.0, 2.0, 8.0, 7.0])
+    assert all(a <= b for a, b in zip(ys, ys[1:]))

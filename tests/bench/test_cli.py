@@ -1,0 +1,15 @@
+import pytest
+
+from specllava.cli import build_parser
+
+
+def test_bench_parser_defaults_and_checks(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["bench"])
+    assert args.set == ["in-domain"] and args.temperature == [0.0] and args.threads == 2
+    assert args.methods == ("hf", "hf-assisted", "ar", "chain", "static", "dynamic")
+    args = parser.parse_args(["bench", "--methods", "hf,dynamic", "--budget", "auto", "--tree-option", "max_depth=4"])
+    assert args.methods == ("hf", "dynamic") and args.budget == "auto" and args.tree_option == [("max_depth", 4)]
+    for bad in (["--methods", "hf,fast"], ["--budget", "0"], ["--budget", "big"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", *bad])

@@ -1,0 +1,105 @@
+"""`specllava bench` end to end on a tiny assembled pair, and the exact-match accounting."""
+
+import json
+
+import pytest
+import torch
+from bench_fixtures import llava_json, tiny_pair  # noqa: F401  (fixtures)
+
+from conftest import llava_prompt, perturbed_copy, tiny_llava
+from specllava.bench.harness import divergence, exact_match, method_order
+from specllava.bench.methods import ALL_METHODS
+from specllava.bench.prompts import BenchPrompt
+from specllava.cli import main
+
+
+def test_bench_runs_end_to_end_and_writes_json_markdown_and_plots(tiny_pair, llava_json, tmp_path):
+    target, draft = tiny_pair
+    out = tmp_path / "out"
+    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json),
+               "--max-new-tokens", "10", "--temperature", "0", "1", "--threads", "1", "--repeats", "2",
+               "--tree-option", "min_path_conf=0", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["sections"]) == {"set T=0", "set T=1"}
+    assert res["machine"]["torch_threads"] == 1 and res["tree_options"] == {"min_path_conf": 0}
+    for name, sec in res["sections"].items():
+        recs = sec["records"]
+        assert len(recs) == 2 * 2 * len(ALL_METHODS)  # prompts x repeats x methods
+        assert {r["method"] for r in recs} == set(ALL_METHODS)
+        for r in recs:
+            assert 1 <= r["new_tokens"] <= 10 and r["decode_s"] > 0 and r["e2e_s"] >= r["decode_s"]
+            assert r["peak_rss_mb"] > 0
+        summary = res["summary"][name]
+        assert summary["hf"]["speedup"] == pytest.approx(1.0)
+        assert summary["dynamic"]["tree_nodes_mean"] > 0
+    # float32, T=0: every specllava method (and HF's assisted generation) equals hf token for token
+    greedy = res["sections"]["set T=0"]
+    assert greedy["divergences"] == []
+    assert all(greedy["exact_match"][m]["rate"] == 1.0 for m in ALL_METHODS)
+    assert "exact_match" not in res["sections"]["set T=1"]  # not defined when sampling
+    table = (out / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in ALL_METHODS) and "## set T=1" in table
+    for png in ("bench_speedup.png", "bench_acceptance.png", "bench_time.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_method_takes_every_slot_equally_often():
+    methods = ("a", "b", "c")
+    orders = [method_order(methods, t) for t in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    for slot in range(3):
+        assert sorted(o[slot] for o in orders) == ["a", "b", "c"]
+
+
+def _rec(method, tokens, pid="p", repeat=0):
+    return {"method": method, "prompt_id": pid, "repeat": repeat, "tokens": tokens}
+
+
+def test_exact_match_counts_per_run_and_explains_each_divergence():
+    target = tiny_llava(0)
+    ids, px = llava_prompt(1)
+    inputs = {"input_ids": ids, "pixel_values": px, "attention_mask": torch.ones_like(ids)}
+    ref = target.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    wrong = ref[:3] + [(ref[3] + 1) % 90 + 3] + ref[4:]
+    records = [_rec("hf", ref), _rec("hf", ref, repeat=1),
+               _rec("good", ref), _rec("good", ref, repeat=1),
+               _rec("bad", ref), _rec("bad", wrong, repeat=1),
+               _rec("short", ref[:4])]
+    share, divs = exact_match(target, [inputs], [BenchPrompt("p", "x", None)], records)
+    assert share["good"] == {"matched": 2, "runs": 2, "rate": 1.0}
+    assert share["bad"] == {"matched": 1, "runs": 2, "rate": 0.5}
+    assert share["short"]["rate"] == 0.0
+    bad = [d for d in divs if d["method"] == "bad"]
+    assert len(bad) == 1 and bad[0]["repeat"] == 1 and bad[0]["position"] == 3
+    assert bad[0]["hf_token"] == ref[3] and bad[0]["method_token"] == wrong[3]
+    # the margin is the target's own top-2 gap at that position, and its top-1 is hf's token
+    full = torch.cat([ids, torch.tensor([ref[:3]])], dim=1)
+    with torch.no_grad():
+        logits = target(input_ids=full, pixel_values=px).logits[0, -1]
+    top = logits.topk(2).values
+    assert bad[0]["top1"] == ref[3]
+    assert bad[0]["margin"] == pytest.approx(float(top[0] - top[1]), rel=1e-4)
+    short = [d for d in divs if d["method"] == "short"][0]
+    assert short["position"] == 4 and short["method_token"] is None
+
+
+def test_divergence_of_an_early_stop_points_past_the_shorter_output():
+    target = tiny_llava(0)
+    ids, px = llava_prompt(2)
+    d = divergence(target, {"input_ids": ids, "pixel_values": px}, [5, 6, 7], [5, 6])
+    assert d["position"] == 2 and d["hf_token"] == 7 and d["method_token"] is None
+
+
+def test_hf_assisted_runs_with_a_llava_draft_at_both_temperatures():
+    from specllava.bench.methods import MethodRunner, Sampling
+
+    target = tiny_llava(0)
+    draft = perturbed_copy(target, 0.02, seed=1)
+    ids, px = llava_prompt(3)
+    inputs = {"input_ids": ids, "pixel_values": px, "attention_mask": torch.ones_like(ids)}
+    hf = MethodRunner("hf", target, None)(inputs, 12, Sampling(0.0), seed=0)
+    assisted = MethodRunner("hf-assisted", target, draft)(inputs, 12, Sampling(0.0), seed=0)
+    assert assisted.tokens == hf.tokens
+    sampled = MethodRunner("hf-assisted", target, draft)(inputs, 12, Sampling(1.0), seed=0)
+    assert sampled.new_tokens == 12
