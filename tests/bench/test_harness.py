@@ -31,7 +31,7 @@ def test_bench_runs_end_to_end_and_writes_json_markdown_and_plots(tiny_pair, lla
             assert 1 <= r["new_tokens"] <= 10 and r["decode_s"] > 0 and r["e2e_s"] >= r["decode_s"]
             assert r["peak_rss_mb"] > 0
         summary = res["summary"][name]
-        assert summary["hf"]["speedup"] == pytest.approx(1.0)
+        assert summary["hf"]["speedup"] == pytest.approx(1.0) and summary["hf"]["speedup_cpu"] == pytest.approx(1.0)
         assert summary["dynamic"]["tree_nodes_mean"] > 0
     # float32, T=0: every specllava method (and HF's assisted generation) equals hf token for token
     greedy = res["sections"]["set T=0"]

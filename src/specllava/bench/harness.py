@@ -146,6 +146,8 @@ def _record(prompt: BenchPrompt, inp: dict, method: str, repeat: int, seed: int,
         "prefill_s": run.prefill_s,
         "decode_s": run.decode_s,
         "e2e_s": run.e2e_s,
+        "decode_cpu_s": run.decode_cpu_s,
+        "e2e_cpu_s": run.e2e_cpu_s,
         "decode_tokens": run.new_tokens - run.first_put_tokens,  # emitted after the prefill
         # target forwards after the prefill; tokens emitted per target forward, prefill included
         "target_forwards_after_prefill": run.target_forwards,

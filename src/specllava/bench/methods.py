@@ -18,6 +18,10 @@ verifies them inside its prefill forward), so
 
 with one call per measurement. Every `put` after the prompt is one target forward, so the number
 of puts also gives transformers' assisted generation a mean accepted length.
+
+CPU time (`time.process_time`, all threads of this process) is recorded beside wall time: on a
+shared, oversubscribed machine wall time includes the time other jobs held the cores, CPU time
+does not, so CPU-time ratios are the load-robust check on the wall-time speedups.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class TimingStreamer:
 
     def __init__(self):
         self.t_put: list[float] = []  # time of each put after the prompt
+        self.cpu_put: list[float] = []  # process CPU time at each put after the prompt
         self.n_put: list[int] = []  # tokens in each put
         self._prompt_seen = False
 
@@ -47,6 +52,7 @@ class TimingStreamer:
             self._prompt_seen = True  # the first put is the prompt
             return
         self.t_put.append(time.perf_counter())
+        self.cpu_put.append(time.process_time())
         self.n_put.append(int(value.numel()))
 
     def end(self) -> None:
@@ -72,6 +78,8 @@ class Run:
     prefill_s: float
     decode_s: float
     e2e_s: float
+    decode_cpu_s: float  # process CPU time (all threads) after the first token
+    e2e_cpu_s: float
     target_forwards: int  # after the prefill forward (one per streamer put after the first token)
     first_put_tokens: int  # tokens emitted by the prefill (1, except HF assisted generation)
     stats: dict = field(default_factory=dict)  # specllava's own stats (ours only)
@@ -99,7 +107,7 @@ class MethodRunner:
     def __call__(self, inputs: dict, max_new_tokens: int, sampling: Sampling, seed: int) -> Run:
         streamer = TimingStreamer()
         prompt_len = inputs["input_ids"].shape[1]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if self.decoder is not None:
             out = self.decoder.generate(
                 input_ids=inputs["input_ids"], pixel_values=inputs.get("pixel_values"),
@@ -110,13 +118,16 @@ class MethodRunner:
             sequences, stats = out.sequences, out.stats
         else:
             sequences, stats = self._hf_generate(inputs, max_new_tokens, sampling, seed, streamer), {}
-        t_end = time.perf_counter()
+        t_end, c_end = time.perf_counter(), time.process_time()
         t_first = streamer.t_put[0] if streamer.t_put else t_end
+        c_first = streamer.cpu_put[0] if streamer.cpu_put else c_end
         return Run(
             tokens=sequences[0, prompt_len:].tolist(),
             prefill_s=t_first - t0,
             decode_s=t_end - t_first,
             e2e_s=t_end - t0,
+            decode_cpu_s=c_end - c_first,
+            e2e_cpu_s=c_end - c0,
             target_forwards=max(len(streamer.t_put) - 1, 0),
             first_put_tokens=streamer.n_put[0] if streamer.n_put else 0,
             stats=stats,

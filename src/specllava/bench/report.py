@@ -9,6 +9,9 @@ combined by their median first):
                          decode times; at T>0 the samples (and their lengths) differ, and the
                          per-token rate is the fair comparison.
   speedup (e2e)          the same ratio for end-to-end time per emitted token
+  speedup (decode CPU)   the decode ratio in process CPU time instead of wall time (robust to
+                         other jobs on a shared machine; with several threads it also counts
+                         their spin-waiting)
   tokens/s               decode tokens / decode_s
   mean accepted length   tokens emitted per target forward, prefill included (hf: 1)
   acceptance by depth    share of verification steps whose accepted path reached depth d
@@ -47,6 +50,7 @@ def summarize(result: dict) -> dict:
 
     dec = {m: per_prompt(m, lambda r: r["decode_s"] / _decode_tokens(r)) for m in methods}
     e2e = {m: per_prompt(m, lambda r: r["e2e_s"] / max(r["new_tokens"], 1)) for m in methods}
+    cpu = {m: per_prompt(m, lambda r: r["decode_cpu_s"] / _decode_tokens(r)) for m in methods}
     out = {}
     for m in methods:
         rs = [r for r in recs if r["method"] == m]
@@ -63,8 +67,10 @@ def summarize(result: dict) -> dict:
         if "hf" in methods:
             sp = [dec["hf"][p] / dec[m][p] for p in dec[m] if p in dec["hf"]]
             sp_e2e = [e2e["hf"][p] / e2e[m][p] for p in e2e[m] if p in e2e["hf"]]
+            sp_cpu = [cpu["hf"][p] / max(cpu[m][p], 1e-12) for p in cpu[m] if p in cpu["hf"]]
             row.update(speedup=_median(sp), speedup_min=min(sp), speedup_max=max(sp),
-                       speedup_e2e=_median(sp_e2e), speedup_per_prompt=dict(zip(dec[m], sp)))
+                       speedup_e2e=_median(sp_e2e), speedup_cpu=_median(sp_cpu),
+                       speedup_per_prompt=dict(zip(dec[m], sp)))
         if m not in HF_METHODS:
             row.update(_our_metrics(rs))
         if "exact_match" in result:
@@ -102,7 +108,7 @@ def _f(x, fmt="{:.2f}", none="–"):
 
 
 def markdown_table(summary: dict) -> str:
-    head = ("| method | exact match | speedup (decode) | speedup (e2e) | decode tok/s | mean accepted length "
+    head = ("| method | exact match | speedup (decode) | speedup (e2e) | speedup (decode CPU) | decode tok/s | mean accepted length "
             "| tree nodes | draft / verify / other ms per step | prefill s | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, row in summary.items():
@@ -114,6 +120,7 @@ def markdown_table(summary: dict) -> str:
             speed += f" ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})"
         lines.append(
             f"| {m} | {_f(row.get('exact_match'), '{:.0%}')} | {speed} | {_f(row.get('speedup_e2e'), '{:.2f}x')} "
+            f"| {_f(row.get('speedup_cpu'), '{:.2f}x')} "
             f"| {_f(row['tokens_per_s'], '{:.1f}')} | {_f(row['mean_accepted'])} | {_f(row.get('tree_nodes_mean'), '{:.1f}')} "
             f"| {split} | {_f(row['prefill_s_median'], '{:.3f}')} | {_f(row['peak_rss_mb'], '{:.0f}')} |"
         )
