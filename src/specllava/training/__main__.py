@@ -1,0 +1,5 @@
+import sys
+
+from specllava.training.cli import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""`specllava train-target` and `specllava train-draft`.
+
+The main CLI wires these in with `add_parser(subparsers)` and calls `run(args)`; until then they run
+as ``python -m specllava.training train-draft ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _per_source(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, _, cap = item.partition("=")
+        if not cap:
+            raise argparse.ArgumentTypeError(f"--per-source expects source=N,... (got {item!r})")
+        out[name.strip()] = int(cap)
+    return out
+
+
+def add_parser(subparsers) -> None:
+    """Register ``train-target`` and ``train-draft`` on an argparse subparsers object."""
+    from specllava.training.distill import DistillConfig
+    from specllava.training.target import TargetTrainConfig
+
+    t = subparsers.add_parser(
+        "train-target", help="train the default target's projector (and optional LoRA) on LLaVA JSON",
+        description="Train a LLaVA target's projector (optionally LoRA on its LM) with cross-entropy on the "
+                    "assistant tokens of LLaVA conversation JSON; vision features are cached once. Writes "
+                    "<out>/target.safetensors (the shipped format), checkpoints, history.json and loss.png.")
+    d = TargetTrainConfig()
+    t.add_argument("--data", type=Path, default=d.data, help="training LLaVA JSON (default: %(default)s)")
+    t.add_argument("--eval-data", type=Path, default=d.eval_data, help="held-out LLaVA JSON for the loss curve and grounding eval")
+    t.add_argument("--out", type=Path, default=d.out, help="run folder (default: %(default)s)")
+    t.add_argument("--init", type=Path, default=None, help="LLaVA model folder to start from (default: the assembled default target)")
+    t.add_argument("--per-source", type=_per_source, default=None,
+                   help="records per meta.source, e.g. 'openclipart=700,easy-vqa=500,smollm2-description=-1' (-1 = all)")
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr, help="projector learning rate (default: %(default)s)")
+    t.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank on the LM (0 = projector only)")
+    t.add_argument("--lora-lr", type=float, default=d.lora_lr)
+    t.add_argument("--no-bf16", dest="bf16", action="store_false", help="keep the frozen LM in fp32 (slower here)")
+    t.add_argument("--threads", type=int, default=d.threads)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    t.add_argument("--eval-every", type=int, default=d.eval_every)
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.add_argument("--grounding-eval", action="store_true",
+                   help="afterwards, compare easy-vqa accuracy / keyword recall with the real vs a blank image")
+    t.set_defaults(func=run_target)
+
+    g = subparsers.add_parser(
+        "eval-target", help="does a trained target look at the image? (real vs blank image)",
+        description="easy-vqa exact-match accuracy and description keyword recall (against each drawing's "
+                    "metadata) of a target with trained weights, given the real image and a blank white one.")
+    g.add_argument("--weights", type=Path, required=True, help="target.safetensors from train-target")
+    g.add_argument("--init", type=Path, default=None, help="model folder the weights apply to (default: the assembled default target)")
+    g.add_argument("--data", type=Path, default=Path("data/test.json"), help="held-out LLaVA JSON with meta.source/keywords")
+    g.add_argument("--vqa", type=int, default=40, help="easy-vqa images (two questions each)")
+    g.add_argument("--descriptions", type=int, default=20, help="drawings to describe")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--threads", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, required=True, help="JSON file for the result")
+    g.set_defaults(func=run_eval_target)
+
+    h = subparsers.add_parser(
+        "ship-default", help="copy trained default weights into the package assets and reassemble",
+        description="Copy target.safetensors / a train-draft run's draft into src/specllava/assets/default, "
+                    "write SHA256SUMS and reassemble the default pair in the local cache.")
+    h.add_argument("--target-weights", type=Path, default=None, help="target.safetensors from train-target")
+    h.add_argument("--draft-run", type=Path, default=None, help="a train-draft --out folder (its draft/ model)")
+    h.add_argument("--draft-layers", type=int, default=None, help="ship this early exit of the draft (default: all its layers)")
+    h.set_defaults(func=run_ship)
+
+    s = subparsers.add_parser(
+        "train-draft", help="distil a draft VLM for any Hugging Face LLaVA target",
+        description="Distil a small LLaVA draft from a LLaVA target: KL(target || draft) on the target's token "
+                    "distributions along the answers of LLaVA conversation JSON (teacher forcing), optionally "
+                    "after regenerating the answers with the target. Ends with the mean accepted length "
+                    "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
+    d = DistillConfig()
+    s.add_argument("--target", type=Path, default=None, help="target model folder (default: the assembled default target)")
+    s.add_argument("--data", type=Path, required=True, help="training LLaVA JSON (llava_v1_5_mix665k format)")
+    s.add_argument("--eval-data", type=Path, action="append", default=None,
+                   help="held-out LLaVA JSON for the final report (repeatable); default: a held-out split of --data")
+    s.add_argument("--out", type=Path, default=d.out, help="run folder (default: %(default)s)")
+    init = s.add_mutually_exclusive_group()
+    init.add_argument("--draft-layers", type=int, default=d.draft_layers,
+                      help="initialise the draft from the target's first N layers (default: %(default)s)")
+    init.add_argument("--draft-init", type=Path, default=None,
+                      help="an existing small LLaVA folder, or a config.json, to start the draft from")
+    s.add_argument("--exits", type=str, default=None,
+                   help="also train early exits after these draft layers, e.g. '1,2' (each a shallower draft, "
+                        "reported separately; to choose the depth from one run)")
+    s.add_argument("--regenerate", action="store_true",
+                   help="first answer every record with the target (greedy, cached in <out>/answers.jsonl, resumable)")
+    s.add_argument("--regenerate-max-new-tokens", type=int, default=d.regenerate_max_new_tokens)
+    s.add_argument("--limit", type=int, default=None, help="use at most this many training records (seeded choice)")
+    s.add_argument("--held-out-fraction", type=float, default=d.held_out_fraction)
+    s.add_argument("--steps", type=int, default=d.steps)
+    s.add_argument("--batch-size", type=int, default=d.batch_size)
+    s.add_argument("--lr", type=float, default=d.lr)
+    s.add_argument("--warmup", type=int, default=d.warmup)
+    s.add_argument("--threads", type=int, default=d.threads)
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    s.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    s.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts per eval file")
+    s.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
+    s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32")
+    s.set_defaults(func=run_draft)
+
+
+def _setup_logging(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        handlers=[logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stdout)], force=True)
+    return logging.getLogger("specllava.training").info
+
+
+def run_target(args: argparse.Namespace) -> int:
+    from specllava.training.target import TargetTrainConfig, evaluate_grounding, load_trained, train_target
+
+    cfg = TargetTrainConfig(
+        data=args.data, eval_data=args.eval_data, out=args.out, init=args.init, per_source=args.per_source,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
+        bf16=args.bf16, threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, max_minutes=args.max_minutes, resume=args.resume)
+    log = _setup_logging(cfg.out)
+    train_target(cfg, log=log)
+    if args.grounding_eval:
+        model, processor = load_trained(cfg.init, cfg.out / "target.safetensors")
+        result = evaluate_grounding(model, processor, cfg.eval_data, seed=cfg.seed, log=log)
+        (cfg.out / "grounding.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def run_eval_target(args: argparse.Namespace) -> int:
+    import torch
+
+    from specllava.training.target import evaluate_grounding, load_trained
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_trained(args.init, args.weights)
+    result = evaluate_grounding(model, processor, args.data, n_vqa=args.vqa, n_desc=args.descriptions,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def run_ship(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import specllava.models  # noqa: F401
+    from specllava.models.assemble import assemble_default_models
+    from specllava.models.shipped import DEFAULT_ASSETS_DIR, DRAFT_WEIGHTS, TARGET_WEIGHTS, write_asset_checksums
+    from specllava.training.distill import save_draft
+
+    DEFAULT_ASSETS_DIR.mkdir(parents=True, exist_ok=True)
+    if args.target_weights is not None:
+        shutil.copyfile(args.target_weights, DEFAULT_ASSETS_DIR / TARGET_WEIGHTS)
+    if args.draft_run is not None:
+        draft = LlavaForConditionalGeneration.from_pretrained(args.draft_run / "draft", dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(args.draft_run / "draft")
+        export = args.draft_run / "export"
+        export.mkdir(exist_ok=True)
+        save_draft(draft, processor, export, embeddings_frozen=True, num_layers=args.draft_layers)
+        shutil.copyfile(export / "draft.safetensors", DEFAULT_ASSETS_DIR / DRAFT_WEIGHTS)
+    write_asset_checksums(DEFAULT_ASSETS_DIR)
+    for f in sorted(DEFAULT_ASSETS_DIR.iterdir()):
+        print(f"{f}: {f.stat().st_size / 1e6:.1f} MB")
+    paths = assemble_default_models(force=True)
+    print(f"assembled: {paths.target_dir.parent} (trained: {paths.trained})")
+    return 0
+
+
+def run_draft(args: argparse.Namespace) -> int:
+    from specllava.training.distill import DistillConfig, train_draft
+
+    cfg = DistillConfig(
+        target=args.target, data=args.data, eval_data=args.eval_data, out=args.out, draft_layers=args.draft_layers,
+        draft_init=args.draft_init, exits=[int(x) for x in args.exits.split(",")] if args.exits else None,
+        regenerate=args.regenerate, regenerate_max_new_tokens=args.regenerate_max_new_tokens, limit=args.limit,
+        held_out_fraction=args.held_out_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
+        resume=args.resume, eval_prompts=args.eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,
+        bf16=args.bf16)
+    log = _setup_logging(cfg.out)
+    report = train_draft(cfg, log=log)
+    print(json.dumps(report["eval"], indent=1))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specllava.training")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run(args)

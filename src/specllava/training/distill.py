@@ -1,0 +1,462 @@
+"""Draft distillation for any Hugging Face LLaVA target (``specllava train-draft``).
+
+Contract:
+
+- `train_draft(cfg)` distils a draft `LlavaForConditionalGeneration` from a target one, the
+  Spec-LLaVA recipe: minimise KL(p || q) (p = target, q = draft token distribution) at every
+  assistant token of LLaVA conversation JSON, teacher-forced along the answers. With
+  ``regenerate`` the answers are first replaced by the target's own greedy answers to each record's
+  first question (cached in ``<out>/answers.jsonl``, one line per record, resumable), so the draft
+  learns the text it will actually be asked to predict.
+- The draft starts as `build_draft_from_target(target, draft_layers)` (the target's embedding, first
+  layers, norm and tied head) or from ``draft_init`` (a small LLaVA folder, or a config.json whose
+  model is built fresh; the target's vision tower weights are copied into it when they fit). The
+  vision tower is frozen and its features cached (`FeatureCache`); embedding and head stay frozen
+  when they are the target's own (the draft then shares its vocabulary rows exactly, and the
+  shipped file can omit them); everything else trains.
+- ``exits`` adds early exits after some draft layers (final norm + head on that layer's output),
+  trained jointly, so one run measures several draft depths.
+- Resumable: ``<out>/checkpoint.pt`` every ``checkpoint_every`` steps, at the end, and when the
+  ``max_minutes`` budget runs out.
+- The final report (``<out>/report.json``, also returned) gives, per held-out file and per exit
+  depth, the mean accepted length of `SpeculativeDecoder(method="dynamic")` at T=0 (tokens per
+  target forward, bonus included), the measured per-forward costs and the speedup bound they imply.
+- Outputs: ``<out>/draft/`` (``save_pretrained`` folder with the target's processor: a usable model),
+  ``<out>/draft.safetensors`` (the `specllava.models.shipped` format: trained tensors only, bf16,
+  ``num_layers`` metadata), ``history.json``, ``loss.png``, ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from specllava.training.common import (
+    Checkpoint,
+    FeatureCache,
+    answer_logits,
+    batches,
+    collate,
+    encode_record,
+    image_seq_length,
+    load_records,
+    plot_history,
+    prompt_text,
+    record_id,
+    smooth,
+    split_held_out,
+    with_images,
+)
+
+
+@dataclass
+class DistillConfig:
+    """Knobs of `train_draft` (defaults = the recipe of the shipped default draft).
+
+    target: target model folder; None = the assembled default target.
+    data / eval_data: LLaVA JSON; without eval_data, ``held_out_fraction`` of data's images are held out.
+    draft_layers / draft_init: the draft's starting point (see the module docstring).
+    exits: extra early exits (1-based draft layer numbers) trained and reported too.
+    regenerate: answer every training record with the target first (greedy, cached, resumable);
+        ``regenerate_max_new_tokens`` caps those answers, ``regenerate_batch`` prompts run at once.
+    limit: use at most this many training records (seeded choice).
+    steps / batch_size / lr / warmup: AdamW, linear warm-up then cosine to 10%.
+    bf16: teacher in bf16, draft under bf16 autocast (AMX); trained tensors stay fp32.
+    eval_prompts / eval_max_new_tokens: held-out prompts per eval file and tokens generated for each.
+    """
+
+    target: Path | None = None
+    data: Path = Path("data/train.json")
+    eval_data: list | None = None
+    out: Path = Path("runs/draft")
+    draft_layers: int = 2
+    draft_init: Path | None = None
+    exits: list | None = None
+    regenerate: bool = False
+    regenerate_max_new_tokens: int = 128
+    regenerate_batch: int = 8
+    limit: int | None = None
+    held_out_fraction: float = 0.05
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 3e-4
+    warmup: int = 30
+    threads: int = 1
+    seed: int = 0
+    checkpoint_every: int = 100
+    max_minutes: float | None = None
+    resume: bool = False
+    eval_prompts: int = 16
+    eval_max_new_tokens: int = 128
+    bf16: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_target(path: Path | None):
+    from specllava.training.target import load_model
+
+    return load_model(path)
+
+
+def make_draft(target, cfg: DistillConfig):
+    """(draft fp32, embeddings_frozen): from the target's first layers, a folder or a config."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from specllava.models import build_draft_from_target
+
+    if cfg.draft_init is None:
+        return build_draft_from_target(target, cfg.draft_layers).float(), True
+    init = Path(cfg.draft_init)
+    if init.is_dir():
+        draft = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    elif init.is_file() and init.suffix == ".json":
+        draft = LlavaForConditionalGeneration(LlavaConfig.from_json_file(str(init)))
+        tower, src = draft.model.vision_tower.state_dict(), target.model.vision_tower.state_dict()
+        if tower.keys() == src.keys() and all(tower[k].shape == src[k].shape for k in tower):
+            draft.model.vision_tower.load_state_dict(src)
+    else:
+        raise FileNotFoundError(f"--draft-init {init}: expected a LLaVA model folder or a config .json file")
+    vt, vd = target.config.text_config.vocab_size, draft.config.text_config.vocab_size
+    if vt != vd:
+        raise ValueError(f"--draft-init {init} has a vocabulary of {vd} tokens, the target {vt}; they must share the tokenizer")
+    if int(draft.config.image_seq_length) != int(target.config.image_seq_length):
+        raise ValueError(f"--draft-init {init} expects {draft.config.image_seq_length} image tokens per image, "
+                         f"the target's processor makes {target.config.image_seq_length}")
+    return draft.float(), False
+
+
+def truncated(draft, num_layers: int):
+    """The draft's first ``num_layers`` layers with its norm and head (an early exit as a model)."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = copy.deepcopy(draft.config)
+    config.text_config.num_hidden_layers = num_layers
+    if getattr(config.text_config, "layer_types", None):
+        config.text_config.layer_types = config.text_config.layer_types[:num_layers]
+    small = LlavaForConditionalGeneration(config)
+    source = draft.state_dict()
+    small.load_state_dict({k: source[k] for k in small.state_dict()}, strict=True)
+    small.generation_config = copy.deepcopy(draft.generation_config)
+    return small.to(next(draft.parameters()).dtype).eval()
+
+
+def trainable_parameters(draft, embeddings_frozen: bool) -> dict[str, torch.nn.Parameter]:
+    frozen_prefixes = ["model.vision_tower."]
+    if embeddings_frozen:
+        frozen_prefixes += ["model.language_model.embed_tokens.", "lm_head."]
+    params = {}
+    for name, p in draft.named_parameters():
+        p.requires_grad_(not any(name.startswith(f) for f in frozen_prefixes))
+        if p.requires_grad:
+            params[name] = p
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------
+# Regeneration
+
+
+def first_question(rec: dict) -> dict:
+    return {**rec, "conversations": rec["conversations"][:1]}
+
+
+@torch.no_grad()
+def regenerate_answers(target, processor, records: list[dict], image_root: Path, cache_path: Path,
+                       max_new_tokens: int, batch_size: int, log=print) -> list[dict]:
+    """Each record's first question answered by the target (greedy), as new one-turn records.
+
+    Answers are appended to ``cache_path`` (JSONL ``{"id", "answer"}``) as they are produced; on a
+    restart the ids already there are not regenerated. Prompts are batched with left padding.
+    """
+    from PIL import Image
+
+    done = {}
+    if cache_path.is_file():
+        for line in cache_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a kill
+            done[row["id"]] = row["answer"]
+    ids = [record_id(r, i) for i, r in enumerate(records)]
+    todo = [(i, r) for i, r in enumerate(records) if ids[i] not in done]
+    log(f"regenerate: {len(done)} answers cached, {len(todo)} to generate -> {cache_path}")
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"  # batched greedy generation: every prompt ends where its answer starts
+    try:
+        with cache_path.open("a") as f, tqdm(total=len(todo), desc="regenerate answers", mininterval=15) as bar:
+            for k in range(0, len(todo), batch_size):
+                chunk = todo[k : k + batch_size]
+                texts = [prompt_text(tok, r["conversations"][:1]) for _, r in chunk]
+                images = [Image.open(image_root / r["image"]).convert("RGB") for _, r in chunk]
+                enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
+                out = target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+                for (i, _), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                    answer = tok.decode(row, skip_special_tokens=True)  # unstripped: the target wrote it
+                    done[ids[i]] = answer
+                    f.write(json.dumps({"id": ids[i], "answer": answer}) + "\n")
+                f.flush()
+                bar.update(len(chunk))
+    finally:
+        tok.padding_side = side
+    out = []
+    for i, rec in enumerate(records):
+        answer = done[ids[i]]
+        if answer:
+            out.append({**first_question(rec), "conversations": [rec["conversations"][0], {"from": "gpt", "value": answer}]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distillation
+
+
+def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p || q); both [P, vocab] logits (p = target, q = draft)."""
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def distill_step(teacher, draft, batch, exits: list[int], bf16: bool) -> torch.Tensor:
+    """Mean over the draft's exits of KL(target || draft exit) at the batch's assistant tokens."""
+    ids, att, feats, pos, _ = batch
+    with torch.no_grad():
+        p_logits = answer_logits(teacher, ids, feats.to(next(teacher.parameters()).dtype), att, pos)  # [P, vocab]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        q_logits = answer_logits(draft, ids, feats, att, pos, exits=exits)  # list of [P, vocab]
+    return sum(kl_loss(p_logits, q) for q in q_logits) / len(q_logits)
+
+
+def lr_at(step, base, warmup, total):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mean accepted length
+
+
+@torch.no_grad()
+def measure_acceptance(target, draft, processor, records: list[dict], image_root: Path, n: int,
+                       max_new_tokens: int, desc: str = "eval") -> dict:
+    """Dynamic-tree speculative decoding at T=0 on the first question of ``n`` records.
+
+    tau = total emitted tokens / total target forwards (prefill included, as `SpeculativeDecoder`
+    counts it); also the per-forward costs measured inside the loop.
+    """
+    from PIL import Image
+
+    from specllava import SpeculativeDecoder
+
+    decoder = SpeculativeDecoder(target, draft, method="dynamic")
+    tok = processor.tokenizer
+    totals = {"new_tokens": 0, "target_forwards": 0, "draft_forwards": 0, "steps": 0, "prompts": 0,
+              "time_draft_s": 0.0, "time_verify_s": 0.0, "time_decode_s": 0.0}
+    hist: list[int] = []
+    for rec in tqdm(records[:n], desc=desc, mininterval=15):
+        img = Image.open(image_root / rec["image"]).convert("RGB")
+        enc = processor(images=[img], text=[prompt_text(tok, rec["conversations"][:1])], return_tensors="pt")
+        out = decoder.generate(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"], max_new_tokens=max_new_tokens)
+        st = out.stats
+        for key in totals:
+            totals[key] += 1 if key == "prompts" else st.get(key, 0)
+        hist += [0] * (len(st["accept_hist"]) - len(hist))
+        for k, c in enumerate(st["accept_hist"]):
+            hist[k] += c
+    tau = totals["new_tokens"] / max(totals["target_forwards"], 1)
+    steps = max(totals["steps"], 1)
+    draft_fwd = max(totals["draft_forwards"] - totals["prompts"], 1)  # minus each prompt's prefill
+    return {"mean_accepted": tau, **totals, "accept_hist": hist,
+            "ms_per_verify": 1000 * totals["time_verify_s"] / steps,
+            "ms_per_draft_forward": 1000 * totals["time_draft_s"] / draft_fwd,
+            "draft_forwards_per_step": draft_fwd / steps,
+            "ms_per_step": 1000 * (totals["time_draft_s"] + totals["time_verify_s"]) / steps}
+
+
+@torch.no_grad()
+def forward_cost_ms(model, prefix_len: int = 200, new: int = 1, repeats: int = 10) -> float:
+    """Median ms of one cached forward of ``new`` tokens after a ``prefix_len``-token text prefix."""
+    from transformers import DynamicCache
+
+    lm = model.model.language_model
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(0, vocab, (1, prefix_len))
+    times = []
+    for _ in range(repeats):
+        cache = DynamicCache()
+        lm(input_ids=ids, cache=cache, use_cache=True)
+        step = torch.randint(0, vocab, (1, new))
+        t = time.perf_counter()
+        h = lm(input_ids=step, cache=cache, use_cache=True).last_hidden_state
+        model.lm_head(h)
+        times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole command
+
+
+def _prepare_data(cfg, target, processor, log):
+    records, root = load_records(cfg.data)
+    records = with_images(records, root, log)
+    if cfg.eval_data:
+        train_recs, held = records, None
+        evals = {}
+        for p in cfg.eval_data:
+            recs, eroot = load_records(p)
+            evals[Path(p).stem] = (with_images(recs, eroot, log), eroot)
+    else:
+        train_recs, held = split_held_out(records, cfg.held_out_fraction, cfg.seed)
+        if not held:
+            held = train_recs[-1:]
+            train_recs = train_recs[:-1] or held
+        evals = {"held_out": (held, root)}
+    if cfg.limit is not None and len(train_recs) > cfg.limit:
+        train_recs = random.Random(cfg.seed).sample(train_recs, cfg.limit)
+    if cfg.regenerate:
+        train_recs = regenerate_answers(target, processor, train_recs, root, Path(cfg.out) / "answers.jsonl",
+                                        cfg.regenerate_max_new_tokens, cfg.regenerate_batch, log)
+    answered = [r for r in train_recs if len(r["conversations"]) % 2 == 0]
+    if len(answered) < len(train_recs):
+        log(f"{len(train_recs) - len(answered)} records end with an unanswered question and are skipped "
+            "(use --regenerate to answer them with the target)")
+    if not answered:
+        raise ValueError(f"no answered records in {cfg.data}; pass --regenerate to answer them with the target")
+    return answered, root, evals
+
+
+def train_draft(cfg: DistillConfig, log=print) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                                                indent=1, default=str))
+    target, processor = load_target(cfg.target)
+    target.float().eval()
+    records, root, evals = _prepare_data(cfg, target, processor, log)
+
+    draft, embeddings_frozen = make_draft(target, cfg)
+    n_layers = draft.config.text_config.num_hidden_layers
+    exits = sorted({*(cfg.exits or []), n_layers})
+    if exits[0] < 1 or exits[-1] > n_layers:
+        raise ValueError(f"--exits must lie in 1..{n_layers} (the draft's depth), got {cfg.exits}")
+    params = trainable_parameters(draft, embeddings_frozen)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    teacher = copy.deepcopy(target).to(torch.bfloat16) if cfg.bf16 else target
+
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    examples = [encode_record(r, tok, image_seq_length(target), root, i) for i, r in enumerate(records)]
+    log(f"draft: {n_layers} layers, exits {exits}, {sum(p.numel() for p in params.values())} trainable params; "
+        f"{len(examples)} training examples, {sum(sum(e.loss_mask) for e in examples)} assistant tokens")
+    cache = FeatureCache(target, processor, out / "features.pt")
+    with tqdm(total=len({str(e.image) for e in examples} - set(cache.store)), desc="vision features", mininterval=15) as bar:
+        cache.ensure([e.image for e in examples], progress=bar)
+
+    ckpt = Checkpoint(out)
+    step = ckpt.load(params, opt) if cfg.resume else 0
+    if step:
+        log(f"resumed from {ckpt.path} at step {step}")
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    start, stopped = time.time(), "steps"
+    draft.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="distil draft", mininterval=15)
+    while step < cfg.steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        idx = batches(examples, cfg.batch_size, cfg.seed, epoch)[k]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+        loss = distill_step(teacher, draft, collate([examples[i] for i in idx], cache, pad_id), exits, cfg.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        step += 1
+        ckpt.history.append({"step": step, "kl": loss.item(), "time_s": time.time() - start})
+        bar.update()
+        bar.set_postfix(kl=f"{smooth([h['kl'] for h in ckpt.history])[-1]:.3f}")
+        over = cfg.max_minutes is not None and (time.time() - start) / 60 > cfg.max_minutes
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over:
+            ckpt.save(step, params, opt)
+        if over:
+            stopped = "time budget"
+            break
+    bar.close()
+    train_minutes = (time.time() - start) / 60
+    del teacher
+    draft.eval()
+    save_draft(draft, processor, out, embeddings_frozen)
+    (out / "history.json").write_text(json.dumps(ckpt.history))
+    sm = smooth([h["kl"] for h in ckpt.history], 25)
+    plot_history([{"step": h["step"], "kl": s} for h, s in zip(ckpt.history, sm)], out / "loss.png",
+                 f"draft distillation, KL(target || draft), mean over exits {exits}", ("kl",))
+
+    # The report: shipped weights are bf16, so measure the draft as it will be loaded.
+    shipped = bf16_rounded(draft, embeddings_frozen)
+    report = {"steps": step, "stopped_by": stopped, "train_minutes": train_minutes, "exits": exits,
+              "cost_ms": {"target_1_token": forward_cost_ms(target)}, "eval": {}}
+    for depth in exits:
+        d = shipped if depth == n_layers else truncated(shipped, depth)
+        report["cost_ms"][f"draft_{depth}_layers_1_token"] = forward_cost_ms(d)
+        for name, (recs, eroot) in evals.items():
+            r = measure_acceptance(target, d, processor, recs, eroot, cfg.eval_prompts, cfg.eval_max_new_tokens,
+                                   desc=f"eval {name} ({depth} layers)")
+            report["eval"][f"{name}/{depth}_layers"] = r
+            log(f"{name}, {depth}-layer draft: mean accepted length {r['mean_accepted']:.2f} over {r['prompts']} prompts "
+                f"({r['new_tokens']} tokens), {r['ms_per_step']:.0f} ms/step")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(f"report written to {out / 'report.json'}")
+    return report
+
+
+def bf16_rounded(draft, embeddings_frozen: bool):
+    """A copy of the draft whose trained tensors are rounded to bf16 (as `draft.safetensors` stores them)."""
+    rounded = copy.deepcopy(draft)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if name in shipped_tensor_names(rounded, embeddings_frozen):
+                p.copy_(p.to(torch.bfloat16).float())
+    return rounded.eval()
+
+
+def shipped_tensor_names(draft, embeddings_frozen: bool) -> set[str]:
+    skip = ("model.vision_tower.",) + (("model.language_model.embed_tokens.", "lm_head.") if embeddings_frozen else ())
+    return {n for n in draft.state_dict() if not n.startswith(skip)}
+
+
+def save_draft(draft, processor, out: Path, embeddings_frozen: bool, num_layers: int | None = None) -> Path:
+    """Write ``<out>/draft/`` (a full model folder) and ``<out>/draft.safetensors`` (shipped format).
+
+    ``num_layers`` < the draft's depth exports that early exit instead.
+    """
+    from safetensors.torch import save_file
+
+    if num_layers is not None and num_layers != draft.config.text_config.num_hidden_layers:
+        draft = truncated(draft, num_layers)
+    model_dir = out / "draft"
+    draft.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    names = shipped_tensor_names(draft, embeddings_frozen)
+    state = draft.state_dict()
+    tensors = {n: state[n].detach().to(torch.bfloat16).contiguous() for n in sorted(names)}
+    path = out / "draft.safetensors"
+    save_file(tensors, str(path), metadata={"num_layers": str(draft.config.text_config.num_hidden_layers)})
+    return path

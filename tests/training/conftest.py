@@ -1,0 +1,33 @@
+"""A tiny assembled LLaVA (EfficientNet tower + 2-layer random Llama, see tests/models/tiny_llava.py)
+saved with its processor, and a tiny LLaVA-JSON dataset of random images: seconds to build."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+from tiny_llava import tiny_sources  # noqa: E402
+
+import specllava.models  # noqa: E402,F401  (registers the vision tower)
+from specllava.models.assemble import assemble_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """Paths of an assembled tiny target/draft (random projector, untrained draft)."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "assets").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return assemble_models(root / "cache", tiny_sources(), assets_dir=root / "assets")
+
+
+@pytest.fixture
+def tiny_models(tiny_pair):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    target = LlavaForConditionalGeneration.from_pretrained(tiny_pair.target_dir, dtype=torch.float32).eval()
+    return target, AutoProcessor.from_pretrained(tiny_pair.target_dir)

@@ -1,0 +1,115 @@
+"""Distillation on a tiny assembled LLaVA: the KL step, early exits, checkpoint/resume, the CLI."""
+
+import json
+
+import torch
+from tiny_data import make_dataset
+
+from specllava.models import build_draft_from_target
+from specllava.models.shipped import load_draft
+from specllava.training.common import FeatureCache, answer_logits, collate, encode_record, load_records
+from specllava.training.distill import DistillConfig, distill_step, train_draft, trainable_parameters, truncated
+
+
+def _batch(tmp_path, target, processor, n=2):
+    records, root = load_records(make_dataset(tmp_path, n=n))
+    examples = [encode_record(r, processor.tokenizer, target.config.image_seq_length, root) for r in records]
+    cache = FeatureCache(target, processor)
+    cache.ensure([e.image for e in examples])
+    return collate(examples, cache, processor.tokenizer.pad_token_id)
+
+
+def test_one_distillation_step_lowers_the_kl(tmp_path, tiny_models):
+    target, processor = tiny_models
+    torch.manual_seed(0)
+    draft = build_draft_from_target(target, num_layers=1).float()
+    with torch.no_grad():  # move the draft away from the target's early exit so there is a KL to lower
+        for p in draft.model.language_model.layers.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = trainable_parameters(draft, embeddings_frozen=True)
+    assert not any(n.startswith(("model.vision_tower.", "lm_head.", "model.language_model.embed_tokens.")) for n in params)
+    batch = _batch(tmp_path, target, processor)
+    opt = torch.optim.SGD(params.values(), lr=0.5)
+    before = distill_step(target, draft, batch, [1], bf16=False)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = distill_step(target, draft, batch, [1], bf16=False)
+    assert after < before - 1e-4
+
+
+def test_early_exit_logits_equal_the_truncated_model(tmp_path, tiny_models):
+    target, processor = tiny_models
+    ids, att, feats, pos, _ = _batch(tmp_path, target, processor)
+    with torch.no_grad():
+        exit1, final = answer_logits(target, ids, feats, att, pos, exits=[1, 2])
+        torch.testing.assert_close(exit1, answer_logits(truncated(target, 1), ids, feats, att, pos))
+        torch.testing.assert_close(final, answer_logits(target, ids, feats, att, pos))
+        # and the cached-feature forward equals the stock forward from pixels
+        pv = torch.cat([FeatureCache(target, processor).pixel_values(p) for p in sorted((tmp_path / "images").glob("*.png"))])
+        stock = target(input_ids=ids, pixel_values=pv, attention_mask=att).logits[pos]
+        torch.testing.assert_close(final, stock, atol=2e-2, rtol=0)  # features are cached in bf16
+
+
+def _config(tmp_path, target_dir, data, out, **kw):
+    base = dict(target=target_dir, data=data, out=out, draft_layers=1, steps=4, batch_size=1, lr=1e-2,
+                warmup=1, checkpoint_every=1, eval_prompts=1, eval_max_new_tokens=4, held_out_fraction=0.3, bf16=False)
+    return DistillConfig(**{**base, **kw})
+
+
+def _trained(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)["tensors"]
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_pair):
+    data = make_dataset(tmp_path / "d", n=4)
+    quiet = lambda *a: None  # noqa: E731
+    train_draft(_config(tmp_path, tiny_pair.target_dir, data, tmp_path / "full"), log=quiet)
+    train_draft(_config(tmp_path, tiny_pair.target_dir, data, tmp_path / "part", steps=2), log=quiet)
+    history = json.loads((tmp_path / "part" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2]
+    train_draft(_config(tmp_path, tiny_pair.target_dir, data, tmp_path / "part", resume=True), log=quiet)
+    full, part = _trained(tmp_path / "full"), _trained(tmp_path / "part")
+    assert full.keys() == part.keys()
+    for name in full:
+        torch.testing.assert_close(part[name], full[name], msg=name)
+    assert [h["step"] for h in json.loads((tmp_path / "part" / "history.json").read_text())] == [1, 2, 3, 4]
+
+
+def test_train_draft_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
+    from specllava.training.cli import main
+
+    data = make_dataset(tmp_path / "d", n=2, answered=False)
+    out = tmp_path / "run"
+    rc = main(["train-draft", "--target", str(tiny_pair.target_dir), "--data", str(data), "--out", str(out),
+               "--regenerate", "--regenerate-max-new-tokens", "6", "--draft-layers", "2", "--exits", "1",
+               "--steps", "2", "--batch-size", "1", "--eval-data", str(data), "--eval-prompts", "2",
+               "--eval-max-new-tokens", "6", "--no-bf16"])
+    assert rc == 0
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers] == ["rec0", "rec1"]
+    report = json.loads((out / "report.json").read_text())
+    for depth in (1, 2):
+        r = report["eval"][f"data/{depth}_layers"]
+        assert r["prompts"] == 2 and r["mean_accepted"] >= 1.0 and r["new_tokens"] > 0
+    assert (out / "loss.png").is_file() and (out / "draft" / "config.json").is_file()
+    # the shipped-format file rebuilds the trained draft on top of the target
+    target, _ = tiny_models
+    draft = load_draft(target, out / "draft.safetensors")
+    assert draft.config.text_config.num_hidden_layers == 2
+    from transformers import LlavaForConditionalGeneration
+
+    from safetensors import safe_open
+
+    saved = LlavaForConditionalGeneration.from_pretrained(out / "draft")
+    with safe_open(str(out / "draft.safetensors"), "pt") as f:
+        shipped = set(f.keys())
+    assert shipped and not any(n.startswith(("model.vision_tower.", "lm_head.", "model.language_model.embed_tokens.")) for n in shipped)
+    for name, value in saved.state_dict().items():  # shipped tensors are stored in bf16
+        want = value.to(torch.bfloat16).float() if name in shipped else value
+        torch.testing.assert_close(draft.state_dict()[name], want, msg=name)
+    # a second run reuses the cached answers instead of generating again
+    main(["train-draft", "--target", str(tiny_pair.target_dir), "--data", str(data), "--out", str(out),
+          "--regenerate", "--steps", "1", "--batch-size", "1", "--eval-data", str(data), "--eval-prompts", "1",
+          "--eval-max-new-tokens", "2", "--no-bf16"])
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2
