@@ -117,7 +117,9 @@ class SpeculativeDecoder:
             t = time.perf_counter()
             prefix = target.length
             anc = ancestor_mask(tree.parents)  # [N, N]
-            logits = target.forward(tree.tokens, position_ids(tree, prefix), attention_bias(anc, prefix, target.dtype))
+            # A lone root needs no mask: the model's own causal path is the one generate() takes.
+            bias = attention_bias(anc, prefix, target.dtype) if len(tree) > 1 else None
+            logits = target.forward(tree.tokens, position_ids(tree, prefix), bias)
             # 3. accept: the accepted path and the bonus token
             if params.do_sample:
                 verdict = verify_sampling(tree, _LazyProbs(logits, params), gen)

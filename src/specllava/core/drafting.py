@@ -44,16 +44,16 @@ class Drafter:
     # -- one step --------------------------------------------------------------------------
     def draft(self, root: int) -> Tree:
         self.pending.append(root)
-        q_root = self._feed_pending()  # [V]
-        dev = q_root.device
+        logits = self._feed_pending()  # [1, V] draft logits at the root
+        dev = logits.device
         tokens = torch.tensor([root], dtype=torch.long, device=dev)
         parents = torch.tensor([-1], dtype=torch.long, device=dev)
         depth = torch.zeros(1, dtype=torch.long, device=dev)
         score = torch.ones(1, dtype=torch.float32, device=dev)
         self.fed = torch.empty(0, dtype=torch.long, device=dev)  # tree nodes in draft-cache order
-        frontier, q = torch.zeros(1, dtype=torch.long, device=dev), q_root[None]
+        frontier = torch.zeros(1, dtype=torch.long, device=dev)
         for d in range(1, self._max_depth() + 1):
-            par, tok, sc = self._expand(frontier, q, score, d)  # [C] each
+            par, tok, sc = self._expand(frontier, logits, score, d)  # [C] each
             if par.numel() == 0:
                 break
             first_new = tokens.numel()
@@ -66,7 +66,7 @@ class Drafter:
             frontier = self._next_frontier(first_new, score, d)
             if frontier.numel() == 0 or self._cannot_improve(score, frontier):
                 break
-            q = self._feed_frontier(frontier, tokens, parents, depth)
+            logits = self._feed_frontier(frontier, tokens, parents, depth)
         tree = Tree(tokens, parents, depth, score)
         return self._finalize(tree)
 
@@ -85,22 +85,29 @@ class Drafter:
         self.pending = [int(t) for t in tree.tokens[path[1 + len(keep):]].tolist()]
 
     # -- draft-model calls -----------------------------------------------------------------
-    def _q(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
+    def _top(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely draft tokens per row and their q: ([F, k] probs, [F, k] ids).
+
+        q = softmax(logits / T) is never materialised over the vocabulary: the top-k logits
+        minus the row's logsumexp give the same probabilities for a fraction of the memory traffic.
+        """
+        k = min(k, logits.shape[-1])
+        scaled = logits.float() / self.temperature if self.temperature != 1.0 else logits.float()
+        vals, toks = scaled.topk(k, dim=-1)
+        return (vals - torch.logsumexp(scaled, dim=-1, keepdim=True)).exp(), toks
 
     def _feed_pending(self) -> torch.Tensor:
         n, start = len(self.pending), self.runner.length
         dev = self.runner.device
         tokens = torch.tensor(self.pending, dtype=torch.long, device=dev)
-        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-        bias = attention_bias(causal, start, self.runner.dtype)
-        logits = self.runner.forward(tokens, torch.arange(start, start + n, device=dev), bias, logits_to_keep=1)
+        # A causal chain on top of the cache: the model's own causal mask is exactly right (None).
+        logits = self.runner.forward(tokens, torch.arange(start, start + n, device=dev), None, logits_to_keep=1)
         self.pending = []
         self.root_pos = start + n - 1
-        return self._q(logits[-1])
+        return logits[-1:]  # [1, V]
 
     def _feed_frontier(self, frontier, tokens, parents, depth) -> torch.Tensor:
-        """One draft forward over the frontier nodes; returns their q, [F, V]."""
+        """One draft forward over the frontier nodes; returns their logits, [F, V]."""
         self.fed = torch.cat([self.fed, frontier])
         anc = ancestor_mask(parents)  # [n, n]
         visible = anc[frontier][:, self.fed]  # [F, fed]: fed ancestors and the node itself
@@ -108,20 +115,18 @@ class Drafter:
         bias = attention_bias(visible, committed, self.runner.dtype)
         # attention_bias lays the tree block right after `committed`; here that block is all fed
         # nodes so far (older fed nodes are already cached, the frontier is being fed now).
-        logits = self.runner.forward(tokens[frontier], self.root_pos + depth[frontier], bias)
-        return self._q(logits)
+        return self.runner.forward(tokens[frontier], self.root_pos + depth[frontier], bias)
 
     # -- policies ----------------------------------------------------------------------------
     def _max_depth(self) -> int:
         return self.cfg.max_depth if self.policy == "dynamic" else self.static.max_depth
 
-    def _expand(self, frontier, q, score, d):
+    def _expand(self, frontier, logits, score, d):
         """Children of the frontier nodes: (parent index, token, path confidence), each [C]."""
         if self.policy != "dynamic":
-            return self.static.expand(frontier, q, score, d)
+            return self.static.expand(frontier, self._top(logits, self.static.max_rank), score, d)
         cfg = self.cfg
-        k = min(cfg.max_children, q.shape[-1])
-        vals, toks = q.topk(k, dim=-1)  # [F, k], sorted by draft probability
+        vals, toks = self._top(logits, cfg.max_children)  # [F, k] q and ids, best first
         mass_before = vals.cumsum(-1) - vals  # probability of the better siblings
         sc = score[frontier][:, None] * vals  # [F, k]
         keep = (mass_before < cfg.child_mass) & (sc >= cfg.min_path_conf)
@@ -175,12 +180,12 @@ class _StaticPlan:
             self.frontiers.append(torch.tensor([index[c] for c in level if c in has_children], dtype=torch.long))
         self.max_rank = max(c[-1] for c in choices) + 1
 
-    def expand(self, frontier, q, score, d):
+    def expand(self, frontier, top, score, d):
+        vals, toks = top  # [F, R] q and ids of the R best draft tokens per frontier node
         par, rank = self.by_depth[d - 1]
-        par, rank = par.to(q.device), rank.to(q.device)
-        if self.max_rank > q.shape[-1]:
-            raise ValueError(f"static tree uses draft rank {self.max_rank - 1} but the vocabulary has {q.shape[-1]} tokens")
-        vals, toks = q.topk(self.max_rank, dim=-1)  # [F, R]
+        par, rank = par.to(vals.device), rank.to(vals.device)
+        if self.max_rank > vals.shape[-1]:
+            raise ValueError(f"static tree uses draft rank {self.max_rank - 1} but the vocabulary has {vals.shape[-1]} tokens")
         row = torch.searchsorted(frontier, par)  # frontier is ascending
         return par, toks[row, rank], score[par] * vals[row, rank]
 

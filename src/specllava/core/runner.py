@@ -104,7 +104,7 @@ class ModelRunner:
         self,
         tokens: torch.Tensor,  # [n] long
         positions: torch.Tensor,  # [n] long
-        bias: torch.Tensor,  # [1, 1, n, cache_len + n] additive mask
+        bias: torch.Tensor | None,  # [1, 1, n, cache_len + n] additive mask; None = causal
         logits_to_keep: int = 0,  # 0 = logits at every position
     ) -> torch.Tensor:
         out = self.model(
