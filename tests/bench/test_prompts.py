@@ -42,6 +42,18 @@ def test_bad_files_are_named_with_what_is_wrong(tmp_path, content, message):
         load_llava_json(path)
 
 
+def test_limit_reads_only_the_first_records(tmp_path, llava_json):
+    import json as _json
+
+    recs = _json.loads(llava_json.read_text())
+    recs.append({"id": "broken", "image": "gone.png", "conversations": [{"from": "human", "value": "Hi"}]})
+    path = llava_json.parent / "with_broken.json"
+    path.write_text(_json.dumps(recs))
+    assert [p.id for p in load_llava_json(path, limit=2)] == ["rec0", "rec1"]
+    with pytest.raises(ValueError, match="gone.png"):
+        load_llava_json(path)
+
+
 def test_missing_file_and_unknown_or_missing_set(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         load_llava_json(tmp_path / "nope.json")

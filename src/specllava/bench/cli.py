@@ -107,15 +107,11 @@ def _load_models(args):
 def _prompt_sets(args) -> dict:
     from .prompts import builtin_set, load_llava_json
 
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.data is not None:
-        sets = {args.data.stem: load_llava_json(args.data, args.image_root)}
-    else:
-        sets = {name: builtin_set(name) for name in args.set}
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        sets = {k: v[: args.limit] for k, v in sets.items()}
-    return sets
+        return {args.data.stem: load_llava_json(args.data, args.image_root, args.limit)}
+    return {name: builtin_set(name, limit=args.limit) for name in args.set}
 
 
 def machine_info(threads: int) -> dict:
@@ -124,9 +120,19 @@ def machine_info(threads: int) -> dict:
 
     from .calibrate import cpu_model
 
-    return {"cpu": cpu_model(), "cores": _cores(), "torch_threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "load_average_at_start": _loadavg()}
+    return {"cpu": cpu_model(), "cpu_flags": _cpu_flags(), "cores": _cores(), "torch_threads": threads,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU features that decide bf16 speed (AVX-512 bf16, AMX), as the kernel reports them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"))
 
 
 def _loadavg() -> list[float] | None:
@@ -156,6 +162,7 @@ def run(args) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    load_at_start = _loadavg()
     hf_logging.set_verbosity_error()  # assisted generation warns on every call about its own kwargs
     sets = _prompt_sets(args)
     target, draft, processor, model_info = _load_models(args)
@@ -209,7 +216,7 @@ def run(args) -> int:
         "summary": summaries,
         "sections": sections,
     }
-    result["machine"]["load_average_at_end"] = _loadavg()
+    result["machine"].update(load_average_at_start=load_at_start, load_average_at_end=_loadavg())
     write_json(result, out_dir / "results.json")
     md = []
     for name, summary in summaries.items():

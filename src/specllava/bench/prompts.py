@@ -27,7 +27,7 @@ class BenchPrompt:
     image: Path | None  # None: a text-only prompt
 
 
-def builtin_set(name: str, eval_dir: Path = EVAL_DIR) -> list[BenchPrompt]:
+def builtin_set(name: str, eval_dir: Path = EVAL_DIR, limit: int | None = None) -> list[BenchPrompt]:
     if name not in BUILTIN_SETS:
         raise ValueError(f"unknown evaluation set {name!r}; choose one of {', '.join(BUILTIN_SETS)}")
     path = Path(eval_dir) / BUILTIN_SETS[name]
@@ -36,11 +36,12 @@ def builtin_set(name: str, eval_dir: Path = EVAL_DIR) -> list[BenchPrompt]:
             f"the {name} evaluation set is missing ({path}); build it with "
             "`python -m specllava.data.eval_assets --data data`, or pass --data FILE"
         )
-    return load_llava_json(path)
+    return load_llava_json(path, limit=limit)
 
 
-def load_llava_json(path: str | Path, image_root: str | Path | None = None) -> list[BenchPrompt]:
-    """Prompts of a LLaVA conversation JSON file (a list of records), in file order."""
+def load_llava_json(path: str | Path, image_root: str | Path | None = None, limit: int | None = None) -> list[BenchPrompt]:
+    """Prompts of a LLaVA conversation JSON file (a list of records), in file order; with `limit`,
+    only the first `limit` records are read (and checked)."""
     path = Path(path)
     try:
         records = json.loads(path.read_text())
@@ -51,7 +52,7 @@ def load_llava_json(path: str | Path, image_root: str | Path | None = None) -> l
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of LLaVA records, got {type(records).__name__}")
     root = Path(image_root) if image_root is not None else path.parent
-    prompts = [_prompt_of(rec, i, root, path) for i, rec in enumerate(records)]
+    prompts = [_prompt_of(rec, i, root, path) for i, rec in enumerate(records[:limit])]
     if not prompts:
         raise ValueError(f"{path} holds no records")
     return prompts
