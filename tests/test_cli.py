@@ -1,0 +1,77 @@
+"""`specllava generate` end to end on a tiny assembled LLaVA pair saved to disk."""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent / "models"))  # tiny SmolLM2 stand-ins live there
+from tiny_llava import tiny_sources  # noqa: E402
+
+from specllava.cli import main  # noqa: E402
+from specllava.models.assemble import assemble_models, load_models  # noqa: E402
+from specllava.models.hf import chat_inputs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assets = root / "no-assets"
+    assets.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = assemble_models(root / "cache", tiny_sources(), assets_dir=assets)
+        models = load_models(paths)
+    img = root / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(img)
+    return paths, models, img
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json_equals_target_generate(pair, capsys):
+    paths, models, img = pair
+    code, out, _ = run_cli(
+        ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+         "--prompt", "Describe this image.", "--max-new-tokens", "12", "--json"],
+        capsys,
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert {"text", "tokens", "stats"} <= set(result)
+    assert {"new_tokens", "target_forwards", "draft_forwards", "mean_accepted", "accept_hist"} <= set(result["stats"])
+    inputs = chat_inputs(models.processor, "Describe this image.", Image.open(img).convert("RGB"))
+    with torch.inference_mode():
+        ref = models.target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert result["tokens"] == ref[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_generate_streams_text_to_stdout_and_stats_to_stderr(pair, capsys):
+    paths, _, img = pair
+    code, out, err = run_cli(
+        ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+         "--prompt", "Hi", "--max-new-tokens", "8", "--method", "chain"],
+        capsys,
+    )
+    assert code == 0
+    assert "mean accepted length" in err and "[chain] 8 tokens" in err
+    assert "mean accepted length" not in out
+
+
+def test_generate_clear_errors(pair, capsys):
+    paths, _, img = pair
+    code, _, err = run_cli(["generate", "--target", str(paths.target_dir), "--image", "missing.png", "--prompt", "x"], capsys)
+    assert code == 2 and "image file not found: missing.png" in err
+    code, _, err = run_cli(["generate", "--target", str(paths.target_dir), "--image", str(img), "--prompt", "x"], capsys)
+    assert code == 2 and "needs --draft" in err
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", "--tree-option", "node_budget"])
