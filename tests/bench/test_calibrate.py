@@ -99,3 +99,20 @@ def test_isotonic_fit_never_decreases():
     assert isotonic([1, 3, 2, 4]) == [1, 2.5, 2.5, 4]
     ys = isotonic([5.0, 1.0, 2.0, 8.0, 7.0])
     assert all(a <= b for a, b in zip(ys, ys[1:]))
+
+
+def test_auto_node_budget_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    target = tiny_llava(0)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    ids, px = llava_prompt(5)
+    inputs = [{"input_ids": ids, "pixel_values": px}]
+    budget, report = calibrate.auto_node_budget(target, draft, inputs, {"min_path_conf": 0.0},
+                                                cache_dir=tmp_path, max_new_tokens=16)
+    assert 1 <= budget <= 96 and report["node_budget"] == budget
+    assert len(report["expected_tokens_per_s"]) == 96 and report["profile"]["steps"] > 0
+    monkeypatch.setattr(calibrate, "measure_acceptance", lambda *a, **k: pytest.fail("not cached"))
+    again, _ = calibrate.auto_node_budget(target, draft, inputs, {"min_path_conf": 0.0},
+                                          cache_dir=tmp_path, max_new_tokens=16)
+    assert again == budget and len(calls) == 1
+    assert {p.name.split("-")[0] for p in tmp_path.glob("*.json")} == {"verify", "acceptance"}

@@ -122,10 +122,10 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
         for r in range(settings.repeats):
             seed = settings.seed + 1000 * i + r  # the same for every method
             for m in method_order(settings.methods, i * settings.repeats + r):
+                bar.set_postfix_str(f"{prompt.id[-24:]} {m}")  # what is running now
                 mem.reset()
                 run = runners[m](inp, n_new, sampling, seed)
                 records.append(_record(prompt, inp, m, r, seed, run, mem.peak_mb()))
-                bar.set_postfix_str(f"{prompt.id[-24:]} {m}")
                 bar.update()
     bar.close()
 
