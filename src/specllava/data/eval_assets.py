@@ -27,12 +27,12 @@ from .llava_format import load_json, save_json, validate_record
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # photos picked for variety: people, objects, animals, scenes, greyscale, space
-OOD_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "clock"]
+OOD_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "retina"]
 
 
 def _copy(rec: dict, data: Path, out: Path) -> dict:
     """Copy a record's image into ``out/images`` (re-compressed PNG) and point the record at it."""
-    name = rec["id"].replace("/", "_").replace("#", "_") + ".png"
+    name = rec["image"].removeprefix("images/").replace("/", "_")  # e.g. openclipart_food_x.png
     dst = out / "images" / name
     dst.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(data / rec["image"]) as im:
