@@ -51,6 +51,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
         help=f"a TreeConfig field, repeatable (e.g. node_budget=48); fields: {', '.join(TreeConfig.__dataclass_fields__)}",
     )
+    p.add_argument(
+        "--draft-vocab", type=int, default=None, metavar="K",
+        help="let the draft propose only the K lowest token ids (a much cheaper draft head; lossless)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (text, stats) instead of streaming")
     return p
 
@@ -98,7 +102,9 @@ def run_generate(args) -> int:
     target, draft, processor = _load(args)
     inputs = chat_inputs(processor, args.prompt, image)
     tokenizer = getattr(processor, "tokenizer", processor)
-    decoder = SpeculativeDecoder(target, draft, method=args.method, **dict(args.tree_option))
+    decoder = SpeculativeDecoder(
+        target, draft, method=args.method, draft_vocab=args.draft_vocab, **dict(args.tree_option)
+    )
 
     streamer = None
     if not args.json:

@@ -72,3 +72,10 @@ def test_pixel_values_for_text_only_target(draft):
 def test_vision_draft_for_text_only_target(target):
     with pytest.raises(ValueError, match="vision-language draft needs a vision-language target"):
         SpeculativeDecoder(tiny_lm(3), target, method="chain")
+
+
+def test_bad_draft_vocab(target, draft):
+    with pytest.raises(ValueError, match="draft_vocab=0"):
+        SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=0)
+    with pytest.raises(ValueError, match="draft_vocab ids"):
+        SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=torch.tensor([5, 10_000]))

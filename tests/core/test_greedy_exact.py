@@ -132,3 +132,39 @@ def test_image_token_never_confuses_the_loop(target):
     ref = reference(target, ids, px, 32)
     out = SpeculativeDecoder(target, draft, method="dynamic", **DEEP).generate(input_ids=ids, pixel_values=px, max_new_tokens=32)
     assert out.sequences.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("draft_kind", ["perturbed", "text-only"])
+@pytest.mark.parametrize("draft_vocab", [40, "ids"])
+def test_reduced_draft_vocabulary_stays_exact(target, drafts, draft_kind, draft_vocab):
+    ids, px = llava_prompt(1)
+    ref = reference(target, ids, px, 48)
+    vocab = torch.arange(0, 90, 2) if draft_vocab == "ids" else draft_vocab
+    out = SpeculativeDecoder(target, drafts[draft_kind], method="dynamic", draft_vocab=vocab, **DEEP).generate(
+        input_ids=ids, pixel_values=px, max_new_tokens=48
+    )
+    assert out.sequences.tolist() == ref.tolist()
+
+
+def test_reduced_draft_vocabulary_proposes_only_its_tokens(target):
+    """With a draft identical to the target, a subset that holds the target's tokens keeps the
+    acceptance; the proposals themselves must come from the subset."""
+    import specllava.core.decoder as dec_module
+
+    ids, px = llava_prompt(4)
+    seen = []
+    real_verify = dec_module.verify_greedy
+
+    def spy(tree, logits, anc):
+        seen.extend(tree.tokens[1:].tolist())
+        return real_verify(tree, logits, anc)
+
+    subset = torch.arange(3, 60)
+    dec = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="dynamic", draft_vocab=subset, **DEEP)
+    try:
+        dec_module.verify_greedy = spy
+        out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=24)
+    finally:
+        dec_module.verify_greedy = real_verify
+    assert seen and set(seen) <= set(subset.tolist())
+    assert out.sequences.tolist() == reference(target, ids, px, 24).tolist()

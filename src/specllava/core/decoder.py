@@ -46,9 +46,21 @@ class SpeculativeDecoder:
             text-only causal LM (gets the prompt without image tokens). May be None for "ar".
     method: "ar" | "chain" | "static" | "dynamic".
     tree_options: fields of `TreeConfig` (or pass `config=TreeConfig(...)`).
+    draft_vocab: restrict the draft's proposals to a reduced vocabulary, which makes a small draft
+            much cheaper (its LM head is most of its cost): an int K takes the K lowest token ids
+            (BPE and SentencePiece vocabularies put frequent tokens first), or pass a LongTensor of
+            ids. Lossless either way: it only changes what is proposed.
     """
 
-    def __init__(self, target, draft=None, method: str = "dynamic", config: TreeConfig | None = None, **tree_options):
+    def __init__(
+        self,
+        target,
+        draft=None,
+        method: str = "dynamic",
+        config: TreeConfig | None = None,
+        draft_vocab: int | torch.Tensor | None = None,
+        **tree_options,
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method != "ar" and draft is None:
@@ -66,6 +78,7 @@ class SpeculativeDecoder:
             if is_vlm(draft) and not is_vlm(target):
                 raise ValueError("a vision-language draft needs a vision-language target (the target is text-only)")
         self.target, self.draft, self.method = target, draft, method
+        self.draft_vocab = self._draft_vocab_ids(draft_vocab)
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -157,7 +170,7 @@ class SpeculativeDecoder:
     def _prefill_draft(self, input_ids, pixel_values, params) -> Drafter | None:
         if self.method == "ar":
             return None
-        runner = ModelRunner(self.draft)
+        runner = ModelRunner(self.draft, vocab_ids=self.draft_vocab)
         if is_vlm(self.draft):
             runner.prefill(input_ids.to(self.draft.device), pixel_values=pixel_values)
         else:
@@ -168,6 +181,23 @@ class SpeculativeDecoder:
             runner.prefill(ids.to(self.draft.device))
         # The draft cache now holds the whole prompt; the first step feeds it the root.
         return Drafter(runner, self.method, self.config, temperature=params.temperature if params.do_sample else 1.0)
+
+    def _draft_vocab_ids(self, draft_vocab) -> torch.Tensor | None:
+        if draft_vocab is None or self.draft is None:
+            return None
+        size = vocab_size(self.draft)
+        if isinstance(draft_vocab, int):
+            if not 1 <= draft_vocab <= size:
+                raise ValueError(f"draft_vocab={draft_vocab} must be between 1 and the vocabulary size {size}")
+            ids = torch.arange(draft_vocab)
+        else:
+            ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten().unique()
+            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= size:
+                raise ValueError(f"draft_vocab ids must be non-empty and in [0, {size})")
+        img = image_token_id(self.target) if is_vlm(self.target) else None
+        if img is not None:  # never worth proposing: the target never emits it after the prompt
+            ids = ids[ids != img]
+        return ids
 
     @staticmethod
     def _choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:

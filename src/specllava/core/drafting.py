@@ -94,6 +94,8 @@ class Drafter:
         k = min(k, logits.shape[-1])
         scaled = logits.float() / self.temperature if self.temperature != 1.0 else logits.float()
         vals, toks = scaled.topk(k, dim=-1)
+        if self.runner.vocab_ids is not None:  # columns of a reduced draft vocabulary -> token ids
+            toks = self.runner.vocab_ids[toks]
         return (vals - torch.logsumexp(scaled, dim=-1, keepdim=True)).exp(), toks
 
     def _feed_pending(self) -> torch.Tensor:

@@ -46,11 +46,22 @@ def _cache_kwarg(model) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model):
+    """vocab_ids: optional [K] token ids (a draft's reduced vocabulary). With it, `forward` runs
+    the model body (`model.model`) and projects on those K rows of the LM head only, returning
+    logits over the subset: column j is token vocab_ids[j]. On a CPU the full head is most of a
+    small draft's cost; the subset never changes what the target emits, only what is proposed."""
+
+    def __init__(self, model, vocab_ids: torch.Tensor | None = None):
         self.model = model
         self.cache = None
         self._cache_kw = _cache_kwarg(model)
         self.forwards = 0  # model forward passes since the last prefill, prefill included
+        self.vocab_ids = None
+        if vocab_ids is not None:
+            self._check_plain_head(model)
+            self.vocab_ids = vocab_ids.to(model.device)
+            # contiguous copy of the rows, made once per request rather than gathered every forward
+            self._head = model.get_output_embeddings().weight.index_select(0, self.vocab_ids).detach()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,6 +111,15 @@ class ModelRunner:
         self.forwards = 1
         return out.logits[0, -1]
 
+    @staticmethod
+    def _check_plain_head(model) -> None:
+        text = model.config.get_text_config()
+        if getattr(text, "final_logit_softcapping", None) or getattr(model, "model", None) is None:
+            raise ValueError(
+                f"a reduced draft vocabulary needs logits = lm_head(model.model(...)); {type(model).__name__} "
+                "does not have that form (drop draft_vocab)"
+            )
+
     def forward(
         self,
         tokens: torch.Tensor,  # [n] long
@@ -107,6 +127,8 @@ class ModelRunner:
         bias: torch.Tensor | None,  # [1, 1, n, cache_len + n] additive mask; None = causal
         logits_to_keep: int = 0,  # 0 = logits at every position
     ) -> torch.Tensor:
+        if self.vocab_ids is not None:
+            return self._forward_subset(tokens, positions, bias, logits_to_keep)
         out = self.model(
             input_ids=tokens[None],
             position_ids=positions[None],
@@ -117,3 +139,17 @@ class ModelRunner:
         )
         self.forwards += 1
         return out.logits[0]  # [n or logits_to_keep, V]
+
+    def _forward_subset(self, tokens, positions, bias, logits_to_keep) -> torch.Tensor:
+        out = self.model.model(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=bias,
+            use_cache=True,
+            **{self._cache_kw: self.cache},
+        )
+        self.forwards += 1
+        hidden = out.last_hidden_state[0]  # [n, hidden]
+        if logits_to_keep:
+            hidden = hidden[-logits_to_keep:]
+        return torch.nn.functional.linear(hidden, self._head)  # [n, K]
