@@ -105,6 +105,8 @@ class SpeculativeDecoder:
         else:
             gen.seed()
         input_ids = input_ids.to(self.target.device)
+        if pixel_values is not None:  # the processor gives float32; a bf16 model wants bf16
+            pixel_values = pixel_values.to(self.target.device, self.target.dtype)
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -172,7 +174,7 @@ class SpeculativeDecoder:
             return None
         runner = ModelRunner(self.draft, vocab_ids=self.draft_vocab)
         if is_vlm(self.draft):
-            runner.prefill(input_ids.to(self.draft.device), pixel_values=pixel_values)
+            runner.prefill(input_ids.to(self.draft.device), pixel_values=pixel_values.to(self.draft.device, self.draft.dtype))
         else:
             ids = input_ids
             img = image_token_id(self.target) if is_vlm(self.target) else None
