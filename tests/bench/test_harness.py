@@ -18,7 +18,7 @@ def test_bench_runs_end_to_end_and_writes_json_markdown_and_plots(tiny_pair, lla
     out = tmp_path / "out"
     rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json),
                "--max-new-tokens", "10", "--temperature", "0", "1", "--threads", "1", "--repeats", "2",
-               "--tree-option", "min_path_conf=0", "--out", str(out), "--no-progress"])
+               "--tree-option", "min_path_conf=0", "--draft-vocab", "64", "--out", str(out), "--no-progress"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["sections"]) == {"set T=0", "set T=1"}

@@ -220,6 +220,7 @@ class _StepRecorder:
 
 
 class _RecordingDecoder(SpeculativeDecoder):
+    # `_prefill_draft(input_ids, pixel_values, params)` is the core's private seam (see _StepRecorder)
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.steps: list[dict] = []
@@ -257,8 +258,10 @@ def replay_tau(steps: list[dict], budget: int) -> float:
 
 @torch.inference_mode()
 def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, cost: CostCurve,
-                       max_budget: int = 96, max_new_tokens: int = 96) -> AcceptanceProfile:
+                       max_budget: int = 96, max_new_tokens: int = 96, draft_vocab: int | None = None) -> AcceptanceProfile:
     opts = {**tree_options, "node_budget": max_budget}
+    if draft_vocab:
+        opts["draft_vocab"] = draft_vocab
     steps, rest = [], []
     for inp in inputs:
         dec = _RecordingDecoder(target, draft, method="dynamic", **opts)
@@ -277,7 +280,7 @@ def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, co
 
 def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | None = None, cost: CostCurve | None = None,
                        max_budget: int = 96, max_new_tokens: int = 96, cache_dir: Path = CACHE_DIR,
-                       refresh: bool = False) -> AcceptanceProfile:
+                       refresh: bool = False, draft_vocab: int | None = None) -> AcceptanceProfile:
     """The cached acceptance profile of this (target, draft, tree options, machine)."""
     tree_options = {k: v for k, v in (tree_options or {}).items() if k != "node_budget"}
     TreeConfig.from_options(**tree_options)  # validate
@@ -285,12 +288,12 @@ def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | N
     key = {"target": weights_fingerprint(target), "draft": weights_fingerprint(draft),
            "tree_options": json.loads(json.dumps(tree_options, sort_keys=True, default=list)),
            **machine_key(target.dtype), "max_budget": max_budget, "max_new_tokens": max_new_tokens,
-           "n_prompts": len(inputs)}
+           "n_prompts": len(inputs), "draft_vocab": draft_vocab}
     path = _cache_file("acceptance", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
     if cached is not None:
         return AcceptanceProfile(**cached["profile"])
-    prof = measure_acceptance(target, draft, inputs, tree_options, cost, max_budget, max_new_tokens)
+    prof = measure_acceptance(target, draft, inputs, tree_options, cost, max_budget, max_new_tokens, draft_vocab)
     prof.key = key
     _store(path, {"key": key, "profile": asdict(prof)})
     return prof
@@ -311,7 +314,8 @@ def choose_node_budget(cost: CostCurve, profile: AcceptanceProfile) -> int:
 
 
 def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | None = None,
-                     cache_dir: Path = CACHE_DIR, refresh: bool = False, max_new_tokens: int = 96) -> tuple[int, dict]:
+                     cache_dir: Path = CACHE_DIR, refresh: bool = False, max_new_tokens: int = 96,
+                     draft_vocab: int | None = None) -> tuple[int, dict]:
     """The node budget that maximises expected speed here, and a report of how it was chosen.
 
     inputs: prepared model inputs (dicts with input_ids and, for a VLM, pixel_values) to profile
@@ -320,7 +324,7 @@ def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | Non
     """
     cost = verify_cost_curve(target, cache_dir=cache_dir, refresh=refresh)
     prof = acceptance_profile(target, draft, inputs, tree_options, cost, cache_dir=cache_dir,
-                              refresh=refresh, max_new_tokens=max_new_tokens)
+                              refresh=refresh, max_new_tokens=max_new_tokens, draft_vocab=draft_vocab)
     budget = choose_node_budget(cost, prof)
     speed = expected_speed(cost, prof)
     return budget, {"node_budget": budget, "cost_curve": asdict(cost), "profile": asdict(prof),

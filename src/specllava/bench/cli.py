@@ -74,6 +74,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="base seed for sampling (same per prompt for every method)")
     run.add_argument("--budget", type=_budget, default=None, metavar="auto|N",
                      help="dynamic tree node_budget: N, or 'auto' to calibrate it on this machine (cached)")
+    run.add_argument("--draft-vocab", type=int, default=None, metavar="K",
+                     help="chain/static/dynamic: the draft proposes only the K lowest token ids (cheaper draft head; lossless)")
     run.add_argument("--recalibrate", action="store_true", help="with --budget auto: ignore the calibration cache")
     run.add_argument(
         "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
@@ -181,7 +183,7 @@ def run(args) -> int:
         inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
         t = time.perf_counter()
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
-                                               max_new_tokens=args.max_new_tokens)
+                                               max_new_tokens=args.max_new_tokens, draft_vocab=args.draft_vocab)
         calibration["seconds"] = time.perf_counter() - t
         calibration["profiled_on"] = [p.id for p in first]
         tree_options["node_budget"] = budget
@@ -199,7 +201,7 @@ def run(args) -> int:
             settings = BenchSettings(
                 methods=args.methods, max_new_tokens=args.max_new_tokens,
                 sampling=Sampling(temp, args.top_k, args.top_p), repeats=args.repeats,
-                warmup=args.warmup, seed=args.seed, tree_options=tree_options,
+                warmup=args.warmup, seed=args.seed, tree_options=tree_options, draft_vocab=args.draft_vocab,
             )
             sections[name] = run_benchmark(target, draft, processor, prompts, settings,
                                            progress=not args.no_progress, label=name)
@@ -212,6 +214,7 @@ def run(args) -> int:
         "machine": machine_info(torch.get_num_threads()),
         "models": {**model_info, "dtype": args.dtype},
         "tree_options": tree_options,
+        "draft_vocab": args.draft_vocab,
         "calibration": calibration,
         "summary": summaries,
         "sections": sections,

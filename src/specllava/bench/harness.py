@@ -38,6 +38,7 @@ class BenchSettings:
     warmup_tokens: int = 16
     seed: int = 0
     tree_options: dict = field(default_factory=dict)
+    draft_vocab: int | None = None  # SpeculativeDecoder(draft_vocab=K) for chain/static/dynamic
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in ALL_METHODS]
@@ -108,7 +109,7 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
     from tqdm.auto import tqdm
 
     inputs = [prepare_inputs(processor, p, target.dtype) for p in prompts]
-    runners = {m: MethodRunner(m, target, draft, settings.tree_options) for m in settings.methods}
+    runners = {m: MethodRunner(m, target, draft, settings.tree_options, settings.draft_vocab) for m in settings.methods}
     sampling, n_new = settings.sampling, settings.max_new_tokens
     for _ in range(settings.warmup):
         for m in settings.methods:

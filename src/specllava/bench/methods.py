@@ -5,7 +5,9 @@ Methods:
   hf-assisted  target.generate(assistant_model=draft): transformers' assisted generation with the
                same draft, at its default settings (20 assistant tokens, constant schedule,
                confidence threshold 0.4)
-  ar, chain, static, dynamic   specllava's `SpeculativeDecoder`
+  ar, chain, static, dynamic   specllava's `SpeculativeDecoder` (with `draft_vocab`, if given, for
+               the three draft methods; hf-assisted always uses the full draft, transformers has
+               no such option)
 
 Timing: every method gets the same `TimingStreamer` (an HF streamer), whose `put` is called by
 generate() -- ours and transformers' alike -- first with the prompt, then with each batch of
@@ -92,7 +94,7 @@ class Run:
 class MethodRunner:
     """Runs `method` on prepared inputs; decoders are built once, outside the timed region."""
 
-    def __init__(self, method: str, target, draft, tree_options: dict | None = None):
+    def __init__(self, method: str, target, draft, tree_options: dict | None = None, draft_vocab: int | None = None):
         if method not in ALL_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
         if method not in ("hf", "ar") and draft is None:
@@ -100,8 +102,12 @@ class MethodRunner:
         self.method, self.target, self.draft = method, target, draft
         self.decoder = None
         if method in OUR_METHODS:
-            opts = dict(tree_options or {}) if method != "ar" else {}
-            self.decoder = SpeculativeDecoder(target, draft if method != "ar" else None, method=method, **opts)
+            if method == "ar":
+                self.decoder = SpeculativeDecoder(target, None, method="ar")
+            else:
+                # draft_vocab only ever changes what the draft proposes, never the output
+                extra = {"draft_vocab": draft_vocab} if draft_vocab else {}
+                self.decoder = SpeculativeDecoder(target, draft, method=method, **extra, **(tree_options or {}))
 
     @torch.inference_mode()
     def __call__(self, inputs: dict, max_new_tokens: int, sampling: Sampling, seed: int) -> Run:
