@@ -178,7 +178,8 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
         ax.set_xlabel("tree depth d")
         ax.set_ylabel("share of steps accepting >= d draft tokens", fontsize=8)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, out_dir / f"{prefix}acceptance.png"))
 
