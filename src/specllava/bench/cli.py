@@ -159,7 +159,7 @@ def run(args) -> int:
 
     from .harness import BenchSettings, prepare_inputs, run_benchmark
     from .methods import Sampling
-    from .report import divergence_table, markdown_table, plot_all, summarize, write_json
+    from .report import render, summarize, write_json
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -221,13 +221,8 @@ def run(args) -> int:
     }
     result["machine"].update(load_average_at_start=load_at_start, load_average_at_end=_loadavg())
     write_json(result, out_dir / "results.json")
-    md = []
-    for name, summary in summaries.items():
-        md += [f"## {name}\n", markdown_table(summary)]
-        if "divergences" in sections[name]:
-            md.append(divergence_table(sections[name]["divergences"]))
-    (out_dir / "table.md").write_text("\n".join(md))
-    plot_all(summaries, out_dir)
-    print("\n".join(md))
+    md = render(result, out_dir)
+    (out_dir / "table.md").write_text(md)
+    print(md)
     print(f"results in {out_dir}", file=sys.stderr)
     return 0

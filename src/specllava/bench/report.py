@@ -174,6 +174,9 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
             acc = row.get("accept_by_depth")
             if acc:
                 ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=3, label=m)
+        depth = max((len(r.get("accept_by_depth") or []) for r in summaries[sec].values()), default=0)
+        ax.set_xlim(0.5, max(depth, 1) + 0.5)
+        ax.set_xticks(range(1, max(depth, 1) + 1))
         ax.set_title(sec, fontsize=9)
         ax.set_xlabel("tree depth d")
         ax.set_ylabel("share of steps accepting >= d draft tokens", fontsize=8)
@@ -220,3 +223,31 @@ def write_json(obj: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
     return path
+
+
+def render(result: dict, out_dir: Path, prefix: str = "bench_") -> str:
+    """table.md text and the PNGs for a results.json (as `specllava bench` writes them)."""
+    md = []
+    for name, summary in result["summary"].items():
+        md += [f"## {name}\n", markdown_table(summary)]
+        if "divergences" in result["sections"][name]:
+            md.append(divergence_table(result["sections"][name]["divergences"]))
+    plot_all(result["summary"], Path(out_dir), prefix)
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-render the table and plots of a finished run: python -m specllava.bench.report RESULTS.json"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: beside RESULTS.json)")
+    parser.add_argument("--prefix", default="bench_", help="PNG file name prefix (default: bench_)")
+    args = parser.parse_args(argv)
+    result = json.loads(args.results.read_text())
+    print(render(result, args.out or args.results.parent, args.prefix))
+
+
+if __name__ == "__main__":
+    main()
