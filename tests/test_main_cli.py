@@ -1,21 +1,18 @@
 """`specllava generate` end to end on a tiny assembled LLaVA pair saved to disk."""
 
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent / "models"))  # tiny SmolLM2 stand-ins live there
-from tiny_llava import tiny_sources  # noqa: E402
+from tiny_llava import tiny_sources  # tests/models: tiny SmolLM2 stand-ins
 
-from specllava.cli import main  # noqa: E402
-from specllava.models.assemble import assemble_models, load_models  # noqa: E402
-from specllava.models.hf import chat_inputs  # noqa: E402
+from specllava.cli import main
+from specllava.models.assemble import assemble_models, load_models
+from specllava.models.hf import chat_inputs
 
 
 @pytest.fixture(scope="module")

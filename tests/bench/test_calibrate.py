@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import llava_prompt, perturbed_copy, tiny_llava
+from random_models import llava_prompt, perturbed_copy, tiny_llava
 from specllava.bench import calibrate
 from specllava.bench.calibrate import (
     AcceptanceProfile,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from bench_fixtures import llava_json, tiny_pair  # noqa: F401  (fixtures)
 
-from conftest import llava_prompt, perturbed_copy, tiny_llava
+from random_models import llava_prompt, perturbed_copy, tiny_llava
 from specllava.bench.harness import divergence, exact_match, method_order
 from specllava.bench.methods import ALL_METHODS
 from specllava.bench.prompts import BenchPrompt

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import llava_prompt, text_prompt, tiny_lm, tiny_llava
+from random_models import llava_prompt, text_prompt, tiny_lm, tiny_llava
 from specllava import SpeculativeDecoder
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import IMAGE_TOKEN, llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
+from random_models import IMAGE_TOKEN, llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
 from specllava import SpeculativeDecoder
 
 DEEP = dict(min_path_conf=0.0, node_budget=24, max_depth=5, frontier=6)  # forces deep, wide trees

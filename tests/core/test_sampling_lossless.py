@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import specllava.core.decoder as decoder_module
-from conftest import chi2_pvalue, text_prompt, tiny_lm
+from random_models import chi2_pvalue, text_prompt, tiny_lm
 from specllava import SpeculativeDecoder
 from specllava.core.sampling import SamplingParams, processed_probs
 from specllava.core.verify import Verdict

@@ -3,7 +3,7 @@ a compacted cache == a fresh prefill of the accepted sequence."""
 
 import torch
 
-from conftest import llava_prompt, text_prompt, tiny_lm, tiny_llava
+from random_models import llava_prompt, text_prompt, tiny_lm, tiny_llava
 from specllava.core.cache import compact, crop
 from specllava.core.runner import ModelRunner
 from specllava.core.tree import Tree, ancestor_mask, attention_bias, path_to, position_ids, root_paths

@@ -4,7 +4,7 @@ from collections import Counter
 
 import torch
 
-from conftest import chi2_pvalue
+from random_models import chi2_pvalue
 from specllava.core.tree import Tree, ancestor_mask
 from specllava.core.verify import Verdict, verify_greedy, verify_sampling
 

@@ -82,7 +82,7 @@ def test_render_time_limit_stops_a_busy_loop():
 
 def test_small_drawing_on_a_big_page_is_cropped_to_fill_the_image(tmp_path):
     pytest.importorskip("cairosvg")
-    from conftest import write_svg
+    from svg_helpers import write_svg
 
     from specllava.data.openclipart import render_png
 
