@@ -1,13 +1,6 @@
-"""Fixtures of the bench tests (imported by the test modules: a tests/bench/conftest.py would
-shadow tests/conftest.py, whose helpers the tests import as `conftest`)."""
-
-import sys
-from pathlib import Path
+"""Fixtures of the bench tests, imported by the test modules that use them."""
 
 import pytest
-
-# tests/models/tiny_llava.py builds the tiny stand-in for the default pair's sources
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +9,7 @@ def tiny_pair(tmp_path_factory):
     (target_dir, draft_dir)."""
     import warnings
 
-    from tiny_llava import tiny_sources
+    from tiny_llava import tiny_sources  # tests/models, on pytest's pythonpath
 
     from specllava.models.assemble import assemble_models
 
