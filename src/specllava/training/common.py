@@ -335,8 +335,9 @@ def plot_history(history: list[dict], path: Path, title: str, keys: tuple[str, .
         pts = [(h["step"], h[key]) for h in history if key in h]
         if pts:
             xs, ys = zip(*pts)
-            style = "o-" if key.startswith("eval") else "-"
-            ax.plot(xs, ys, style, label=key, lw=1.2, ms=4)
+            style = "o-" if key.startswith(("eval", "held-out")) else "-"
+            alpha = 0.3 if key.endswith("per step") else 1.0  # raw per-step values: faint, behind the smoothed curve
+            ax.plot(xs, ys, style, label=key, lw=1.2, ms=4, alpha=alpha)
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -406,8 +406,9 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     save_draft(draft, processor, out, embeddings_frozen)
     (out / "history.json").write_text(json.dumps(ckpt.history))
     sm = smooth([h["kl"] for h in ckpt.history], 25)
-    plot_history([{"step": h["step"], "kl": s} for h, s in zip(ckpt.history, sm)], out / "loss.png",
-                 f"draft distillation, KL(target || draft), mean over exits {exits}", ("kl",))
+    plot_history([{"step": h["step"], "KL per step": h["kl"], "KL (mean of 25)": s} for h, s in zip(ckpt.history, sm)],
+                 out / "loss.png", f"draft distillation: KL(target || draft), mean over exits {exits}",
+                 ("KL per step", "KL (mean of 25)"))
 
     # The report: shipped weights are bf16, so measure the draft as it will be loaded.
     shipped = bf16_rounded(draft, embeddings_frozen)

@@ -292,7 +292,8 @@ def train_target(cfg: TargetTrainConfig, log=print) -> dict:
 
     save_file(tensors, str(out / "target.safetensors"), metadata=meta)
     (out / "history.json").write_text(json.dumps(ckpt.history))
-    plot_history(_smoothed(ckpt.history), out / "loss.png", "target training (assistant-token CE)", ("loss", "eval_loss"))
+    plot_history(_smoothed(ckpt.history), out / "loss.png", "target training: cross-entropy on assistant tokens",
+                 ("loss per step", "loss (mean of 25)", "held-out loss"))
     summary = {"steps": step, "stopped_by": stopped, "train_minutes": (time.time() - start) / 60,
                "final_eval_loss": next((h["eval_loss"] for h in reversed(ckpt.history) if "eval_loss" in h), None)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -303,7 +304,8 @@ def train_target(cfg: TargetTrainConfig, log=print) -> dict:
 def _smoothed(history):
     losses = [h for h in history if "loss" in h]
     sm = smooth([h["loss"] for h in losses], 25)
-    return [{"step": h["step"], "loss": s} for h, s in zip(losses, sm)] + [h for h in history if "eval_loss" in h]
+    return ([{"step": h["step"], "loss per step": h["loss"], "loss (mean of 25)": s} for h, s in zip(losses, sm)]
+            + [{"step": h["step"], "held-out loss": h["eval_loss"]} for h in history if "eval_loss" in h])
 
 
 # ---------------------------------------------------------------------------------------------------
