@@ -205,8 +205,9 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
         ax.set_title(sec, fontsize=9)
         ax.set_ylabel("seconds per generation (median)", fontsize=8)
         ax.tick_params(axis="x", rotation=45, labelsize=8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     paths.append(_save(fig, out_dir / f"{prefix}time.png"))
     return paths
 
