@@ -115,3 +115,23 @@ def chi2_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> float:
         exp.append(pool_e)
     stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
     return float(chi2.sf(stat, df=max(len(obs) - 1, 1)))
+
+
+def wrong_verify_sampling(tree, p, generator):
+    """Deliberately wrong sampling rule, to prove the losslessness checks can fail: after rejecting
+    every candidate it draws the bonus from the full p (forgetting to remove the rejected
+    candidates), so the draft's candidates come out too often."""
+    from specllava.core.verify import Verdict
+
+    children = {}
+    for i, par in enumerate(tree.parents.tolist()):
+        children.setdefault(par, []).append(i)
+    node, path = 0, [0]
+    while True:
+        for child in children.get(node, []):
+            if torch.rand((), generator=generator) < p[node][tree.tokens[child]]:
+                node = child
+                path.append(child)
+                break
+        else:
+            return Verdict(path=path, bonus=int(torch.multinomial(p[node], 1, generator=generator)))

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import specllava.core.decoder as decoder_module
-from random_models import chi2_pvalue, text_prompt, tiny_lm
+from random_models import chi2_pvalue, text_prompt, tiny_lm, wrong_verify_sampling
 from specllava import SpeculativeDecoder
 from specllava.core.sampling import SamplingParams, processed_probs
-from specllava.core.verify import Verdict
 
 V = 8
 N_TOKENS = 3
@@ -92,27 +91,12 @@ def test_target_generate_sampling_matches_the_same_exact_distribution(pair):
     assert chi2_pvalue(counts, exact) > 1e-3
 
 
-def wrong_rule(tree, p, generator):
-    """Accept a candidate with probability p(x) but, when all are rejected, draw the bonus from the
-    full p instead of the residual: candidates come out too often."""
-    parents = tree.parents.tolist()
-    node, path = 0, [0]
-    while True:
-        for child in [i for i, par in enumerate(parents) if par == node]:
-            if torch.rand((), generator=generator) < p[node][tree.tokens[child]]:
-                node = child
-                path.append(child)
-                break
-        else:
-            return Verdict(path=path, bonus=int(torch.multinomial(p[node], 1, generator=generator)))
-
-
 def test_the_check_fails_on_a_wrong_acceptance_rule(pair, monkeypatch):
     target, draft = pair
     ids = text_prompt(5, length=6, vocab=V)
     params = SamplingParams(True, 1.0, 0, 1.0)
     exact = exact_joint(target, ids, params)
-    monkeypatch.setattr(decoder_module, "verify_sampling", wrong_rule)
+    monkeypatch.setattr(decoder_module, "verify_sampling", wrong_verify_sampling)
     counts = sample_ours(target, draft, ids, params, 1500)
     pval = chi2_pvalue(counts, exact)
     assert pval < 1e-6, f"the losslessness check did not catch a wrong rule (p-value {pval:.2e})"

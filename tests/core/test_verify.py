@@ -4,9 +4,9 @@ from collections import Counter
 
 import torch
 
-from random_models import chi2_pvalue
+from random_models import chi2_pvalue, wrong_verify_sampling
 from specllava.core.tree import Tree, ancestor_mask
-from specllava.core.verify import Verdict, verify_greedy, verify_sampling
+from specllava.core.verify import verify_greedy, verify_sampling
 
 V = 6
 
@@ -52,23 +52,6 @@ def test_greedy_does_not_accept_child_of_rejected_node():
 
 
 # --- sampling ------------------------------------------------------------------------------
-
-def wrong_verify_sampling(tree, p, generator):
-    """Deliberately wrong: after rejecting every candidate, draw the bonus from the full p
-    (forgetting to remove the rejected candidates). Over-produces the draft's candidates."""
-    children = {}
-    for i, par in enumerate(tree.parents.tolist()):
-        children.setdefault(par, []).append(i)
-    node, path = 0, [0]
-    while True:
-        for child in children.get(node, []):
-            if torch.rand((), generator=generator) < p[node][tree.tokens[child]]:
-                node = child
-                path.append(child)
-                break
-        else:
-            return Verdict(path=path, bonus=int(torch.multinomial(p[node], 1, generator=generator)))
-
 
 def sample_first_two(rule, tree, p, n, seed):
     gen = torch.Generator().manual_seed(seed)
