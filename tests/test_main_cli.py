@@ -69,6 +69,6 @@ def test_generate_clear_errors(pair, capsys):
     code, _, err = run_cli(["generate", "--target", str(paths.target_dir), "--image", "missing.png", "--prompt", "x"], capsys)
     assert code == 2 and "image file not found: missing.png" in err
     code, _, err = run_cli(["generate", "--target", str(paths.target_dir), "--image", str(img), "--prompt", "x"], capsys)
-    assert code == 2 and "needs --draft" in err
+    assert code == 2 and "--method dynamic (or use --method ar) needs --draft" in err
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x", "--tree-option", "node_budget"])

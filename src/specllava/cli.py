@@ -60,21 +60,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .models.hf import load_model, load_processor, parse_dtype
+    from .models.hf import load_pair, parse_dtype
 
-    dtype = parse_dtype(args.dtype)
-    if args.target is None:
-        if args.draft is not None:
-            raise ValueError("--draft given without --target: give both, or neither for the default pair")
-        from .models import load_default_models
-
-        models = load_default_models(dtype=dtype)
-        return models.target, (None if args.method == "ar" else models.draft), models.processor
-    if args.draft is None and args.method != "ar":
-        raise ValueError(f"--method {args.method} needs --draft (or use --method ar)")
-    target = load_model(args.target, dtype)
-    draft = load_model(args.draft, dtype) if args.draft and args.method != "ar" else None
-    return target, draft, load_processor(args.target)
+    need_draft = args.method != "ar"
+    target, draft, processor, _ = load_pair(
+        args.target, args.draft, parse_dtype(args.dtype), need_draft, why=f"--method {args.method} (or use --method ar)"
+    )
+    return target, draft, processor
 
 
 def _open_image(path: str | None):

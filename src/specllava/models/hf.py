@@ -54,3 +54,20 @@ def chat_inputs(processor, prompt: str, image=None) -> dict:
         tok = getattr(processor, "tokenizer", processor)
         return dict(tok(text, return_tensors="pt", add_special_tokens=False))
     return dict(processor(images=image, text=text, return_tensors="pt", add_special_tokens=False))
+
+
+def load_pair(target: str | None, draft: str | None, dtype: torch.dtype, need_draft: bool, why: str = ""):
+    """(target, draft, processor, info) for the CLI commands: both paths, or neither for the
+    embedded default pair. `need_draft` False skips loading a draft; `why` names what needs one."""
+    if target is None:
+        if draft is not None:
+            raise ValueError("--draft given without --target: give both, or neither for the default pair")
+        from . import load_default_models
+
+        m = load_default_models(dtype=dtype)
+        info = {"target": "default", "draft": "default", "trained": dict(m.paths.trained)}
+        return m.target, (m.draft if need_draft else None), m.processor, info
+    if need_draft and draft is None:
+        raise ValueError(f"{why or 'this method'} needs --draft")
+    loaded_draft = load_model(draft, dtype) if need_draft else None
+    return load_model(target, dtype), loaded_draft, load_processor(target), {"target": target, "draft": draft}
