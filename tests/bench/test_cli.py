@@ -8,8 +8,10 @@ def test_bench_parser_defaults_and_checks(capsys):
     args = parser.parse_args(["bench"])
     assert args.set == ["in-domain"] and args.temperature == [0.0] and args.threads == 2
     assert args.methods == ("hf", "hf-assisted", "ar", "chain", "static", "dynamic")
-    args = parser.parse_args(["bench", "--methods", "hf,dynamic", "--budget", "auto", "--tree-option", "max_depth=4"])
+    args = parser.parse_args(["bench", "--methods", "hf,dynamic", "--budget", "auto", "--tree-option", "max_depth=4",
+                              "--calibration-prompts", "3"])
     assert args.methods == ("hf", "dynamic") and args.budget == "auto" and args.tree_option == [("max_depth", 4)]
+    assert args.calibration_prompts == 3
     for bad in (["--methods", "hf,fast"], ["--budget", "0"], ["--budget", "big"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", *bad])

@@ -77,6 +77,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--draft-vocab", type=int, default=None, metavar="K",
                      help="chain/static/dynamic: the draft proposes only the K lowest token ids (cheaper draft head; lossless)")
     run.add_argument("--recalibrate", action="store_true", help="with --budget auto: ignore the calibration cache")
+    run.add_argument("--calibration-prompts", type=int, default=2, metavar="N",
+                     help="with --budget auto: profile acceptance on the first N prompts of the first set (default: 2)")
     run.add_argument(
         "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
         help=f"a TreeConfig field for chain/static/dynamic, repeatable; fields: {', '.join(TreeConfig.__dataclass_fields__)}",
@@ -179,7 +181,9 @@ def run(args) -> int:
             raise ValueError("--budget auto needs a draft model")
         from .calibrate import auto_node_budget, plot_calibration
 
-        first = next(iter(sets.values()))[:1]  # profiled on the first prompt of the first set
+        if args.calibration_prompts < 1:
+            raise ValueError(f"--calibration-prompts must be >= 1, got {args.calibration_prompts}")
+        first = next(iter(sets.values()))[: args.calibration_prompts]
         inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
         t = time.perf_counter()
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
