@@ -58,7 +58,7 @@ class TargetTrainConfig:
     steps / batch_size / lr / warmup: AdamW with linear warm-up then cosine decay to 10%.
     lora_rank: 0 = projector only; r > 0 adds rank-r LoRA on the LM's attention and MLP projections.
     bf16: keep the frozen LM (and head) in bf16, so its matmuls use AMX; the trained tensors stay
-        fp32. Measured here: about 2x faster than fp32 or fp32 under autocast (docs/training.md).
+        fp32. Measured faster here than fp32 or fp32 under autocast (docs/training.md).
     threads: torch threads; 1 measured faster than 2 here while other jobs share the 2 cores.
     max_minutes: wall-clock budget; training stops (saving a checkpoint) when it runs out.
     eval_examples: held-out examples (from ``eval_data``) whose loss is logged every ``eval_every``.
