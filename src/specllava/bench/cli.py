@@ -89,23 +89,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_models(args):
-    from ..models.hf import load_model, load_processor, parse_dtype
+    from ..models.hf import load_pair, parse_dtype
 
-    dtype = parse_dtype(args.dtype)
-    if args.target is None:
-        if args.draft is not None:
-            raise ValueError("--draft given without --target: give both, or neither for the default pair")
-        from ..models import load_default_models
-
-        m = load_default_models(dtype=dtype)
-        return m.target, m.draft, m.processor, {"target": "default", "draft": "default",
-                                                 "trained": dict(m.paths.trained)}
     needs_draft = any(m not in ("hf", "ar") for m in args.methods)
-    if needs_draft and args.draft is None:
-        raise ValueError(f"methods {','.join(args.methods)} need --draft (only hf and ar run without one)")
-    target = load_model(args.target, dtype)
-    draft = load_model(args.draft, dtype) if args.draft else None
-    return target, draft, load_processor(args.target), {"target": args.target, "draft": args.draft}
+    why = f"methods {','.join(args.methods)} (only hf and ar run without a draft)"
+    return load_pair(args.target, args.draft, parse_dtype(args.dtype), needs_draft, why=why)
 
 
 def _prompt_sets(args) -> dict:
