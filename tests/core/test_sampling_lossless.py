@@ -8,7 +8,6 @@ fixed, so the test is deterministic), the wrong rule must give p-value < 1e-6.
 """
 
 from collections import Counter
-from itertools import product
 
 import pytest
 import torch

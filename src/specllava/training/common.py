@@ -265,6 +265,14 @@ def collate(examples: list[Example], cache: FeatureCache, pad_id: int):
     return ids, att, feats, (bs, ts), labels
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, max_norm: float = 1.0) -> None:
+    """Backward, clip the trainable parameters' gradient norm, step: the same in every trainer."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    opt.step()
+
+
 def batches(examples: list[Example], batch_size: int, seed: int, epoch: int):
     """Seeded shuffled batches, length-bucketed (sorted within windows of 16 batches) so padding stays small."""
     order = list(range(len(examples)))

@@ -49,6 +49,7 @@ from specllava.training.common import (
     encode_record,
     image_seq_length,
     load_records,
+    optimizer_step,
     plot_history,
     prompt_text,
     record_id,
@@ -385,10 +386,7 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         loss = distill_step(teacher, draft, collate([examples[i] for i in idx], cache, pad_id), exits, cfg.bf16)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
+        optimizer_step(loss, opt, params.values())
         step += 1
         ckpt.history.append({"step": step, "kl": loss.item(), "time_s": time.time() - start})
         bar.update()

@@ -38,6 +38,7 @@ from specllava.training.common import (
     encode_record,
     image_seq_length,
     load_records,
+    optimizer_step,
     plot_history,
     prompt_text,
     smooth,
@@ -265,10 +266,7 @@ def train_target(cfg: TargetTrainConfig, log=print) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, g["base_lr"], cfg.warmup, cfg.steps)
         loss = lm_loss(model, collate([train[i] for i in idx], cache, pad_id))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
-        opt.step()
+        optimizer_step(loss, opt, trainable.values())
         step += 1
         ckpt.history.append({"step": step, "loss": loss.item(), "time_s": time.time() - start})
         bar.update()
