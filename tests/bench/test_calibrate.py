@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from random_models import llava_prompt, perturbed_copy, tiny_llava
+from specllava import SpeculativeDecoder
 from specllava.bench import calibrate
 from specllava.bench.calibrate import (
     AcceptanceProfile,
     CostCurve,
-    _RecordingDecoder,
+    _record_step,
     choose_node_budget,
     isotonic,
     replay_tau,
@@ -75,13 +76,14 @@ def test_replay_at_the_recorded_budget_equals_the_run_mean_accepted_length():
     target = tiny_llava(0)
     draft = perturbed_copy(target, 0.05, seed=1)
     ids, px = llava_prompt(4)
-    dec = _RecordingDecoder(target, draft, method="dynamic", node_budget=16, min_path_conf=0.0)
-    out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=30)
+    dec = SpeculativeDecoder(target, draft, method="dynamic", node_budget=16, min_path_conf=0.0)
+    steps = []
+    out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=30, on_step=_record_step(steps))
     hist = out.stats["accept_hist"]
     per_step = sum((k + 1) * n for k, n in enumerate(hist)) / sum(hist)
-    assert len(dec.steps) == out.stats["steps"]
-    assert replay_tau(dec.steps, 16) == pytest.approx(per_step)
-    assert replay_tau(dec.steps, 1) <= replay_tau(dec.steps, 4) <= replay_tau(dec.steps, 16)
+    assert len(steps) == out.stats["steps"]
+    assert replay_tau(steps, 16) == pytest.approx(per_step)
+    assert replay_tau(steps, 1) <= replay_tau(steps, 4) <= replay_tau(steps, 16)
 
 
 def test_budget_choice_trades_acceptance_against_verification_cost():

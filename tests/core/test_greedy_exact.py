@@ -168,3 +168,18 @@ def test_reduced_draft_vocabulary_proposes_only_its_tokens(target):
         dec_module.verify_greedy = real_verify
     assert seen and set(seen) <= set(subset.tolist())
     assert out.sequences.tolist() == reference(target, ids, px, 24).tolist()
+
+
+def test_on_step_sees_every_verified_tree_and_its_accepted_path(target, drafts):
+    ids, px = llava_prompt(0)
+    seen = []
+    out = SpeculativeDecoder(target, drafts["perturbed"], method="dynamic", **DEEP).generate(
+        input_ids=ids, pixel_values=px, max_new_tokens=40, on_step=lambda tree, v: seen.append((tree, v))
+    )
+    assert len(seen) == out.stats["steps"]
+    emitted = [int(out.sequences[0, ids.shape[1]])]  # the prefill's token
+    for tree, verdict in seen:
+        assert verdict.path[0] == 0  # paths start at the root
+        assert all(int(tree.parents[b]) == a for a, b in zip(verdict.path, verdict.path[1:]))
+        emitted += verdict.emitted(tree)
+    assert emitted[:40] == out.sequences[0, ids.shape[1]:].tolist()

@@ -193,41 +193,19 @@ def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int =
 # the acceptance profile
 
 
-class _StepRecorder:
-    """Wraps the decoder's Drafter and records (sorted node order, accepted path) per step.
+def _record_step(steps: list):
+    """An `on_step` callback that appends, per verified tree, its size and the rank of every
+    accepted node in the budget order (the same stable sort by path confidence as
+    `Drafter._finalize`)."""
 
-    It relies on `SpeculativeDecoder._prefill_draft` (private) returning the Drafter, and on
-    `Drafter.commit(tree, path)` seeing every verified tree with its accepted path; a public
-    per-step hook in the core would make this wrapper unnecessary.
-    """
-
-    def __init__(self, drafter, steps: list):
-        self._drafter, self._steps = drafter, steps
-
-    def __getattr__(self, name):
-        return getattr(self._drafter, name)
-
-    def draft(self, root):
-        return self._drafter.draft(root)
-
-    def commit(self, tree, path):
-        # rank of every node in the budget order (the same stable sort as Drafter._finalize)
+    def on_step(tree, verdict) -> None:
         order = torch.sort(-tree.score[1:], stable=True).indices + 1
         rank = torch.empty(len(tree), dtype=torch.long)
         rank[0] = -1
         rank[order] = torch.arange(order.numel())
-        self._steps.append({"nodes": len(tree) - 1, "path_ranks": rank[path[1:]].tolist()})
-        return self._drafter.commit(tree, path)
+        steps.append({"nodes": len(tree) - 1, "path_ranks": rank[torch.as_tensor(verdict.path[1:], dtype=torch.long)].tolist()})
 
-
-class _RecordingDecoder(SpeculativeDecoder):
-    # `_prefill_draft(input_ids, pixel_values, params)` is the core's private seam (see _StepRecorder)
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.steps: list[dict] = []
-
-    def _prefill_draft(self, input_ids, pixel_values, params):
-        return _StepRecorder(super()._prefill_draft(input_ids, pixel_values, params), self.steps)
+    return on_step
 
 
 @dataclass
@@ -265,15 +243,14 @@ def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, co
         opts["draft_vocab"] = draft_vocab
     steps, rest = [], []
     for inp in inputs:
-        dec = _RecordingDecoder(target, draft, method="dynamic", **opts)
+        dec = SpeculativeDecoder(target, draft, method="dynamic", **opts)
         out = dec.generate(input_ids=inp["input_ids"], pixel_values=inp.get("pixel_values"),
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, on_step=_record_step(steps))
         st = out.stats
         if st["steps"]:
             # drafting and loop overhead per step, measured directly (not as the step time minus
             # the cost curve, which may have been measured under another load on a shared machine)
             rest.append((st["time_decode_s"] - st["time_verify_s"]) / st["steps"])
-        steps += dec.steps
     budgets = list(range(1, max_budget + 1))
     return AcceptanceProfile(budgets, [replay_tau(steps, b) for b in budgets],
                              max(statistics.median(rest), 0.0) if rest else 0.0, len(steps), {})

@@ -95,7 +95,16 @@ class SpeculativeDecoder:
         eos_token_id: int | list[int] | None = None,
         seed: int | None = None,
         streamer=None,
+        on_step=None,
     ) -> SpecOutput:
+        """Decode up to `max_new_tokens` tokens after the prompt (batch size 1).
+
+        streamer: an HF-style streamer (`put`/`end`), fed the prompt then each step's tokens.
+        on_step:  optional callback `on_step(tree, verdict)` after every verification step, with
+                  the verified `Tree` (its tokens, parents, depth and draft scores) and the
+                  `Verdict` (accepted path of node indices, bonus token). For profiling and
+                  calibration; it must not modify them.
+        """
         self._check_inputs(input_ids, pixel_values, attention_mask, max_new_tokens)
         params = SamplingParams(do_sample, temperature, top_k, top_p)
         eos = self._eos_set(eos_token_id)
@@ -146,6 +155,8 @@ class SpeculativeDecoder:
                 drafter.commit(tree, verdict.path)
             stats.t_verify += time.perf_counter() - t
             stats.record(tree, verdict)
+            if on_step is not None:
+                on_step(tree, verdict)
             # 5. emit, cutting exactly where generate() stops (EOS or max_new_tokens)
             new, done = _cut(verdict.emitted(tree), eos, max_new_tokens - len(out_tokens))
             out_tokens += new

@@ -39,7 +39,7 @@ def _one_per_image(records: list[dict]) -> list[dict]:
     return out
 
 
-def write_prompt_files(data: Path, out: Path, drawings: int, seed: int = 0) -> dict:
+def write_prompt_files(data: Path, out: Path, drawings: int, seed: int = 0, rendered_only: bool = False) -> dict:
     train = json.loads((data / "train.json").read_text())
     test = json.loads((data / "test.json").read_text())
     # image paths in the written files are relative to `out`
@@ -48,6 +48,8 @@ def write_prompt_files(data: Path, out: Path, drawings: int, seed: int = 0) -> d
 
     def drawings_of(records):
         recs = [r for r in records if r.get("meta", {}).get("source") in ("openclipart", "smollm2-description")]
+        if rendered_only:  # only drawings whose PNG is already in the data folder (no re-rendering)
+            recs = [r for r in recs if (data / r["image"]).is_file()]
         recs.sort(key=lambda r: r["image"])
         random.Random(seed).shuffle(recs)
         return _one_per_image(recs)
@@ -69,8 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/recipe"))
     parser.add_argument("--drawings", type=int, default=400, help="training drawings to distil on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rendered-only", action="store_true",
+                        help="choose only among drawings whose image file already exists in --data")
     args = parser.parse_args(argv)
-    print(write_prompt_files(args.data, args.out, args.drawings, args.seed))
+    print(write_prompt_files(args.data, args.out, args.drawings, args.seed, args.rendered_only))
 
 
 if __name__ == "__main__":
