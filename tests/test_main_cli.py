@@ -72,3 +72,21 @@ def test_generate_clear_errors(pair, capsys):
     assert code == 2 and "--method dynamic (or use --method ar) needs --draft" in err
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x", "--tree-option", "node_budget"])
+
+
+def test_generate_budget_auto_calibrates_once_and_stays_exact(pair, capsys, tmp_path, monkeypatch):
+    from specllava.bench import calibrate
+
+    monkeypatch.setattr(calibrate, "CACHE_DIR", tmp_path / "calibration")
+    paths, models, img = pair
+    args = ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+            "--prompt", "Describe this image.", "--max-new-tokens", "10", "--json", "--budget", "auto"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "--budget auto: node_budget = " in err
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 2  # cost curve + acceptance profile
+    inputs = chat_inputs(models.processor, "Describe this image.", Image.open(img).convert("RGB"))
+    with torch.inference_mode():
+        ref = models.target.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert json.loads(out)["tokens"] == ref[0, inputs["input_ids"].shape[1]:].tolist()
+    code, _, err = run_cli(args[:-2] + ["--method", "chain", "--budget", "auto"], capsys)
+    assert code == 2 and "--budget auto calibrates the dynamic tree" in err

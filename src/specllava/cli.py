@@ -2,6 +2,7 @@
 
     specllava generate --image photo.jpg --prompt "Describe this image."     # default pair
     specllava generate --target DIR --draft DIR --image IMG --prompt TEXT [--method dynamic] ...
+    specllava generate ... --budget auto        # node budget calibrated for this machine (cached)
 
 Text streams to stdout as it is accepted and the stats go to stderr; `--json` prints one JSON
 object (`text`, `stats`, ...) instead.
@@ -32,6 +33,19 @@ def _tree_option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+def budget_arg(text: str):
+    """`--budget auto|N`: the dynamic tree's node_budget, or 'auto' to calibrate it."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget must be 'auto' or a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--budget must be >= 1, got {value}")
+    return value
+
+
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate",
@@ -60,6 +74,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--draft-vocab", type=int, default=None, metavar="K",
         help="let the draft propose only the K lowest token ids (a much cheaper draft head; lossless). "
         f"Default: {DEFAULT_PAIR_DRAFT_VOCAB} for the embedded default pair, the full vocabulary otherwise",
+    )
+    p.add_argument(
+        "--budget", type=budget_arg, default=None, metavar="auto|N",
+        help="dynamic tree node budget: N, or 'auto' = the budget that maximises expected speed on this "
+        "machine (first run: times the target's verification cost and profiles acceptance on this prompt, "
+        "about a minute; then read from ~/.cache/specllava/calibration). Overrides --tree-option node_budget",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object (text, stats) instead of streaming")
     return p
@@ -103,7 +123,22 @@ def run_generate(args) -> int:
     draft_vocab = args.draft_vocab
     if draft_vocab is None and args.target is None and draft is not None:
         draft_vocab = DEFAULT_PAIR_DRAFT_VOCAB
-    decoder = SpeculativeDecoder(target, draft, method=args.method, draft_vocab=draft_vocab, **dict(args.tree_option))
+    tree_options = dict(args.tree_option)
+    TreeConfig.from_options(**tree_options)  # fail on a bad option before any calibration
+    if args.budget == "auto" and args.method == "dynamic":
+        import time
+
+        from .bench.calibrate import auto_node_budget
+
+        t = time.perf_counter()
+        inp = {k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
+        tree_options["node_budget"], _ = auto_node_budget(target, draft, [inp], tree_options, draft_vocab=draft_vocab)
+        print(f"--budget auto: node_budget = {tree_options['node_budget']} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    elif args.budget == "auto":
+        raise ValueError(f"--budget auto calibrates the dynamic tree; --method {args.method} has no node budget to choose")
+    elif args.budget is not None:
+        tree_options["node_budget"] = args.budget
+    decoder = SpeculativeDecoder(target, draft, method=args.method, draft_vocab=draft_vocab, **tree_options)
 
     streamer = None
     if not args.json:

@@ -89,9 +89,9 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_file(kind: str, key: dict, cache_dir: Path) -> Path:
+def _cache_file(kind: str, key: dict, cache_dir: Path | None) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"{kind}-{digest}.json"
+    return Path(CACHE_DIR if cache_dir is None else cache_dir) / f"{kind}-{digest}.json"
 
 
 def _load_cached(path: Path, key: dict) -> dict | None:
@@ -176,7 +176,7 @@ def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int
 
 
 def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 5,
-                      cache_dir: Path = CACHE_DIR, refresh: bool = False) -> CostCurve:
+                      cache_dir: Path | None = None, refresh: bool = False) -> CostCurve:
     """The cached cost curve for this (architecture, machine); measured on a cache miss."""
     key = {"arch": architecture_fingerprint(target), **machine_key(target.dtype),
            "sizes": list(sizes), "prefix_len": prefix_len}
@@ -257,7 +257,7 @@ def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, co
 
 
 def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | None = None, cost: CostCurve | None = None,
-                       max_budget: int = 96, max_new_tokens: int = 96, cache_dir: Path = CACHE_DIR,
+                       max_budget: int = 96, max_new_tokens: int = 96, cache_dir: Path | None = None,
                        refresh: bool = False, draft_vocab: int | None = None) -> AcceptanceProfile:
     """The cached acceptance profile of this (target, draft, tree options, machine)."""
     tree_options = {k: v for k, v in (tree_options or {}).items() if k != "node_budget"}
@@ -292,7 +292,7 @@ def choose_node_budget(cost: CostCurve, profile: AcceptanceProfile) -> int:
 
 
 def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | None = None,
-                     cache_dir: Path = CACHE_DIR, refresh: bool = False, max_new_tokens: int = 96,
+                     cache_dir: Path | None = None, refresh: bool = False, max_new_tokens: int = 96,
                      draft_vocab: int | None = None) -> tuple[int, dict]:
     """The node budget that maximises expected speed here, and a report of how it was chosen.
 

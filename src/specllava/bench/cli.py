@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import budget_arg as _budget
 from ..core.config import TreeConfig
 from .methods import ALL_METHODS
 
@@ -28,18 +29,6 @@ def _methods(text: str) -> tuple[str, ...]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(ALL_METHODS)}")
     return names
-
-
-def _budget(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--budget must be 'auto' or a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--budget must be >= 1, got {value}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
