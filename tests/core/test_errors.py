@@ -40,6 +40,8 @@ def test_unknown_tree_option(target, draft):
 def test_bad_tree_option_value(target, draft):
     with pytest.raises(ValueError, match="child_mass"):
         SpeculativeDecoder(target, draft, method="dynamic", child_mass=1.5)
+    with pytest.raises(ValueError, match="min_feed_mass"):
+        SpeculativeDecoder(target, draft, method="dynamic", min_feed_mass=-0.1)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ from random_models import IMAGE_TOKEN, llava_prompt, perturbed_copy, text_prompt
 from specllava import SpeculativeDecoder
 
 DEEP = dict(min_path_conf=0.0, node_budget=24, max_depth=5, frontier=6)  # forces deep, wide trees
-METHODS = [("ar", {}), ("chain", {}), ("static", {}), ("dynamic", {}), ("dynamic", DEEP)]
-METHOD_IDS = ["ar", "chain", "static", "dynamic", "dynamic-deep"]
+SHALLOW = dict(min_feed_mass=0.2)  # stops growing once the frontier is unlikely to be accepted
+METHODS = [("ar", {}), ("chain", {}), ("static", {}), ("dynamic", {}), ("dynamic", DEEP), ("dynamic", SHALLOW)]
+METHOD_IDS = ["ar", "chain", "static", "dynamic", "dynamic-deep", "dynamic-min-feed-mass"]
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +184,18 @@ def test_on_step_sees_every_verified_tree_and_its_accepted_path(target, drafts):
         assert all(int(tree.parents[b]) == a for a, b in zip(verdict.path, verdict.path[1:]))
         emitted += verdict.emitted(tree)
     assert emitted[:40] == out.sequences[0, ids.shape[1]:].tolist()
+
+
+def test_min_feed_mass_saves_draft_forwards_on_unlikely_frontiers(target, drafts):
+    ids, px = llava_prompt(1)
+    runs = {}
+    for mass in (0.0, 0.2, 5.0):
+        runs[mass] = SpeculativeDecoder(target, drafts["perturbed"], method="dynamic", min_feed_mass=mass).generate(
+            input_ids=ids, pixel_values=px, max_new_tokens=48
+        )
+    assert runs[0.0].sequences.tolist() == runs[0.2].sequences.tolist() == runs[5.0].sequences.tolist()
+    per_step = {m: r.stats["draft_forwards"] / r.stats["steps"] for m, r in runs.items()}
+    assert per_step[5.0] < per_step[0.2] < per_step[0.0]
+    # a mass no frontier can reach: one forward per step (the root's), depth-1 children only
+    assert runs[5.0].stats["draft_forwards"] == runs[5.0].stats["steps"] + 1  # + the draft's prefill
+    assert len(runs[5.0].stats["accept_by_depth"]) <= 1

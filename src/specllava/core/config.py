@@ -34,6 +34,10 @@ class TreeConfig:
       min_path_conf  prune any node whose path confidence (product of draft probabilities along
                      its root path) falls below this floor.
       frontier       most nodes expanded (fed to the draft) per depth, the most confident first.
+      min_feed_mass  stop growing deeper once the frontier's path confidences sum to less than
+                     this: the next depth's children can add at most that many expected accepted
+                     tokens, while the draft forward that makes them costs the same regardless.
+                     0 = always grow to max_depth (or until nothing can enter the budget).
     Chain (method="chain"): `chain_length` guesses in a row, each the draft's top token.
     Static tree (method="static"): `choices`, paths of draft ranks (Medusa notation).
     """
@@ -44,6 +48,7 @@ class TreeConfig:
     child_mass: float = 0.8
     min_path_conf: float = 0.02
     frontier: int = 8
+    min_feed_mass: float = 0.0
     chain_length: int = 5
     choices: tuple[tuple[int, ...], ...] = field(default=DEFAULT_STATIC_CHOICES)
 
@@ -53,6 +58,8 @@ class TreeConfig:
                 raise ValueError(f"TreeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.child_mass <= 1.0:
             raise ValueError(f"TreeConfig.child_mass must be in (0, 1], got {self.child_mass}")
+        if not 0.0 <= self.min_feed_mass:
+            raise ValueError(f"TreeConfig.min_feed_mass must be >= 0, got {self.min_feed_mass}")
         if not 0.0 <= self.min_path_conf < 1.0:
             raise ValueError(f"TreeConfig.min_path_conf must be in [0, 1), got {self.min_path_conf}")
 

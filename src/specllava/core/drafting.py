@@ -64,7 +64,7 @@ class Drafter:
             if d == self._max_depth():
                 break
             frontier = self._next_frontier(first_new, score, d)
-            if frontier.numel() == 0 or self._cannot_improve(score, frontier):
+            if frontier.numel() == 0 or self._cannot_improve(score, frontier) or self._not_worth_feeding(score, frontier):
                 break
             logits = self._feed_frontier(frontier, tokens, parents, depth)
         tree = Tree(tokens, parents, depth, score)
@@ -152,6 +152,13 @@ class Drafter:
             return False
         kth = score[1:].topk(budget).values[-1]
         return bool(score[frontier].max() <= kth)
+
+    def _not_worth_feeding(self, score, frontier) -> bool:
+        """Dynamic only: another draft forward adds children whose path confidences sum to at
+        most the frontier's; for a calibrated draft that sum is the expected number of extra
+        accepted tokens. Below `min_feed_mass` the forward costs more than it can return."""
+        floor = self.cfg.min_feed_mass
+        return self.policy == "dynamic" and floor > 0 and float(score[frontier].sum()) < floor
 
     def _finalize(self, tree: Tree) -> Tree:
         if self.policy != "dynamic" or len(tree) - 1 <= self.cfg.node_budget:
