@@ -18,28 +18,32 @@ def test_bench_runs_end_to_end_and_writes_json_markdown_and_plots(tiny_pair, lla
     out = tmp_path / "out"
     rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json),
                "--max-new-tokens", "10", "--temperature", "0", "1", "--threads", "1", "--repeats", "2",
-               "--tree-option", "min_path_conf=0", "--draft-vocab", "64", "--out", str(out), "--no-progress"])
+               "--tree-option", "min_path_conf=0", "--draft-vocab", "64", "--out", str(out), "--no-progress",
+               "--variant", "dyn-shallow=dynamic:max_depth=2,min_feed_mass=0.2"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["sections"]) == {"set T=0", "set T=1"}
     assert res["machine"]["torch_threads"] == 1 and res["tree_options"] == {"min_path_conf": 0}
+    methods = ALL_METHODS + ("dyn-shallow",)
     for name, sec in res["sections"].items():
         recs = sec["records"]
-        assert len(recs) == 2 * 2 * len(ALL_METHODS)  # prompts x repeats x methods
-        assert {r["method"] for r in recs} == set(ALL_METHODS)
+        assert len(recs) == 2 * 2 * len(methods)  # prompts x repeats x methods
+        assert {r["method"] for r in recs} == set(methods)
+        assert max(len(r["stats"]["accept_by_depth"]) for r in recs if r["method"] == "dyn-shallow") <= 2
         for r in recs:
             assert 1 <= r["new_tokens"] <= 10 and r["decode_s"] > 0 and r["e2e_s"] >= r["decode_s"]
             assert r["peak_rss_mb"] > 0
         summary = res["summary"][name]
         assert summary["hf"]["speedup"] == pytest.approx(1.0) and summary["hf"]["speedup_cpu"] == pytest.approx(1.0)
         assert summary["dynamic"]["tree_nodes_mean"] > 0
+        assert summary["dyn-shallow"]["draft_forwards_per_step"] <= 2
     # float32, T=0: every specllava method (and HF's assisted generation) equals hf token for token
     greedy = res["sections"]["set T=0"]
     assert greedy["divergences"] == []
-    assert all(greedy["exact_match"][m]["rate"] == 1.0 for m in ALL_METHODS)
+    assert all(greedy["exact_match"][m]["rate"] == 1.0 for m in methods)
     assert "exact_match" not in res["sections"]["set T=1"]  # not defined when sampling
     table = (out / "table.md").read_text()
-    assert all(f"| {m} |" in table for m in ALL_METHODS) and "## set T=1" in table
+    assert all(f"| {m} |" in table for m in methods) and "## set T=1" in table
     for png in ("bench_speedup.png", "bench_acceptance.png", "bench_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

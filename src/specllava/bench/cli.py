@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import _tree_option
 from ..cli import budget_arg as _budget
 from ..core.config import TreeConfig
 from .methods import ALL_METHODS
@@ -31,9 +32,23 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..cli import _tree_option  # the same NAME=VALUE parsing as `specllava generate`
+def _variant(text: str) -> tuple[str, tuple[str, dict]]:
+    """NAME=METHOD[:opt=val,opt=val] -> (NAME, (METHOD, {opt: val}))."""
+    name, sep, rest = text.partition("=")
+    base, _, opts = rest.partition(":")
+    if not sep or not name.strip() or base not in ("chain", "static", "dynamic"):
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r} must look like NAME=METHOD[:opt=val,...] with METHOD chain, static or dynamic, "
+            "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3")
+    options = dict(_tree_option(o) for o in opts.split(",") if o.strip())
+    try:
+        TreeConfig.from_options(**options)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--variant {name}: {err}") from None
+    return name.strip(), (base, options)
 
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench", help="benchmark hf / hf-assisted / specllava methods side by side",
         description="Time transformers' generate() (plain and assisted) and specllava's methods on the same "
@@ -71,6 +86,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
         help=f"a TreeConfig field for chain/static/dynamic, repeatable; fields: {', '.join(TreeConfig.__dataclass_fields__)}",
+    )
+    run.add_argument(
+        "--variant", type=_variant, action="append", default=[], metavar="NAME=METHOD[:opt=val,...]",
+        help="an extra method measured alongside the others: chain/static/dynamic with its own tree options "
+        "(on top of --tree-option), repeatable; e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -179,8 +199,9 @@ def run(args) -> int:
             if temp < 0:
                 raise ValueError(f"--temperature must be >= 0, got {temp}")
             name = f"{set_name} T={temp:g}"
+            variants = dict(args.variant)
             settings = BenchSettings(
-                methods=args.methods, max_new_tokens=args.max_new_tokens,
+                methods=tuple(args.methods) + tuple(variants), variants=variants, max_new_tokens=args.max_new_tokens,
                 sampling=Sampling(temp, args.top_k, args.top_p), repeats=args.repeats,
                 warmup=args.warmup, seed=args.seed, tree_options=tree_options, draft_vocab=args.draft_vocab,
             )

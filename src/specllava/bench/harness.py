@@ -39,11 +39,17 @@ class BenchSettings:
     seed: int = 0
     tree_options: dict = field(default_factory=dict)
     draft_vocab: int | None = None  # SpeculativeDecoder(draft_vocab=K) for chain/static/dynamic
+    # extra named methods: {name: (base method, tree options over tree_options)}, e.g.
+    # {"dynamic-shallow": ("dynamic", {"max_depth": 3})}; list the names in `methods` too
+    variants: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        for name, (base, _) in self.variants.items():
+            if name in ALL_METHODS or base not in ("chain", "static", "dynamic"):
+                raise ValueError(f"variant {name!r}: needs a new name and a base method of chain, static or dynamic, got {base!r}")
+        unknown = [m for m in self.methods if m not in ALL_METHODS and m not in self.variants]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)} or a variant")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods listed twice: {list(self.methods)}")
         for name in ("max_new_tokens", "repeats"):
@@ -109,7 +115,10 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
     from tqdm.auto import tqdm
 
     inputs = [prepare_inputs(processor, p, target.dtype) for p in prompts]
-    runners = {m: MethodRunner(m, target, draft, settings.tree_options, settings.draft_vocab) for m in settings.methods}
+    runners = {}
+    for m in settings.methods:
+        base, extra = settings.variants.get(m, (m, {}))
+        runners[m] = MethodRunner(base, target, draft, {**settings.tree_options, **extra}, settings.draft_vocab)
     sampling, n_new = settings.sampling, settings.max_new_tokens
     for _ in range(settings.warmup):
         for m in settings.methods:

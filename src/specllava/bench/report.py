@@ -94,6 +94,8 @@ def _our_metrics(rs: list[dict]) -> dict:
         "draft_share": draft / max(decode, 1e-12),
         "verify_share": verify / max(decode, 1e-12),
         "draft_ms_per_step": 1e3 * draft / max(steps, 1),
+        # draft forwards per step, the draft's prefill excluded
+        "draft_forwards_per_step": sum(max(r["stats"]["draft_forwards"] - 1, 0) for r in rs) / max(steps, 1),
         "verify_ms_per_step": 1e3 * verify / max(steps, 1),
         "other_ms_per_step": 1e3 * (decode - draft - verify) / max(steps, 1),
     }
@@ -109,7 +111,7 @@ def _f(x, fmt="{:.2f}", none="–"):
 
 def markdown_table(summary: dict) -> str:
     head = ("| method | exact match | speedup (decode) | speedup (e2e) | speedup (decode CPU) | decode tok/s | mean accepted length "
-            "| tree nodes | draft / verify / other ms per step | prefill s | peak RSS MB |")
+            "| tree nodes | draft forwards per step | draft / verify / other ms per step | prefill s | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, row in summary.items():
         split = "–"
@@ -122,6 +124,7 @@ def markdown_table(summary: dict) -> str:
             f"| {m} | {_f(row.get('exact_match'), '{:.0%}')} | {speed} | {_f(row.get('speedup_e2e'), '{:.2f}x')} "
             f"| {_f(row.get('speedup_cpu'), '{:.2f}x')} "
             f"| {_f(row['tokens_per_s'], '{:.1f}')} | {_f(row['mean_accepted'])} | {_f(row.get('tree_nodes_mean'), '{:.1f}')} "
+            f"| {_f(row.get('draft_forwards_per_step'), '{:.1f}')} "
             f"| {split} | {_f(row['prefill_s_median'], '{:.3f}')} | {_f(row['peak_rss_mb'], '{:.0f}')} |"
         )
     return "\n".join(lines) + "\n"
