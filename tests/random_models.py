@@ -117,7 +117,7 @@ def chi2_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> float:
     return float(chi2.sf(stat, df=max(len(obs) - 1, 1)))
 
 
-def wrong_verify_sampling(tree, p, generator):
+def wrong_verify_sampling(tree, p, generator, q=None):
     """Deliberately wrong sampling rule, to prove the losslessness checks can fail: after rejecting
     every candidate it draws the bonus from the full p (forgetting to remove the rejected
     candidates), so the draft's candidates come out too often."""

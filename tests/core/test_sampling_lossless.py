@@ -61,7 +61,10 @@ CASES = [
     ("T=1", SamplingParams(True, 1.0, 0, 1.0), "dynamic"),
     ("T=0.7,top_k=4", SamplingParams(True, 0.7, 4, 1.0), "chain"),
     ("T=1.3,top_p=0.8", SamplingParams(True, 1.3, 0, 0.8), "dynamic"),
+    # drawn candidates over a reduced draft vocabulary, the node budget cutting the draws
+    ("T=1,draft_vocab=5,budget=4", SamplingParams(True, 1.0, 0, 1.0), "dynamic-small"),
 ]
+OPTIONS = {"dynamic": DEEP, "chain": dict(chain_length=3), "dynamic-small": dict(DEEP, node_budget=4, draft_vocab=5)}
 
 
 @pytest.mark.parametrize("name, params, method", CASES, ids=[c[0] for c in CASES])
@@ -69,8 +72,7 @@ def test_speculative_sampling_matches_target_distribution(pair, name, params, me
     target, draft = pair
     ids = text_prompt(5, length=6, vocab=V)
     exact = exact_joint(target, ids, params)
-    options = DEEP if method == "dynamic" else dict(chain_length=3)
-    counts = sample_ours(target, draft, ids, params, 1200, method=method, options=options)
+    counts = sample_ours(target, draft, ids, params, 1200, method=method.split("-")[0], options=OPTIONS[method])
     pval = chi2_pvalue(counts, exact)
     assert pval > 1e-3, f"{name}: speculative samples differ from the target's distribution (p-value {pval:.2e})"
 
@@ -96,6 +98,23 @@ def test_the_check_fails_on_a_wrong_acceptance_rule(pair, monkeypatch):
     params = SamplingParams(True, 1.0, 0, 1.0)
     exact = exact_joint(target, ids, params)
     monkeypatch.setattr(decoder_module, "verify_sampling", wrong_verify_sampling)
-    counts = sample_ours(target, draft, ids, params, 1500)
+    counts = sample_ours(target, draft, ids, params, 3000)
     pval = chi2_pvalue(counts, exact)
     assert pval < 1e-6, f"the losslessness check did not catch a wrong rule (p-value {pval:.2e})"
+
+
+def test_identical_draft_has_its_first_drawn_child_accepted_everywhere(pair):
+    """q == p (same model, same temperature): min(1, p/q) = 1, so every step walks first children
+    down to a node without children. Deterministic candidates would be accepted only w.p. p(x)."""
+    target, _ = pair
+    ids = text_prompt(5, length=6, vocab=V)
+    steps = []
+    SpeculativeDecoder(target, target, method="dynamic", **DEEP).generate(
+        input_ids=ids, max_new_tokens=24, do_sample=True, temperature=1.0, seed=3,
+        on_step=lambda tree, verdict: steps.append((tree, verdict.path)),
+    )
+    assert steps
+    for tree, path in steps:
+        for node, nxt in zip(path, path[1:] + [None]):
+            kids = tree.children(node).tolist()
+            assert (nxt is None and not kids) or (kids and nxt == kids[0])

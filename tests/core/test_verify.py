@@ -101,3 +101,47 @@ def test_sampling_zero_probability_candidate_is_never_accepted():
     for _ in range(200):
         v = verify_sampling(tree, p, gen)
         assert v.path == [0] and v.bonus != 3
+
+
+def drawn_tree(q_root, k, gen):
+    """Root + k children drawn from q_root without replacement (Gumbel-top-k), in draw order."""
+    keys = q_root.log() - torch.empty(V).exponential_(generator=gen).log()
+    toks = keys.topk(k).indices
+    return tree_of([-1] + [0] * k, [9] + toks.tolist())
+
+
+def naive_drawn_rule(tree, p, gen, q):
+    """Wrong on purpose: accepts each drawn child with min(1, p/q) against the *unchanged* p and q,
+    and draws the bonus from p itself (no residual)."""
+    from specllava.core.verify import Verdict
+
+    for child in range(1, len(tree)):
+        tok = int(tree.tokens[child])
+        if torch.rand((), generator=gen) < min(1.0, float(p[0][tok] / q[0][tok])):
+            return Verdict(path=[0, child], bonus=0)
+    return Verdict(path=[0], bonus=int(torch.multinomial(p[0], 1, generator=gen)))
+
+
+def test_recursive_rejection_sampling_of_drawn_children_is_lossless():
+    p = skewed_p(3)
+    q = {0: torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(4)) * 2.0, dim=-1)}
+    exact = {(a,): float(p[0][a]) for a in range(V)}
+    gen = torch.Generator().manual_seed(5)
+    for rule, expect_ok in ((lambda t, pp, g: verify_sampling(t, pp, g, q), True), (lambda t, pp, g: naive_drawn_rule(t, pp, g, q), False)):
+        counts = Counter()
+        for i in range(20000):
+            tree = drawn_tree(q[0], 1 + i % 3, gen)  # 1, 2 or 3 drawn candidates
+            counts[(rule(tree, p, gen).emitted(tree)[0],)] += 1
+        pval = chi2_pvalue(counts, exact)
+        if expect_ok:
+            assert pval > 1e-3, f"recursive rejection sampling rejected by the chi-square test (p-value {pval:.2e})"
+        else:
+            assert pval < 1e-6, f"the check failed to catch a wrong rule for drawn candidates (p-value {pval:.2e})"
+
+
+def test_drawn_child_equal_to_the_target_distribution_is_always_accepted():
+    p = skewed_p(6)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(200):
+        tree = drawn_tree(p[0], 2, gen)
+        assert verify_sampling(tree, p, gen, {0: p[0].clone()}).path == [0, 1]  # min(1, p/q) = 1

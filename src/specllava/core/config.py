@@ -38,6 +38,10 @@ class TreeConfig:
                      this: the next depth's children can add at most that many expected accepted
                      tokens, while the draft forward that makes them costs the same regardless.
                      0 = always grow to max_depth (or until nothing can enter the budget).
+    When sampling (T>0) the dynamic tree draws each node's children from the draft instead of
+    taking its top ranks, fills `node_budget` while growing (most confident parents first) and
+    uses `min_path_conf` to choose which nodes to expand, never to prune a drawn child: the
+    conditions under which recursive rejection sampling is exact (docs/algorithms.md).
     Chain (method="chain"): `chain_length` guesses in a row, each the draft's top token.
     Static tree (method="static"): `choices`, paths of draft ranks (Medusa notation).
     """

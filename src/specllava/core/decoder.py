@@ -121,7 +121,7 @@ class SpeculativeDecoder:
 
         t0 = time.perf_counter()
         target = ModelRunner(self.target)
-        drafter = self._prefill_draft(input_ids, pixel_values, params)
+        drafter = self._prefill_draft(input_ids, pixel_values, params, gen)
         # 0. prefill: the first token comes from generate()'s own prefill logits.
         first_logits = target.prefill_like_generate(input_ids, pixel_values, attention_mask)
         root = self._choose(first_logits, params, gen)
@@ -146,7 +146,8 @@ class SpeculativeDecoder:
             logits = target.forward(tree.tokens, position_ids(tree, prefix), bias)
             # 3. accept: the accepted path and the bonus token
             if params.do_sample:
-                verdict = verify_sampling(tree, _LazyProbs(logits, params), gen)
+                drawn = _DraftQ(drafter, logits.shape[-1]) if drafter and drafter.sampled else None
+                verdict = verify_sampling(tree, _LazyProbs(logits, params), gen, drawn)
             else:
                 verdict = verify_greedy(tree, logits, anc)
             # 4. compact both caches to the accepted path
@@ -180,7 +181,7 @@ class SpeculativeDecoder:
         )
 
     # ------------------------------------------------------------------------------------------
-    def _prefill_draft(self, input_ids, pixel_values, params) -> Drafter | None:
+    def _prefill_draft(self, input_ids, pixel_values, params, generator=None) -> Drafter | None:
         if self.method == "ar":
             return None
         runner = ModelRunner(self.draft, vocab_ids=self.draft_vocab)
@@ -193,7 +194,10 @@ class SpeculativeDecoder:
                 ids = ids[:, ids[0] != img]
             runner.prefill(ids.to(self.draft.device))
         # The draft cache now holds the whole prompt; the first step feeds it the root.
-        return Drafter(runner, self.method, self.config, temperature=params.temperature if params.do_sample else 1.0)
+        if not params.do_sample:
+            return Drafter(runner, self.method, self.config)
+        # sampling: the dynamic tree draws its candidates from q with the request's generator
+        return Drafter(runner, self.method, self.config, temperature=params.temperature, generator=generator)
 
     def _draft_vocab_ids(self, draft_vocab) -> torch.Tensor | None:
         if draft_vocab is None or self.draft is None:
@@ -274,6 +278,19 @@ class _LazyProbs:
         if node not in self.rows:
             self.rows[node] = processed_probs(self.logits[node : node + 1], self.params)[0]
         return self.rows[node]
+
+
+class _DraftQ:
+    """node -> the full-vocabulary draft row its children were drawn from (sampled drafting)."""
+
+    def __init__(self, drafter: Drafter, vocab: int):
+        self.drafter, self.vocab = drafter, vocab
+
+    def __contains__(self, node: int) -> bool:
+        return node in self.drafter.q
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        return self.drafter.full_q(node, self.vocab)
 
 
 def _cut(tokens: list[int], eos: set[int], room: int) -> tuple[list[int], bool]:

@@ -15,7 +15,15 @@ One step:
      and makes the rest of the accepted tokens (plus the bonus) pending.
 
 q is the draft's distribution (softmax of its logits, at the sampling temperature when
-sampling). Candidates are chosen deterministically from q, never from the target's random draws.
+sampling). Candidates never depend on the target's random draws. At T=0, and for chain/static
+trees, they are chosen deterministically from q (the top ranks). When sampling with a dynamic
+tree (`generator` given), each expanded node's children are *drawn* from q without replacement,
+and its q row is kept (`Drafter.q`) so that verification can use recursive rejection sampling,
+which accepts a child with probability min(1, p/q) rather than p (docs/algorithms.md). For that
+rule to stay exact a node's children must be a prefix of its draws, cut by decisions that never
+look at the draw being cut: so in this mode children are never pruned by their own confidence
+(`min_path_conf` limits which nodes are expanded instead) and the node budget is filled during
+growth instead of by a final selection.
 """
 
 from __future__ import annotations
@@ -31,11 +39,16 @@ from .tree import Tree, ancestor_mask, attention_bias, chain_choices, validate_c
 class Drafter:
     """Grows trees with a draft model. `policy` is one of "chain", "static", "dynamic"."""
 
-    def __init__(self, runner: ModelRunner, policy: str, cfg: TreeConfig, temperature: float = 1.0):
+    def __init__(self, runner: ModelRunner, policy: str, cfg: TreeConfig, temperature: float = 1.0,
+                 generator: torch.Generator | None = None):
         self.runner = runner
         self.policy = policy
         self.cfg = cfg
         self.temperature = temperature
+        # sampled mode: dynamic children are draws from q (see the module docstring)
+        self.sampled = generator is not None and policy == "dynamic"
+        self.generator = generator
+        self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> its q row over the draft's columns
         self.pending: list[int] = []
         if policy in ("chain", "static"):
             choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
@@ -51,6 +64,7 @@ class Drafter:
         depth = torch.zeros(1, dtype=torch.long, device=dev)
         score = torch.ones(1, dtype=torch.float32, device=dev)
         self.fed = torch.empty(0, dtype=torch.long, device=dev)  # tree nodes in draft-cache order
+        self.q = {}
         frontier = torch.zeros(1, dtype=torch.long, device=dev)
         for d in range(1, self._max_depth() + 1):
             par, tok, sc = self._expand(frontier, logits, score, d)  # [C] each
@@ -61,7 +75,7 @@ class Drafter:
             parents = torch.cat([parents, par])
             depth = torch.cat([depth, torch.full_like(tok, d)])
             score = torch.cat([score, sc])
-            if d == self._max_depth():
+            if d == self._max_depth() or (self.sampled and score.numel() - 1 >= self.cfg.node_budget):
                 break
             frontier = self._next_frontier(first_new, score, d)
             if frontier.numel() == 0 or self._cannot_improve(score, frontier) or self._not_worth_feeding(score, frontier):
@@ -128,6 +142,8 @@ class Drafter:
         if self.policy != "dynamic":
             return self.static.expand(frontier, self._top(logits, self.static.max_rank), score, d)
         cfg = self.cfg
+        if self.sampled:
+            return self._expand_sampled(frontier, logits, score)
         vals, toks = self._top(logits, cfg.max_children)  # [F, k] q and ids, best first
         mass_before = vals.cumsum(-1) - vals  # probability of the better siblings
         sc = score[frontier][:, None] * vals  # [F, k]
@@ -135,11 +151,48 @@ class Drafter:
         par = frontier[:, None].expand_as(toks)
         return par[keep], toks[keep], sc[keep]
 
+    def _expand_sampled(self, frontier, logits, score):
+        """Sampled mode: up to `max_children` draws from q without replacement per frontier node
+        (Gumbel-top-k: the order of the perturbed keys is the order of sequential draws), kept
+        while the better-drawn siblings' mass is below `child_mass`, then cut to the node budget
+        in order of the parents' confidence. Each cut depends only on earlier draws."""
+        cfg = self.cfg
+        scaled = logits.float() / self.temperature if self.temperature != 1.0 else logits.float()
+        logq = torch.log_softmax(scaled, dim=-1)  # [F, K]
+        gumbel = -torch.empty_like(logq).exponential_(generator=self.generator).log()
+        keys, cols = (logq + gumbel).topk(min(cfg.max_children, logq.shape[-1]), dim=-1)  # draw order
+        vals = logq.gather(-1, cols).exp()  # [F, k] q of each draw
+        toks = cols if self.runner.vocab_ids is None else self.runner.vocab_ids[cols]
+        mass_before = vals.cumsum(-1) - vals
+        keep = (mass_before < cfg.child_mass) & torch.isfinite(keys)  # a prefix of each row's draws
+        room = cfg.node_budget - (score.numel() - 1)
+        order = torch.sort(-score[frontier], stable=True).indices  # the most confident parents first
+        ranked = keep[order]
+        ranked &= ranked.flatten().cumsum(0).view_as(ranked) <= room
+        keep = torch.empty_like(keep)
+        keep[order] = ranked
+        for j, node in enumerate(frontier.tolist()):
+            self.q[node] = logq[j].exp()
+        sc = score[frontier][:, None] * vals
+        par = frontier[:, None].expand_as(toks)
+        return par[keep], toks[keep], sc[keep]
+
+    def full_q(self, node: int, vocab: int) -> torch.Tensor:
+        """Sampled mode: the q row that drew `node`'s children, over the full vocabulary [vocab]."""
+        row = self.q[node]
+        if self.runner.vocab_ids is None:
+            return row
+        full = torch.zeros(vocab, dtype=row.dtype, device=row.device)
+        full[self.runner.vocab_ids] = row
+        return full
+
     def _next_frontier(self, first_new: int, score, d) -> torch.Tensor:
         """Nodes to feed next: static: those with children in the plan; dynamic: the most confident."""
         if self.policy != "dynamic":
             return self.static.frontier(d)
         new = torch.arange(first_new, score.numel(), device=score.device)
+        if self.sampled:  # prune by confidence here, where only the expansion depends on it
+            new = new[score[new] >= self.cfg.min_path_conf]
         if new.numel() > self.cfg.frontier:
             top = score[new].topk(self.cfg.frontier).indices.sort().values
             new = new[top]
@@ -148,7 +201,7 @@ class Drafter:
     def _cannot_improve(self, score, frontier) -> bool:
         """Dynamic only: stop once no descendant of the frontier can enter the final tree."""
         budget = self.cfg.node_budget
-        if self.policy != "dynamic" or score.numel() - 1 <= budget:
+        if self.policy != "dynamic" or self.sampled or score.numel() - 1 <= budget:
             return False
         kth = score[1:].topk(budget).values[-1]
         return bool(score[frontier].max() <= kth)
@@ -161,7 +214,7 @@ class Drafter:
         return self.policy == "dynamic" and floor > 0 and float(score[frontier].sum()) < floor
 
     def _finalize(self, tree: Tree) -> Tree:
-        if self.policy != "dynamic" or len(tree) - 1 <= self.cfg.node_budget:
+        if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= self.cfg.node_budget:
             return tree
         # Path confidence only falls along a path, and a stable sort keeps parents (earlier
         # indices) ahead of equally scored children: the top of the order is ancestor-closed.

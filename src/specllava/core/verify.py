@@ -50,16 +50,25 @@ def verify_greedy(tree: Tree, logits: torch.Tensor, anc: torch.Tensor) -> Verdic
     return Verdict(path=path, bonus=int(argmax[last]))
 
 
-def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | None) -> Verdict:
-    """Lossless multi-candidate rule for candidates fixed by the draft (not by the target).
+def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | None, q=None) -> Verdict:
+    """Lossless multi-candidate rule. Two cases per node, both exact (docs/algorithms.md):
 
-    p: [N, V] processed target distribution at every node.
-    At the current node, with children x1..xk in draft order: accept x1 with probability p(x1);
-    if rejected, set p(x1) = 0, renormalise and try x2 the same way, and so on. If one is accepted,
-    move to it and repeat with its own p. If all are rejected (or the node has no children), the
-    bonus token is drawn from what is left of p. Each emitted token is therefore an ordinary
-    draw from p, performed one candidate at a time: the output is distributed exactly as the
-    target's own sampling, whatever rule picked the candidates (proof sketch in docs/algorithms.md).
+    p: [N, V] processed target distribution at every node (rows are read lazily).
+    q: optional; `q(node)` -> [V] the draft distribution the node's children were *drawn* from,
+       without replacement, in tree order (sampled drafting). Nodes without it (q None, or a
+       node whose children were chosen deterministically) use the first rule.
+
+    Candidates fixed by the draft: at the current node, with children x1..xk in draft order,
+    accept x1 with probability p(x1); if rejected, set p(x1) = 0, renormalise and try x2 the same
+    way. Each emitted token is an ordinary draw from p, performed one candidate at a time.
+
+    Candidates drawn from q (recursive rejection sampling without replacement): accept x_i with
+    probability min(1, r(x_i) / q_i(x_i)); if rejected, r <- normalise(max(0, r - q_i)) and
+    q_{i+1} <- q_i with x_i removed, renormalised. A good draft is accepted with probability
+    sum(min(p, q)) instead of p(x), which matters when p is flat (high temperature).
+
+    If one child is accepted, move to it and repeat with its own p; if none (or the node has no
+    children), the bonus token is drawn from what is left of r.
     """
     parents = tree.parents.tolist()
     children: list[list[int]] = [[] for _ in parents]
@@ -70,11 +79,22 @@ def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | No
     node, path = 0, [0]
     while True:
         residual = p[node].double().clone()  # [V]; float64 so repeated renormalising stays exact
+        drawn = q is not None and bool(children[node]) and node in q
+        if drawn:
+            qi = q[node].double().clone()
         moved = False
         for child in children[node]:
             tok = tokens[child]
             total = residual.sum()
             u = torch.rand((), generator=generator, dtype=torch.float64, device=residual.device)
+            if drawn:  # accept w.p. min(1, r(x)/q(x)), both normalised
+                if bool(u * qi[tok] * total < residual[tok] * qi.sum()):
+                    node, moved = child, True
+                    path.append(child)
+                    break
+                residual = (residual / total - qi / qi.sum()).clamp_(min=0.0)
+                qi[tok] = 0.0
+                continue
             if bool(u * total < residual[tok]):
                 node, moved = child, True
                 path.append(child)
