@@ -113,3 +113,18 @@ def test_train_draft_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
           "--regenerate", "--steps", "1", "--batch-size", "1", "--eval-data", str(data), "--eval-prompts", "1",
           "--eval-max-new-tokens", "2", "--no-bf16"])
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2
+
+
+def test_draft_init_from_a_target_built_draft_keeps_the_shared_vocabulary_rows_frozen(tmp_path, tiny_models):
+    from specllava.training.distill import make_draft
+
+    target, _ = tiny_models
+    folder = tmp_path / "prev"
+    build_draft_from_target(target, num_layers=1).save_pretrained(folder)
+    draft, frozen = make_draft(target, DistillConfig(target=None, data=None, draft_init=folder))
+    assert frozen  # a previous run's draft: embedding and head are still the target's
+    with torch.no_grad():
+        draft.get_input_embeddings().weight.add_(0.1)
+    other = tmp_path / "other"
+    draft.save_pretrained(other)
+    assert not make_draft(target, DistillConfig(target=None, data=None, draft_init=other))[1]

@@ -112,7 +112,8 @@ def load_target(path: Path | None):
 
 
 def make_draft(target, cfg: DistillConfig):
-    """(draft fp32, embeddings_frozen): from the target's first layers, a folder or a config."""
+    """(draft fp32, embeddings_frozen): from the target's first layers, a folder or a config.
+    Embedding and head stay frozen when they are the target's (see `shares_vocabulary_rows`)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from specllava.models import build_draft_from_target
@@ -135,7 +136,18 @@ def make_draft(target, cfg: DistillConfig):
     if int(draft.config.image_seq_length) != int(target.config.image_seq_length):
         raise ValueError(f"--draft-init {init} expects {draft.config.image_seq_length} image tokens per image, "
                          f"the target's processor makes {target.config.image_seq_length}")
-    return draft.float(), False
+    return draft.float(), shares_vocabulary_rows(draft, target)
+
+
+def shares_vocabulary_rows(draft, target) -> bool:
+    """True when the draft's input embedding and LM head equal the target's (a draft made by
+    `build_draft_from_target`, e.g. a previous run's): they then stay frozen and shared, as in a
+    fresh run, so `ship-default` can keep omitting them."""
+    pairs = ((draft.get_input_embeddings(), target.get_input_embeddings()),
+             (draft.get_output_embeddings(), target.get_output_embeddings()))
+    with torch.no_grad():
+        return all(a is not None and b is not None and a.weight.shape == b.weight.shape
+                   and torch.equal(a.weight.float(), b.weight.float()) for a, b in pairs)
 
 
 def truncated(draft, num_layers: int):
