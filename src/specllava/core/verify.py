@@ -40,7 +40,9 @@ def verify_greedy(tree: Tree, logits: torch.Tensor, anc: torch.Tensor) -> Verdic
     Siblings carry distinct tokens, so at most one child per node can match and the accepted
     nodes form a single path; its deepest node gives the bonus token.
     """
-    argmax = logits.argmax(dim=-1)  # [N]
+    # as generate() does: float32 logits, then argmax (same first-index tie-break; on the CPU a
+    # bf16 argmax is also ~4x slower than the cast plus a float32 argmax)
+    argmax = logits.float().argmax(dim=-1)  # [N]
     match = tree.tokens == argmax[tree.parents.clamp(min=0)]  # [N]
     match[0] = True  # the root is already emitted
     accepted = ~(anc & ~match[None, :]).any(dim=1)  # [N]: every node on the root path matches
