@@ -6,10 +6,10 @@ import torch
 from random_models import IMAGE_TOKEN, llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
 from specllava import SpeculativeDecoder
 
-DEEP = dict(min_path_conf=0.0, node_budget=24, max_depth=5, frontier=6)  # forces deep, wide trees
-SHALLOW = dict(min_feed_mass=0.2)  # stops growing once the frontier is unlikely to be accepted
-METHODS = [("ar", {}), ("chain", {}), ("static", {}), ("dynamic", {}), ("dynamic", DEEP), ("dynamic", SHALLOW)]
-METHOD_IDS = ["ar", "chain", "static", "dynamic", "dynamic-deep", "dynamic-min-feed-mass"]
+DEEP = dict(min_path_conf=0.0, min_feed_mass=0.0, node_budget=24, max_depth=5, frontier=6)  # forces deep, wide trees
+FULL_DEPTH = dict(min_feed_mass=0.0)  # the default stops growing once the frontier is unlikely to be accepted
+METHODS = [("ar", {}), ("chain", {}), ("static", {}), ("dynamic", {}), ("dynamic", DEEP), ("dynamic", FULL_DEPTH)]
+METHOD_IDS = ["ar", "chain", "static", "dynamic", "dynamic-deep", "dynamic-no-feed-floor"]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from specllava.core.sampling import SamplingParams, processed_probs
 
 V = 8
 N_TOKENS = 3
-DEEP = dict(min_path_conf=0.0, node_budget=12, max_depth=3, max_children=3, frontier=4)
+DEEP = dict(min_path_conf=0.0, min_feed_mass=0.0, node_budget=12, max_depth=3, max_children=3, frontier=4)
 
 
 @pytest.fixture(scope="module")
