@@ -19,7 +19,7 @@ def test_bench_runs_end_to_end_and_writes_json_markdown_and_plots(tiny_pair, lla
     rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json),
                "--max-new-tokens", "10", "--temperature", "0", "1", "--threads", "1", "--repeats", "2",
                "--tree-option", "min_path_conf=0", "--draft-vocab", "64", "--out", str(out), "--no-progress",
-               "--variant", "dyn-shallow=dynamic:max_depth=2,min_feed_mass=0.2"])
+               "--variant", "dyn-shallow=dynamic:max_depth=2,min_feed_mass=0.2,draft_vocab=32"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["sections"]) == {"set T=0", "set T=1"}

@@ -41,8 +41,11 @@ def _variant(text: str) -> tuple[str, tuple[str, dict]]:
             f"--variant {text!r} must look like NAME=METHOD[:opt=val,...] with METHOD chain, static or dynamic, "
             "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3")
     options = dict(_tree_option(o) for o in opts.split(",") if o.strip())
+    dv = options.get("draft_vocab")
+    if dv is not None and not (isinstance(dv, int) and dv >= 1):
+        raise argparse.ArgumentTypeError(f"--variant {name}: draft_vocab must be a positive integer, got {dv!r}")
     try:
-        TreeConfig.from_options(**options)
+        TreeConfig.from_options(**{k: v for k, v in options.items() if k != "draft_vocab"})
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--variant {name}: {err}") from None
     return name.strip(), (base, options)
@@ -90,7 +93,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--variant", type=_variant, action="append", default=[], metavar="NAME=METHOD[:opt=val,...]",
         help="an extra method measured alongside the others: chain/static/dynamic with its own tree options "
-        "(on top of --tree-option), repeatable; e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3",
+        "(on top of --tree-option) and optionally its own draft_vocab, repeatable; "
+        "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3 or v4k=dynamic:draft_vocab=4096",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
