@@ -84,8 +84,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--draft-vocab", type=int, default=None, metavar="K",
                      help="chain/static/dynamic: the draft proposes only the K lowest token ids (cheaper draft head; lossless)")
     run.add_argument("--recalibrate", action="store_true", help="with --budget auto: ignore the calibration cache")
-    run.add_argument("--calibration-prompts", type=int, default=2, metavar="N",
-                     help="with --budget auto: profile acceptance on the first N prompts of the first set (default: 2)")
+    run.add_argument("--calibration-prompts", type=int, default=6, metavar="N",
+                     help="with --budget auto: profile acceptance on the first N prompts of the first set (default: 6; "
+                     "2 proved too small a profile, docs/benchmarks.md)")
     run.add_argument(
         "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
         help=f"a TreeConfig field for chain/static/dynamic, repeatable; fields: {', '.join(TreeConfig.__dataclass_fields__)}",
