@@ -118,3 +118,9 @@ def test_auto_node_budget_measures_once_then_reads_the_cache(tmp_path, monkeypat
                                           cache_dir=tmp_path, max_new_tokens=16)
     assert again == budget and len(calls) == 1
     assert {p.name.split("-")[0] for p in tmp_path.glob("*.json")} == {"verify", "acceptance"}
+
+
+def test_cost_measurement_gives_one_median_per_size_with_sizes_interleaved():
+    target = tiny_llava(0)
+    seconds = calibrate.measure_verify_cost(target, sizes=(1, 3, 6), prefix_len=5, repeats=2)
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)

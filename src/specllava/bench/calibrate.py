@@ -147,35 +147,38 @@ class CostCurve:
 
 
 @torch.inference_mode()
-def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 5, seed: int = 0) -> list[float]:
+def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 7, seed: int = 0) -> list[float]:
     """Median seconds of one target forward over n tree tokens on a cached `prefix_len` prefix.
 
     The prefix is random text tokens (the cost of attention depends on its length, not its
     content); the n tokens get a causal mask (any tree mask costs the same: it is an additive
-    [n, prefix + n] tensor either way). The cache is cropped back after every forward.
+    [n, prefix + n] tensor either way). The cache is cropped back after every forward. Sizes are
+    interleaved (one forward of every size per round, after a warm-up round), so a drift in the
+    machine's load spreads over all sizes instead of bending the curve.
     """
     g = torch.Generator().manual_seed(seed)
     vocab = target.get_output_embeddings().weight.shape[0]
     runner = ModelRunner(target)
     runner.prefill(torch.randint(3, vocab, (1, prefix_len), generator=g))
-    out = []
+    inputs = []
     for n in sizes:
         tokens = torch.randint(3, vocab, (n,), generator=g)
         positions = torch.arange(prefix_len, prefix_len + n)
         bias = attention_bias(torch.ones(n, n, dtype=torch.bool).tril(), prefix_len, runner.dtype)
-        times = []
-        for i in range(repeats + 1):  # the first is a warm-up
+        inputs.append((tokens, positions, bias))
+    times: list[list[float]] = [[] for _ in sizes]
+    for r in range(repeats + 1):  # round 0 is a warm-up
+        for i, (tokens, positions, bias) in enumerate(inputs):
             t = time.perf_counter()
             runner.forward(tokens, positions, bias)
             dt = time.perf_counter() - t
             crop(runner.cache, prefix_len)
-            if i:
-                times.append(dt)
-        out.append(statistics.median(times))
-    return out
+            if r:
+                times[i].append(dt)
+    return [statistics.median(ts) for ts in times]
 
 
-def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 5,
+def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 7,
                       cache_dir: Path | None = None, refresh: bool = False) -> CostCurve:
     """The cached cost curve for this (architecture, machine); measured on a cache miss."""
     key = {"arch": architecture_fingerprint(target), **machine_key(target.dtype),
