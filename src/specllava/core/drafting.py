@@ -18,7 +18,7 @@ q is the draft's distribution (softmax of its logits, at the sampling temperatur
 sampling). Candidates never depend on the target's random draws. At T=0, and for chain/static
 trees, they are chosen deterministically from q (the top ranks). When sampling with a dynamic
 tree (`generator` given), each expanded node's children are *drawn* from q without replacement,
-and its q row is kept (`Drafter.q`) so that verification can use recursive rejection sampling,
+and its log q row is kept (`Drafter.q`) so that verification can use recursive rejection sampling,
 which accepts a child with probability min(1, p/q) rather than p (docs/algorithms.md). For that
 rule to stay exact a node's children must be a prefix of its draws, cut by decisions that never
 look at the draw being cut: so in this mode children are never pruned by their own confidence
@@ -48,7 +48,7 @@ class Drafter:
         # sampled mode: dynamic children are draws from q (see the module docstring)
         self.sampled = generator is not None and policy == "dynamic"
         self.generator = generator
-        self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> its q row over the draft's columns
+        self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> log q row over the draft's columns
         self.pending: list[int] = []
         if policy in ("chain", "static"):
             choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
@@ -172,14 +172,14 @@ class Drafter:
         keep = torch.empty_like(keep)
         keep[order] = ranked
         for j, node in enumerate(frontier.tolist()):
-            self.q[node] = logq[j].exp()
+            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (full_q)
         sc = score[frontier][:, None] * vals
         par = frontier[:, None].expand_as(toks)
         return par[keep], toks[keep], sc[keep]
 
     def full_q(self, node: int, vocab: int) -> torch.Tensor:
         """Sampled mode: the q row that drew `node`'s children, over the full vocabulary [vocab]."""
-        row = self.q[node]
+        row = self.q[node].exp()
         if self.runner.vocab_ids is None:
             return row
         full = torch.zeros(vocab, dtype=row.dtype, device=row.device)
