@@ -90,18 +90,18 @@ def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | No
             total = residual.sum()
             u = torch.rand((), generator=generator, dtype=torch.float64, device=residual.device)
             if drawn:  # accept w.p. min(1, r(x)/q(x)), both normalised
-                if bool(u * qi[tok] * total < residual[tok] * qi.sum()):
-                    node, moved = child, True
-                    path.append(child)
-                    break
-                residual = (residual / total - qi / qi.sum()).clamp_(min=0.0)
-                qi[tok] = 0.0
-                continue
-            if bool(u * total < residual[tok]):
+                accept = bool(u * qi[tok] * total < residual[tok] * qi.sum())
+            else:  # accept w.p. r(x)
+                accept = bool(u * total < residual[tok])
+            if accept:
                 node, moved = child, True
                 path.append(child)
                 break
-            residual[tok] = 0.0
+            if drawn:
+                residual = (residual / total - qi / qi.sum()).clamp_(min=0.0)
+                qi[tok] = 0.0
+            else:
+                residual[tok] = 0.0
         if not moved:
             bonus = torch.multinomial(residual / residual.sum(), 1, generator=generator)
             return Verdict(path=path, bonus=int(bonus))
