@@ -1,11 +1,12 @@
 """Profile one speculative decoding run: where a step's time goes, by model role and by torch op.
 
     .venv/bin/python tools/profile_decode.py [--method dynamic] [--dtype bfloat16] [--threads 1] \
-        [--draft-vocab 8192] [--tree-option min_feed_mass=0.3] [--max-new-tokens 64] [--rows 15]
+        [--draft-vocab 8192] [--draft-quant auto] [--tree-option min_feed_mass=0.3] [--max-new-tokens 64] [--rows 15]
 
 Default pair and the shipped example image. Prints (1) the decoder's own time split per step
 (draft, verify, rest), draft forwards per step and the mean accepted length, (2) one-forward costs
-of target and draft (1 and 8 tokens on the same cached prompt), (3) torch.profiler's op table
+of target and draft (1 and 8 tokens on the same cached prompt; the draft as given, with the
+reduced vocabulary, and with the reduced vocabulary in int8), (3) torch.profiler's op table
 (self CPU time) over the whole decode. The run is repeated once untimed first (warm-up).
 """
 
@@ -21,7 +22,8 @@ import torch
 from specllava import SpeculativeDecoder
 from specllava.cli import _tree_option
 from specllava.core.cache import crop
-from specllava.core.runner import ModelRunner
+from specllava.core.quant import QUANT_CHOICES, resolve_quant
+from specllava.core.runner import DraftPath, ModelRunner
 from specllava.core.tree import attention_bias
 from specllava.models.hf import chat_inputs, load_pair, parse_dtype
 
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--draft-vocab", type=int, default=8192)
+    ap.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto")
     ap.add_argument("--tree-option", type=_tree_option, action="append", default=[])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompt", default="Describe this image in detail.")
@@ -63,7 +66,7 @@ def main() -> None:
     inputs = chat_inputs(processor, args.prompt, Image.open(args.image).convert("RGB"))
     kw = dict(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=args.max_new_tokens)
     dec = SpeculativeDecoder(target, draft, method=args.method, draft_vocab=args.draft_vocab or None,
-                             **dict(args.tree_option))
+                             draft_quant=args.draft_quant, **dict(args.tree_option))
     with torch.inference_mode():
         dec.generate(**kw)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -76,11 +79,14 @@ def main() -> None:
         print(f"per step (under the profiler): draft {1e3 * s['time_draft_s'] / steps:.1f} ms, "
               f"verify {1e3 * s['time_verify_s'] / steps:.1f} ms, rest {1e3 * rest / steps:.2f} ms")
         ids = inputs["input_ids"]
-        for name, model, vocab in (("target", target, None), ("draft", draft, None),
-                                   (f"draft, draft_vocab {args.draft_vocab}", draft, args.draft_vocab)):
-            if vocab == 0:
-                continue
-            runner = ModelRunner(model, vocab_ids=torch.arange(vocab) if vocab else None)
+        vocab = torch.arange(args.draft_vocab) if args.draft_vocab else None
+        runners = [("target", ModelRunner(target)), ("draft", ModelRunner(draft))]
+        if vocab is not None:
+            runners.append((f"draft, draft_vocab {args.draft_vocab}", ModelRunner(draft, path=DraftPath(draft, vocab))))
+        if resolve_quant("auto", draft.device):
+            label = f"draft, int8{f', draft_vocab {args.draft_vocab}' if vocab is not None else ''}"
+            runners.append((label, ModelRunner(draft, path=DraftPath(draft, vocab, "int8"))))
+        for name, runner in runners:
             runner.prefill(torch.randint(10, 8000, ids.shape))  # text tokens: the cost depends on the length only
             print(f"one forward, {name}: 1 token {forward_ms(runner, 1):.1f} ms, 8 tokens {forward_ms(runner, 8):.1f} ms")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -60,13 +60,15 @@ def test_perturbed_draft_is_accepted_often(target, drafts):
 def test_identical_draft_chain_accepts_every_guess(target):
     """A draft equal to the target must have every chain guess accepted: this catches a wrong
     draft-side tree mask or position, which the exactness tests alone would not (they stay exact
-    whatever the draft proposes)."""
+    whatever the draft proposes). draft_quant="none": an int8 draft is no longer equal."""
     ids, px = llava_prompt(4)
-    out = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="chain", chain_length=4).generate(
+    out = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="chain", chain_length=4,
+                             draft_quant="none").generate(
         input_ids=ids, pixel_values=px, max_new_tokens=31
     )
     assert out.stats["accept_hist"] == [0, 0, 0, 0, 6]  # 1 prefill token + 6 steps x 5 tokens
-    deep = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="dynamic", **DEEP).generate(
+    deep = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="dynamic", draft_quant="none",
+                              **DEEP).generate(
         input_ids=ids, pixel_values=px, max_new_tokens=31
     )
     assert deep.stats["accept_hist"][:-1] == [0] * (len(deep.stats["accept_hist"]) - 1)

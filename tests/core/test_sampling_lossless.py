@@ -109,7 +109,7 @@ def test_identical_draft_has_its_first_drawn_child_accepted_everywhere(pair):
     target, _ = pair
     ids = text_prompt(5, length=6, vocab=V)
     steps = []
-    SpeculativeDecoder(target, target, method="dynamic", **DEEP).generate(
+    SpeculativeDecoder(target, target, method="dynamic", draft_quant="none", **DEEP).generate(
         input_ids=ids, max_new_tokens=24, do_sample=True, temperature=1.0, seed=3,
         on_step=lambda tree, verdict: steps.append((tree, verdict.path)),
     )

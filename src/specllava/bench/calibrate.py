@@ -240,8 +240,9 @@ def replay_tau(steps: list[dict], budget: int) -> float:
 
 @torch.inference_mode()
 def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, cost: CostCurve,
-                       max_budget: int = 96, max_new_tokens: int = 96, draft_vocab: int | None = None) -> AcceptanceProfile:
-    opts = {**tree_options, "node_budget": max_budget}
+                       max_budget: int = 96, max_new_tokens: int = 96, draft_vocab: int | None = None,
+                       draft_quant: str = "auto") -> AcceptanceProfile:
+    opts = {**tree_options, "node_budget": max_budget, "draft_quant": draft_quant}
     if draft_vocab:
         opts["draft_vocab"] = draft_vocab
     steps, rest = [], []
@@ -261,7 +262,8 @@ def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, co
 
 def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | None = None, cost: CostCurve | None = None,
                        max_budget: int = 96, max_new_tokens: int = 96, cache_dir: Path | None = None,
-                       refresh: bool = False, draft_vocab: int | None = None) -> AcceptanceProfile:
+                       refresh: bool = False, draft_vocab: int | None = None,
+                       draft_quant: str = "auto") -> AcceptanceProfile:
     """The cached acceptance profile of this (target, draft, tree options, machine)."""
     tree_options = {k: v for k, v in (tree_options or {}).items() if k != "node_budget"}
     TreeConfig.from_options(**tree_options)  # validate
@@ -269,12 +271,13 @@ def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | N
     key = {"target": weights_fingerprint(target), "draft": weights_fingerprint(draft),
            "tree_options": json.loads(json.dumps(tree_options, sort_keys=True, default=list)),
            **machine_key(target.dtype), "max_budget": max_budget, "max_new_tokens": max_new_tokens,
-           "n_prompts": len(inputs), "draft_vocab": draft_vocab}
+           "n_prompts": len(inputs), "draft_vocab": draft_vocab, "draft_quant": draft_quant}
     path = _cache_file("acceptance", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
     if cached is not None:
         return AcceptanceProfile(**cached["profile"])
-    prof = measure_acceptance(target, draft, inputs, tree_options, cost, max_budget, max_new_tokens, draft_vocab)
+    prof = measure_acceptance(target, draft, inputs, tree_options, cost, max_budget, max_new_tokens, draft_vocab,
+                              draft_quant)
     prof.key = key
     _store(path, {"key": key, "profile": asdict(prof)})
     return prof
@@ -296,7 +299,7 @@ def choose_node_budget(cost: CostCurve, profile: AcceptanceProfile) -> int:
 
 def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | None = None,
                      cache_dir: Path | None = None, refresh: bool = False, max_new_tokens: int = 96,
-                     draft_vocab: int | None = None) -> tuple[int, dict]:
+                     draft_vocab: int | None = None, draft_quant: str = "auto") -> tuple[int, dict]:
     """The node budget that maximises expected speed here, and a report of how it was chosen.
 
     inputs: prepared model inputs (dicts with input_ids and, for a VLM, pixel_values) to profile
@@ -305,7 +308,8 @@ def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | Non
     """
     cost = verify_cost_curve(target, cache_dir=cache_dir, refresh=refresh)
     prof = acceptance_profile(target, draft, inputs, tree_options, cost, cache_dir=cache_dir,
-                              refresh=refresh, max_new_tokens=max_new_tokens, draft_vocab=draft_vocab)
+                              refresh=refresh, max_new_tokens=max_new_tokens, draft_vocab=draft_vocab,
+                              draft_quant=draft_quant)
     budget = choose_node_budget(cost, prof)
     speed = expected_speed(cost, prof)
     return budget, {"node_budget": budget, "cost_curve": asdict(cost), "profile": asdict(prof),

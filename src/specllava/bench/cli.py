@@ -21,6 +21,7 @@ from pathlib import Path
 from ..cli import _tree_option
 from ..cli import budget_arg as _budget
 from ..core.config import TreeConfig
+from ..core.quant import QUANT_CHOICES
 from .methods import ALL_METHODS
 
 
@@ -30,6 +31,9 @@ def _methods(text: str) -> tuple[str, ...]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {','.join(ALL_METHODS)}")
     return names
+
+
+DRAFT_OPTIONS = ("draft_vocab", "draft_quant")  # variant options that are not TreeConfig fields
 
 
 def _variant(text: str) -> tuple[str, tuple[str, dict]]:
@@ -44,8 +48,11 @@ def _variant(text: str) -> tuple[str, tuple[str, dict]]:
     dv = options.get("draft_vocab")
     if dv is not None and not (isinstance(dv, int) and dv >= 1):
         raise argparse.ArgumentTypeError(f"--variant {name}: draft_vocab must be a positive integer, got {dv!r}")
+    dq = options.get("draft_quant")
+    if dq is not None and dq not in QUANT_CHOICES:
+        raise argparse.ArgumentTypeError(f"--variant {name}: draft_quant must be one of {', '.join(QUANT_CHOICES)}, got {dq!r}")
     try:
-        TreeConfig.from_options(**{k: v for k, v in options.items() if k != "draft_vocab"})
+        TreeConfig.from_options(**{k: v for k, v in options.items() if k not in DRAFT_OPTIONS})
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--variant {name}: {err}") from None
     return name.strip(), (base, options)
@@ -83,6 +90,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="dynamic tree node_budget: N, or 'auto' to calibrate it on this machine (cached)")
     run.add_argument("--draft-vocab", type=int, default=None, metavar="K",
                      help="chain/static/dynamic: the draft proposes only the K lowest token ids (cheaper draft head; lossless)")
+    run.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
+                     help="chain/static/dynamic: the draft's decode steps with int8 linears (auto = on a CPU "
+                     "with torch's quantized kernels; lossless: only what is proposed changes)")
     run.add_argument("--recalibrate", action="store_true", help="with --budget auto: ignore the calibration cache")
     run.add_argument("--calibration-prompts", type=int, default=6, metavar="N",
                      help="with --budget auto: profile acceptance on the first N prompts of the first set (default: 6; "
@@ -94,8 +104,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--variant", type=_variant, action="append", default=[], metavar="NAME=METHOD[:opt=val,...]",
         help="an extra method measured alongside the others: chain/static/dynamic with its own tree options "
-        "(on top of --tree-option) and optionally its own draft_vocab, repeatable; "
-        "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3 or v4k=dynamic:draft_vocab=4096",
+        "(on top of --tree-option) and optionally its own draft_vocab or draft_quant, repeatable; "
+        "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3 or v4k=dynamic:draft_vocab=4096 or "
+        "bf=dynamic:draft_quant=none",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -189,7 +200,8 @@ def run(args) -> int:
         inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
         t = time.perf_counter()
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
-                                               max_new_tokens=args.max_new_tokens, draft_vocab=args.draft_vocab)
+                                               max_new_tokens=args.max_new_tokens, draft_vocab=args.draft_vocab,
+                                               draft_quant=args.draft_quant)
         calibration["seconds"] = time.perf_counter() - t
         calibration["profiled_on"] = [p.id for p in first]
         tree_options["node_budget"] = budget
@@ -209,6 +221,7 @@ def run(args) -> int:
                 methods=tuple(args.methods) + tuple(variants), variants=variants, max_new_tokens=args.max_new_tokens,
                 sampling=Sampling(temp, args.top_k, args.top_p), repeats=args.repeats,
                 warmup=args.warmup, seed=args.seed, tree_options=tree_options, draft_vocab=args.draft_vocab,
+                draft_quant=args.draft_quant,
             )
             sections[name] = run_benchmark(target, draft, processor, prompts, settings,
                                            progress=not args.no_progress, label=name)
@@ -222,6 +235,7 @@ def run(args) -> int:
         "models": {**model_info, "dtype": args.dtype},
         "tree_options": tree_options,
         "draft_vocab": args.draft_vocab,
+        "draft_quant": args.draft_quant,
         "calibration": calibration,
         "summary": summaries,
         "sections": sections,

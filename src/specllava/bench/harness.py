@@ -39,8 +39,9 @@ class BenchSettings:
     seed: int = 0
     tree_options: dict = field(default_factory=dict)
     draft_vocab: int | None = None  # SpeculativeDecoder(draft_vocab=K) for chain/static/dynamic
+    draft_quant: str = "auto"  # SpeculativeDecoder(draft_quant=...) for chain/static/dynamic
     # extra named methods: {name: (base method, tree options over tree_options, and optionally
-    # "draft_vocab")}, e.g. {"dynamic-shallow": ("dynamic", {"max_depth": 3})}; list the names in
+    # "draft_vocab" / "draft_quant")}, e.g. {"dynamic-shallow": ("dynamic", {"max_depth": 3})}; list the names in
     # `methods` too
     variants: dict = field(default_factory=dict)
 
@@ -121,7 +122,8 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
         base, extra = settings.variants.get(m, (m, {}))
         extra = dict(extra)
         draft_vocab = extra.pop("draft_vocab", settings.draft_vocab)
-        runners[m] = MethodRunner(base, target, draft, {**settings.tree_options, **extra}, draft_vocab)
+        draft_quant = extra.pop("draft_quant", settings.draft_quant)
+        runners[m] = MethodRunner(base, target, draft, {**settings.tree_options, **extra}, draft_vocab, draft_quant)
     sampling, n_new = settings.sampling, settings.max_new_tokens
     for _ in range(settings.warmup):
         for m in settings.methods:

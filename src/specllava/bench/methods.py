@@ -94,7 +94,8 @@ class Run:
 class MethodRunner:
     """Runs `method` on prepared inputs; decoders are built once, outside the timed region."""
 
-    def __init__(self, method: str, target, draft, tree_options: dict | None = None, draft_vocab: int | None = None):
+    def __init__(self, method: str, target, draft, tree_options: dict | None = None, draft_vocab: int | None = None,
+                 draft_quant: str = "auto"):
         if method not in ALL_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
         if method not in ("hf", "ar") and draft is None:
@@ -105,8 +106,9 @@ class MethodRunner:
             if method == "ar":
                 self.decoder = SpeculativeDecoder(target, None, method="ar")
             else:
-                # draft_vocab only ever changes what the draft proposes, never the output
+                # draft_vocab and draft_quant only ever change what the draft proposes, never the output
                 extra = {"draft_vocab": draft_vocab} if draft_vocab else {}
+                extra["draft_quant"] = draft_quant
                 self.decoder = SpeculativeDecoder(target, draft, method=method, **extra, **(tree_options or {}))
 
     @torch.inference_mode()

@@ -45,23 +45,64 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class ModelRunner:
-    """vocab_ids: optional [K] token ids (a draft's reduced vocabulary). With it, `forward` runs
-    the model body (`model.model`) and projects on those K rows of the LM head only, returning
-    logits over the subset: column j is token vocab_ids[j]. On a CPU the full head is most of a
-    small draft's cost; the subset never changes what the target emits, only what is proposed."""
+class DraftPath:
+    """How a draft's decode steps run: its text decoder, then an output head.
 
-    def __init__(self, model, vocab_ids: torch.Tensor | None = None):
+    Only for a draft (its numerics never change what the target emits). Built once per decoder
+    and shared by its requests: `vocab_ids` restricts the head to K rows (a reduced draft
+    vocabulary: on a CPU the full head is most of a small draft's cost); `quant="int8"` runs a
+    copy of the decoder and the head with int8 linears (`specllava.core.quant`). Decode steps call
+    the text decoder directly: after the prefill every token is text, and a VLM wrapper's forward
+    would only embed them and call that same decoder.
+    """
+
+    def __init__(self, model, vocab_ids: torch.Tensor | None = None, quant: str | None = None):
+        _check_plain_head(model)
+        weight = model.get_output_embeddings().weight
+        self.vocab_ids = None if vocab_ids is None else vocab_ids.to(weight.device)
+        # contiguous copy of the rows, made once rather than gathered every forward
+        rows = weight if self.vocab_ids is None else weight.index_select(0, self.vocab_ids)
+        rows = rows.detach()
+        if quant == "int8":
+            from .quant import Int8Linear, int8_decoder
+
+            self.body = int8_decoder(model)
+            self.head = Int8Linear(rows)
+        elif quant is None:
+            self.body = model.get_decoder()
+            self.head = lambda hidden: torch.nn.functional.linear(hidden, rows)
+        else:
+            raise ValueError(f"unknown quant {quant!r}")
+        self.quant = quant
+        self.cache_kw = _cache_kwarg(self.body)
+
+
+def _check_plain_head(model) -> None:
+    text = model.config.get_text_config()
+    head = model.get_output_embeddings()
+    if (getattr(text, "final_logit_softcapping", None) or head is None
+            or getattr(head, "bias", None) is not None or not hasattr(model, "get_decoder")):
+        raise ValueError(
+            f"a reduced or quantized draft needs logits = lm_head(decoder(...)) without bias or "
+            f"softcapping; {type(model).__name__} does not have that form (drop draft_vocab and "
+            "use draft_quant='none')"
+        )
+
+
+class ModelRunner:
+    """path: optional `DraftPath` (a draft only). With it, `forward` runs the path's decoder and
+    head (a reduced vocabulary returns logits over the subset: column j is token vocab_ids[j]).
+    The prefill always runs the model itself."""
+
+    def __init__(self, model, vocab_ids: torch.Tensor | None = None, path: DraftPath | None = None):
         self.model = model
         self.cache = None
         self._cache_kw = _cache_kwarg(model)
         self.forwards = 0  # model forward passes since the last prefill, prefill included
-        self.vocab_ids = None
-        if vocab_ids is not None:
-            self._check_plain_head(model)
-            self.vocab_ids = vocab_ids.to(model.device)
-            # contiguous copy of the rows, made once per request rather than gathered every forward
-            self._head = model.get_output_embeddings().weight.index_select(0, self.vocab_ids).detach()
+        if path is None and vocab_ids is not None:
+            path = DraftPath(model, vocab_ids)
+        self.path = path
+        self.vocab_ids = None if path is None else path.vocab_ids
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,15 +152,6 @@ class ModelRunner:
         self.forwards = 1
         return out.logits[0, -1]
 
-    @staticmethod
-    def _check_plain_head(model) -> None:
-        text = model.config.get_text_config()
-        if getattr(text, "final_logit_softcapping", None) or getattr(model, "model", None) is None:
-            raise ValueError(
-                f"a reduced draft vocabulary needs logits = lm_head(model.model(...)); {type(model).__name__} "
-                "does not have that form (drop draft_vocab)"
-            )
-
     def forward(
         self,
         tokens: torch.Tensor,  # [n] long
@@ -127,8 +159,8 @@ class ModelRunner:
         bias: torch.Tensor | None,  # [1, 1, n, cache_len + n] additive mask; None = causal
         logits_to_keep: int = 0,  # 0 = logits at every position
     ) -> torch.Tensor:
-        if self.vocab_ids is not None:
-            return self._forward_subset(tokens, positions, bias, logits_to_keep)
+        if self.path is not None:
+            return self._forward_path(tokens, positions, bias, logits_to_keep)
         out = self.model(
             input_ids=tokens[None],
             position_ids=positions[None],
@@ -140,16 +172,16 @@ class ModelRunner:
         self.forwards += 1
         return out.logits[0]  # [n or logits_to_keep, V]
 
-    def _forward_subset(self, tokens, positions, bias, logits_to_keep) -> torch.Tensor:
-        out = self.model.model(
+    def _forward_path(self, tokens, positions, bias, logits_to_keep) -> torch.Tensor:
+        out = self.path.body(
             input_ids=tokens[None],
             position_ids=positions[None],
             attention_mask=bias,
             use_cache=True,
-            **{self._cache_kw: self.cache},
+            **{self.path.cache_kw: self.cache},
         )
         self.forwards += 1
         hidden = out.last_hidden_state[0]  # [n, hidden]
         if logits_to_keep:
             hidden = hidden[-logits_to_keep:]
-        return torch.nn.functional.linear(hidden, self._head)  # [n, K]
+        return self.path.head(hidden)  # [n, K]
