@@ -6,7 +6,7 @@ import torch
 
 from random_models import chi2_pvalue, wrong_verify_sampling
 from specllava.core.tree import Tree, ancestor_mask
-from specllava.core.verify import verify_greedy, verify_sampling
+from specllava.core.verify import draw, verify_greedy, verify_sampling
 
 V = 6
 
@@ -145,3 +145,15 @@ def test_drawn_child_equal_to_the_target_distribution_is_always_accepted():
     for _ in range(200):
         tree = drawn_tree(p[0], 2, gen)
         assert verify_sampling(tree, p, gen, {0: p[0].clone()}).path == [0, 1]  # min(1, p/q) = 1
+
+
+def test_draw_follows_the_weights_and_never_draws_a_zero_weight():
+    w = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 2.5], dtype=torch.float64)  # unnormalised
+    gen = torch.Generator().manual_seed(0)
+    counts = Counter(draw(w, gen) for _ in range(20000))
+    assert set(counts) <= {1, 3, 4, 6}  # zero weights never drawn, first and last included
+    exact = {i: float(w[i] / w.sum()) for i in (1, 3, 4, 6)}
+    assert chi2_pvalue(counts, exact) > 1e-3
+    skewed = {1: 0.25, 3: 0.25, 4: 0.25, 6: 0.25}  # the test can fail: a uniform claim is caught
+    assert chi2_pvalue(counts, skewed) < 1e-6
+    assert draw(torch.tensor([0.0, 0.0, 1.0]), gen) == 2

@@ -30,7 +30,7 @@ from .quant import resolve_quant
 from .runner import DraftPath, ModelRunner, image_token_id, is_vlm, vocab_size
 from .sampling import SamplingParams, processed_probs
 from .tree import ancestor_mask, attention_bias, position_ids, root_only
-from .verify import verify_greedy, verify_sampling
+from .verify import draw, verify_greedy, verify_sampling
 
 
 @dataclass
@@ -242,7 +242,7 @@ class SpeculativeDecoder:
         if not params.do_sample:
             return int(logits.argmax())
         p = processed_probs(logits[None], params)[0]
-        return int(torch.multinomial(p.cpu(), 1, generator=gen))
+        return draw(p.cpu(), gen)
 
     def _eos_set(self, eos_token_id) -> set[int]:
         if eos_token_id is None:
