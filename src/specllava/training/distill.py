@@ -267,8 +267,11 @@ def lr_at(step, base, warmup, total):
 
 @torch.no_grad()
 def measure_acceptance(target, draft, processor, records: list[dict], image_root: Path, n: int,
-                       max_new_tokens: int, desc: str = "eval") -> dict:
+                       max_new_tokens: int, desc: str = "eval", **decoder_options) -> dict:
     """Dynamic-tree speculative decoding at T=0 on the first question of ``n`` records.
+
+    decoder_options: passed to `SpeculativeDecoder` (tree options, draft_vocab, draft_quant);
+    the defaults are what `specllava generate` runs on a custom pair.
 
     tau = total emitted tokens / total target forwards (prefill included, as `SpeculativeDecoder`
     counts it); also the per-forward costs measured inside the loop.
@@ -277,7 +280,7 @@ def measure_acceptance(target, draft, processor, records: list[dict], image_root
 
     from specllava import SpeculativeDecoder
 
-    decoder = SpeculativeDecoder(target, draft, method="dynamic")
+    decoder = SpeculativeDecoder(target, draft, method="dynamic", **decoder_options)
     tok = processor.tokenizer
     totals = {"new_tokens": 0, "target_forwards": 0, "draft_forwards": 0, "steps": 0, "prompts": 0,
               "time_draft_s": 0.0, "time_verify_s": 0.0, "time_decode_s": 0.0}
