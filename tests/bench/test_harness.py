@@ -107,3 +107,12 @@ def test_hf_assisted_runs_with_a_llava_draft_at_both_temperatures():
     assert assisted.tokens == hf.tokens
     sampled = MethodRunner("hf-assisted", target, draft)(inputs, 12, Sampling(1.0), seed=0)
     assert sampled.new_tokens == 12
+
+
+def test_method_runner_passes_draft_quant_to_the_decoder():
+    from specllava.bench.methods import MethodRunner
+
+    target, draft = tiny_llava(0), tiny_llava(1)
+    assert MethodRunner("dynamic", target, draft, {}, None, "none").decoder.draft_path is None
+    assert MethodRunner("chain", target, draft, {}, 32, "none").decoder.draft_path.quant is None
+    assert MethodRunner("dynamic", target, draft, {}, None, "int8").decoder.draft_path.quant == "int8"
