@@ -94,13 +94,11 @@ class ModelRunner:
     head (a reduced vocabulary returns logits over the subset: column j is token vocab_ids[j]).
     The prefill always runs the model itself."""
 
-    def __init__(self, model, vocab_ids: torch.Tensor | None = None, path: DraftPath | None = None):
+    def __init__(self, model, path: DraftPath | None = None):
         self.model = model
         self.cache = None
         self._cache_kw = _cache_kwarg(model)
         self.forwards = 0  # model forward passes since the last prefill, prefill included
-        if path is None and vocab_ids is not None:
-            path = DraftPath(model, vocab_ids)
         self.path = path
         self.vocab_ids = None if path is None else path.vocab_ids
 

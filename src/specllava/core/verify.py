@@ -111,7 +111,7 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
 
     Inverse CDF with a single uniform: the first i whose cumulative weight exceeds u * total, so
     zero-weight entries are never drawn. torch.multinomial draws one exponential variate per entry
-    instead, which on a 49k-token vocabulary in float64 cost 1.9 ms a step here (this: ~0.1 ms).
+    instead: a random number for each of the ~49k vocabulary entries, every step.
     """
     cdf = torch.cumsum(weights.double(), dim=0)
     u = torch.rand((), generator=generator, dtype=torch.float64, device=cdf.device) * cdf[-1]
