@@ -19,6 +19,7 @@ Stats (`out.stats`):
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from .runner import DraftPath, ModelRunner, image_token_id, is_vlm, vocab_size
 from .sampling import SamplingParams, processed_probs
 from .tree import ancestor_mask, attention_bias, position_ids, root_only
 from .verify import draw, verify_greedy, verify_sampling
+from .vision import capture_projector_input, draft_image_inputs, shares_vision_tower
 
 
 @dataclass
@@ -86,6 +88,8 @@ class SpeculativeDecoder:
         self.target, self.draft, self.method = target, draft, method
         self.draft_vocab = self._draft_vocab_ids(draft_vocab)
         self.draft_path = self._draft_path(draft_quant)
+        # the draft's prefill reuses the target's vision features (identical vision towers)
+        self.shares_vision = method != "ar" and shares_vision_tower(target, draft)
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -128,9 +132,12 @@ class SpeculativeDecoder:
 
         t0 = time.perf_counter()
         target = ModelRunner(self.target)
-        drafter = self._prefill_draft(input_ids, pixel_values, params, gen)
-        # 0. prefill: the first token comes from generate()'s own prefill logits.
-        first_logits = target.prefill_like_generate(input_ids, pixel_values, attention_mask)
+        # 0. prefill: the first token comes from generate()'s own prefill logits. The draft then
+        #    reuses the target's vision features when it has the same vision tower (core.vision).
+        share = self.shares_vision and pixel_values is not None and self.method != "ar"
+        with capture_projector_input(self.target) if share else nullcontext([]) as seen:
+            first_logits = target.prefill_like_generate(input_ids, pixel_values, attention_mask)
+        drafter = self._prefill_draft(input_ids, pixel_values, params, gen, seen[0] if len(seen) == 1 else None)
         root = self._choose(first_logits, params, gen)
         t_prefill = time.perf_counter() - t0
 
@@ -188,11 +195,14 @@ class SpeculativeDecoder:
         )
 
     # ------------------------------------------------------------------------------------------
-    def _prefill_draft(self, input_ids, pixel_values, params, generator=None) -> Drafter | None:
+    def _prefill_draft(self, input_ids, pixel_values, params, generator=None, vision=None) -> Drafter | None:
+        """vision: the target's selected vision features for this image, when the draft can reuse them."""
         if self.method == "ar":
             return None
         runner = ModelRunner(self.draft, path=self.draft_path)
-        if is_vlm(self.draft):
+        if is_vlm(self.draft) and vision is not None:
+            runner.prefill(input_ids.to(self.draft.device), mm_encoder_outputs=draft_image_inputs(self.draft, vision))
+        elif is_vlm(self.draft):
             runner.prefill(input_ids.to(self.draft.device), pixel_values=pixel_values.to(self.draft.device, self.draft.dtype))
         else:
             ids = input_ids

@@ -138,12 +138,16 @@ class ModelRunner:
         self.forwards = 1
         return out.logits[0][0]
 
-    def prefill(self, input_ids, pixel_values=None) -> torch.Tensor:
-        """Plain forward over the prompt; returns the last-position logits [V]."""
+    def prefill(self, input_ids, pixel_values=None, mm_encoder_outputs=None) -> torch.Tensor:
+        """Plain forward over the prompt; returns the last-position logits [V].
+
+        mm_encoder_outputs: precomputed image features instead of pixel_values (`core.vision`)."""
         from .cache import new_cache
 
         self.cache = new_cache(self.model)
         kwargs = {} if pixel_values is None else {"pixel_values": pixel_values}
+        if mm_encoder_outputs is not None:
+            kwargs = {"mm_encoder_outputs": mm_encoder_outputs}
         out = self.model(
             input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache}, **kwargs
         )
