@@ -1,11 +1,14 @@
-"""How repetitive a target's answers are: the `answers.jsonl` that `train-draft --regenerate` writes.
+"""How repetitive a target's answers are: the `answers.jsonl` that `train-draft --regenerate` writes,
+or the `hf` outputs (plain `generate()`) of a `specllava bench` run's `results.json`.
 
     .venv/bin/python tools/answer_stats.py runs/draft3/answers.jsonl runs/draft4/answers.jsonl
+    .venv/bin/python tools/answer_stats.py runs/bench/s4-headline/results.json
 
 An answer *loops* when one word 4-gram occurs at least 4 times in it ("a stylized representation
 of a stylized representation of ..."). Looping text is easy to draft, so the share of looping
 answers matters when comparing acceptance or speed across targets. Prints one line per file:
-answers, mean words, the share that loops, and one looping example.
+answers, mean words, the share that loops, and one looping example (for results.json, one line
+per benchmark section; the tokens are decoded with the default pair's tokenizer).
 """
 
 from __future__ import annotations
@@ -21,21 +24,40 @@ def loops(text: str, n: int = 4, times: int = 4) -> bool:
     return bool(grams) and max(grams.values()) >= times
 
 
+def bench_answers(path: str) -> dict[str, list[str]]:
+    """Section name -> texts of the `hf` method's outputs (first repeat) in a bench results.json."""
+    from specllava.models import load_default_models
+
+    tokenizer = load_default_models().processor.tokenizer
+    with open(path) as f:
+        sections = json.load(f)["sections"]
+    return {name: [tokenizer.decode(r["tokens"], skip_special_tokens=True) for r in sec["records"]
+                   if r["method"] == "hf" and r["repeat"] == 0]
+            for name, sec in sections.items()}
+
+
+def report(name: str, answers: list[str]) -> None:
+    if not answers:
+        print(f"{name}: no answers")
+        return
+    looping = [a for a in answers if loops(a)]
+    words = sum(len(a.split()) for a in answers) / len(answers)
+    example = repr(looping[0][:80]) if looping else "-"
+    print(f"{name}: {len(answers)} answers, {words:.1f} words on average, "
+          f"{len(looping)} loop ({len(looping) / len(answers):.0%}); e.g. {example}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="+", help="answers.jsonl files (one {'id', 'answer'} per line)")
+    ap.add_argument("files", nargs="+", help="answers.jsonl files (one {'id', 'answer'} per line) or bench results.json")
     args = ap.parse_args(argv)
     for path in args.files:
-        with open(path) as f:
-            answers = [json.loads(line)["answer"] for line in f if line.strip()]
-        if not answers:
-            print(f"{path}: no answers")
+        if path.endswith(".json"):
+            for section, answers in bench_answers(path).items():
+                report(f"{path} [{section}]", answers)
             continue
-        looping = [a for a in answers if loops(a)]
-        words = sum(len(a.split()) for a in answers) / len(answers)
-        example = repr(looping[0][:80]) if looping else "-"
-        print(f"{path}: {len(answers)} answers, {words:.1f} words on average, "
-              f"{len(looping)} loop ({len(looping) / len(answers):.0%}); e.g. {example}")
+        with open(path) as f:
+            report(path, [json.loads(line)["answer"] for line in f if line.strip()])
 
 
 if __name__ == "__main__":
