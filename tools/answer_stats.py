@@ -2,7 +2,7 @@
 or the `hf` outputs (plain `generate()`) of a `specllava bench` run's `results.json`.
 
     .venv/bin/python tools/answer_stats.py runs/draft3/answers.jsonl runs/draft4/answers.jsonl
-    .venv/bin/python tools/answer_stats.py runs/bench/s4-headline/results.json
+    .venv/bin/python tools/answer_stats.py runs/bench/s4-headline/results.json --vocab 8192 16384
 
 An answer *loops* when one word 4-gram occurs at least 4 times in it ("a stylized representation
 of a stylized representation of ..."). Looping text is easy to draft, so the share of looping
@@ -24,16 +24,21 @@ def loops(text: str, n: int = 4, times: int = 4) -> bool:
     return bool(grams) and max(grams.values()) >= times
 
 
+def bench_tokens(path: str) -> dict[str, list[list[int]]]:
+    """Section name -> token ids of the `hf` method's outputs (first repeat) in a bench results.json."""
+    with open(path) as f:
+        sections = json.load(f)["sections"]
+    return {name: [r["tokens"] for r in sec["records"] if r["method"] == "hf" and r["repeat"] == 0]
+            for name, sec in sections.items()}
+
+
 def bench_answers(path: str) -> dict[str, list[str]]:
-    """Section name -> texts of the `hf` method's outputs (first repeat) in a bench results.json."""
+    """Section name -> texts of the `hf` method's outputs, decoded with the default pair's tokenizer."""
     from specllava.models import load_default_models
 
     tokenizer = load_default_models().processor.tokenizer
-    with open(path) as f:
-        sections = json.load(f)["sections"]
-    return {name: [tokenizer.decode(r["tokens"], skip_special_tokens=True) for r in sec["records"]
-                   if r["method"] == "hf" and r["repeat"] == 0]
-            for name, sec in sections.items()}
+    return {name: [tokenizer.decode(t, skip_special_tokens=True) for t in runs]
+            for name, runs in bench_tokens(path).items()}
 
 
 def report(name: str, answers: list[str]) -> None:
@@ -50,11 +55,19 @@ def report(name: str, answers: list[str]) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="answers.jsonl files (one {'id', 'answer'} per line) or bench results.json")
+    ap.add_argument("--vocab", type=int, nargs="*", default=[], metavar="K",
+                    help="results.json: also the share of the target's tokens that a draft vocabulary "
+                         "of the K lowest ids cannot propose (--draft-vocab K)")
     args = ap.parse_args(argv)
     for path in args.files:
         if path.endswith(".json"):
             for section, answers in bench_answers(path).items():
                 report(f"{path} [{section}]", answers)
+            for section, runs in bench_tokens(path).items():
+                tokens = [t for run in runs for t in run]
+                for k in args.vocab:
+                    out = sum(t >= k for t in tokens) / max(len(tokens), 1)
+                    print(f"{path} [{section}]: {out:.1%} of {len(tokens)} tokens have ids >= {k}")
             continue
         with open(path) as f:
             report(path, [json.loads(line)["answer"] for line in f if line.strip()])
