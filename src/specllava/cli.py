@@ -14,13 +14,8 @@ import argparse
 import json
 import sys
 
-from .core.config import METHODS, TreeConfig
+from .core.config import DEFAULT_PAIR_DRAFT_VOCAB, METHODS, TreeConfig
 from .core.quant import QUANT_CHOICES
-
-
-# docs/benchmarks.md: with the distilled default draft, --draft-vocab 8192 took dynamic from 1.08x to
-# 1.27x hf (T=0, in-domain, bf16, 1 thread): the draft's 49152-row head is most of its cost.
-DEFAULT_PAIR_DRAFT_VOCAB = 8192
 
 
 def _tree_option(text: str) -> tuple[str, object]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..cli import _tree_option
 from ..cli import budget_arg as _budget
-from ..core.config import TreeConfig
+from ..core.config import DEFAULT_PAIR_DRAFT_VOCAB, TreeConfig
 from ..core.quant import QUANT_CHOICES
 from .methods import ALL_METHODS
 
@@ -89,7 +89,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--budget", type=_budget, default=None, metavar="auto|N",
                      help="dynamic tree node_budget: N, or 'auto' to calibrate it on this machine (cached)")
     run.add_argument("--draft-vocab", type=int, default=None, metavar="K",
-                     help="chain/static/dynamic: the draft proposes only the K lowest token ids (cheaper draft head; lossless)")
+                     help="chain/static/dynamic: the draft proposes only the K lowest token ids (cheaper draft head; "
+                          f"lossless). Default: {DEFAULT_PAIR_DRAFT_VOCAB} for the embedded default pair (as "
+                          "`specllava generate`), the full vocabulary otherwise")
     run.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                      help="chain/static/dynamic: the draft's decode steps with int8 linears (auto = on a CPU "
                      "with torch's quantized kernels; lossless: only what is proposed changes)")
@@ -183,6 +185,8 @@ def run(args) -> int:
     hf_logging.set_verbosity_error()  # assisted generation warns on every call about its own kwargs
     sets = _prompt_sets(args)
     target, draft, processor, model_info = _load_models(args)
+    if args.draft_vocab is None and args.target is None and args.draft is None:
+        args.draft_vocab = DEFAULT_PAIR_DRAFT_VOCAB  # the default pair runs as `specllava generate` runs it
     tree_options = dict(args.tree_option)
     TreeConfig.from_options(**tree_options)  # fail before any timing on a bad option
     out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")

@@ -19,6 +19,16 @@ DEFAULT_STATIC_CHOICES: tuple[tuple[int, ...], ...] = (
 )
 
 
+# The CLI's `--draft-vocab` default for the embedded default pair (other pairs: the full vocabulary).
+# docs/benchmarks.md, fourth session: the draft proposing the 32768 lowest ids ran 2.32x hf in-domain
+# at T=0 against 1.89x with 8192 (12% of the target's tokens lie above id 8192), 2.23x with 16384
+# and 2.17x with the full 49152 (whose int8 head costs more than the extra acceptance buys).
+DEFAULT_PAIR_DRAFT_VOCAB = 32768
+
+GREEDY_NODE_BUDGET = 32  # TreeConfig.node_budget=None at T=0
+SAMPLED_NODE_BUDGET = 8  # ... and when sampling
+
+
 @dataclass
 class TreeConfig:
     """Tree-shape knobs. Defaults suit a draft about a tenth of the target's cost.
@@ -27,6 +37,10 @@ class TreeConfig:
       max_depth      deepest draft level (= draft forwards per step, at most).
       node_budget    most draft nodes verified per step (root excluded); the final tree is the
                      `node_budget` nodes of highest path confidence (an ancestor-closed set).
+                     None (default): 32 at T=0 and 8 when sampling, where each node is accepted
+                     less often so a smaller tree pays (docs/benchmarks.md, fourth session: 8
+                     against 32 at T=1 measured 1.32x against 1.22x, 1.47x against 1.32x and
+                     1.53x against 1.36x in three runs). An int applies to both.
       max_children   cap on the children of one node.
       child_mass     a node gets children in order of draft probability until their cumulative
                      probability reaches this mass: a sure draft gives one child, an unsure one
@@ -50,7 +64,7 @@ class TreeConfig:
     """
 
     max_depth: int = 6
-    node_budget: int = 32
+    node_budget: int | None = None
     max_children: int = 4
     child_mass: float = 0.8
     min_path_conf: float = 0.02
@@ -61,6 +75,8 @@ class TreeConfig:
 
     def __post_init__(self):
         for name in ("max_depth", "node_budget", "max_children", "frontier", "chain_length"):
+            if getattr(self, name) is None and name == "node_budget":
+                continue
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TreeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.child_mass <= 1.0:
@@ -69,6 +85,12 @@ class TreeConfig:
             raise ValueError(f"TreeConfig.min_feed_mass must be >= 0, got {self.min_feed_mass}")
         if not 0.0 <= self.min_path_conf < 1.0:
             raise ValueError(f"TreeConfig.min_path_conf must be in [0, 1), got {self.min_path_conf}")
+
+    def budget(self, sampled: bool) -> int:
+        """The dynamic tree's node budget for greedy (`sampled=False`) or sampled decoding."""
+        if self.node_budget is not None:
+            return int(self.node_budget)
+        return SAMPLED_NODE_BUDGET if sampled else GREEDY_NODE_BUDGET
 
     @classmethod
     def from_options(cls, **options) -> TreeConfig:

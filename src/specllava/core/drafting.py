@@ -47,6 +47,7 @@ class Drafter:
         self.temperature = temperature
         # sampled mode: dynamic children are draws from q (see the module docstring)
         self.sampled = generator is not None and policy == "dynamic"
+        self.node_budget = cfg.budget(self.sampled)  # dynamic: most nodes per tree, root excluded
         self.generator = generator
         self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> log q row over the draft's columns
         self.pending: list[int] = []
@@ -75,7 +76,7 @@ class Drafter:
             parents = torch.cat([parents, par])
             depth = torch.cat([depth, torch.full_like(tok, d)])
             score = torch.cat([score, sc])
-            if d == self._max_depth() or (self.sampled and score.numel() - 1 >= self.cfg.node_budget):
+            if d == self._max_depth() or (self.sampled and score.numel() - 1 >= self.node_budget):
                 break
             frontier = self._next_frontier(first_new, score, d)
             if frontier.numel() == 0 or self._cannot_improve(score, frontier) or self._not_worth_feeding(score, frontier):
@@ -165,7 +166,7 @@ class Drafter:
         toks = cols if self.runner.vocab_ids is None else self.runner.vocab_ids[cols]
         mass_before = vals.cumsum(-1) - vals
         keep = (mass_before < cfg.child_mass) & torch.isfinite(keys)  # a prefix of each row's draws
-        room = cfg.node_budget - (score.numel() - 1)
+        room = self.node_budget - (score.numel() - 1)
         order = torch.sort(-score[frontier], stable=True).indices  # the most confident parents first
         ranked = keep[order]
         ranked &= ranked.flatten().cumsum(0).view_as(ranked) <= room
@@ -200,7 +201,7 @@ class Drafter:
 
     def _cannot_improve(self, score, frontier) -> bool:
         """Dynamic only: stop once no descendant of the frontier can enter the final tree."""
-        budget = self.cfg.node_budget
+        budget = self.node_budget
         if self.policy != "dynamic" or self.sampled or score.numel() - 1 <= budget:
             return False
         kth = score[1:].topk(budget).values[-1]
@@ -214,11 +215,11 @@ class Drafter:
         return self.policy == "dynamic" and floor > 0 and float(score[frontier].sum()) < floor
 
     def _finalize(self, tree: Tree) -> Tree:
-        if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= self.cfg.node_budget:
+        if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= self.node_budget:
             return tree
         # Path confidence only falls along a path, and a stable sort keeps parents (earlier
         # indices) ahead of equally scored children: the top of the order is ancestor-closed.
-        order = torch.sort(-tree.score[1:], stable=True).indices[: self.cfg.node_budget] + 1
+        order = torch.sort(-tree.score[1:], stable=True).indices[: self.node_budget] + 1
         keep = torch.cat([torch.zeros(1, dtype=torch.long, device=order.device), order]).sort().values
         return tree.select(keep)
 
