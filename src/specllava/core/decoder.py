@@ -134,7 +134,7 @@ class SpeculativeDecoder:
         target = ModelRunner(self.target)
         # 0. prefill: the first token comes from generate()'s own prefill logits. The draft then
         #    reuses the target's vision features when it has the same vision tower (core.vision).
-        share = self.shares_vision and pixel_values is not None and self.method != "ar"
+        share = self.shares_vision and pixel_values is not None
         with capture_projector_input(self.target) if share else nullcontext([]) as seen:
             first_logits = target.prefill_like_generate(input_ids, pixel_values, attention_mask)
         drafter = self._prefill_draft(input_ids, pixel_values, params, gen, seen[0] if len(seen) == 1 else None)
