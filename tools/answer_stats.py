@@ -32,13 +32,15 @@ def bench_tokens(path: str) -> dict[str, list[list[int]]]:
             for name, sec in sections.items()}
 
 
-def bench_answers(path: str) -> dict[str, list[str]]:
-    """Section name -> texts of the `hf` method's outputs, decoded with the default pair's tokenizer."""
-    from specllava.models import load_default_models
+def decode(sections: dict[str, list[list[int]]]) -> dict[str, list[str]]:
+    """Section name -> texts of `bench_tokens`' outputs, decoded with the default pair's tokenizer."""
+    from transformers import AutoTokenizer
 
-    tokenizer = load_default_models().processor.tokenizer
+    from specllava.models import assemble_default_models
+
+    tokenizer = AutoTokenizer.from_pretrained(assemble_default_models().target_dir)  # no model loaded
     return {name: [tokenizer.decode(t, skip_special_tokens=True) for t in runs]
-            for name, runs in bench_tokens(path).items()}
+            for name, runs in sections.items()}
 
 
 def report(name: str, answers: list[str]) -> None:
@@ -61,9 +63,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     for path in args.files:
         if path.endswith(".json"):
-            for section, answers in bench_answers(path).items():
+            sections = bench_tokens(path)
+            for section, answers in decode(sections).items():
                 report(f"{path} [{section}]", answers)
-            for section, runs in bench_tokens(path).items():
+            for section, runs in sections.items():
                 tokens = [t for run in runs for t in run]
                 for k in args.vocab:
                     out = sum(t >= k for t in tokens) / max(len(tokens), 1)

@@ -22,7 +22,8 @@ import torch
 
 
 def _llava_parts(model):
-    """(vision_tower, multi_modal_projector) of a plain LLaVA model, else None."""
+    """(vision_tower, multi_modal_projector) of a plain LLaVA model that accepts precomputed
+    image features, else None. Checked once per decoder (`shares_vision_tower`)."""
     if getattr(model.config, "model_type", None) != "llava":
         return None
     inner = getattr(model, "model", None)
@@ -31,6 +32,11 @@ def _llava_parts(model):
     if tower is None or proj is None or "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
         return None
     return tower, proj
+
+
+def _projector(model):
+    """The projector of a model that `shares_vision_tower` accepted (per request: no checks)."""
+    return model.model.multi_modal_projector
 
 
 @torch.no_grad()
@@ -68,7 +74,7 @@ def capture_projector_input(target):
         if threading.get_ident() == me and args:
             seen.append(args[0])
 
-    handle = _llava_parts(target)[1].register_forward_pre_hook(hook)
+    handle = _projector(target).register_forward_pre_hook(hook)
     try:
         yield seen
     finally:
@@ -79,6 +85,5 @@ def draft_image_inputs(draft, selected: torch.Tensor) -> dict:
     """The draft's `mm_encoder_outputs` for the target's selected vision features [images, tokens, width]."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    proj = _llava_parts(draft)[1]
-    feats = proj(selected.to(draft.device, draft.dtype))  # [images, tokens, hidden]
+    feats = _projector(draft)(selected.to(draft.device, draft.dtype))  # [images, tokens, hidden]
     return {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
