@@ -4,6 +4,7 @@ import json
 
 import torch
 from tiny_data import make_dataset
+from transformers import AutoTokenizer
 
 from specllava.models import build_draft_from_target
 from specllava.models.shipped import load_draft
@@ -102,6 +103,11 @@ def test_train_draft_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
     from safetensors import safe_open
 
     saved = LlavaForConditionalGeneration.from_pretrained(out / "draft")
+    # both carry the token ranking of the answers it was trained on (for draft_vocab=K)
+    tok = AutoTokenizer.from_pretrained(tiny_pair.target_dir)
+    answer_ids = {t for a in answers for t in tok(a["answer"], add_special_tokens=False).input_ids}
+    assert draft.config.token_ranking == saved.config.token_ranking
+    assert answer_ids <= set(draft.config.token_ranking)
     with safe_open(str(out / "draft.safetensors"), "pt") as f:
         shipped = set(f.keys())
     assert shipped and not any(n.startswith(("model.vision_tower.", "lm_head.", "model.language_model.embed_tokens.")) for n in shipped)

@@ -33,7 +33,7 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
-DRAFT_OPTIONS = ("draft_vocab", "draft_quant")  # variant options that are not TreeConfig fields
+DRAFT_OPTIONS = ("draft_vocab", "draft_quant", "draft_lean")  # variant options that are not TreeConfig fields
 
 
 def _variant(text: str) -> tuple[str, tuple[str, dict]]:
@@ -51,6 +51,8 @@ def _variant(text: str) -> tuple[str, tuple[str, dict]]:
     dq = options.get("draft_quant")
     if dq is not None and dq not in QUANT_CHOICES:
         raise argparse.ArgumentTypeError(f"--variant {name}: draft_quant must be one of {', '.join(QUANT_CHOICES)}, got {dq!r}")
+    if options.get("draft_lean", True) not in (True, False):
+        raise argparse.ArgumentTypeError(f"--variant {name}: draft_lean must be true or false, got {options['draft_lean']!r}")
     try:
         TreeConfig.from_options(**{k: v for k, v in options.items() if k not in DRAFT_OPTIONS})
     except ValueError as err:
@@ -106,9 +108,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--variant", type=_variant, action="append", default=[], metavar="NAME=METHOD[:opt=val,...]",
         help="an extra method measured alongside the others: chain/static/dynamic with its own tree options "
-        "(on top of --tree-option) and optionally its own draft_vocab or draft_quant, repeatable; "
+        "(on top of --tree-option) and optionally its own draft_vocab, draft_quant or draft_lean, repeatable; "
         "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3 or v4k=dynamic:draft_vocab=4096 or "
-        "bf=dynamic:draft_quant=none",
+        "bf=dynamic:draft_quant=none or hfpath=dynamic:draft_lean=false",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -123,7 +123,9 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
         extra = dict(extra)
         draft_vocab = extra.pop("draft_vocab", settings.draft_vocab)
         draft_quant = extra.pop("draft_quant", settings.draft_quant)
-        runners[m] = MethodRunner(base, target, draft, {**settings.tree_options, **extra}, draft_vocab, draft_quant)
+        draft_lean = bool(extra.pop("draft_lean", True))
+        runners[m] = MethodRunner(base, target, draft, {**settings.tree_options, **extra}, draft_vocab, draft_quant,
+                                  draft_lean)
     sampling, n_new = settings.sampling, settings.max_new_tokens
     for _ in range(settings.warmup):
         for m in settings.methods:

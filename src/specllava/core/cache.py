@@ -1,9 +1,11 @@
 """KV-cache bookkeeping. The cache changes through exactly two operations: `crop` to a length,
-and `compact` to the accepted path. Nothing else in specllava mutates a cache.
+and `compact` to the accepted path (plus a forward's append). Nothing else in specllava mutates a
+cache.
 
 Supports transformers' `DynamicCache` (full-attention `DynamicLayer`s: keys/values tensors of
 shape [batch, heads, seq, head_dim]); anything else is refused with a clear error rather than
-silently corrupted, since a cache that is not trimmed corrupts every later step.
+silently corrupted, since a cache that is not trimmed corrupts every later step. `KVBuffer` is the
+draft's own cache on its lean path (`core.lean`): preallocated per layer, appended in place.
 """
 
 from __future__ import annotations
@@ -31,12 +33,63 @@ def _layers(cache) -> list:
     return layers
 
 
+class KVBuffer:
+    """Keys and values of every layer in preallocated [1, kv_heads, capacity, head_dim] tensors,
+    valid up to `length`. A forward writes its n new positions in place (`write`, then `advance`
+    once all layers have), instead of concatenating a new tensor per layer and step; the capacity
+    doubles when it runs out. Draft only (`core.lean`)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
+        self.keys, self.values, self.length = keys, values, int(length)
+
+    @classmethod
+    def from_cache(cls, cache, dtype: torch.dtype, room: int = 512) -> KVBuffer:
+        """A copy of a DynamicCache (e.g. after a prefill through the model) with `room` free positions."""
+        layers = _layers(cache)
+        length = cache_length(cache)
+        keys, values = [], []
+        for layer in layers:
+            k, v = layer.keys, layer.values
+            shape = (k.shape[0], k.shape[1], length + room, k.shape[3])
+            keys.append(torch.empty(shape, dtype=dtype, device=k.device))
+            values.append(torch.empty(shape, dtype=dtype, device=v.device))
+            keys[-1][:, :, :length] = k
+            values[-1][:, :, :length] = v
+        return cls(keys, values, length)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer `layer`'s n new keys/values [1, kv_heads, n, head_dim] after `length`;
+        returns that layer's keys and values up to length + n (views)."""
+        end = self.length + k.shape[-2]
+        if end > self.keys[layer].shape[-2]:
+            self._grow(end)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def _grow(self, need: int) -> None:
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                bigger = t.new_empty(t.shape[:2] + (max(2 * t.shape[2], need + 256),) + t.shape[3:])
+                bigger[:, :, : self.length] = t[:, :, : self.length]
+                store[i] = bigger
+
+
 def cache_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
 def crop(cache, length: int) -> None:
     """Drop every cached position >= length, in every layer (keys and values)."""
+    if isinstance(cache, KVBuffer):
+        cache.length = min(cache.length, int(length))
+        return
     for layer in _layers(cache):
         if layer.is_initialized and layer.keys.numel():
             layer.keys = layer.keys[..., :length, :]
@@ -53,6 +106,13 @@ def compact(cache, start: int, keep: torch.Tensor) -> None:
     move to 10, 11, 12 and the cache length becomes 13.
     """
     m = int(keep.numel())
+    if isinstance(cache, KVBuffer):
+        src = keep.to(cache.keys[0].device) + start
+        for store in (cache.keys, cache.values):
+            for t in store:
+                t[:, :, start : start + m] = t[:, :, : cache.length].index_select(-2, src)
+        cache.length = start + m
+        return
     for layer in _layers(cache):
         if not (layer.is_initialized and layer.keys.numel()):
             continue

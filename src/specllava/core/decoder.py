@@ -32,6 +32,7 @@ from .runner import DraftPath, ModelRunner, image_token_id, is_vlm, vocab_size
 from .sampling import SamplingParams, processed_probs
 from .tree import ancestor_mask, attention_bias, position_ids, root_only
 from .verify import draw, verify_greedy, verify_sampling
+from .vocab import draft_ranking, draft_vocab_ids
 from .vision import capture_projector_input, draft_image_inputs, shares_vision_tower
 
 
@@ -50,13 +51,18 @@ class SpeculativeDecoder:
     method: "ar" | "chain" | "static" | "dynamic".
     tree_options: fields of `TreeConfig` (or pass `config=TreeConfig(...)`).
     draft_vocab: restrict the draft's proposals to a reduced vocabulary, which makes a small draft
-            much cheaper (its LM head is most of its cost): an int K takes the K lowest token ids
-            (BPE and SentencePiece vocabularies put frequent tokens first), or pass a LongTensor of
-            ids. Lossless either way: it only changes what is proposed.
+            much cheaper (its LM head is most of its cost): an int K takes the draft's token
+            ranking first (`config.token_ranking`, the ids its training answers used, most frequent
+            first; `core.vocab`), then the lowest remaining ids (BPE and SentencePiece vocabularies
+            put frequent tokens first); or pass a LongTensor of ids. Lossless either way: it only
+            changes what is proposed.
     draft_quant: "auto" (default) runs the draft's decode steps with int8 linears when the draft
             is on a CPU that has torch's quantized kernels (2.4x faster for the shipped draft here), "int8"
             insists on it, "none" keeps the draft as given. Lossless either way, like draft_vocab:
             the draft's numerics change only what is proposed, never what is emitted.
+    draft_lean: with a reduced vocabulary or int8, run a Llama-style draft's decode steps on
+            `core.lean`'s lean path (default; about 1.5 ms faster per draft forward for the
+            shipped draft on this CPU) rather than through transformers' decoder. Lossless too.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class SpeculativeDecoder:
         config: TreeConfig | None = None,
         draft_vocab: int | torch.Tensor | None = None,
         draft_quant: str | None = "auto",
+        draft_lean: bool = True,
         **tree_options,
     ):
         if method not in METHODS:
@@ -87,7 +94,7 @@ class SpeculativeDecoder:
                 raise ValueError("a vision-language draft needs a vision-language target (the target is text-only)")
         self.target, self.draft, self.method = target, draft, method
         self.draft_vocab = self._draft_vocab_ids(draft_vocab)
-        self.draft_path = self._draft_path(draft_quant)
+        self.draft_path = self._draft_path(draft_quant, draft_lean)
         # the draft's prefill reuses the target's vision features (identical vision towers)
         self.shares_vision = method != "ar" and shares_vision_tower(target, draft)
 
@@ -216,7 +223,7 @@ class SpeculativeDecoder:
         # sampling: the dynamic tree draws its candidates from q with the request's generator
         return Drafter(runner, self.method, self.config, temperature=params.temperature, generator=generator)
 
-    def _draft_path(self, draft_quant) -> DraftPath | None:
+    def _draft_path(self, draft_quant, lean: bool = True) -> DraftPath | None:
         """How the draft's decode steps run (None: the draft model's own forward)."""
         if self.draft is None or self.method == "ar":
             return None
@@ -224,7 +231,7 @@ class SpeculativeDecoder:
         if quant is None and self.draft_vocab is None:
             return None
         try:
-            return DraftPath(self.draft, self.draft_vocab, quant)
+            return DraftPath(self.draft, self.draft_vocab, quant, lean=lean)
         except ValueError:
             if draft_quant != "auto" or self.draft_vocab is not None:
                 raise
@@ -235,9 +242,7 @@ class SpeculativeDecoder:
             return None
         size = vocab_size(self.draft)
         if isinstance(draft_vocab, int):
-            if not 1 <= draft_vocab <= size:
-                raise ValueError(f"draft_vocab={draft_vocab} must be between 1 and the vocabulary size {size}")
-            ids = torch.arange(draft_vocab)
+            ids = draft_vocab_ids(draft_vocab, size, draft_ranking(self.draft))
         else:
             ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten().unique()
             if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= size:

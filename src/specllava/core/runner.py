@@ -17,6 +17,7 @@ import inspect
 import torch
 
 from .cache import cache_length
+from .lean import LeanDecoder
 
 
 def is_vlm(model) -> bool:
@@ -50,31 +51,33 @@ class DraftPath:
 
     Only for a draft (its numerics never change what the target emits). Built once per decoder
     and shared by its requests: `vocab_ids` restricts the head to K rows (a reduced draft
-    vocabulary: on a CPU the full head is most of a small draft's cost); `quant="int8"` runs a
-    copy of the decoder and the head with int8 linears (`specllava.core.quant`). Decode steps call
-    the text decoder directly: after the prefill every token is text, and a VLM wrapper's forward
-    would only embed them and call that same decoder.
+    vocabulary: on a CPU the full head is most of a small draft's cost); `quant="int8"` runs the
+    decoder and the head with int8 linears (`specllava.core.quant`). Decode steps skip the VLM
+    wrapper (after the prefill every token is text): a Llama-style draft runs `core.lean`'s lean
+    decoder on a `KVBuffer` (`lean=True`, the default), any other the model's own text decoder
+    (an int8 copy of it with `quant="int8"`).
     """
 
-    def __init__(self, model, vocab_ids: torch.Tensor | None = None, quant: str | None = None):
+    def __init__(self, model, vocab_ids: torch.Tensor | None = None, quant: str | None = None, lean: bool = True):
         _check_plain_head(model)
         weight = model.get_output_embeddings().weight
         self.vocab_ids = None if vocab_ids is None else vocab_ids.to(weight.device)
         # contiguous copy of the rows, made once rather than gathered every forward
         rows = weight if self.vocab_ids is None else weight.index_select(0, self.vocab_ids)
         rows = rows.detach()
+        if quant not in (None, "int8"):
+            raise ValueError(f"unknown quant {quant!r}")
+        self.lean = LeanDecoder.build(model, quant) if lean else None
         if quant == "int8":
             from .quant import Int8Linear, int8_decoder
 
-            self.body = int8_decoder(model)
+            self.body = None if self.lean is not None else int8_decoder(model)
             self.head = Int8Linear(rows)
-        elif quant is None:
-            self.body = model.get_decoder()
-            self.head = lambda hidden: torch.nn.functional.linear(hidden, rows)
         else:
-            raise ValueError(f"unknown quant {quant!r}")
+            self.body = None if self.lean is not None else model.get_decoder()
+            self.head = lambda hidden: torch.nn.functional.linear(hidden, rows)
         self.quant = quant
-        self.cache_kw = _cache_kwarg(self.body)
+        self.cache_kw = None if self.body is None else _cache_kwarg(self.body)
 
 
 def _check_plain_head(model) -> None:
@@ -151,6 +154,8 @@ class ModelRunner:
         out = self.model(
             input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache}, **kwargs
         )
+        if self.path is not None and self.path.lean is not None:  # decode steps run on the lean path
+            self.cache = self.path.lean.new_cache(self.cache)
         self.forwards = 1
         return out.logits[0, -1]
 
@@ -175,6 +180,12 @@ class ModelRunner:
         return out.logits[0]  # [n or logits_to_keep, V]
 
     def _forward_path(self, tokens, positions, bias, logits_to_keep) -> torch.Tensor:
+        self.forwards += 1
+        if self.path.lean is not None:
+            hidden = self.path.lean(tokens, positions, bias, self.cache)  # [n, hidden]
+            if logits_to_keep:
+                hidden = hidden[-logits_to_keep:]
+            return self.path.head(hidden)  # [n, K]
         out = self.path.body(
             input_ids=tokens[None],
             position_ids=positions[None],
@@ -182,7 +193,6 @@ class ModelRunner:
             use_cache=True,
             **{self.path.cache_kw: self.cache},
         )
-        self.forwards += 1
         hidden = out.last_hidden_state[0]  # [n, hidden]
         if logits_to_keep:
             hidden = hidden[-logits_to_keep:]

@@ -7,7 +7,9 @@ Contract (the trainer writes these files, then `write_asset_checksums`; all are 
   [r, in] and ``<param>.lora_B`` [out, r] are merged as ``param += lora_scale * B @ A``
   (``lora_scale`` from the file's metadata, default 1), so the target stays a plain LLaVA model.
 - ``draft.safetensors``: tensors named as in the draft's ``state_dict()``; its metadata entry
-  ``num_layers`` sets the draft's depth. Tensors it omits (e.g. the 49152 x 576 vocabulary embedding,
+  ``num_layers`` sets the draft's depth; the optional entry ``token_ranking`` (a JSON list of
+  token ids, most frequent in the draft's training answers first) becomes the draft's
+  ``config.token_ranking``, which picks a reduced draft vocabulary (`specllava.core.vocab`). Tensors it omits (e.g. the 49152 x 576 vocabulary embedding,
   which keeps the draft file small) keep `build_draft_from_target`'s values.
 - ``SHA256SUMS``: ``<sha256>  <file name>`` per shipped file. `check_assets` verifies it and names any
   missing, unlisted or corrupt file in a RuntimeError. No weights and no SHA256SUMS is the valid
@@ -17,11 +19,13 @@ Contract (the trainer writes these files, then `write_asset_checksums`; all are 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from specllava.core.vocab import RANKING_ATTR
 from specllava.models.builders import build_draft_from_target
 
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
@@ -138,6 +142,8 @@ def load_draft(target: LlavaForConditionalGeneration, path: str | Path) -> Llava
         raise RuntimeError(f"{path} lacks the 'num_layers' metadata entry the draft's depth is read from")
     draft = build_draft_from_target(target, num_layers=int(meta["num_layers"]))
     _copy_into(draft, tensors, path)
+    if RANKING_ATTR in meta:  # the ids its training answers used, most frequent first (core.vocab)
+        setattr(draft.config, RANKING_ATTR, [int(t) for t in json.loads(meta[RANKING_ATTR])])
     return draft
 
 

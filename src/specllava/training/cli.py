@@ -170,7 +170,8 @@ def run_ship(args: argparse.Namespace) -> int:
     import specllava.models  # noqa: F401
     from specllava.models.assemble import assemble_default_models
     from specllava.models.shipped import DEFAULT_ASSETS_DIR, DRAFT_WEIGHTS, TARGET_WEIGHTS, write_asset_checksums
-    from specllava.training.distill import save_draft
+    from specllava.core.vocab import draft_ranking
+    from specllava.training.distill import answers_ranking, save_draft
 
     DEFAULT_ASSETS_DIR.mkdir(parents=True, exist_ok=True)
     if args.target_weights is not None:
@@ -180,7 +181,8 @@ def run_ship(args: argparse.Namespace) -> int:
         processor = AutoProcessor.from_pretrained(args.draft_run / "draft")
         export = args.draft_run / "export"
         export.mkdir(exist_ok=True)
-        save_draft(draft, processor, export, embeddings_frozen=True, num_layers=args.draft_layers)
+        ranking = draft_ranking(draft) or answers_ranking(args.draft_run / "answers.jsonl", processor.tokenizer)
+        save_draft(draft, processor, export, embeddings_frozen=True, num_layers=args.draft_layers, token_ranking=ranking)
         shutil.copyfile(export / "draft.safetensors", DEFAULT_ASSETS_DIR / DRAFT_WEIGHTS)
     write_asset_checksums(DEFAULT_ASSETS_DIR)
     for f in sorted(DEFAULT_ASSETS_DIR.iterdir()):

@@ -23,7 +23,9 @@ Contract:
   target forward, bonus included), the measured per-forward costs and the speedup bound they imply.
 - Outputs: ``<out>/draft/`` (``save_pretrained`` folder with the target's processor: a usable model),
   ``<out>/draft.safetensors`` (the `specllava.models.shipped` format: trained tensors only, bf16,
-  ``num_layers`` metadata), ``history.json``, ``loss.png``, ``report.json``.
+  ``num_layers`` metadata), ``history.json``, ``loss.png``, ``report.json``. Both draft outputs carry
+  the draft's token ranking (the training answers' ids, most frequent first), which
+  ``draft_vocab=K`` uses to pick a reduced draft vocabulary (`specllava.core.vocab`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from specllava.core.vocab import RANKING_ATTR, draft_ranking, rank_tokens
 from specllava.training.common import (
     Checkpoint,
     FeatureCache,
@@ -416,7 +419,7 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     train_minutes = (time.time() - start) / 60
     del teacher
     draft.eval()
-    save_draft(draft, processor, out, embeddings_frozen)
+    save_draft(draft, processor, out, embeddings_frozen, token_ranking=answer_token_ranking(examples))
     (out / "history.json").write_text(json.dumps(ckpt.history))
     sm = smooth([h["kl"] for h in ckpt.history], 25)
     plot_history([{"step": h["step"], "KL per step": h["kl"], "KL (mean of 25)": s} for h, s in zip(ckpt.history, sm)],
@@ -441,6 +444,21 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     return report
 
 
+def answer_token_ranking(examples) -> list[int]:
+    """Ids of the assistant tokens the draft was trained on, most frequent first: its token ranking."""
+    return rank_tokens(t for e in examples for t, m in zip(e.input_ids, e.loss_mask) if m)
+
+
+def answers_ranking(path: Path, tokenizer) -> list[int] | None:
+    """The token ranking of a run's ``answers.jsonl`` (the target's regenerated answers), for a
+    draft trained before drafts carried one; None without the file."""
+    if not Path(path).is_file():
+        return None
+    with open(path) as f:
+        answers = [json.loads(line)["answer"] for line in f if line.strip()]
+    return rank_tokens(t for a in answers for t in tokenizer(a, add_special_tokens=False).input_ids)
+
+
 def bf16_rounded(draft, embeddings_frozen: bool):
     """A copy of the draft whose trained tensors are rounded to bf16 (as `draft.safetensors` stores them)."""
     rounded = copy.deepcopy(draft)
@@ -456,15 +474,21 @@ def shipped_tensor_names(draft, embeddings_frozen: bool) -> set[str]:
     return {n for n in draft.state_dict() if not n.startswith(skip)}
 
 
-def save_draft(draft, processor, out: Path, embeddings_frozen: bool, num_layers: int | None = None) -> Path:
+def save_draft(draft, processor, out: Path, embeddings_frozen: bool, num_layers: int | None = None,
+               token_ranking: list[int] | None = None) -> Path:
     """Write ``<out>/draft/`` (a full model folder) and ``<out>/draft.safetensors`` (shipped format).
 
-    ``num_layers`` < the draft's depth exports that early exit instead.
+    ``num_layers`` < the draft's depth exports that early exit instead. ``token_ranking`` (the ids
+    of the training answers, most frequent first; default: the draft's own, if it has one) goes
+    into both: ``config.token_ranking`` and the file's ``token_ranking`` metadata.
     """
     from safetensors.torch import save_file
 
     if num_layers is not None and num_layers != draft.config.text_config.num_hidden_layers:
         draft = truncated(draft, num_layers)
+    token_ranking = token_ranking or draft_ranking(draft)
+    if token_ranking:
+        setattr(draft.config, RANKING_ATTR, list(token_ranking))
     model_dir = out / "draft"
     draft.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
@@ -472,5 +496,8 @@ def save_draft(draft, processor, out: Path, embeddings_frozen: bool, num_layers:
     state = draft.state_dict()
     tensors = {n: state[n].detach().to(torch.bfloat16).contiguous() for n in sorted(names)}
     path = out / "draft.safetensors"
-    save_file(tensors, str(path), metadata={"num_layers": str(draft.config.text_config.num_hidden_layers)})
+    meta = {"num_layers": str(draft.config.text_config.num_hidden_layers)}
+    if token_ranking:
+        meta[RANKING_ATTR] = json.dumps([int(t) for t in token_ranking])
+    save_file(tensors, str(path), metadata=meta)
     return path

@@ -1,0 +1,167 @@
+"""The draft's lean decode path: its decoder layers as a few tensor ops each, on a `KVBuffer`.
+
+A small draft's decode step on a CPU is mostly Python around small matrix products: for the
+shipped 3-layer draft, transformers' decoder spends about as long building masks, rotary tables,
+cache updates and output objects as it does multiplying. Only the draft runs here, and what the
+target emits never depends on the draft's numerics (the draft only proposes; verification
+decides), so the draft may take a shorter road to nearly the same numbers:
+
+- q, k and v in one linear, gate and up in one linear (the weights concatenated once);
+- rotary cos/sin read from a table built with the model's own rotary embedding;
+- keys and values written in place into a preallocated `KVBuffer` (`core.cache`);
+- one `scaled_dot_product_attention` call per layer, GQA included, with the caller's mask.
+
+With int8 weights (`core.quant`) activations stay in float32 (the int8 kernels take and return
+float32, so no casts); otherwise they stay in the model's dtype, norms in float32 as transformers
+computes them. Supported: Llama-style decoders (model_type llama, mistral or qwen2, full attention,
+SiLU MLP, optional q/k/v biases, no q/k norms); `LeanDecoder.supports` says whether a model is one,
+and any other draft keeps transformers' own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVBuffer
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class LeanDecoder:
+    """hidden = final_norm(decoder(tokens)) for a draft's decode steps (the LM head is the caller's)."""
+
+    def __init__(self, model, quant: str | None = None):
+        why = self.unsupported(model)
+        if why:
+            raise ValueError(f"no lean draft path for {type(model).__name__}: {why}")
+        body = model.get_decoder()
+        cfg = model.config.get_text_config()
+        self.dtype = torch.float32 if quant == "int8" else model.dtype
+        self.embed = body.get_input_embeddings()
+        self.rotary = body.rotary_emb
+        self.eps = float(body.norm.variance_epsilon)
+        self.final_norm = body.norm.weight.detach().to(self.dtype)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.inter = cfg.intermediate_size
+        self.layers = [self._layer(layer, quant) for layer in body.layers]
+        self._cos = self._sin = torch.empty(0)
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why `model` cannot take the lean path, or None when it can."""
+        if not hasattr(model, "get_decoder"):
+            return "no get_decoder()"
+        cfg = model.config.get_text_config()
+        if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:
+            return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {LEAN_MODEL_TYPES}"
+        if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+            return "not a SiLU MLP"
+        if (getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)) or any(
+                kind != "full_attention" for kind in getattr(cfg, "layer_types", None) or []):
+            return "sliding-window attention"
+        body = model.get_decoder()
+        for layer in getattr(body, "layers", []):
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                return "attention without q/k/v/o projections"
+            if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+                return "q/k norms"
+            head_dim = attn.q_proj.out_features // cfg.num_attention_heads
+            if abs(getattr(attn, "scaling", head_dim**-0.5) - head_dim**-0.5) > 1e-12:
+                return "attention scaling other than 1/sqrt(head_dim)"
+        if not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
+            return "no rotary embedding or final norm"
+        return None
+
+    @classmethod
+    def build(cls, model, quant: str | None = None) -> LeanDecoder | None:
+        return None if cls.unsupported(model) else cls(model, quant)
+
+    def _layer(self, layer, quant) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+
+        def fused(*linears):
+            w = torch.cat([lin.weight.detach() for lin in linears])
+            biases = [lin.bias for lin in linears]
+            b = None if all(x is None for x in biases) else torch.cat(
+                [x.detach() if x is not None else w.new_zeros(lin.out_features) for x, lin in zip(biases, linears)])
+            return _linear(w, b, quant, self.dtype)
+
+        return {
+            "norm1": layer.input_layernorm.weight.detach().to(self.dtype),
+            "norm2": layer.post_attention_layernorm.weight.detach().to(self.dtype),
+            "qkv": fused(attn.q_proj, attn.k_proj, attn.v_proj),
+            "o": fused(attn.o_proj),
+            "gate_up": fused(mlp.gate_proj, mlp.up_proj),
+            "down": fused(mlp.down_proj),
+        }
+
+    def new_cache(self, cache) -> KVBuffer:
+        """The draft's cache after its prefill (a DynamicCache), as this path's `KVBuffer`."""
+        return KVBuffer.from_cache(cache, self.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None,
+                 cache: KVBuffer) -> torch.Tensor:
+        """tokens, positions: [n]; bias: [1, 1, n, length + n] additive mask (None: causal).
+        Appends the n positions to `cache`; returns the final-normed hidden states [n, hidden]."""
+        n, past = tokens.numel(), cache.length
+        x = self.embed(tokens).to(self.dtype)  # [n, hidden]
+        cos, sin = self._rope(positions)  # [1, n, head_dim] each
+        mask = self._mask(bias, n, past, x.device)
+        q_end = self.heads * self.head_dim
+        k_end = q_end + self.kv_heads * self.head_dim
+        for i, p in enumerate(self.layers):
+            qkv = p["qkv"](self._norm(x, p["norm1"]))
+            q = qkv[:, :q_end].view(n, self.heads, self.head_dim).transpose(0, 1)
+            k = qkv[:, q_end:k_end].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            v = qkv[:, k_end:].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            keys, values = cache.write(i, _rotate(k, cos, sin)[None], v[None])
+            att = F.scaled_dot_product_attention(_rotate(q, cos, sin)[None], keys, values, attn_mask=mask,
+                                                 enable_gqa=self.heads != self.kv_heads)
+            x = x + p["o"](att[0].transpose(0, 1).reshape(n, q_end))
+            gate_up = p["gate_up"](self._norm(x, p["norm2"]))
+            x = x + p["down"](F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+        cache.advance(n)
+        return self._norm(x, self.final_norm)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(self.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(positions.max()) + 1
+        if need > self._cos.shape[0]:  # (re)build the table with the model's own rotary embedding
+            size = max(need, 2 * self._cos.shape[0], 1024)
+            pos = torch.arange(size, device=positions.device)[None]
+            probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
+            cos, sin = self.rotary(probe, pos)
+            self._cos, self._sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        return self._cos[positions][None], self._sin[positions][None]
+
+    def _mask(self, bias, n, past, device) -> torch.Tensor | None:
+        if bias is not None:
+            return bias[0, 0].to(self.dtype)[None, None]  # [1, 1, n, past + n] additive
+        if n == 1:
+            return None
+        causal = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
+        return causal[None, None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, rotate-half convention (as transformers' Llama)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str | None, dtype: torch.dtype):
+    if quant == "int8":
+        from .quant import Int8Linear
+
+        return Int8Linear(weight, bias)
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    return lambda x: F.linear(x, w, b)

@@ -1,0 +1,111 @@
+"""The draft's lean decode path (specllava.core.lean): the model's own numbers step after step
+(float32), a faithful KV buffer, the architectures it takes and those it leaves to transformers."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from random_models import llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
+from specllava import SpeculativeDecoder
+from specllava.core.cache import KVBuffer, compact, crop
+from specllava.core.lean import LeanDecoder
+from specllava.core.runner import DraftPath, ModelRunner
+from specllava.core.tree import Tree, ancestor_mask, attention_bias, position_ids
+
+DEEP = dict(min_path_conf=0.0, min_feed_mass=0.0, node_budget=24, max_depth=5, frontier=6)
+
+
+def tiny_qwen2(seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # q/k/v biases (zero at init) must be carried over too
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
+def _tree_logits(model, path, ids, px=None):
+    runner = ModelRunner(model, path=path)
+    with torch.inference_mode():
+        runner.prefill(ids, pixel_values=px)
+        parents = torch.tensor([-1, 0, 0, 1, 2])
+        tree = Tree(tokens=torch.tensor([7, 11, 13, 17, 19]), parents=parents,
+                    depth=torch.tensor([0, 1, 1, 2, 2]), score=torch.ones(5))
+        prefix = runner.length
+        first = runner.forward(tree.tokens, position_ids(tree, prefix), attention_bias(ancestor_mask(parents), prefix, model.dtype))
+        # keep nodes 0 and 2, then feed a causal chain of two (bias None) on top
+        compact(runner.cache, prefix, torch.tensor([0, 2]))
+        second = runner.forward(torch.tensor([23, 29]), torch.arange(prefix + 2, prefix + 4), None)
+    return torch.cat([first, second]), runner
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2"])
+def test_lean_path_gives_the_models_logits(kind):
+    model = tiny_llava(0) if kind == "llava" else tiny_qwen2()
+    ids, px = llava_prompt(2) if kind == "llava" else (text_prompt(2, length=12), None)
+    ref, _ = _tree_logits(model, DraftPath(model, lean=False), ids, px)
+    out, runner = _tree_logits(model, DraftPath(model, lean=True), ids, px)
+    assert runner.path.lean is not None and isinstance(runner.cache, KVBuffer)
+    assert runner.length == ids.shape[1] + 4
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_draft_grows_the_same_trees_and_stays_exact():
+    """Whole decodes: with a float32 draft the lean path proposes the trees transformers' path
+    proposes, step for step (a wrong position, mask or compaction would change them)."""
+    target = tiny_llava(0)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    ids, px = llava_prompt(3)
+    with torch.inference_mode():
+        ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=48, do_sample=False)
+    trees = {}
+    for lean in (False, True):
+        dec = SpeculativeDecoder(target, draft, method="dynamic", draft_quant="none", draft_vocab=90, **DEEP)
+        dec.draft_path = DraftPath(draft, dec.draft_vocab, None, lean=lean)
+        seen = []
+        out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=48,
+                           on_step=lambda tree, verdict: seen.append((tree.tokens.tolist(), tree.parents.tolist())))
+        assert out.sequences.tolist() == ref.tolist()
+        trees[lean] = seen
+    assert len(trees[True]) > 5 and trees[True] == trees[False]
+
+
+def test_default_int8_path_is_lean_and_exact():
+    target = tiny_llava(0)
+    dec = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="dynamic", draft_quant="int8", **DEEP)
+    assert dec.draft_path.lean is not None and dec.draft_path.body is None  # no int8 copy of the HF decoder
+    ids, px = llava_prompt(5)
+    with torch.inference_mode():
+        ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=40, do_sample=False)
+    out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=40)
+    assert out.sequences.tolist() == ref.tolist() and out.stats["mean_accepted"] > 3.0
+
+
+def test_unsupported_drafts_keep_transformers_path():
+    torch.manual_seed(0)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=12)).eval()
+    assert "model_type 'qwen3'" in LeanDecoder.unsupported(qwen3)
+    path = DraftPath(qwen3, quant="int8")
+    assert path.lean is None and path.body is not None
+    with pytest.raises(ValueError, match="no lean draft path"):
+        LeanDecoder(qwen3)
+    assert LeanDecoder.unsupported(tiny_lm(0)) is None
+
+
+def test_kv_buffer_grows_crops_and_compacts():
+    k0 = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 2, 3, 4)
+    buf = KVBuffer([k0.clone()], [-k0.clone()], length=3)  # full: the next write must grow it
+    new = torch.full((1, 2, 2, 4), 7.0)
+    keys, values = buf.write(0, new, -new)
+    buf.advance(2)
+    assert buf.keys[0].shape[2] >= 5 and keys.shape[2] == 5 and buf.get_seq_length() == 5
+    assert torch.equal(keys[:, :, :3], k0) and torch.equal(values[:, :, 3:], -new)
+    compact(buf, 1, torch.tensor([1, 3]))  # keep positions 2 and 4 at 1 and 2
+    assert buf.length == 3
+    assert torch.equal(buf.keys[0][:, :, :3], torch.cat([k0[:, :, :1], k0[:, :, 2:3], new[:, :, 1:]], dim=2))
+    crop(buf, 2)
+    assert buf.length == 2
