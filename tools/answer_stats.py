@@ -2,7 +2,7 @@
 or the `hf` outputs (plain `generate()`) of a `specllava bench` run's `results.json`.
 
     .venv/bin/python tools/answer_stats.py runs/draft3/answers.jsonl runs/draft4/answers.jsonl
-    .venv/bin/python tools/answer_stats.py runs/bench/s4-headline/results.json --vocab 8192 16384
+    .venv/bin/python tools/answer_stats.py runs/bench/s4-headline/results.json --vocab 4096 8192 16384
 
 An answer *loops* when one word 4-gram occurs at least 4 times in it ("a stylized representation
 of a stylized representation of ..."). Looping text is easy to draft, so the share of looping
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+
+from specllava.core.vocab import draft_vocab_ids
 
 
 def loops(text: str, n: int = 4, times: int = 4) -> bool:
@@ -43,6 +45,19 @@ def decode(sections: dict[str, list[list[int]]]) -> dict[str, list[str]]:
             for name, runs in sections.items()}
 
 
+VOCAB_SIZE = 49152  # the default pair's (SmolLM2) vocabulary
+
+
+def default_ranking() -> list[int]:
+    """The shipped default draft's token ranking (read from its file's metadata; no model loaded)."""
+    from safetensors import safe_open
+
+    from specllava.models.shipped import DEFAULT_ASSETS_DIR, DRAFT_WEIGHTS
+
+    with safe_open(str(DEFAULT_ASSETS_DIR / DRAFT_WEIGHTS), "pt") as f:
+        return json.loads(f.metadata()["token_ranking"])
+
+
 def report(name: str, answers: list[str]) -> None:
     if not answers:
         print(f"{name}: no answers")
@@ -59,8 +74,10 @@ def main(argv=None) -> None:
     ap.add_argument("files", nargs="+", help="answers.jsonl files (one {'id', 'answer'} per line) or bench results.json")
     ap.add_argument("--vocab", type=int, nargs="*", default=[], metavar="K",
                     help="results.json: also the share of the target's tokens that a draft vocabulary "
-                         "of the K lowest ids cannot propose (--draft-vocab K)")
+                         "of K ids cannot propose: the K lowest ids, and the default draft's ranked "
+                         "K (--draft-vocab K, specllava.core.vocab)")
     args = ap.parse_args(argv)
+    ranking = default_ranking() if args.vocab else None
     for path in args.files:
         if path.endswith(".json"):
             sections = bench_tokens(path)
@@ -69,8 +86,11 @@ def main(argv=None) -> None:
             for section, runs in sections.items():
                 tokens = [t for run in runs for t in run]
                 for k in args.vocab:
-                    out = sum(t >= k for t in tokens) / max(len(tokens), 1)
-                    print(f"{path} [{section}]: {out:.1%} of {len(tokens)} tokens have ids >= {k}")
+                    low = sum(t >= k for t in tokens) / max(len(tokens), 1)
+                    kept = set(draft_vocab_ids(k, VOCAB_SIZE, ranking).tolist())
+                    ranked = sum(t not in kept for t in tokens) / max(len(tokens), 1)
+                    print(f"{path} [{section}]: of {len(tokens)} tokens, {low:.1%} have ids >= {k}; "
+                          f"{ranked:.1%} lie outside the ranked {k} ({len(ranking)} ranked ids)")
             continue
         with open(path) as f:
             report(path, [json.loads(line)["answer"] for line in f if line.strip()])

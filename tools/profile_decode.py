@@ -23,8 +23,9 @@ from specllava import SpeculativeDecoder
 from specllava.cli import _tree_option
 from specllava.core.cache import crop
 from specllava.core.quant import QUANT_CHOICES, resolve_quant
-from specllava.core.runner import DraftPath, ModelRunner
+from specllava.core.runner import DraftPath, ModelRunner, vocab_size
 from specllava.core.tree import attention_bias
+from specllava.core.vocab import draft_ranking, draft_vocab_ids
 from specllava.models.hf import chat_inputs, load_pair, parse_dtype
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "src" / "specllava" / "assets" / "example.jpg"
@@ -79,7 +80,7 @@ def main() -> None:
         print(f"per step (under the profiler): draft {1e3 * s['time_draft_s'] / steps:.1f} ms, "
               f"verify {1e3 * s['time_verify_s'] / steps:.1f} ms, rest {1e3 * rest / steps:.2f} ms")
         ids = inputs["input_ids"]
-        vocab = torch.arange(args.draft_vocab) if args.draft_vocab else None
+        vocab = draft_vocab_ids(args.draft_vocab, vocab_size(draft), draft_ranking(draft)) if args.draft_vocab else None
         runners = [("target", ModelRunner(target)), ("draft", ModelRunner(draft))]
         if vocab is not None:
             runners.append((f"draft, draft_vocab {args.draft_vocab}", ModelRunner(draft, path=DraftPath(draft, vocab))))

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from .core.config import DEFAULT_PAIR_DRAFT_VOCAB, METHODS, TreeConfig
+from .core.config import DEFAULT_PAIR_DRAFT_VOCAB, DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB, METHODS, TreeConfig, default_pair_draft_vocab
 from .core.quant import QUANT_CHOICES
 
 
@@ -68,8 +68,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--draft-vocab", type=int, default=None, metavar="K",
-        help="let the draft propose only the K lowest token ids (a much cheaper draft head; lossless). "
-        f"Default: {DEFAULT_PAIR_DRAFT_VOCAB} for the embedded default pair, the full vocabulary otherwise",
+        help="let the draft propose only K token ids: its token ranking (the ids of its training answers, most "
+        "frequent first) if it has one, then the lowest ids (a much cheaper draft head; lossless). "
+        f"Default for the embedded default pair: {DEFAULT_PAIR_DRAFT_VOCAB} at temperature 0, "
+        f"{DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB} when sampling; the full vocabulary for any other pair",
     )
     p.add_argument(
         "--draft-quant", choices=QUANT_CHOICES, default="auto",
@@ -123,7 +125,7 @@ def run_generate(args) -> int:
     tokenizer = getattr(processor, "tokenizer", processor)
     draft_vocab = args.draft_vocab
     if draft_vocab is None and args.target is None and draft is not None:
-        draft_vocab = DEFAULT_PAIR_DRAFT_VOCAB
+        draft_vocab = default_pair_draft_vocab(args.temperature)
     tree_options = dict(args.tree_option)
     TreeConfig.from_options(**tree_options)  # fail on a bad option before any calibration
     if args.budget == "auto" and args.method == "dynamic":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..cli import _tree_option
 from ..cli import budget_arg as _budget
-from ..core.config import DEFAULT_PAIR_DRAFT_VOCAB, TreeConfig
+from ..core.config import DEFAULT_PAIR_DRAFT_VOCAB, DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB, TreeConfig, default_pair_draft_vocab
 from ..core.quant import QUANT_CHOICES
 from .methods import ALL_METHODS
 
@@ -91,9 +91,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--budget", type=_budget, default=None, metavar="auto|N",
                      help="dynamic tree node_budget: N, or 'auto' to calibrate it on this machine (cached)")
     run.add_argument("--draft-vocab", type=int, default=None, metavar="K",
-                     help="chain/static/dynamic: the draft proposes only the K lowest token ids (cheaper draft head; "
-                          f"lossless). Default: {DEFAULT_PAIR_DRAFT_VOCAB} for the embedded default pair (as "
-                          "`specllava generate`), the full vocabulary otherwise")
+                     help="chain/static/dynamic: the draft proposes only K token ids, its token ranking first, then the "
+                          "lowest ids (cheaper draft head; "
+                          f"lossless). Default for the embedded default pair (as `specllava generate`): "
+                          f"{DEFAULT_PAIR_DRAFT_VOCAB} at T=0, {DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB} when sampling; the full "
+                          "vocabulary for any other pair")
     run.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                      help="chain/static/dynamic: the draft's decode steps with int8 linears (auto = on a CPU "
                      "with torch's quantized kernels; lossless: only what is proposed changes)")
@@ -187,8 +189,7 @@ def run(args) -> int:
     hf_logging.set_verbosity_error()  # assisted generation warns on every call about its own kwargs
     sets = _prompt_sets(args)
     target, draft, processor, model_info = _load_models(args)
-    if args.draft_vocab is None and args.target is None and args.draft is None:
-        args.draft_vocab = DEFAULT_PAIR_DRAFT_VOCAB  # the default pair runs as `specllava generate` runs it
+    default_pair = args.target is None and args.draft is None
     tree_options = dict(args.tree_option)
     TreeConfig.from_options(**tree_options)  # fail before any timing on a bad option
     out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
@@ -205,8 +206,9 @@ def run(args) -> int:
         first = next(iter(sets.values()))[: args.calibration_prompts]
         inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
         t = time.perf_counter()
+        vocab = args.draft_vocab or (DEFAULT_PAIR_DRAFT_VOCAB if default_pair else None)  # calibrated at T=0
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
-                                               max_new_tokens=args.max_new_tokens, draft_vocab=args.draft_vocab,
+                                               max_new_tokens=args.max_new_tokens, draft_vocab=vocab,
                                                draft_quant=args.draft_quant)
         calibration["seconds"] = time.perf_counter() - t
         calibration["profiled_on"] = [p.id for p in first]
@@ -216,17 +218,20 @@ def run(args) -> int:
     elif args.budget is not None:
         tree_options["node_budget"] = args.budget
 
-    sections, summaries = {}, {}
+    sections, summaries, draft_vocabs = {}, {}, {}
     for set_name, prompts in sets.items():
         for temp in args.temperature:
             if temp < 0:
                 raise ValueError(f"--temperature must be >= 0, got {temp}")
             name = f"{set_name} T={temp:g}"
             variants = dict(args.variant)
+            # the default pair runs as `specllava generate` runs it (its default vocabulary depends on T)
+            vocab = args.draft_vocab or (default_pair_draft_vocab(temp) if default_pair else None)
+            draft_vocabs[name] = vocab
             settings = BenchSettings(
                 methods=tuple(args.methods) + tuple(variants), variants=variants, max_new_tokens=args.max_new_tokens,
                 sampling=Sampling(temp, args.top_k, args.top_p), repeats=args.repeats,
-                warmup=args.warmup, seed=args.seed, tree_options=tree_options, draft_vocab=args.draft_vocab,
+                warmup=args.warmup, seed=args.seed, tree_options=tree_options, draft_vocab=vocab,
                 draft_quant=args.draft_quant,
             )
             sections[name] = run_benchmark(target, draft, processor, prompts, settings,
@@ -240,7 +245,7 @@ def run(args) -> int:
         "machine": machine_info(torch.get_num_threads()),
         "models": {**model_info, "dtype": args.dtype},
         "tree_options": tree_options,
-        "draft_vocab": args.draft_vocab,
+        "draft_vocab": draft_vocabs,  # per section
         "draft_quant": args.draft_quant,
         "calibration": calibration,
         "summary": summaries,
