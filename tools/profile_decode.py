@@ -6,7 +6,8 @@
 Default pair and the shipped example image. Prints (1) the decoder's own time split per step
 (draft, verify, rest), draft forwards per step and the mean accepted length, (2) one-forward costs
 of target and draft (1 and 8 tokens on the same cached prompt; the draft as given, with the
-reduced vocabulary, and with the reduced vocabulary in int8), (3) torch.profiler's op table
+reduced vocabulary, and with the reduced vocabulary in int8; each through transformers' decoder
+and through the lean path of `specllava.core.lean`), (3) torch.profiler's op table
 (self CPU time) over the whole decode. The run is repeated once untimed first (warm-up).
 """
 
@@ -82,11 +83,14 @@ def main() -> None:
         ids = inputs["input_ids"]
         vocab = draft_vocab_ids(args.draft_vocab, vocab_size(draft), draft_ranking(draft)) if args.draft_vocab else None
         runners = [("target", ModelRunner(target)), ("draft", ModelRunner(draft))]
-        if vocab is not None:
-            runners.append((f"draft, draft_vocab {args.draft_vocab}", ModelRunner(draft, path=DraftPath(draft, vocab))))
-        if resolve_quant("auto", draft.device):
-            label = f"draft, int8{f', draft_vocab {args.draft_vocab}' if vocab is not None else ''}"
-            runners.append((label, ModelRunner(draft, path=DraftPath(draft, vocab, "int8"))))
+        quants = [None] + (["int8"] if resolve_quant("auto", draft.device) else [])
+        for quant in quants:
+            if quant is None and vocab is None:
+                continue
+            for lean in (False, True):  # transformers' decoder, then core.lean's lean path
+                label = ", ".join(x for x in ("draft", quant, f"draft_vocab {args.draft_vocab}" if vocab is not None else "",
+                                              "lean path" if lean else "transformers' decoder") if x)
+                runners.append((label, ModelRunner(draft, path=DraftPath(draft, vocab, quant, lean=lean))))
         for name, runner in runners:
             runner.prefill(torch.randint(10, 8000, ids.shape))  # text tokens: the cost depends on the length only
             print(f"one forward, {name}: 1 token {forward_ms(runner, 1):.1f} ms, 8 tokens {forward_ms(runner, 8):.1f} ms")
