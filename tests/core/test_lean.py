@@ -109,3 +109,14 @@ def test_kv_buffer_grows_crops_and_compacts():
     assert torch.equal(buf.keys[0][:, :, :3], torch.cat([k0[:, :, :1], k0[:, :, 2:3], new[:, :, 1:]], dim=2))
     crop(buf, 2)
     assert buf.length == 2
+
+
+def test_rotary_table_grows_and_matches_the_models_rotary_embedding():
+    model = tiny_lm(0)
+    lean = LeanDecoder(model)
+    for positions in (torch.tensor([3, 9]), torch.tensor([2500, 7])):  # the second outgrows the first table
+        cos, sin = lean._rope(positions)
+        ref_cos, ref_sin = model.model.rotary_emb(torch.zeros(1), positions[None])
+        torch.testing.assert_close(cos, ref_cos)
+        torch.testing.assert_close(sin, ref_sin)
+    assert lean._table[0].shape[0] >= 2501

@@ -46,7 +46,7 @@ class LeanDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.inter = cfg.intermediate_size
         self.layers = [self._layer(layer, quant) for layer in body.layers]
-        self._cos = self._sin = torch.empty(0)
+        self._table = (torch.empty(0), torch.empty(0))  # rotary (cos, sin) per position, grown on demand
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -133,14 +133,16 @@ class LeanDecoder:
         return weight * h.to(self.dtype)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._table  # one read: requests in other threads may replace the table meanwhile
         need = int(positions.max()) + 1
-        if need > self._cos.shape[0]:  # (re)build the table with the model's own rotary embedding
-            size = max(need, 2 * self._cos.shape[0], 1024)
+        if need > cos.shape[0]:  # (re)build the table with the model's own rotary embedding
+            size = max(need, 2 * cos.shape[0], 1024)
             pos = torch.arange(size, device=positions.device)[None]
             probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
             cos, sin = self.rotary(probe, pos)
-            self._cos, self._sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
-        return self._cos[positions][None], self._sin[positions][None]
+            cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+            self._table = (cos, sin)
+        return cos[positions][None], sin[positions][None]
 
     def _mask(self, bias, n, past, device) -> torch.Tensor | None:
         if bias is not None:
