@@ -1,8 +1,9 @@
 """The draft's lean decode path: its decoder layers as a few tensor ops each, on a `KVBuffer`.
 
-A small draft's decode step on a CPU is mostly Python around small matrix products: for the
-shipped 3-layer draft, transformers' decoder spends about as long building masks, rotary tables,
-cache updates and output objects as it does multiplying. Only the draft runs here, and what the
+A small draft's decode step on a CPU is mostly Python around small matrix products (masks,
+rotary tables, cache updates, output objects): one forward of the shipped 3-layer draft (int8,
+2048-token head, bf16 model, 2 threads) took 4.4 ms through transformers' decoder and 1.3 ms here
+(`tools/profile_decode.py --threads 2 --dtype bfloat16 --draft-vocab 2048`). Only the draft runs here, and what the
 target emits never depends on the draft's numerics (the draft only proposes; verification
 decides), so the draft may take a shorter road to nearly the same numbers:
 
