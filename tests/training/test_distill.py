@@ -134,3 +134,17 @@ def test_draft_init_from_a_target_built_draft_keeps_the_shared_vocabulary_rows_f
     other = tmp_path / "other"
     draft.save_pretrained(other)
     assert not make_draft(target, DistillConfig(target=None, data=None, draft_init=other))[1]
+
+
+def test_answers_ranking_ranks_the_regenerated_answers(tmp_path, tiny_models):
+    """`ship-default` ranks a run's answers.jsonl for a draft trained before drafts carried a ranking."""
+    from specllava.training.distill import answers_ranking
+
+    _, processor = tiny_models
+    tok = processor.tokenizer
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "answer": a}) + "\n" for i, a in enumerate(["abab", "bc"])))
+    a, b, c = (tok("a", add_special_tokens=False).input_ids[0], tok("b", add_special_tokens=False).input_ids[0],
+               tok("c", add_special_tokens=False).input_ids[0])
+    assert answers_ranking(path, tok) == [b, a, c]  # b three times, a twice, c once
+    assert answers_ranking(tmp_path / "missing.jsonl", tok) is None
