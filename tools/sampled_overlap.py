@@ -1,0 +1,68 @@
+"""How often can a sampled draft token be accepted at all? sum_x min(p(x), q(x)) on the target's own
+sampled text: the probability that speculative sampling accepts a single draft candidate, per
+position (tree drafting adds candidates, but not beyond what q and p share).
+
+    .venv/bin/python tools/sampled_overlap.py [--in-domain 6] [--photos 4] [--max-new-tokens 64] \
+        [--draft-vocab 4096] [--draft-temperature 0.5 0.8 1.0 1.2] [--threads 2]
+
+Default pair in float32. Each prompt is answered by `target.generate(do_sample=True, temperature=1)`
+(seeded per prompt); one forward of the target and of the draft over the whole answer gives p (T=1)
+and q at every answer position. q is the draft's softmax at each `--draft-temperature`, over the
+ranked `--draft-vocab` ids (`specllava.core.vocab`; 0 = the full vocabulary). Prints the mean
+overlap per draft temperature, and the full-vocabulary overlap at temperature 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from specllava.bench.harness import prepare_inputs
+from specllava.bench.prompts import builtin_set
+from specllava.core.runner import vocab_size
+from specllava.core.vocab import draft_ranking, draft_vocab_ids
+from specllava.models import load_default_models
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--in-domain", type=int, default=6, help="prompts from the in-domain set")
+    ap.add_argument("--photos", type=int, default=4, help="prompts from the out-of-domain set")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--draft-vocab", type=int, default=4096)
+    ap.add_argument("--draft-temperature", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    m = load_default_models(dtype=torch.float32)
+    target, draft = m.target, m.draft
+    size = vocab_size(draft)
+    ids = draft_vocab_ids(args.draft_vocab, size, draft_ranking(draft)) if args.draft_vocab else torch.arange(size)
+    prompts = builtin_set("in-domain")[: args.in_domain] + builtin_set("out-of-domain")[: args.photos]
+    overlap = {tau: [] for tau in args.draft_temperature}
+    full = []
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            inp = prepare_inputs(m.processor, prompt, target.dtype)
+            torch.manual_seed(i)
+            out = target.generate(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"],
+                                  max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+            start = inp["input_ids"].shape[1] - 1  # logits at start predict the first answer token
+            p = target(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1].softmax(-1)
+            d = draft(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1]
+            for tau in args.draft_temperature:
+                q = torch.zeros_like(p)
+                q[:, ids] = (d[:, ids] / tau).softmax(-1)
+                overlap[tau].append(torch.minimum(p, q).sum(-1))
+            full.append(torch.minimum(p, d.softmax(-1)).sum(-1))
+    n = sum(x.numel() for x in full)
+    print(f"{len(prompts)} prompts, {n} sampled answer positions; draft vocabulary {args.draft_vocab or size} (ranked)")
+    for tau in args.draft_temperature:
+        print(f"draft temperature {tau:g}: mean sum min(p, q) = {torch.cat(overlap[tau]).mean():.3f}")
+    print(f"full vocabulary, draft temperature 1: {torch.cat(full).mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
