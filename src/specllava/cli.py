@@ -14,7 +14,8 @@ import argparse
 import json
 import sys
 
-from .core.config import DEFAULT_PAIR_DRAFT_VOCAB, DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB, METHODS, TreeConfig, default_pair_draft_vocab
+from .core.config import METHODS, TreeConfig
+from .core.vocab import default_draft_vocab
 from .core.quant import QUANT_CHOICES
 
 
@@ -70,8 +71,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--draft-vocab", type=int, default=None, metavar="K",
         help="let the draft propose only K token ids: its token ranking (the ids of its training answers, most "
         "frequent first) if it has one, then the lowest ids (a much cheaper draft head; lossless). "
-        f"Default for the embedded default pair: {DEFAULT_PAIR_DRAFT_VOCAB} at temperature 0, "
-        f"{DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB} when sampling; the full vocabulary for any other pair",
+        "Default: for a draft with a token ranking (the default draft, any train-draft output) the ranking's "
+        "length rounded up to a power of two at temperature 0 (2048 for the default pair), twice that when "
+        "sampling; the full vocabulary for a draft without one",
     )
     p.add_argument(
         "--draft-quant", choices=QUANT_CHOICES, default="auto",
@@ -124,8 +126,8 @@ def run_generate(args) -> int:
     inputs = chat_inputs(processor, args.prompt, image)
     tokenizer = getattr(processor, "tokenizer", processor)
     draft_vocab = args.draft_vocab
-    if draft_vocab is None and args.target is None and draft is not None:
-        draft_vocab = default_pair_draft_vocab(args.temperature)
+    if draft_vocab is None:
+        draft_vocab = default_draft_vocab(draft, args.temperature)
     tree_options = dict(args.tree_option)
     TreeConfig.from_options(**tree_options)  # fail on a bad option before any calibration
     if args.budget == "auto" and args.method == "dynamic":

@@ -36,3 +36,14 @@ def test_decoder_takes_the_drafts_ranking_and_stays_exact():
     out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=24)
     assert out.sequences.tolist() == ref.tolist()
     assert out.stats["mean_accepted"] > 2.0  # an identical draft that can propose every answer token
+
+
+def test_cli_default_vocabulary_follows_the_drafts_ranking():
+    from specllava.core.vocab import default_draft_vocab
+
+    draft = tiny_llava(1)  # 96-token vocabulary
+    assert default_draft_vocab(draft, 0.0) is None and default_draft_vocab(None, 0.0) is None  # no ranking
+    draft.config.token_ranking = list(range(3, 23))  # 20 ids -> 32 at T=0, 64 when sampling
+    assert default_draft_vocab(draft, 0.0) == 32 and default_draft_vocab(draft, 1.0) == 64
+    draft.config.token_ranking = list(range(70))  # 128 would exceed the vocabulary
+    assert default_draft_vocab(draft, 0.0) == 96 and default_draft_vocab(draft, 0.7) == 96

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..cli import _tree_option
 from ..cli import budget_arg as _budget
-from ..core.config import DEFAULT_PAIR_DRAFT_VOCAB, DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB, TreeConfig, default_pair_draft_vocab
+from ..core.config import TreeConfig
+from ..core.vocab import default_draft_vocab
 from ..core.quant import QUANT_CHOICES
 from .methods import ALL_METHODS
 
@@ -93,9 +94,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--draft-vocab", type=int, default=None, metavar="K",
                      help="chain/static/dynamic: the draft proposes only K token ids, its token ranking first, then the "
                           "lowest ids (cheaper draft head; "
-                          f"lossless). Default for the embedded default pair (as `specllava generate`): "
-                          f"{DEFAULT_PAIR_DRAFT_VOCAB} at T=0, {DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB} when sampling; the full "
-                          "vocabulary for any other pair")
+                          "lossless). Default (as `specllava generate`): for a draft with a token ranking, its length "
+                          "rounded up to a power of two at T=0 (2048 for the default pair), twice that when sampling; "
+                          "the full vocabulary for a draft without one")
     run.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                      help="chain/static/dynamic: the draft's decode steps with int8 linears (auto = on a CPU "
                      "with torch's quantized kernels; lossless: only what is proposed changes)")
@@ -189,7 +190,6 @@ def run(args) -> int:
     hf_logging.set_verbosity_error()  # assisted generation warns on every call about its own kwargs
     sets = _prompt_sets(args)
     target, draft, processor, model_info = _load_models(args)
-    default_pair = args.target is None and args.draft is None
     tree_options = dict(args.tree_option)
     TreeConfig.from_options(**tree_options)  # fail before any timing on a bad option
     out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
@@ -206,7 +206,7 @@ def run(args) -> int:
         first = next(iter(sets.values()))[: args.calibration_prompts]
         inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
         t = time.perf_counter()
-        vocab = args.draft_vocab or (DEFAULT_PAIR_DRAFT_VOCAB if default_pair else None)  # calibrated at T=0
+        vocab = args.draft_vocab or default_draft_vocab(draft, 0)  # calibrated at T=0
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
                                                max_new_tokens=args.max_new_tokens, draft_vocab=vocab,
                                                draft_quant=args.draft_quant)
@@ -225,8 +225,8 @@ def run(args) -> int:
                 raise ValueError(f"--temperature must be >= 0, got {temp}")
             name = f"{set_name} T={temp:g}"
             variants = dict(args.variant)
-            # the default pair runs as `specllava generate` runs it (its default vocabulary depends on T)
-            vocab = args.draft_vocab or (default_pair_draft_vocab(temp) if default_pair else None)
+            # as `specllava generate` runs it: the default vocabulary depends on the draft and T
+            vocab = args.draft_vocab or default_draft_vocab(draft, temp)
             draft_vocabs[name] = vocab
             settings = BenchSettings(
                 methods=tuple(args.methods) + tuple(variants), variants=variants, max_new_tokens=args.max_new_tokens,

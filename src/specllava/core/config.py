@@ -19,23 +19,6 @@ DEFAULT_STATIC_CHOICES: tuple[tuple[int, ...], ...] = (
 )
 
 
-# The CLI's `--draft-vocab` default for the embedded default pair (other pairs: the full vocabulary).
-# Since the fifth session the default draft ships a token ranking (core/vocab.py): K=2048 keeps the
-# 1564 distinct tokens of the target's distillation answers and the 484 lowest other ids. In two
-# interleaved runs (docs/benchmarks.md, fifth session) it ran 2.48x and 2.63x hf in-domain at T=0
-# against 2.20x and 2.35x for the ranked 32768, with a higher mean accepted length (3.88 vs 3.67),
-# since the draft no longer spends its confidence on tokens the target does not write. When sampling,
-# the target's text is more varied (the ranked 2048 miss 16.5 % of its sampled tokens, 4096 12.7 %) and
-# 4096 ran faster than 2048 in both interleaved T=1 runs (in-domain 1.57x against 1.26x, photos
-# 1.46x against 1.36x).
-DEFAULT_PAIR_DRAFT_VOCAB = 2048
-DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB = 4096
-
-
-def default_pair_draft_vocab(temperature: float) -> int:
-    """The CLI's `--draft-vocab` default for the embedded default pair at this temperature (0 = greedy)."""
-    return DEFAULT_PAIR_DRAFT_VOCAB if temperature == 0 else DEFAULT_PAIR_SAMPLED_DRAFT_VOCAB
-
 GREEDY_NODE_BUDGET = 32  # TreeConfig.node_budget=None at T=0
 SAMPLED_NODE_BUDGET = 8  # ... and when sampling
 
