@@ -47,3 +47,28 @@ def test_cli_default_vocabulary_follows_the_drafts_ranking():
     assert default_draft_vocab(draft, 0.0) == 32 and default_draft_vocab(draft, 1.0) == 64
     draft.config.token_ranking = list(range(70))  # 128 would exceed the vocabulary
     assert default_draft_vocab(draft, 0.0) == 96 and default_draft_vocab(draft, 0.7) == 96
+
+
+def test_api_auto_vocabulary_uses_one_path_per_temperature():
+    target = tiny_llava(0)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    ids, px = llava_prompt(2)
+    assert SpeculativeDecoder(target, draft, method="dynamic").draft_vocab is None  # no ranking: full vocabulary
+    draft.config.token_ranking = list(range(3, 23))  # 20 ids: 32 greedy, 64 sampled
+    dec = SpeculativeDecoder(target, draft, method="dynamic")  # draft_vocab="auto" is the default
+    assert dec.draft_vocab.numel() == 32 and dec.sampled_draft_vocab.numel() == 64
+    assert dec.draft_path.vocab_ids.numel() == 32 and dec.sampled_draft_path.vocab_ids.numel() == 64
+    seen = []
+    with torch.inference_mode():
+        ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=24, do_sample=False)
+    out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=24, on_step=lambda t, v: seen.append(t.tokens[1:]))
+    assert out.sequences.tolist() == ref.tolist()
+    assert set(torch.cat(seen).tolist()) <= set(dec.draft_vocab.tolist())
+    seen.clear()
+    dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=24, do_sample=True, seed=0,
+                 on_step=lambda t, v: seen.append(t.tokens[1:]))
+    drawn = set(torch.cat(seen).tolist())
+    assert drawn <= set(dec.sampled_draft_vocab.tolist()) and drawn - set(dec.draft_vocab.tolist())  # the wider path
+    with pytest.raises(ValueError, match="draft_vocab must be 'auto'"):
+        SpeculativeDecoder(target, draft, method="dynamic", draft_vocab="all")
+    assert SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=None).draft_vocab is None

@@ -242,9 +242,7 @@ def replay_tau(steps: list[dict], budget: int) -> float:
 def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, cost: CostCurve,
                        max_budget: int = 96, max_new_tokens: int = 96, draft_vocab: int | None = None,
                        draft_quant: str = "auto") -> AcceptanceProfile:
-    opts = {**tree_options, "node_budget": max_budget, "draft_quant": draft_quant}
-    if draft_vocab:
-        opts["draft_vocab"] = draft_vocab
+    opts = {**tree_options, "node_budget": max_budget, "draft_quant": draft_quant, "draft_vocab": draft_vocab or None}
     steps, rest = [], []
     for inp in inputs:
         dec = SpeculativeDecoder(target, draft, method="dynamic", **opts)

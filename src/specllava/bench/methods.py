@@ -107,7 +107,7 @@ class MethodRunner:
                 self.decoder = SpeculativeDecoder(target, None, method="ar")
             else:
                 # draft_vocab and draft_quant only ever change what the draft proposes, never the output
-                extra = {"draft_vocab": draft_vocab} if draft_vocab else {}
+                extra = {"draft_vocab": draft_vocab or None}  # None: the full vocabulary (the CLI resolves defaults)
                 extra["draft_quant"] = draft_quant
                 extra["draft_lean"] = draft_lean
                 self.decoder = SpeculativeDecoder(target, draft, method=method, **extra, **(tree_options or {}))

@@ -32,7 +32,7 @@ from .runner import DraftPath, ModelRunner, image_token_id, is_vlm, vocab_size
 from .sampling import SamplingParams, processed_probs
 from .tree import ancestor_mask, attention_bias, position_ids, root_only
 from .verify import draw, verify_greedy, verify_sampling
-from .vocab import draft_ranking, draft_vocab_ids
+from .vocab import default_draft_vocab, draft_ranking, draft_vocab_ids
 from .vision import capture_projector_input, draft_image_inputs, shares_vision_tower
 
 
@@ -54,8 +54,11 @@ class SpeculativeDecoder:
             much cheaper (its LM head is most of its cost): an int K takes the draft's token
             ranking first (`config.token_ranking`, the ids its training answers used, most frequent
             first; `core.vocab`), then the lowest remaining ids (BPE and SentencePiece vocabularies
-            put frequent tokens first); or pass a LongTensor of ids. Lossless either way: it only
-            changes what is proposed.
+            put frequent tokens first); or pass a LongTensor of ids; None = the full vocabulary.
+            "auto" (default): for a draft with a token ranking, `core.vocab.default_draft_vocab`'s
+            K, one for greedy and one for sampled requests (2048 and 4096 for the default pair);
+            the full vocabulary for a draft without one. Lossless either way: it only changes what
+            is proposed.
     draft_quant: "auto" (default) runs the draft's decode steps with int8 linears when the draft
             is on a CPU that has torch's quantized kernels (2.4x faster for the shipped draft here), "int8"
             insists on it, "none" keeps the draft as given. Lossless either way, like draft_vocab:
@@ -72,7 +75,7 @@ class SpeculativeDecoder:
         draft=None,
         method: str = "dynamic",
         config: TreeConfig | None = None,
-        draft_vocab: int | torch.Tensor | None = None,
+        draft_vocab: int | torch.Tensor | str | None = "auto",
         draft_quant: str | None = "auto",
         draft_lean: bool = True,
         **tree_options,
@@ -94,8 +97,18 @@ class SpeculativeDecoder:
             if is_vlm(draft) and not is_vlm(target):
                 raise ValueError("a vision-language draft needs a vision-language target (the target is text-only)")
         self.target, self.draft, self.method = target, draft, method
-        self.draft_vocab = self._draft_vocab_ids(draft_vocab)
-        self.draft_path = self._draft_path(draft_quant, draft_lean)
+        if isinstance(draft_vocab, str) and draft_vocab == "auto":  # from the draft's token ranking, per
+            greedy, sampled = (default_draft_vocab(draft, t) for t in (0.0, 1.0))  # temperature (None without)
+        elif isinstance(draft_vocab, str):
+            raise ValueError(f"draft_vocab must be 'auto', None, an int or a LongTensor of ids, got {draft_vocab!r}")
+        else:
+            greedy = sampled = draft_vocab
+        self.draft_vocab = self._draft_vocab_ids(greedy)
+        self.draft_path = self._draft_path(draft_quant, draft_lean, self.draft_vocab)
+        self.sampled_draft_vocab, self.sampled_draft_path = self.draft_vocab, self.draft_path
+        if sampled is not greedy and sampled != greedy:  # (two ints from "auto"; a tensor is one object)
+            self.sampled_draft_vocab = self._draft_vocab_ids(sampled)
+            self.sampled_draft_path = self._draft_path(draft_quant, draft_lean, self.sampled_draft_vocab)
         # the draft's prefill reuses the target's vision features (identical vision towers)
         self.shares_vision = method != "ar" and shares_vision_tower(target, draft)
 
@@ -207,7 +220,7 @@ class SpeculativeDecoder:
         """vision: the target's selected vision features for this image, when the draft can reuse them."""
         if self.method == "ar":
             return None
-        runner = ModelRunner(self.draft, path=self.draft_path)
+        runner = ModelRunner(self.draft, path=self.sampled_draft_path if params.do_sample else self.draft_path)
         if is_vlm(self.draft) and vision is not None:
             runner.prefill(input_ids.to(self.draft.device), mm_encoder_outputs=draft_image_inputs(self.draft, vision))
         elif is_vlm(self.draft):
@@ -224,17 +237,17 @@ class SpeculativeDecoder:
         # sampling: the dynamic tree draws its candidates from q with the request's generator
         return Drafter(runner, self.method, self.config, temperature=params.temperature, generator=generator)
 
-    def _draft_path(self, draft_quant, lean: bool = True) -> DraftPath | None:
+    def _draft_path(self, draft_quant, lean: bool, vocab: torch.Tensor | None) -> DraftPath | None:
         """How the draft's decode steps run (None: the draft model's own forward)."""
         if self.draft is None or self.method == "ar":
             return None
         quant = resolve_quant(draft_quant, self.draft.device)
-        if quant is None and self.draft_vocab is None:
+        if quant is None and vocab is None:
             return None
         try:
-            return DraftPath(self.draft, self.draft_vocab, quant, lean=lean)
+            return DraftPath(self.draft, vocab, quant, lean=lean)
         except ValueError:
-            if draft_quant != "auto" or self.draft_vocab is not None:
+            if draft_quant != "auto" or vocab is not None:
                 raise
             return None  # "auto" on a draft whose head does not allow it: run it as given
 

@@ -274,7 +274,9 @@ def measure_acceptance(target, draft, processor, records: list[dict], image_root
     """Dynamic-tree speculative decoding at T=0 on the first question of ``n`` records.
 
     decoder_options: passed to `SpeculativeDecoder` (tree options, draft_vocab, draft_quant);
-    the defaults are what `specllava generate` runs on a custom pair.
+    the defaults are what `specllava generate` runs on a custom pair at T=0 (a draft with a token
+    ranking, as `train-draft` saves it, proposes from its ranked vocabulary; the result's
+    ``draft_vocab`` says how many ids, None for the full vocabulary).
 
     tau = total emitted tokens / total target forwards (prefill included, as `SpeculativeDecoder`
     counts it); also the per-forward costs measured inside the loop.
@@ -301,7 +303,9 @@ def measure_acceptance(target, draft, processor, records: list[dict], image_root
     tau = totals["new_tokens"] / max(totals["target_forwards"], 1)
     steps = max(totals["steps"], 1)
     draft_fwd = max(totals["draft_forwards"] - totals["prompts"], 1)  # minus each prompt's prefill
+    vocab = decoder.draft_vocab
     return {"mean_accepted": tau, **totals, "accept_hist": hist,
+            "draft_vocab": None if vocab is None else int(vocab.numel()),  # None: the full vocabulary
             "ms_per_verify": 1000 * totals["time_verify_s"] / steps,
             "ms_per_draft_forward": 1000 * totals["time_draft_s"] / draft_fwd,
             "draft_forwards_per_step": draft_fwd / steps,
