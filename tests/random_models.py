@@ -91,6 +91,20 @@ def text_prompt(seed: int, length: int = 8, vocab: int = VOCAB):
     return torch.cat([torch.tensor([1]), torch.randint(3, vocab - 1, (length - 1,), generator=g)])[None]
 
 
+@torch.inference_mode()
+def feed_tree(runner) -> tuple[torch.Tensor, int]:
+    """Feed a fixed 5-node tree (a root, two children, one grandchild under each) through a
+    prefilled `ModelRunner` with its tree mask; returns (logits [5, V], the prefix length)."""
+    from specllava.core.tree import Tree, ancestor_mask, attention_bias, position_ids
+
+    parents = torch.tensor([-1, 0, 0, 1, 2])
+    tree = Tree(tokens=torch.tensor([7, 11, 13, 17, 19]), parents=parents,
+                depth=torch.tensor([0, 1, 1, 2, 2]), score=torch.ones(5))
+    prefix = runner.length
+    bias = attention_bias(ancestor_mask(parents), prefix, runner.dtype)
+    return runner.forward(tree.tokens, position_ids(tree, prefix), bias), prefix
+
+
 def chi2_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> float:
     """Pearson chi-square goodness of fit of observed `counts` to exact `probs` (outcome -> value).
 

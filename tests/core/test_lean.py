@@ -5,12 +5,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from random_models import llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
+from random_models import feed_tree, llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
 from specllava import SpeculativeDecoder
 from specllava.core.cache import KVBuffer, compact, crop
 from specllava.core.lean import LeanDecoder
 from specllava.core.runner import DraftPath, ModelRunner
-from specllava.core.tree import Tree, ancestor_mask, attention_bias, position_ids
 
 DEEP = dict(min_path_conf=0.0, min_feed_mass=0.0, node_budget=24, max_depth=5, frontier=6)
 
@@ -31,11 +30,7 @@ def _tree_logits(model, path, ids, px=None):
     runner = ModelRunner(model, path=path)
     with torch.inference_mode():
         runner.prefill(ids, pixel_values=px)
-        parents = torch.tensor([-1, 0, 0, 1, 2])
-        tree = Tree(tokens=torch.tensor([7, 11, 13, 17, 19]), parents=parents,
-                    depth=torch.tensor([0, 1, 1, 2, 2]), score=torch.ones(5))
-        prefix = runner.length
-        first = runner.forward(tree.tokens, position_ids(tree, prefix), attention_bias(ancestor_mask(parents), prefix, model.dtype))
+        first, prefix = feed_tree(runner)
         # keep nodes 0 and 2, then feed a causal chain of two (bias None) on top
         compact(runner.cache, prefix, torch.tensor([0, 2]))
         second = runner.forward(torch.tensor([23, 29]), torch.arange(prefix + 2, prefix + 4), None)

@@ -4,7 +4,7 @@ it was made from, and changes nothing the target emits."""
 import pytest
 import torch
 
-from random_models import llava_prompt, perturbed_copy, tiny_llava
+from random_models import feed_tree, llava_prompt, perturbed_copy, tiny_llava
 from specllava import SpeculativeDecoder
 from specllava.core.quant import Int8Linear, int8_decoder, int8_supported, resolve_quant
 
@@ -88,18 +88,12 @@ def test_quant_choices_and_errors():
 def _tree_logits(model, path, vocab_ids=None):
     """Logits of a 5-node tree fed on top of a prefilled prompt, through `path` (None: the model)."""
     from specllava.core.runner import ModelRunner
-    from specllava.core.tree import Tree, ancestor_mask, attention_bias, position_ids
 
     ids, px = llava_prompt(2)
     runner = ModelRunner(model, path=path)
     with torch.inference_mode():
         runner.prefill(ids, pixel_values=px)
-        parents = torch.tensor([-1, 0, 0, 1, 2])
-        tree = Tree(tokens=torch.tensor([7, 11, 13, 17, 19]), parents=parents,
-                    depth=torch.tensor([0, 1, 1, 2, 2]), score=torch.ones(5))
-        prefix = runner.length
-        bias = attention_bias(ancestor_mask(parents), prefix, model.dtype)
-        logits = runner.forward(tree.tokens, position_ids(tree, prefix), bias)
+    logits, _ = feed_tree(runner)
     return logits if vocab_ids is None else logits[:, vocab_ids]
 
 

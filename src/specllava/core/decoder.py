@@ -97,16 +97,16 @@ class SpeculativeDecoder:
             if is_vlm(draft) and not is_vlm(target):
                 raise ValueError("a vision-language draft needs a vision-language target (the target is text-only)")
         self.target, self.draft, self.method = target, draft, method
-        if isinstance(draft_vocab, str) and draft_vocab == "auto":  # from the draft's token ranking, per
-            greedy, sampled = (default_draft_vocab(draft, t) for t in (0.0, 1.0))  # temperature (None without)
-        elif isinstance(draft_vocab, str):
-            raise ValueError(f"draft_vocab must be 'auto', None, an int or a LongTensor of ids, got {draft_vocab!r}")
-        else:
-            greedy = sampled = draft_vocab
-        self.draft_vocab = self._draft_vocab_ids(greedy)
+        sampled = draft_vocab
+        if isinstance(draft_vocab, str):
+            if draft_vocab != "auto":
+                raise ValueError(f"draft_vocab must be 'auto', None, an int or a LongTensor of ids, got {draft_vocab!r}")
+            # from the draft's token ranking, one K per kind of request (None: a draft without one)
+            draft_vocab, sampled = default_draft_vocab(draft, 0.0), default_draft_vocab(draft, 1.0)
+        self.draft_vocab = self._draft_vocab_ids(draft_vocab)
         self.draft_path = self._draft_path(draft_quant, draft_lean, self.draft_vocab)
         self.sampled_draft_vocab, self.sampled_draft_path = self.draft_vocab, self.draft_path
-        if sampled is not greedy and sampled != greedy:  # (two ints from "auto"; a tensor is one object)
+        if isinstance(sampled, int) and sampled != draft_vocab:  # only "auto" gives two sizes
             self.sampled_draft_vocab = self._draft_vocab_ids(sampled)
             self.sampled_draft_path = self._draft_path(draft_quant, draft_lean, self.sampled_draft_vocab)
         # the draft's prefill reuses the target's vision features (identical vision towers)

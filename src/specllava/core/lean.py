@@ -15,7 +15,7 @@ decides), so the draft may take a shorter road to nearly the same numbers:
 With int8 weights (`core.quant`) activations stay in float32 (the int8 kernels take and return
 float32, so no casts); otherwise they stay in the model's dtype, norms in float32 as transformers
 computes them. Supported: Llama-style decoders (model_type llama, mistral or qwen2, full attention,
-SiLU MLP, optional q/k/v biases, no q/k norms); `LeanDecoder.supports` says whether a model is one,
+SiLU MLP, optional q/k/v biases, no q/k norms); `LeanDecoder.unsupported` says why a model is not one,
 and any other draft keeps transformers' own forward.
 """
 
@@ -146,8 +146,8 @@ class LeanDecoder:
         return cos[positions][None], sin[positions][None]
 
     def _mask(self, bias, n, past, device) -> torch.Tensor | None:
-        if bias is not None:
-            return bias[0, 0].to(self.dtype)[None, None]  # [1, 1, n, past + n] additive
+        if bias is not None:  # [1, 1, n, past + n] additive, built in this path's dtype (ModelRunner.dtype)
+            return bias.to(self.dtype)
         if n == 1:
             return None
         causal = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)

@@ -107,6 +107,9 @@ class ModelRunner:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype decode steps compute in (masks are built in it): a lean path's own, else the model's."""
+        if self.path is not None and self.path.lean is not None:
+            return self.path.lean.dtype
         return self.model.dtype
 
     @property

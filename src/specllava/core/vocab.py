@@ -18,6 +18,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .runner import vocab_size
+
 RANKING_ATTR = "token_ranking"  # on the draft's (top-level) config; saved in config.json
 
 
@@ -50,8 +52,6 @@ def default_draft_vocab(draft, temperature: float) -> int | None:
     ranking = draft_ranking(draft) if draft is not None else None
     if not ranking:
         return None
-    from .runner import vocab_size
-
     k = 1 << (len(ranking) - 1).bit_length()
     return min(2 * k if temperature > 0 else k, vocab_size(draft))
 
