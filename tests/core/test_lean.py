@@ -9,7 +9,7 @@ from random_models import feed_tree, llava_prompt, perturbed_copy, text_prompt, 
 from specllava import SpeculativeDecoder
 from specllava.core.cache import KVBuffer, compact, crop
 from specllava.core.lean import LeanDecoder
-from specllava.core.runner import DraftPath, ModelRunner
+from specllava.core.runner import DraftPath, ModelRunner, TargetPath
 
 DEEP = dict(min_path_conf=0.0, min_feed_mass=0.0, node_budget=24, max_depth=5, frontier=6)
 
@@ -86,7 +86,7 @@ def test_unsupported_drafts_keep_transformers_path():
     assert "model_type 'qwen3'" in LeanDecoder.unsupported(qwen3)
     path = DraftPath(qwen3, quant="int8")
     assert path.lean is None and path.body is not None
-    with pytest.raises(ValueError, match="no lean draft path"):
+    with pytest.raises(ValueError, match="no lean path"):
         LeanDecoder(qwen3)
     assert LeanDecoder.unsupported(tiny_lm(0)) is None
 
@@ -115,3 +115,46 @@ def test_rotary_table_grows_and_matches_the_models_rotary_embedding():
         torch.testing.assert_close(cos, ref_cos)
         torch.testing.assert_close(sin, ref_sin)
     assert lean._table[0].shape[0] >= 2501
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["llava", "qwen2"])
+def test_exact_target_path_gives_transformers_logits_bit_for_bit(kind, dtype):
+    """The target's lean path must compute exactly what transformers' forward computes: a tree
+    under its mask, a compaction, a causal chain and single tokens, in float32 and bfloat16."""
+    model = (tiny_llava(0) if kind == "llava" else tiny_qwen2()).to(dtype)
+    ids, px = llava_prompt(2) if kind == "llava" else (text_prompt(2, length=12), None)
+    px = None if px is None else px.to(dtype)
+    outs = []
+    for path in (None, TargetPath(model)):
+        logits, runner = _tree_logits(model, path, ids, px)
+        with torch.inference_mode():
+            for token in (31, 37, 41):  # single tokens, no mask: generate()'s own decode step
+                logits = torch.cat([logits, runner.forward(torch.tensor([token]), torch.tensor([runner.length]), None)])
+        outs.append(logits)
+    assert isinstance(runner.cache, KVBuffer) and runner.path.lean.exact
+    assert outs[0].dtype == dtype and torch.equal(outs[0], outs[1])
+
+
+def test_exact_target_path_through_decodes():
+    """Whole decodes take the target's lean path by default and stay exact (float32 and bfloat16
+    against generate() in the same dtype); target_lean=False keeps transformers' forward."""
+    for dtype in (torch.float32, torch.bfloat16):
+        target = tiny_llava(0).to(dtype)
+        ids, px = llava_prompt(3)
+        px = px.to(dtype)
+        with torch.inference_mode():
+            ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=40, do_sample=False)
+        for method in ("ar", "dynamic"):
+            dec = SpeculativeDecoder(target, perturbed_copy(target, 0.05, seed=1), method=method, **DEEP)
+            assert dec.target_path is not None and dec.target_path.lean.exact
+            assert dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=40).sequences.tolist() == ref.tolist()
+    assert SpeculativeDecoder(target, method="ar", target_lean=False).target_path is None
+
+
+def test_exact_target_path_needs_sdpa():
+    model = tiny_lm(0)
+    model.config._attn_implementation = "eager"
+    assert "sdpa" in TargetPath.unsupported(model) and TargetPath.build(model) is None
+    with pytest.raises(ValueError, match="quant must be None"):
+        LeanDecoder(tiny_lm(0), quant="int8", exact=True)

@@ -34,28 +34,31 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
-DRAFT_OPTIONS = ("draft_vocab", "draft_quant", "draft_lean")  # variant options that are not TreeConfig fields
+DECODER_OPTIONS = ("draft_vocab", "draft_quant", "draft_lean", "target_lean")  # variant options that are not TreeConfig fields
 
 
 def _variant(text: str) -> tuple[str, tuple[str, dict]]:
     """NAME=METHOD[:opt=val,opt=val] -> (NAME, (METHOD, {opt: val}))."""
     name, sep, rest = text.partition("=")
     base, _, opts = rest.partition(":")
-    if not sep or not name.strip() or base not in ("chain", "static", "dynamic"):
+    if not sep or not name.strip() or base not in ("ar", "chain", "static", "dynamic"):
         raise argparse.ArgumentTypeError(
-            f"--variant {text!r} must look like NAME=METHOD[:opt=val,...] with METHOD chain, static or dynamic, "
+            f"--variant {text!r} must look like NAME=METHOD[:opt=val,...] with METHOD ar, chain, static or dynamic, "
             "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3")
     options = dict(_tree_option(o) for o in opts.split(",") if o.strip())
+    if base == "ar" and set(options) - {"target_lean"}:
+        raise argparse.ArgumentTypeError(f"--variant {name}: an ar variant takes target_lean only, got {sorted(options)}")
     dv = options.get("draft_vocab")
     if dv is not None and not (isinstance(dv, int) and dv >= 1):
         raise argparse.ArgumentTypeError(f"--variant {name}: draft_vocab must be a positive integer, got {dv!r}")
     dq = options.get("draft_quant")
     if dq is not None and dq not in QUANT_CHOICES:
         raise argparse.ArgumentTypeError(f"--variant {name}: draft_quant must be one of {', '.join(QUANT_CHOICES)}, got {dq!r}")
-    if options.get("draft_lean", True) not in (True, False):
-        raise argparse.ArgumentTypeError(f"--variant {name}: draft_lean must be true or false, got {options['draft_lean']!r}")
+    for flag in ("draft_lean", "target_lean"):
+        if options.get(flag, True) not in (True, False):
+            raise argparse.ArgumentTypeError(f"--variant {name}: {flag} must be true or false, got {options[flag]!r}")
     try:
-        TreeConfig.from_options(**{k: v for k, v in options.items() if k not in DRAFT_OPTIONS})
+        TreeConfig.from_options(**{k: v for k, v in options.items() if k not in DECODER_OPTIONS})
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--variant {name}: {err}") from None
     return name.strip(), (base, options)
@@ -111,9 +114,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument(
         "--variant", type=_variant, action="append", default=[], metavar="NAME=METHOD[:opt=val,...]",
         help="an extra method measured alongside the others: chain/static/dynamic with its own tree options "
-        "(on top of --tree-option) and optionally its own draft_vocab, draft_quant or draft_lean, repeatable; "
-        "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3 or v4k=dynamic:draft_vocab=4096 or "
-        "bf=dynamic:draft_quant=none or hfpath=dynamic:draft_lean=false",
+        "(on top of --tree-option) and optionally its own draft_vocab, draft_quant, draft_lean or target_lean, "
+        "or ar with target_lean; repeatable; e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3 or "
+        "v4k=dynamic:draft_vocab=4096 or bf=dynamic:draft_quant=none or hfpath=dynamic:draft_lean=false or "
+        "ar-hf=ar:target_lean=false",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

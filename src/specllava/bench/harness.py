@@ -41,14 +41,14 @@ class BenchSettings:
     draft_vocab: int | None = None  # SpeculativeDecoder(draft_vocab=K) for chain/static/dynamic
     draft_quant: str = "auto"  # SpeculativeDecoder(draft_quant=...) for chain/static/dynamic
     # extra named methods: {name: (base method, tree options over tree_options, and optionally
-    # "draft_vocab" / "draft_quant")}, e.g. {"dynamic-shallow": ("dynamic", {"max_depth": 3})}; list the names in
+    # "draft_vocab" / "draft_quant" / "draft_lean" / "target_lean")}, e.g. {"dynamic-shallow": ("dynamic", {"max_depth": 3})}; list the names in
     # `methods` too
     variants: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name, (base, _) in self.variants.items():
-            if name in ALL_METHODS or base not in ("chain", "static", "dynamic"):
-                raise ValueError(f"variant {name!r}: needs a new name and a base method of chain, static or dynamic, got {base!r}")
+            if name in ALL_METHODS or base not in ("ar", "chain", "static", "dynamic"):
+                raise ValueError(f"variant {name!r}: needs a new name and a base method of ar, chain, static or dynamic, got {base!r}")
         unknown = [m for m in self.methods if m not in ALL_METHODS and m not in self.variants]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)} or a variant")
@@ -123,9 +123,9 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
         extra = dict(extra)
         draft_vocab = extra.pop("draft_vocab", settings.draft_vocab)
         draft_quant = extra.pop("draft_quant", settings.draft_quant)
-        draft_lean = bool(extra.pop("draft_lean", True))
+        lean = {flag: bool(extra.pop(flag, True)) for flag in ("draft_lean", "target_lean")}
         runners[m] = MethodRunner(base, target, draft, {**settings.tree_options, **extra}, draft_vocab, draft_quant,
-                                  draft_lean)
+                                  **lean)
     sampling, n_new = settings.sampling, settings.max_new_tokens
     for _ in range(settings.warmup):
         for m in settings.methods:

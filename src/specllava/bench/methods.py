@@ -95,7 +95,7 @@ class MethodRunner:
     """Runs `method` on prepared inputs; decoders are built once, outside the timed region."""
 
     def __init__(self, method: str, target, draft, tree_options: dict | None = None, draft_vocab: int | None = None,
-                 draft_quant: str = "auto", draft_lean: bool = True):
+                 draft_quant: str = "auto", draft_lean: bool = True, target_lean: bool = True):
         if method not in ALL_METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
         if method not in ("hf", "ar") and draft is None:
@@ -104,12 +104,13 @@ class MethodRunner:
         self.decoder = None
         if method in OUR_METHODS:
             if method == "ar":
-                self.decoder = SpeculativeDecoder(target, None, method="ar")
+                self.decoder = SpeculativeDecoder(target, None, method="ar", target_lean=target_lean)
             else:
                 # draft_vocab and draft_quant only ever change what the draft proposes, never the output
                 extra = {"draft_vocab": draft_vocab or None}  # None: the full vocabulary (the CLI resolves defaults)
                 extra["draft_quant"] = draft_quant
                 extra["draft_lean"] = draft_lean
+                extra["target_lean"] = target_lean
                 self.decoder = SpeculativeDecoder(target, draft, method=method, **extra, **(tree_options or {}))
 
     @torch.inference_mode()

@@ -28,7 +28,7 @@ from .cache import compact
 from .config import METHODS, TreeConfig
 from .drafting import Drafter
 from .quant import resolve_quant
-from .runner import DraftPath, ModelRunner, image_token_id, is_vlm, vocab_size
+from .runner import DraftPath, ModelRunner, TargetPath, image_token_id, is_vlm, vocab_size
 from .sampling import SamplingParams, processed_probs
 from .tree import ancestor_mask, attention_bias, position_ids, root_only
 from .verify import draw, verify_greedy, verify_sampling
@@ -67,6 +67,11 @@ class SpeculativeDecoder:
             `core.lean`'s lean path (default; drafting took 12.0 instead of 16.0 ms a step with the
             shipped draft on this CPU, docs/benchmarks.md) rather than through transformers'
             decoder. Lossless too.
+    target_lean: run the target's decode steps on `core.lean`'s exact path (default): the same
+            operations as transformers' forward, so the same logits bit for bit (tested), minus
+            its per-forward overhead (module stack, mask building, a cache concatenated per layer
+            and step). Llama-style targets with sdpa attention; any other keeps its own forward,
+            as does target_lean=False. The prefill always runs through generate() itself.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class SpeculativeDecoder:
         draft_vocab: int | torch.Tensor | str | None = "auto",
         draft_quant: str | None = "auto",
         draft_lean: bool = True,
+        target_lean: bool = True,
         **tree_options,
     ):
         if method not in METHODS:
@@ -97,6 +103,7 @@ class SpeculativeDecoder:
             if is_vlm(draft) and not is_vlm(target):
                 raise ValueError("a vision-language draft needs a vision-language target (the target is text-only)")
         self.target, self.draft, self.method = target, draft, method
+        self.target_path = TargetPath.build(target) if target_lean else None
         sampled = draft_vocab
         if isinstance(draft_vocab, str):
             if draft_vocab != "auto":
@@ -152,7 +159,7 @@ class SpeculativeDecoder:
             streamer.put(input_ids.cpu())
 
         t0 = time.perf_counter()
-        target = ModelRunner(self.target)
+        target = ModelRunner(self.target, self.target_path)
         # 0. prefill: the first token comes from generate()'s own prefill logits. The draft then
         #    reuses the target's vision features when it has the same vision tower (core.vision).
         share = self.shares_vision and pixel_values is not None

@@ -1,4 +1,7 @@
-"""The draft's lean decode path: its decoder layers as a few tensor ops each, on a `KVBuffer`.
+"""Lean decode paths: a model's decoder layers as a few tensor ops each, on a `KVBuffer`.
+
+Two modes. The draft's (default) takes shortcuts that change its numerics slightly; the target's
+(`exact=True`) takes none and computes the very numbers transformers' forward computes.
 
 A small draft's decode step on a CPU is mostly Python around small matrix products (masks,
 rotary tables, cache updates, output objects): one forward of the shipped 3-layer draft (int8,
@@ -17,6 +20,16 @@ float32, so no casts); otherwise they stay in the model's dtype, norms in float3
 computes them. Supported: Llama-style decoders (model_type llama, mistral or qwen2, full attention,
 SiLU MLP, optional q/k/v biases, no q/k norms); `LeanDecoder.unsupported` says why a model is not one,
 and any other draft keeps transformers' own forward.
+
+The target's exact path (`exact=True`): what the target emits must not change at all, so it runs
+the same operations as transformers' Llama forward in the same order and dtype: the model's own
+q/k/v/o and gate/up/down linears (not fused), its own rotary embedding evaluated at the step's
+positions, the same RMSNorm, and attention through transformers' own `sdpa_attention_forward`
+(same GQA handling, scaling and mask). Only the bookkeeping differs: keys and values go into a
+`KVBuffer` instead of being concatenated per layer and step, and no module hooks, mask building or
+output objects run. tests/core/test_lean.py checks its logits equal transformers' bit for bit, in
+float32 and bfloat16, for one token and for a tree under a mask. Needs the model loaded with
+attn_implementation "sdpa" (transformers' default); otherwise the target keeps its own forward.
 """
 
 from __future__ import annotations
@@ -30,14 +43,20 @@ LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 class LeanDecoder:
-    """hidden = final_norm(decoder(tokens)) for a draft's decode steps (the LM head is the caller's)."""
+    """hidden = final_norm(decoder(tokens)) for decode steps (the LM head is the caller's).
 
-    def __init__(self, model, quant: str | None = None):
-        why = self.unsupported(model)
+    exact=False: the draft's path (fused linears, rotary table, optional int8). exact=True: the
+    target's path, the same numbers as transformers' forward (see the module docstring)."""
+
+    def __init__(self, model, quant: str | None = None, exact: bool = False):
+        why = self.unsupported(model, exact)
         if why:
-            raise ValueError(f"no lean draft path for {type(model).__name__}: {why}")
+            raise ValueError(f"no lean {'exact ' if exact else ''}path for {type(model).__name__}: {why}")
+        if exact and quant is not None:
+            raise ValueError("the exact path runs the model's own weights; quant must be None")
         body = model.get_decoder()
         cfg = model.config.get_text_config()
+        self.exact = exact
         self.dtype = torch.float32 if quant == "int8" else model.dtype
         self.embed = body.get_input_embeddings()
         self.rotary = body.rotary_emb
@@ -46,15 +65,17 @@ class LeanDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.inter = cfg.intermediate_size
-        self.layers = [self._layer(layer, quant) for layer in body.layers]
+        self.layers = [self._exact_layer(layer) if exact else self._layer(layer, quant) for layer in body.layers]
         self._table = (torch.empty(0), torch.empty(0))  # rotary (cos, sin) per position, grown on demand
 
     @staticmethod
-    def unsupported(model) -> str | None:
-        """Why `model` cannot take the lean path, or None when it can."""
+    def unsupported(model, exact: bool = False) -> str | None:
+        """Why `model` cannot take the lean path (the exact one with exact=True), or None when it can."""
         if not hasattr(model, "get_decoder"):
             return "no get_decoder()"
         cfg = model.config.get_text_config()
+        if exact and getattr(cfg, "_attn_implementation", None) != "sdpa":
+            return f"attn_implementation {getattr(cfg, '_attn_implementation', None)!r} is not 'sdpa'"
         if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES:
             return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {LEAN_MODEL_TYPES}"
         if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
@@ -77,8 +98,18 @@ class LeanDecoder:
         return None
 
     @classmethod
-    def build(cls, model, quant: str | None = None) -> LeanDecoder | None:
-        return None if cls.unsupported(model) else cls(model, quant)
+    def build(cls, model, quant: str | None = None, exact: bool = False) -> LeanDecoder | None:
+        return None if cls.unsupported(model, exact) else cls(model, quant, exact)
+
+    @staticmethod
+    def _exact_layer(layer) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        mods = dict(attn=attn, q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
+                    gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj)
+        out = {name: (m.weight, m.bias) if name != "attn" else m for name, m in mods.items()}
+        out["norm1"] = layer.input_layernorm.weight
+        out["norm2"] = layer.post_attention_layernorm.weight
+        return out
 
     def _layer(self, layer, quant) -> dict:
         attn, mlp = layer.self_attn, layer.mlp
@@ -108,6 +139,8 @@ class LeanDecoder:
                  cache: KVBuffer) -> torch.Tensor:
         """tokens, positions: [n]; bias: [1, 1, n, length + n] additive mask (None: causal).
         Appends the n positions to `cache`; returns the final-normed hidden states [n, hidden]."""
+        if self.exact:
+            return self._exact(tokens, positions, bias, cache)
         n, past = tokens.numel(), cache.length
         x = self.embed(tokens).to(self.dtype)  # [n, hidden]
         cos, sin = self._rope(positions)  # [1, n, head_dim] each
@@ -127,6 +160,30 @@ class LeanDecoder:
             x = x + p["down"](F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
         cache.advance(n)
         return self._norm(x, self.final_norm)
+
+    def _exact(self, tokens, positions, bias, cache: KVBuffer) -> torch.Tensor:
+        """transformers' Llama decoder forward, op for op (batch 1), on a KVBuffer."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        n = tokens.numel()
+        if bias is None and n > 1:  # as transformers' sdpa mask: boolean causal after the cache
+            bias = self._mask(None, n, cache.length, tokens.device)
+        x = self.embed(tokens[None])  # [1, n, hidden]
+        cos, sin = self.rotary(x, positions[None])  # [1, n, head_dim], in x's dtype
+        cos, sin = cos[:, None], sin[:, None]
+        for i, p in enumerate(self.layers):
+            h = self._norm(x, p["norm1"])
+            q = F.linear(h, *p["q"]).view(1, n, -1, self.head_dim).transpose(1, 2)
+            k = F.linear(h, *p["k"]).view(1, n, -1, self.head_dim).transpose(1, 2)
+            v = F.linear(h, *p["v"]).view(1, n, -1, self.head_dim).transpose(1, 2)
+            keys, values = cache.write(i, _rotate(k, cos, sin), v)
+            att, _ = sdpa_attention_forward(p["attn"], _rotate(q, cos, sin), keys, values, bias,
+                                            dropout=0.0, scaling=p["attn"].scaling)
+            x = x + F.linear(att.reshape(1, n, -1).contiguous(), *p["o"])
+            h = self._norm(x, p["norm2"])
+            x = x + F.linear(F.silu(F.linear(h, *p["gate"])) * F.linear(h, *p["up"]), *p["down"])
+        cache.advance(n)
+        return self._norm(x, self.final_norm)[0]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = x.float()

@@ -80,6 +80,32 @@ class DraftPath:
         self.cache_kw = None if self.body is None else _cache_kwarg(self.body)
 
 
+class TargetPath:
+    """How the target's decode steps run on `core.lean`'s exact path: transformers' own operations
+    (bitwise the same logits, tested) without the per-forward overhead of its module stack, on a
+    `KVBuffer` rather than a cache concatenated per layer and step. `build` returns None for a
+    target the exact path does not cover (it then keeps its own forward)."""
+
+    vocab_ids = None
+
+    def __init__(self, model):
+        self.lean = LeanDecoder(model, exact=True)
+        self.head = model.get_output_embeddings()  # the model's own lm_head module
+        self.body = None
+
+    @classmethod
+    def build(cls, model) -> TargetPath | None:
+        return cls(model) if cls.unsupported(model) is None else None
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        text = model.config.get_text_config()
+        if head is None or getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", None):
+            return "logits are not lm_head(hidden)"
+        return LeanDecoder.unsupported(model, exact=True)
+
+
 def _check_plain_head(model) -> None:
     text = model.config.get_text_config()
     head = model.get_output_embeddings()
@@ -93,11 +119,11 @@ def _check_plain_head(model) -> None:
 
 
 class ModelRunner:
-    """path: optional `DraftPath` (a draft only). With it, `forward` runs the path's decoder and
-    head (a reduced vocabulary returns logits over the subset: column j is token vocab_ids[j]).
-    The prefill always runs the model itself."""
+    """path: optional `DraftPath` (a draft) or `TargetPath` (a target). With it, `forward` runs
+    the path's decoder and head (a reduced vocabulary returns logits over the subset: column j is
+    token vocab_ids[j]). The prefill always runs the model itself."""
 
-    def __init__(self, model, path: DraftPath | None = None):
+    def __init__(self, model, path: DraftPath | TargetPath | None = None):
         self.model = model
         self.cache = None
         self._cache_kw = _cache_kwarg(model)
@@ -141,6 +167,8 @@ class ModelRunner:
             **kwargs,
         )
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        if self.path is not None and self.path.lean is not None:  # decode steps run on the lean path
+            self.cache = self.path.lean.new_cache(self.cache)
         self.forwards = 1
         return out.logits[0][0]
 
