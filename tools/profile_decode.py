@@ -1,13 +1,15 @@
 """Profile one speculative decoding run: where a step's time goes, by model role and by torch op.
 
     .venv/bin/python tools/profile_decode.py [--method dynamic] [--dtype bfloat16] [--threads 1] \
-        [--draft-vocab 8192] [--draft-quant auto] [--tree-option min_feed_mass=0.3] [--max-new-tokens 64] [--rows 15]
+        [--draft-vocab 8192] [--draft-quant auto] [--tree-option min_feed_mass=0.3] [--max-new-tokens 64] [--rows 15] \
+        [--temperature 1]
 
 Default pair and the shipped example image. Prints (1) the decoder's own time split per step
 (draft, verify, rest), draft forwards per step and the mean accepted length, (2) one-forward costs
-of target and draft (1 and 8 tokens on the same cached prompt; the draft as given, with the
-reduced vocabulary, and with the reduced vocabulary in int8; each through transformers' decoder
-and through the lean path of `specllava.core.lean`), (3) torch.profiler's op table
+of target and draft (1 and 8 tokens on the same cached prompt; the target through transformers'
+forward and through its exact lean path; the draft as given, with the reduced vocabulary, and
+with the reduced vocabulary in int8, each through transformers' decoder and through the lean path
+of `specllava.core.lean`), (3) torch.profiler's op table
 (self CPU time) over the whole decode. The run is repeated once untimed first (warm-up).
 """
 
@@ -24,7 +26,7 @@ from specllava import SpeculativeDecoder
 from specllava.cli import _tree_option
 from specllava.core.cache import crop
 from specllava.core.quant import QUANT_CHOICES, resolve_quant
-from specllava.core.runner import DraftPath, ModelRunner, vocab_size
+from specllava.core.runner import DraftPath, ModelRunner, TargetPath, vocab_size
 from specllava.core.tree import attention_bias
 from specllava.core.vocab import draft_ranking, draft_vocab_ids
 from specllava.models.hf import chat_inputs, load_pair, parse_dtype
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--prompt", default="Describe this image in detail.")
     ap.add_argument("--image", type=Path, default=EXAMPLE)
     ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling (seeded)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -67,6 +70,8 @@ def main() -> None:
     target, draft, processor, _ = load_pair(None, None, parse_dtype(args.dtype), True)
     inputs = chat_inputs(processor, args.prompt, Image.open(args.image).convert("RGB"))
     kw = dict(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=args.max_new_tokens)
+    if args.temperature > 0:
+        kw.update(do_sample=True, temperature=args.temperature, seed=0)
     dec = SpeculativeDecoder(target, draft, method=args.method, draft_vocab=args.draft_vocab or None,
                              draft_quant=args.draft_quant, **dict(args.tree_option))
     with torch.inference_mode():
@@ -82,7 +87,10 @@ def main() -> None:
               f"verify {1e3 * s['time_verify_s'] / steps:.1f} ms, rest {1e3 * rest / steps:.2f} ms")
         ids = inputs["input_ids"]
         vocab = draft_vocab_ids(args.draft_vocab, vocab_size(draft), draft_ranking(draft)) if args.draft_vocab else None
-        runners = [("target", ModelRunner(target)), ("draft", ModelRunner(draft))]
+        runners = [("target, transformers' forward", ModelRunner(target))]
+        if TargetPath.build(target) is not None:
+            runners.append(("target, exact lean path", ModelRunner(target, TargetPath(target))))
+        runners.append(("draft", ModelRunner(draft)))
         quants = [None] + (["int8"] if resolve_quant("auto", draft.device) else [])
         for quant in quants:
             if quant is None and vocab is None:

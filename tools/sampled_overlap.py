@@ -3,13 +3,15 @@ sampled text: the probability that speculative sampling accepts a single draft c
 position (tree drafting adds candidates, but not beyond what q and p share).
 
     .venv/bin/python tools/sampled_overlap.py [--in-domain 6] [--photos 4] [--max-new-tokens 64] \
-        [--draft-vocab 4096] [--draft-temperature 0.5 0.8 1.0 1.2] [--threads 2]
+        [--draft-vocab 4096] [--draft-temperature 0.5 0.8 1.0 1.2] [--threads 2] [--draft DIR ...]
 
 Default pair in float32. Each prompt is answered by `target.generate(do_sample=True, temperature=1)`
 (seeded per prompt); one forward of the target and of the draft over the whole answer gives p (T=1)
 and q at every answer position. q is the draft's softmax at each `--draft-temperature`, over the
 ranked `--draft-vocab` ids (`specllava.core.vocab`; 0 = the full vocabulary). Prints the mean
-overlap per draft temperature, and the full-vocabulary overlap at temperature 1.
+overlap per draft temperature, and the full-vocabulary overlap at temperature 1. `--draft` adds
+other drafts for the default target (a draft folder, e.g. runs/draft5/draft from `train-draft`),
+measured on the same sampled answers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from specllava.bench.prompts import builtin_set
 from specllava.core.runner import vocab_size
 from specllava.core.vocab import draft_ranking, draft_vocab_ids
 from specllava.models import load_default_models
+from specllava.models.hf import load_model
 
 
 def main(argv=None) -> None:
@@ -33,16 +36,17 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-vocab", type=int, default=4096)
     ap.add_argument("--draft-temperature", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draft", nargs="+", default=[], help="other draft folders to measure against the default target")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     m = load_default_models(dtype=torch.float32)
-    target, draft = m.target, m.draft
-    size = vocab_size(draft)
-    ids = draft_vocab_ids(args.draft_vocab, size, draft_ranking(draft)) if args.draft_vocab else torch.arange(size)
+    target = m.target
+    drafts = {"default draft": m.draft, **{d: load_model(d, torch.float32) for d in args.draft}}
+    size = vocab_size(m.draft)
     prompts = builtin_set("in-domain")[: args.in_domain] + builtin_set("out-of-domain")[: args.photos]
-    overlap = {tau: [] for tau in args.draft_temperature}
-    full = []
+    overlap = {(name, tau): [] for name in drafts for tau in args.draft_temperature}
+    full = {name: [] for name in drafts}
     with torch.inference_mode():
         for i, prompt in enumerate(prompts):
             inp = prepare_inputs(m.processor, prompt, target.dtype)
@@ -51,18 +55,20 @@ def main(argv=None) -> None:
                                   max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
             start = inp["input_ids"].shape[1] - 1  # logits at start predict the first answer token
             p = target(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1].softmax(-1)
-            d = draft(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1]
-            for tau in args.draft_temperature:
-                q = torch.zeros_like(p)
-                q[:, ids] = (d[:, ids] / tau).softmax(-1)
-                overlap[tau].append(torch.minimum(p, q).sum(-1))
-            full.append(torch.minimum(p, d.softmax(-1)).sum(-1))
-    n = sum(x.numel() for x in full)
+            for name, draft in drafts.items():
+                ids = draft_vocab_ids(args.draft_vocab, size, draft_ranking(draft)) if args.draft_vocab else torch.arange(size)
+                d = draft(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1]
+                for tau in args.draft_temperature:
+                    q = torch.zeros_like(p)
+                    q[:, ids] = (d[:, ids] / tau).softmax(-1)
+                    overlap[name, tau].append(torch.minimum(p, q).sum(-1))
+                full[name].append(torch.minimum(p, d.softmax(-1)).sum(-1))
+    n = sum(x.numel() for x in full["default draft"])
     print(f"{len(prompts)} prompts, {n} sampled answer positions; draft vocabulary {args.draft_vocab or size} (ranked)")
-    for tau in args.draft_temperature:
-        print(f"draft temperature {tau:g}: mean sum min(p, q) = {torch.cat(overlap[tau]).mean():.3f}")
-    print(f"full vocabulary, draft temperature 1: {torch.cat(full).mean():.3f}")
-
+    for name in drafts:
+        for tau in args.draft_temperature:
+            print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {torch.cat(overlap[name, tau]).mean():.3f}")
+        print(f"{name}, full vocabulary, draft temperature 1: {torch.cat(full[name]).mean():.3f}")
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ from specllava.bench.calibrate import (
     CostCurve,
     _record_step,
     choose_node_budget,
+    expected_speed,
     isotonic,
     replay_tau,
     verify_cost_curve,
@@ -124,3 +125,18 @@ def test_cost_measurement_gives_one_median_per_size_with_sizes_interleaved():
     target = tiny_llava(0)
     seconds = calibrate.measure_verify_cost(target, sizes=(1, 3, 6), prefix_len=5, repeats=2)
     assert len(seconds) == 3 and all(s > 0 for s in seconds)
+
+
+def test_budget_choice_charges_the_nodes_a_tree_actually_grew():
+    """A budget a tree never fills costs only the nodes it grew: with trees of at most 8 nodes,
+    every budget >= 8 verifies the same 9 tokens, so acceptance decides, not the budget's size."""
+    cost = CostCurve([1, 8, 16, 32, 64], [0.010, 0.012, 0.020, 0.040, 0.080], 100, {})
+    budgets = list(range(1, 33))
+    steps = [{"nodes": 8, "path_ranks": [0, 1, 2, 3, 4, 5, 6, 7]}] * 4
+    tau = [replay_tau(steps, b) for b in budgets]
+    grown = AcceptanceProfile(budgets, tau, 0.002, 4, {}, [s["nodes"] for s in steps])
+    speeds = expected_speed(cost, grown)
+    assert speeds[7] == pytest.approx(speeds[31])  # budgets 8 and 32 verify the same 9 tokens
+    assert choose_node_budget(cost, grown) == 8
+    filled = AcceptanceProfile(budgets, tau, 0.002, 4, {})  # no tree sizes: charged as B + 1 tokens
+    assert expected_speed(cost, filled)[31] < speeds[31]

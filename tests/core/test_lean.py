@@ -158,3 +158,14 @@ def test_exact_target_path_needs_sdpa():
     assert "sdpa" in TargetPath.unsupported(model) and TargetPath.build(model) is None
     with pytest.raises(ValueError, match="quant must be None"):
         LeanDecoder(tiny_lm(0), quant="int8", exact=True)
+
+
+def test_exact_target_path_checks_itself_against_transformers(monkeypatch):
+    """TargetPath.build compares the path with transformers' forward on the model itself and keeps
+    transformers' forward (with a warning) when a single logit differs."""
+    model = tiny_llava(0).to(torch.bfloat16)
+    assert TargetPath.build(model) is not None
+    rms = LeanDecoder._norm
+    monkeypatch.setattr(LeanDecoder, "_norm", lambda self, x, w: rms(self, x, w) * (1 + 2**-7))  # one bf16 ulp off
+    with pytest.warns(UserWarning, match="keeps transformers' own forward"):
+        assert TargetPath.build(model) is None

@@ -4,13 +4,17 @@ maximises the expected decoding speed on this machine.
 Model. One decoding step with a budget of B draft nodes emits tau(B) tokens (the mean accepted
 length) and costs
 
-    t_step(B) = t_verify(B + 1) + t_rest
+    t_step(B) = t_verify(min(B, n) + 1) + t_rest
 
-where t_verify(n) is the target's forward over n tree tokens (root + B nodes) on a cached prefix,
+where n is the number of nodes the step's tree grew before the budget cut it (growth stops early
+when the frontier's confidence runs out, so a large budget is often not filled), t_verify(k) is
+the target's forward over k tree tokens (root included) on a cached prefix,
 and t_rest is the rest of a step (drafting and loop overhead; acceptance and cache compaction are
 counted with verification and are a fraction of a millisecond), taken as independent of B (the
 draft's work depends on max_depth and frontier, not on the budget). The chosen budget maximises
-tau(B) / t_step(B).
+tau(B) / t_step(B), t_step averaged over the recorded steps. (Until the sixth session the cost was
+t_verify(B + 1), as if every tree filled its budget; that overcharged large budgets and made
+`--budget auto` choose too small a tree, docs/benchmarks.md.)
 
 - t_verify comes from `verify_cost_curve`: timed target forwards of 1, 2, 4, ..., 96 tree tokens on
   a cached prefix of realistic length, on this machine. It depends on the architecture, dtype, CPU
@@ -218,6 +222,16 @@ class AcceptanceProfile:
     rest_s: float  # seconds per step besides the verification forward
     steps: int
     key: dict
+    # draft nodes each recorded step's tree grew (root excluded). With budget B a step verifies
+    # min(B, nodes) of them, not B: growth stops early (min_feed_mass, max_depth, min_path_conf).
+    # None: every tree filled its budget.
+    step_nodes: list[int] | None = None
+
+    def verified_tokens(self, budget: int) -> list[int]:
+        """Tree tokens (root included) each recorded step would verify with this budget."""
+        if not self.step_nodes:
+            return [budget + 1]
+        return [min(budget, n) + 1 for n in self.step_nodes]
 
 
 def replay_tau(steps: list[dict], budget: int) -> float:
@@ -255,7 +269,8 @@ def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, co
             rest.append((st["time_decode_s"] - st["time_verify_s"]) / st["steps"])
     budgets = list(range(1, max_budget + 1))
     return AcceptanceProfile(budgets, [replay_tau(steps, b) for b in budgets],
-                             max(statistics.median(rest), 0.0) if rest else 0.0, len(steps), {})
+                             max(statistics.median(rest), 0.0) if rest else 0.0, len(steps), {},
+                             [s["nodes"] for s in steps])
 
 
 def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | None = None, cost: CostCurve | None = None,
@@ -269,7 +284,8 @@ def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | N
     key = {"target": weights_fingerprint(target), "draft": weights_fingerprint(draft),
            "tree_options": json.loads(json.dumps(tree_options, sort_keys=True, default=list)),
            **machine_key(target.dtype), "max_budget": max_budget, "max_new_tokens": max_new_tokens,
-           "n_prompts": len(inputs), "draft_vocab": draft_vocab, "draft_quant": draft_quant}
+           "n_prompts": len(inputs), "draft_vocab": draft_vocab, "draft_quant": draft_quant,
+           "profile_version": 2}  # 2: records each step's tree size
     path = _cache_file("acceptance", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
     if cached is not None:
@@ -286,8 +302,13 @@ def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | N
 
 
 def expected_speed(cost: CostCurve, profile: AcceptanceProfile) -> list[float]:
-    """Expected tokens per second for every budget in `profile.budgets`."""
-    return [tau / (cost.at(b + 1) + profile.rest_s) for b, tau in zip(profile.budgets, profile.tau)]
+    """Expected tokens per second for every budget in `profile.budgets`: replayed tau over the
+    mean step time, where each recorded step verifies min(B, the nodes it grew) + 1 tokens."""
+    speeds = []
+    for b, tau in zip(profile.budgets, profile.tau):
+        sizes = profile.verified_tokens(b)
+        speeds.append(tau / (statistics.fmean(cost.at(n) for n in sizes) + profile.rest_s))
+    return speeds
 
 
 def choose_node_budget(cost: CostCurve, profile: AcceptanceProfile) -> int:

@@ -70,8 +70,10 @@ class SpeculativeDecoder:
     target_lean: run the target's decode steps on `core.lean`'s exact path (default): the same
             operations as transformers' forward, so the same logits bit for bit (tested), minus
             its per-forward overhead (module stack, mask building, a cache concatenated per layer
-            and step). Llama-style targets with sdpa attention; any other keeps its own forward,
-            as does target_lean=False. The prefill always runs through generate() itself.
+            and step). Llama-style targets with sdpa attention, checked bitwise against
+            transformers' forward on the target itself once, here (`TargetPath.build`); any other
+            keeps its own forward (a failed check warns), as does target_lean=False. The prefill
+            always runs through generate() itself.
     """
 
     def __init__(

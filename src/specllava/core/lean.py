@@ -28,7 +28,8 @@ positions, the same RMSNorm, and attention through transformers' own `sdpa_atten
 (same GQA handling, scaling and mask). Only the bookkeeping differs: keys and values go into a
 `KVBuffer` instead of being concatenated per layer and step, and no module hooks, mask building or
 output objects run. tests/core/test_lean.py checks its logits equal transformers' bit for bit, in
-float32 and bfloat16, for one token and for a tree under a mask. Needs the model loaded with
+float32 and bfloat16, for one token and for a tree under a mask, and `core.runner.TargetPath`
+checks it once more on the model itself before using it. Needs the model loaded with
 attn_implementation "sdpa" (transformers' default); otherwise the target keeps its own forward.
 """
 

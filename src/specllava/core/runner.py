@@ -13,10 +13,12 @@ The cache itself changes only through `cache.crop` and `cache.compact`.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
+import transformers
 
-from .cache import cache_length
+from .cache import cache_length, compact
 from .lean import LeanDecoder
 
 
@@ -95,7 +97,40 @@ class TargetPath:
 
     @classmethod
     def build(cls, model) -> TargetPath | None:
-        return cls(model) if cls.unsupported(model) is None else None
+        """The exact path for `model`, or None when it does not cover it or when its logits differ
+        from transformers' on this model (a transformers version whose Llama forward changed):
+        `matches_transformers` runs once here, and a mismatch warns and keeps transformers' forward."""
+        if cls.unsupported(model) is not None:
+            return None
+        path = cls(model)
+        if not path.matches_transformers(model):
+            warnings.warn(f"specllava: the exact lean path's logits differ from transformers' forward for "
+                          f"{type(model).__name__} (transformers {transformers.__version__}); the target keeps "
+                          "transformers' own forward", stacklevel=2)
+            return None
+        return path
+
+    @torch.inference_mode()
+    def matches_transformers(self, model) -> bool:
+        """Feed the same short text (a chain, then a 3-node tree under its mask, then one token)
+        through transformers' forward and this path; True when every logit is bitwise equal."""
+        from .tree import attention_bias
+
+        device = model.device
+        avoid = image_token_id(model)
+        ids = [i for i in range(3, 16) if i != avoid][:9]
+        prompt = torch.tensor([ids[:4]], device=device)
+        tree = torch.tensor(ids[4:7], device=device)
+        tree_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool, device=device)
+        outs = []
+        for path in (None, self):
+            runner = ModelRunner(model, path)
+            runner.prefill(prompt)
+            logits = runner.forward(tree, torch.tensor([4, 5, 5], device=device), attention_bias(tree_mask, 4, runner.dtype))
+            compact(runner.cache, 4, torch.tensor([0, 2], device=device))
+            step = runner.forward(torch.tensor(ids[7:8], device=device), torch.tensor([6], device=device), None)
+            outs.append(torch.cat([logits, step]))
+        return bool(torch.equal(outs[0], outs[1]))
 
     @staticmethod
     def unsupported(model) -> str | None:
