@@ -118,7 +118,8 @@ class TargetPath:
 
         device = model.device
         avoid = image_token_id(model)
-        ids = [i for i in range(3, 16) if i != avoid][:9]
+        text_ids = [i for i in range(min(model.get_input_embeddings().num_embeddings, 64)) if i != avoid]
+        ids = [text_ids[(3 + k) % len(text_ids)] for k in range(8)]
         prompt = torch.tensor([ids[:4]], device=device)
         tree = torch.tensor(ids[4:7], device=device)
         tree_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool, device=device)
