@@ -62,7 +62,7 @@ class LeanDecoder:
         self.embed = body.get_input_embeddings()
         self.rotary = body.rotary_emb
         self.eps = float(body.norm.variance_epsilon)
-        self.final_norm = body.norm.weight.detach().to(self.dtype)
+        self.final_norm = body.norm.weight if exact else body.norm.weight.detach().to(self.dtype)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.inter = cfg.intermediate_size
@@ -189,7 +189,7 @@ class LeanDecoder:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(self.dtype)
+        return weight * h.to(x.dtype)  # as transformers' RMSNorm: back to the input's dtype
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._table  # one read: requests in other threads may replace the table meanwhile
