@@ -186,7 +186,7 @@ def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int =
                       cache_dir: Path | None = None, refresh: bool = False) -> CostCurve:
     """The cached cost curve for this (architecture, machine); measured on a cache miss."""
     key = {"arch": architecture_fingerprint(target), **machine_key(target.dtype),
-           "sizes": list(sizes), "prefix_len": prefix_len, "target_path": "lean" if TargetPath.build(target) else "transformers"}
+           "sizes": list(sizes), "prefix_len": prefix_len, "target_path": "transformers" if TargetPath.unsupported(target) else "lean"}
     path = _cache_file("verify", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
     if cached is not None:
