@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cache import KVBuffer
 
@@ -164,8 +165,6 @@ class LeanDecoder:
 
     def _exact(self, tokens, positions, bias, cache: KVBuffer) -> torch.Tensor:
         """transformers' Llama decoder forward, op for op (batch 1), on a KVBuffer."""
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         n = tokens.numel()
         if bias is None and n > 1:  # as transformers' sdpa mask: boolean causal after the cache
             bias = self._mask(None, n, cache.length, tokens.device)

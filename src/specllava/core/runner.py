@@ -202,10 +202,7 @@ class ModelRunner:
             return_dict_in_generate=True,
             **kwargs,
         )
-        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        if self.path is not None and self.path.lean is not None:  # decode steps run on the lean path
-            self.cache = self.path.lean.new_cache(self.cache)
-        self.forwards = 1
+        self._adopt(out.cache if getattr(out, "cache", None) is not None else out.past_key_values)
         return out.logits[0][0]
 
     def prefill(self, input_ids, pixel_values=None, mm_encoder_outputs=None) -> torch.Tensor:
@@ -221,10 +218,14 @@ class ModelRunner:
         out = self.model(
             input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache}, **kwargs
         )
-        if self.path is not None and self.path.lean is not None:  # decode steps run on the lean path
-            self.cache = self.path.lean.new_cache(self.cache)
-        self.forwards = 1
+        self._adopt(self.cache)
         return out.logits[0, -1]
+
+    def _adopt(self, cache) -> None:
+        """Take a prefill's DynamicCache: as is, or as a lean path's KVBuffer for its decode steps."""
+        lean = None if self.path is None else self.path.lean
+        self.cache = cache if lean is None else lean.new_cache(cache)
+        self.forwards = 1
 
     def forward(
         self,
