@@ -52,7 +52,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "embedded default pair is assembled (first use) and used.",
     )
     p.add_argument("--target", help="target model directory or hub id (default: the embedded default target)")
-    p.add_argument("--draft", help="draft model directory or hub id (default: the embedded default draft)")
+    p.add_argument("--draft", help="draft model directory or hub id (default: the embedded default draft); or an "
+                   "EAGLE head (train-eagle's eagle_head.safetensors or its folder), which also works with the default target")
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True, help="user message; goes through the processor's chat template")
     p.add_argument("--method", choices=METHODS, default="dynamic", help="decoding method (default: dynamic)")

@@ -116,3 +116,32 @@ def test_method_runner_passes_draft_quant_to_the_decoder():
     assert MethodRunner("dynamic", target, draft, {}, None, "none").decoder.draft_path is None
     assert MethodRunner("chain", target, draft, {}, 32, "none").decoder.draft_path.quant is None
     assert MethodRunner("dynamic", target, draft, {}, None, "int8").decoder.draft_path.quant == "int8"
+
+
+def test_bench_measures_an_eagle_head_beside_the_draft(tiny_pair, llava_json, tmp_path, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    from specllava.core.eagle import EagleHead
+
+    target, draft = tiny_pair
+    head = EagleHead.from_target(LlavaForConditionalGeneration.from_pretrained(target), token_ranking=list(range(50)))
+    head_file = head.save(tmp_path / "head" / "eagle_head.safetensors")
+    out = tmp_path / "out"
+    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods",
+               "hf,dynamic", "--max-new-tokens", "8", "--threads", "1", "--out", str(out), "--no-progress",
+               "--eagle", str(head_file.parent), "--variant", "eagle=dynamic:draft=eagle"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    sec = res["sections"]["set T=0"]
+    assert sec["exact_match"]["eagle"]["rate"] == 1.0 and res["models"]["eagle"] == str(head_file.parent)
+    assert all(r["stats"]["draft_forwards"] > 0 for r in sec["records"] if r["method"] == "eagle")
+    # the head as --draft serves every draft method, but cannot be transformers' assistant
+    assert main(["bench", "--target", str(target), "--draft", str(head_file), "--data", str(llava_json), "--methods",
+                 "hf,chain", "--max-new-tokens", "4", "--threads", "1", "--out", str(tmp_path / "o2"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--target", str(target), "--draft", str(head_file), "--data", str(llava_json), "--methods",
+                 "hf,hf-assisted", "--max-new-tokens", "4", "--out", str(tmp_path / "o3"), "--no-progress"]) == 2
+    assert "an EAGLE head cannot be transformers' assistant" in capsys.readouterr().err
+    assert main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods", "hf",
+                 "--variant", "e=dynamic:draft=eagle", "--out", str(tmp_path / "o4"), "--no-progress"]) == 2
+    assert "pass the head with --eagle" in capsys.readouterr().err

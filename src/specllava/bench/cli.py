@@ -34,7 +34,8 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
-DECODER_OPTIONS = ("draft_vocab", "draft_quant", "draft_lean", "target_lean")  # variant options that are not TreeConfig fields
+# variant options that are not TreeConfig fields
+DECODER_OPTIONS = ("draft_vocab", "draft_quant", "draft_lean", "target_lean", "draft")
 
 
 def _variant(text: str) -> tuple[str, tuple[str, dict]]:
@@ -54,6 +55,8 @@ def _variant(text: str) -> tuple[str, tuple[str, dict]]:
     dq = options.get("draft_quant")
     if dq is not None and dq not in QUANT_CHOICES:
         raise argparse.ArgumentTypeError(f"--variant {name}: draft_quant must be one of {', '.join(QUANT_CHOICES)}, got {dq!r}")
+    if options.get("draft", "eagle") != "eagle":
+        raise argparse.ArgumentTypeError(f"--variant {name}: draft takes one value, eagle (the --eagle head), got {options['draft']!r}")
     for flag in ("draft_lean", "target_lean"):
         if options.get(flag, True) not in (True, False):
             raise argparse.ArgumentTypeError(f"--variant {name}: {flag} must be true or false, got {options[flag]!r}")
@@ -79,7 +82,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--limit", type=int, default=None, help="use the first N prompts of each set")
     models = p.add_argument_group("models")
     models.add_argument("--target", help="target model directory or hub id (default: the embedded default target)")
-    models.add_argument("--draft", help="draft model directory or hub id (default: the embedded default draft)")
+    models.add_argument("--draft", help="draft model directory or hub id (default: the embedded default draft); an "
+                        "EAGLE head file drafts for every draft method (then without hf-assisted)")
+    models.add_argument("--eagle", type=Path, default=None, metavar="PATH",
+                        help="an EAGLE head (train-eagle's eagle_head.safetensors or its folder) for variants with "
+                        "draft=eagle, e.g. --variant eagle=dynamic:draft=eagle")
     models.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     run = p.add_argument_group("measurement")
     run.add_argument("--methods", type=_methods, default=ALL_METHODS, metavar="M1,M2",
@@ -117,7 +124,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(on top of --tree-option) and optionally its own draft_vocab, draft_quant, draft_lean or target_lean, "
         "or ar with target_lean; repeatable; e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3 or "
         "v4k=dynamic:draft_vocab=4096 or bf=dynamic:draft_quant=none or hfpath=dynamic:draft_lean=false or "
-        "ar-hf=ar:target_lean=false",
+        "ar-hf=ar:target_lean=false; draft=eagle drafts with the --eagle head instead of the draft model",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -194,6 +201,15 @@ def run(args) -> int:
     hf_logging.set_verbosity_error()  # assisted generation warns on every call about its own kwargs
     sets = _prompt_sets(args)
     target, draft, processor, model_info = _load_models(args)
+    eagle = None
+    if args.eagle is not None:
+        from ..core.eagle import EagleHead
+
+        eagle = EagleHead.load(args.eagle)
+        eagle.check_target(target)
+        model_info["eagle"] = str(args.eagle)
+    elif any(opts.get("draft") == "eagle" for _, (_, opts) in args.variant):
+        raise ValueError("a variant has draft=eagle: pass the head with --eagle PATH")
     tree_options = dict(args.tree_option)
     TreeConfig.from_options(**tree_options)  # fail before any timing on a bad option
     out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
@@ -236,7 +252,7 @@ def run(args) -> int:
                 methods=tuple(args.methods) + tuple(variants), variants=variants, max_new_tokens=args.max_new_tokens,
                 sampling=Sampling(temp, args.top_k, args.top_p), repeats=args.repeats,
                 warmup=args.warmup, seed=args.seed, tree_options=tree_options, draft_vocab=vocab,
-                draft_quant=args.draft_quant,
+                draft_quant=args.draft_quant, eagle=eagle,
             )
             sections[name] = run_benchmark(target, draft, processor, prompts, settings,
                                            progress=not args.no_progress, label=name)

@@ -44,6 +44,7 @@ class BenchSettings:
     # "draft_vocab" / "draft_quant" / "draft_lean" / "target_lean")}, e.g. {"dynamic-shallow": ("dynamic", {"max_depth": 3})}; list the names in
     # `methods` too
     variants: dict = field(default_factory=dict)
+    eagle: object = None  # an EagleHead (`core.eagle`) for variants with the option draft="eagle"
 
     def __post_init__(self):
         for name, (base, _) in self.variants.items():
@@ -121,10 +122,16 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
     for m in settings.methods:
         base, extra = settings.variants.get(m, (m, {}))
         extra = dict(extra)
+        this_draft = draft
+        if extra.pop("draft", None) == "eagle":
+            if settings.eagle is None:
+                raise ValueError(f"variant {m!r} drafts with an EAGLE head (draft=eagle): pass --eagle PATH")
+            this_draft = settings.eagle
+            extra.setdefault("draft_vocab", "auto")  # the head's own token ranking
         draft_vocab = extra.pop("draft_vocab", settings.draft_vocab)
         draft_quant = extra.pop("draft_quant", settings.draft_quant)
         lean = {flag: bool(extra.pop(flag, True)) for flag in ("draft_lean", "target_lean")}
-        runners[m] = MethodRunner(base, target, draft, {**settings.tree_options, **extra}, draft_vocab, draft_quant,
+        runners[m] = MethodRunner(base, target, this_draft, {**settings.tree_options, **extra}, draft_vocab, draft_quant,
                                   **lean)
     sampling, n_new = settings.sampling, settings.max_new_tokens
     for _ in range(settings.warmup):

@@ -100,6 +100,9 @@ class MethodRunner:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
         if method not in ("hf", "ar") and draft is None:
             raise ValueError(f"method {method!r} needs a draft model")
+        if method == "hf-assisted" and not hasattr(draft, "generate"):
+            raise ValueError("hf-assisted needs a draft model: an EAGLE head cannot be transformers' assistant "
+                             "(drop hf-assisted, or bench the head as a variant with --eagle)")
         self.method, self.target, self.draft = method, target, draft
         self.decoder = None
         if method in OUR_METHODS:
@@ -107,7 +110,8 @@ class MethodRunner:
                 self.decoder = SpeculativeDecoder(target, None, method="ar", target_lean=target_lean)
             else:
                 # draft_vocab and draft_quant only ever change what the draft proposes, never the output
-                extra = {"draft_vocab": draft_vocab or None}  # None: the full vocabulary (the CLI resolves defaults)
+                # None: the full vocabulary (the CLI resolves defaults); "auto": the draft's own default
+                extra = {"draft_vocab": draft_vocab or None}
                 extra["draft_quant"] = draft_quant
                 extra["draft_lean"] = draft_lean
                 extra["target_lean"] = target_lean

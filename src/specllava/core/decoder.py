@@ -27,6 +27,7 @@ import torch
 from .cache import compact
 from .config import METHODS, TreeConfig
 from .drafting import Drafter
+from .eagle import EagleDrafter, EagleHead, HeadPath, HeadRunner
 from .quant import resolve_quant
 from .runner import DraftPath, ModelRunner, TargetPath, image_token_id, is_vlm, vocab_size
 from .sampling import SamplingParams, processed_probs
@@ -47,7 +48,9 @@ class SpeculativeDecoder:
 
     target: a Hugging Face causal LM or LLaVA-style `...ForConditionalGeneration` (unmodified).
     draft:  a smaller model with the same vocabulary: a LLaVA-style VLM (gets the image too) or a
-            text-only causal LM (gets the prompt without image tokens). May be None for "ar".
+            text-only causal LM (gets the prompt without image tokens); or an `EagleHead`
+            (`core.eagle`), a one-layer head that drafts from the target's own hidden states
+            (Llama-style targets). May be None for "ar".
     method: "ar" | "chain" | "static" | "dynamic".
     tree_options: fields of `TreeConfig` (or pass `config=TreeConfig(...)`).
     draft_vocab: restrict the draft's proposals to a reduced vocabulary, which makes a small draft
@@ -95,6 +98,9 @@ class SpeculativeDecoder:
         if config is not None and tree_options:
             raise ValueError("pass either config=TreeConfig(...) or tree options, not both")
         self.config = config or TreeConfig.from_options(**tree_options)
+        self.eagle = isinstance(draft, EagleHead)
+        if self.eagle:
+            draft.check_target(target)
         if draft is not None:
             vt, vd = vocab_size(target), vocab_size(draft)
             if vt != vd:
@@ -119,7 +125,7 @@ class SpeculativeDecoder:
             self.sampled_draft_vocab = self._draft_vocab_ids(sampled)
             self.sampled_draft_path = self._draft_path(draft_quant, draft_lean, self.sampled_draft_vocab)
         # the draft's prefill reuses the target's vision features (identical vision towers)
-        self.shares_vision = method != "ar" and shares_vision_tower(target, draft)
+        self.shares_vision = method != "ar" and not self.eagle and shares_vision_tower(target, draft)
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -161,13 +167,16 @@ class SpeculativeDecoder:
             streamer.put(input_ids.cpu())
 
         t0 = time.perf_counter()
-        target = ModelRunner(self.target, self.target_path)
+        target = ModelRunner(self.target, self.target_path, keep_hidden=self.eagle and self.method != "ar")
         # 0. prefill: the first token comes from generate()'s own prefill logits. The draft then
         #    reuses the target's vision features when it has the same vision tower (core.vision).
         share = self.shares_vision and pixel_values is not None
         with capture_projector_input(self.target) if share else nullcontext([]) as seen:
             first_logits = target.prefill_like_generate(input_ids, pixel_values, attention_mask)
-        drafter = self._prefill_draft(input_ids, pixel_values, params, gen, seen[0] if len(seen) == 1 else None)
+        if self.eagle:
+            drafter = self._eagle_drafter(target, input_ids, params, gen)
+        else:
+            drafter = self._prefill_draft(input_ids, pixel_values, params, gen, seen[0] if len(seen) == 1 else None)
         root = self._choose(first_logits, params, gen)
         t_prefill = time.perf_counter() - t0
 
@@ -246,10 +255,21 @@ class SpeculativeDecoder:
         # sampling: the dynamic tree draws its candidates from q with the request's generator
         return Drafter(runner, self.method, self.config, temperature=params.temperature, generator=generator)
 
+    def _eagle_drafter(self, target: ModelRunner, input_ids, params, generator) -> EagleDrafter | None:
+        """The head reads the prompt with the target's prefill features at its first draft()."""
+        if self.method == "ar":
+            return None
+        path = self.sampled_draft_path if params.do_sample else self.draft_path
+        runner = HeadRunner(path, self.target.device)
+        sampled = dict(temperature=params.temperature, generator=generator) if params.do_sample else {}
+        return EagleDrafter(runner, target, self.method, self.config, input_ids[0].tolist(), target.hidden, **sampled)
+
     def _draft_path(self, draft_quant, lean: bool, vocab: torch.Tensor | None) -> DraftPath | None:
         """How the draft's decode steps run (None: the draft model's own forward)."""
         if self.draft is None or self.method == "ar":
             return None
+        if self.eagle:
+            return HeadPath(self.draft, self.target, vocab, resolve_quant(draft_quant, self.target.device))
         quant = resolve_quant(draft_quant, self.draft.device)
         if quant is None and vocab is None:
             return None

@@ -157,10 +157,14 @@ def _check_plain_head(model) -> None:
 class ModelRunner:
     """path: optional `DraftPath` (a draft) or `TargetPath` (a target). With it, `forward` runs
     the path's decoder and head (a reduced vocabulary returns logits over the subset: column j is
-    token vocab_ids[j]). The prefill always runs the model itself."""
+    token vocab_ids[j]). The prefill always runs the model itself. keep_hidden: keep the final
+    (normed) hidden states of the last prefill or forward in `hidden`, [n, hidden_size] (the
+    features an EAGLE head reads, `core.eagle`)."""
 
-    def __init__(self, model, path: DraftPath | TargetPath | None = None):
+    def __init__(self, model, path: DraftPath | TargetPath | None = None, keep_hidden: bool = False):
         self.model = model
+        self.keep_hidden = keep_hidden
+        self.hidden: torch.Tensor | None = None
         self.cache = None
         self._cache_kw = _cache_kwarg(model)
         self.forwards = 0  # model forward passes since the last prefill, prefill included
@@ -199,9 +203,12 @@ class ModelRunner:
             top_p=None,
             pad_token_id=pad,
             output_logits=True,
+            output_hidden_states=self.keep_hidden,
             return_dict_in_generate=True,
             **kwargs,
         )
+        if self.keep_hidden:  # the prefill step's last layer: the final norm's output
+            self.hidden = out.hidden_states[0][-1][0]
         self._adopt(out.cache if getattr(out, "cache", None) is not None else out.past_key_values)
         return out.logits[0][0]
 
@@ -242,15 +249,19 @@ class ModelRunner:
             attention_mask=bias,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            output_hidden_states=self.keep_hidden,
             **{self._cache_kw: self.cache},
         )
         self.forwards += 1
+        if self.keep_hidden:
+            self.hidden = out.hidden_states[-1][0]
         return out.logits[0]  # [n or logits_to_keep, V]
 
     def _forward_path(self, tokens, positions, bias, logits_to_keep) -> torch.Tensor:
         self.forwards += 1
         if self.path.lean is not None:
             hidden = self.path.lean(tokens, positions, bias, self.cache)  # [n, hidden]
+            self.hidden = hidden
             if logits_to_keep:
                 hidden = hidden[-logits_to_keep:]
             return self.path.head(hidden)  # [n, K]

@@ -52,8 +52,13 @@ def default_draft_vocab(draft, temperature: float) -> int | None:
     ranking = draft_ranking(draft) if draft is not None else None
     if not ranking:
         return None
-    k = 1 << (len(ranking) - 1).bit_length()
-    return min(2 * k if temperature > 0 else k, vocab_size(draft))
+    return ranked_vocab_size(len(ranking), temperature, vocab_size(draft))
+
+
+def ranked_vocab_size(ranked: int, temperature: float, size: int) -> int:
+    """`default_draft_vocab`'s K for a ranking of `ranked` ids and a `size`-token vocabulary."""
+    k = 1 << (ranked - 1).bit_length()
+    return min(2 * k if temperature > 0 else k, size)
 
 
 def draft_vocab_ids(k: int, size: int, ranking: list[int] | None = None) -> torch.Tensor:

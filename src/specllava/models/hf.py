@@ -58,7 +58,16 @@ def chat_inputs(processor, prompt: str, image=None) -> dict:
 
 def load_pair(target: str | None, draft: str | None, dtype: torch.dtype, need_draft: bool, why: str = ""):
     """(target, draft, processor, info) for the CLI commands: both paths, or neither for the
-    embedded default pair. `need_draft` False skips loading a draft; `why` names what needs one."""
+    embedded default pair. `need_draft` False skips loading a draft; `why` names what needs one.
+    A draft path that holds an EAGLE head (`core.eagle`, from `train-eagle`) loads the head; it
+    goes with any target of its shape, the default one included."""
+    from ..core.eagle import EagleHead
+
+    if draft is not None and EagleHead.is_head_file(draft):
+        head = EagleHead.load(draft)
+        loaded, _, processor, info = load_pair(target, None, dtype, need_draft=False)
+        head.check_target(loaded)
+        return loaded, (head if need_draft else None), processor, {**info, "draft": str(draft), "draft_kind": "eagle-head"}
     if target is None:
         if draft is not None:
             raise ValueError("--draft given without --target: give both, or neither for the default pair")

@@ -1,4 +1,4 @@
-"""`specllava train-target` and `specllava train-draft`.
+"""`specllava train-target`, `train-draft`, `train-eagle`, `eval-target` and `ship-default`.
 
 The main CLI wires these in with `add_parser(subparsers)` and calls `run(args)`; until then they run
 as ``python -m specllava.training train-draft ...``.
@@ -26,7 +26,7 @@ def _per_source(text: str | None) -> dict | None:
 
 
 def add_parser(subparsers) -> None:
-    """Register ``train-target`` and ``train-draft`` on an argparse subparsers object."""
+    """Register the training commands on an argparse subparsers object."""
     from specllava.training.distill import DistillConfig
     from specllava.training.target import TargetTrainConfig
 
@@ -122,6 +122,45 @@ def add_parser(subparsers) -> None:
     s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32")
     s.set_defaults(func=run_draft)
 
+    from specllava.training.eagle import EagleConfig
+
+    e = subparsers.add_parser(
+        "train-eagle", help="train an EAGLE-style draft head that reads the target's hidden states",
+        description="Train a one-layer draft head (specllava.core.eagle) for a Llama-style LLaVA target: it reads "
+                    "the target's final hidden states and predicts the next ones, unrolled over several tree depths, "
+                    "with cross-entropy against the target's token distributions. Writes <out>/eagle_head.safetensors "
+                    "(use it as --draft, or in bench with --eagle), history.json, loss.png and report.json.")
+    c = EagleConfig()
+    e.add_argument("--target", type=Path, default=None, help="target model folder (default: the assembled default target)")
+    e.add_argument("--data", type=Path, action="append", required=True,
+                   help="training LLaVA JSON (repeatable; --regenerate and --sampled-answers apply to the first)")
+    e.add_argument("--eval-data", type=Path, action="append", default=None,
+                   help="LLaVA JSON for the final mean-accepted-length report (repeatable)")
+    e.add_argument("--out", type=Path, default=c.out, help="run folder (default: %(default)s)")
+    e.add_argument("--regenerate", action="store_true",
+                   help="replace the first file's answers by the target's greedy ones (cached in <out>/answers.jsonl)")
+    e.add_argument("--sampled-answers", type=int, default=0, metavar="N",
+                   help="add N answers the target samples at T=1 to prompts of the first file (cached, resumable)")
+    e.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help="length cap of generated answers")
+    e.add_argument("--limit", type=int, default=None, help="use at most this many records per file (seeded choice)")
+    e.add_argument("--passes", type=int, default=c.passes, help="unrolled tree depths trained (default: %(default)s)")
+    e.add_argument("--steps", type=int, default=c.steps)
+    e.add_argument("--batch-size", type=int, default=c.batch_size)
+    e.add_argument("--lr", type=float, default=c.lr)
+    e.add_argument("--warmup", type=int, default=c.warmup)
+    e.add_argument("--reg-weight", type=float, default=c.reg_weight, help="weight of the feature regression loss")
+    e.add_argument("--noise", type=float, default=c.noise, help="input feature noise, as a fraction of their RMS")
+    e.add_argument("--held-out-fraction", type=float, default=c.held_out_fraction)
+    e.add_argument("--threads", type=int, default=c.threads)
+    e.add_argument("--seed", type=int, default=c.seed)
+    e.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every)
+    e.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    e.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    e.add_argument("--eval-prompts", type=int, default=c.eval_prompts)
+    e.add_argument("--eval-max-new-tokens", type=int, default=c.eval_max_new_tokens)
+    e.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the target in fp32")
+    e.set_defaults(func=run_eagle)
+
 
 def _setup_logging(out: Path):
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +245,19 @@ def run_draft(args: argparse.Namespace) -> int:
     log = _setup_logging(cfg.out)
     report = train_draft(cfg, log=log)
     print(json.dumps(report["eval"], indent=1))
+    return 0
+
+
+def run_eagle(args: argparse.Namespace) -> int:
+    from specllava.training.eagle import EagleConfig, train_eagle
+
+    fields = ("target", "data", "eval_data", "out", "regenerate", "sampled_answers", "max_new_tokens", "limit", "passes",
+              "steps", "batch_size", "lr", "warmup", "reg_weight", "noise", "held_out_fraction", "threads", "seed",
+              "checkpoint_every", "max_minutes", "resume", "eval_prompts", "eval_max_new_tokens", "bf16")
+    cfg = EagleConfig(**{f: getattr(args, f) for f in fields})
+    log = _setup_logging(cfg.out)
+    report = train_eagle(cfg, log=log)
+    print(json.dumps({k: report[k] for k in ("after", "eval") if k in report}, indent=1))
     return 0
 
 

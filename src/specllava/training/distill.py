@@ -190,8 +190,9 @@ def first_question(rec: dict) -> dict:
 
 @torch.no_grad()
 def regenerate_answers(target, processor, records: list[dict], image_root: Path, cache_path: Path,
-                       max_new_tokens: int, batch_size: int, log=print) -> list[dict]:
-    """Each record's first question answered by the target (greedy), as new one-turn records.
+                       max_new_tokens: int, batch_size: int, log=print, do_sample: bool = False) -> list[dict]:
+    """Each record's first question answered by the target (greedy; sampled at T=1 with
+    ``do_sample``), as new one-turn records.
 
     Answers are appended to ``cache_path`` (JSONL ``{"id", "answer"}``) as they are produced; on a
     restart the ids already there are not regenerated. Prompts are batched with left padding.
@@ -219,7 +220,8 @@ def regenerate_answers(target, processor, records: list[dict], image_root: Path,
                 texts = [prompt_text(tok, r["conversations"][:1]) for _, r in chunk]
                 images = [Image.open(image_root / r["image"]).convert("RGB") for _, r in chunk]
                 enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
-                out = target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+                out = target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {}))
                 for (i, _), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
                     answer = tok.decode(row, skip_special_tokens=True)  # unstripped: the target wrote it
                     done[ids[i]] = answer

@@ -1,0 +1,330 @@
+"""A feature-level draft head (EAGLE-style) that reads the target's own hidden states.
+
+A separate draft model sees only tokens. This head sees what the target computed: at position j
+it takes the target's final hidden state (its *feature*, the vector the target's LM head turns into
+the next-token distribution) at position j-1 together with the embedding of token j, fuses them
+(`fc`), runs one decoder layer over its own KV cache, and predicts the feature at position j. The
+target's own LM head (its rows for a reduced draft vocabulary) turns that prediction into the draft
+distribution over token j+1. Deeper in a draft tree the head feeds on its own predicted features,
+as EAGLE does; after each verification the accepted tokens are fed again with the target's real
+features, so the head's cache only ever holds real ones for committed text.
+
+What the target emits never depends on the head (it only proposes; verification decides), so the
+head's numerics are free: int8 linears, a reduced vocabulary, no bitwise care.
+
+The head owns only its fusion layer, one Llama-style decoder layer and a final norm (about 4.6 M
+parameters for the default target); the token embedding, the LM head and the rotary embedding are
+the target's. Files: safetensors with those tensors, `kind` = "eagle-head", the layer shape and the
+token ranking (`core.vocab`) in the metadata (`EagleHead.save` / `EagleHead.load`).
+`specllava.training.eagle` trains one for any Llama-style target.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVBuffer, crop
+from .config import TreeConfig
+from .drafting import Drafter
+from .lean import _linear, _rotate
+from .tree import Tree
+
+HEAD_KIND = "eagle-head"
+
+
+@dataclass
+class HeadShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    vocab: int  # rows of the target's LM head
+
+    @classmethod
+    def of(cls, target) -> HeadShape:
+        cfg = target.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                   cfg.intermediate_size, float(cfg.rms_norm_eps), int(target.get_output_embeddings().weight.shape[0]))
+
+
+class EagleHead(nn.Module):
+    """fc(concat(embed(token_j), feature_{j-1})) -> one decoder layer -> norm = predicted feature_j."""
+
+    def __init__(self, shape: HeadShape, token_ranking: list[int] | None = None):
+        super().__init__()
+        h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        self.shape = shape
+        self.token_ranking = token_ranking
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.q_proj, self.k_proj = nn.Linear(h, q, bias=False), nn.Linear(h, kv, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(h, kv, bias=False), nn.Linear(q, h, bias=False)
+        self.gate_proj = nn.Linear(h, shape.intermediate, bias=False)
+        self.up_proj = nn.Linear(h, shape.intermediate, bias=False)
+        self.down_proj = nn.Linear(shape.intermediate, h, bias=False)
+        self.input_norm = nn.Parameter(torch.ones(h))
+        self.post_norm = nn.Parameter(torch.ones(h))
+        self.norm = nn.Parameter(torch.ones(h))
+
+    # what `core.vocab` and `core.runner.vocab_size` read from a draft model
+    @property
+    def config(self):
+        return self
+
+    def get_text_config(self):
+        return self
+
+    def get_output_embeddings(self):
+        return None  # the target's
+
+    @property
+    def vocab_size(self) -> int:
+        return self.shape.vocab
+
+    @classmethod
+    def from_target(cls, target, token_ranking: list[int] | None = None) -> EagleHead:
+        """A fresh head whose layer and norm start as the target's last layer and final norm."""
+        head = cls(HeadShape.of(target), token_ranking)
+        body = target.get_decoder()
+        last = body.layers[-1]
+        with torch.no_grad():
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(head, name).weight.copy_(getattr(last.self_attn, name).weight.float())
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(head, name).weight.copy_(getattr(last.mlp, name).weight.float())
+            head.input_norm.copy_(last.input_layernorm.weight.float())
+            head.post_norm.copy_(last.post_attention_layernorm.weight.float())
+            head.norm.copy_(body.norm.weight.float())
+        return head
+
+    # -- files -----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.state_dict().items()}
+        meta = {"kind": HEAD_KIND, "shape": json.dumps(asdict(self.shape))}
+        if self.token_ranking:
+            meta["token_ranking"] = json.dumps([int(t) for t in self.token_ranking])
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> EagleHead:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "eagle_head.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("kind") != HEAD_KIND:
+                raise ValueError(f"{path} is not an EAGLE head file (metadata kind={meta.get('kind')!r})")
+            head = cls(HeadShape(**json.loads(meta["shape"])), json.loads(meta.get("token_ranking", "null")))
+            head.load_state_dict({k: f.get_tensor(k).float() for k in f.keys()})
+        return head.eval()
+
+    @staticmethod
+    def is_head_file(path: str | Path) -> bool:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "eagle_head.safetensors"
+        if not path.is_file() or path.suffix != ".safetensors":
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("kind") == HEAD_KIND
+
+    def check_target(self, target) -> None:
+        if asdict(HeadShape.of(target)) != asdict(self.shape):
+            raise ValueError(f"this EAGLE head was trained for a target of shape {asdict(self.shape)}, "
+                             f"the target has {asdict(HeadShape.of(target))}")
+
+    # -- training ---------------------------------------------------------------------------------
+    def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.eps)).to(x.dtype)
+
+    def unrolled(self, emb: torch.Tensor, feats_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 passes: int) -> list[torch.Tensor]:
+        """Training forward, unrolled as a draft tree uses the head (EAGLE-3's training-time test).
+
+        emb: [B, T, hidden] embeddings of tokens 0..T-1; feats_in: [B, T, hidden] the target's
+        feature at j-1 for each j (zeros at 0); cos, sin: [B, T, head_dim]. Pass 1 reads the real
+        features (a tree's root); pass s reads pass s-1's prediction at j-1 (a node at depth s-1)
+        and attends to pass 1's keys up to j-s+1 and to pass u's key at j-s+u for 1 < u <= s: the
+        committed text, then the node's own ancestors in the tree. Returns the predicted features
+        of every pass, each [B, T, hidden]."""
+        s = self.shape
+        B, T, _ = emb.shape
+        cos, sin = cos[:, None], sin[:, None]
+        keys, values, outs, inp = [], [], [], feats_in
+        for p in range(1, passes + 1):
+            x = self.fc(torch.cat([emb, inp], -1))
+            h = self.rms(x, self.input_norm)
+            q = _rotate(self.q_proj(h).view(B, T, s.heads, s.head_dim).transpose(1, 2), cos, sin)
+            keys.append(_rotate(self.k_proj(h).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2), cos, sin))
+            values.append(self.v_proj(h).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2))
+            mask = unroll_mask(T, p, emb.device)
+            att = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask,
+                                                 enable_gqa=s.heads != s.kv_heads)
+            x = x + self.o_proj(att.transpose(1, 2).reshape(B, T, -1))
+            h = self.rms(x, self.post_norm)
+            x = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+            out = self.rms(x, self.norm)
+            outs.append(out)
+            inp = F.pad(out[:, :-1], (0, 0, 1, 0))  # position j reads this pass's prediction at j-1
+        return outs
+
+
+def unroll_mask(T: int, p: int, device=None) -> torch.Tensor:
+    """[T, p*T] bool: what position j attends to in pass p of `EagleHead.unrolled` (keys of
+    passes 1..p side by side): pass 1 up to j-p+1, pass u (1 < u <= p) at j-p+u only."""
+    j = torch.arange(T, device=device)[:, None]
+    i = torch.arange(T, device=device)[None, :]
+    blocks = [i <= j - p + 1] + [i == j - p + u for u in range(2, p + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+class HeadPath:
+    """The head's decode steps for one target: linears in `dtype` (or int8), the target's rows of
+    its LM head for the draft vocabulary, keys and values in a `KVBuffer`."""
+
+    def __init__(self, head: EagleHead, target, vocab_ids: torch.Tensor | None, quant: str | None = None):
+        head.check_target(target)
+        s = head.shape
+        self.shape = s
+        self.dtype = torch.float32 if quant == "int8" else target.dtype
+        self.embed = target.get_input_embeddings()
+        self.rotary = target.get_decoder().rotary_emb
+        self.vocab_ids = None if vocab_ids is None else vocab_ids.to(target.device)
+        weight = target.get_output_embeddings().weight.detach()
+        rows = weight if self.vocab_ids is None else weight.index_select(0, self.vocab_ids)
+
+        def lin(m: nn.Linear | torch.Tensor, bias=None):
+            w = m.weight.detach() if isinstance(m, nn.Linear) else m
+            b = m.bias.detach() if isinstance(m, nn.Linear) and m.bias is not None else bias
+            return _linear(w.to(target.device), None if b is None else b.to(target.device), quant, self.dtype)
+
+        self.fc = lin(head.fc)
+        self.qkv = lin(torch.cat([head.q_proj.weight, head.k_proj.weight, head.v_proj.weight]).detach())
+        self.o = lin(head.o_proj)
+        self.gate_up = lin(torch.cat([head.gate_proj.weight, head.up_proj.weight]).detach())
+        self.down = lin(head.down_proj)
+        self.lm = lin(rows)
+        self.norms = [n.detach().to(target.device, self.dtype) for n in (head.input_norm, head.post_norm, head.norm)]
+        self.eps = s.eps
+        self.head = head
+        self.lean = self  # ModelRunner.dtype reads path.lean.dtype
+
+    def new_cache(self, device, room: int = 1024) -> KVBuffer:
+        shape = (1, self.shape.kv_heads, room, self.shape.head_dim)
+        return KVBuffer([torch.empty(shape, dtype=self.dtype, device=device)],
+                        [torch.empty(shape, dtype=self.dtype, device=device)], 0)
+
+    def _norm(self, x, w):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype) * w
+
+    def __call__(self, tokens, feats, positions, bias, cache: KVBuffer) -> torch.Tensor:
+        """tokens, positions: [n]; feats: [n, hidden] (the feature before each token); bias: [1, 1,
+        n, length + n] additive or None (causal). Appends to `cache`; returns predicted features [n, hidden]."""
+        s, n = self.shape, tokens.numel()
+        x = self.fc(torch.cat([self.embed(tokens).to(self.dtype), feats.to(self.dtype)], -1))
+        cos, sin = self.rotary(x[None], positions[None])  # [1, n, head_dim]
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        q_end, k_end = s.heads * s.head_dim, (s.heads + s.kv_heads) * s.head_dim
+        qkv = self.qkv(self._norm(x, self.norms[0]))
+        q = qkv[:, :q_end].view(n, s.heads, s.head_dim).transpose(0, 1)
+        k = qkv[:, q_end:k_end].view(n, s.kv_heads, s.head_dim).transpose(0, 1)
+        v = qkv[:, k_end:].view(n, s.kv_heads, s.head_dim).transpose(0, 1)
+        keys, values = cache.write(0, _rotate(k, cos, sin)[None], v[None])
+        if bias is not None:
+            mask = bias.to(self.dtype)
+        elif n > 1:
+            mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=x.device).tril(cache.length)[None, None]
+        else:
+            mask = None
+        att = F.scaled_dot_product_attention(_rotate(q, cos, sin)[None], keys, values, attn_mask=mask,
+                                             enable_gqa=s.heads != s.kv_heads)
+        x = x + self.o(att[0].transpose(0, 1).reshape(n, q_end))
+        gate_up = self.gate_up(self._norm(x, self.norms[1]))
+        x = x + self.down(F.silu(gate_up[:, : s.intermediate]) * gate_up[:, s.intermediate:])
+        cache.advance(n)
+        return self._norm(x, self.norms[2])
+
+
+class HeadRunner:
+    """The `ModelRunner` surface `Drafter` uses (forward, length, cache, dtype, ...) for a head.
+    `forward` takes its input features from `feed` (set by `EagleDrafter` before each call) and
+    leaves the predicted features in `out`."""
+
+    def __init__(self, path: HeadPath, device):
+        self.path = path
+        self.cache = path.new_cache(device)
+        self.forwards = 0
+        self.vocab_ids = path.vocab_ids
+        self.dtype = path.dtype
+        self.device = device
+        self.feed: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def forward(self, tokens, positions, bias, logits_to_keep: int = 0) -> torch.Tensor:
+        if self.feed is None or self.feed.shape[0] != tokens.numel():
+            raise RuntimeError("EAGLE head fed without one input feature per token")
+        self.forwards += 1
+        self.out = self.path(tokens, self.feed, positions, bias, self.cache)
+        self.feed = None
+        hidden = self.out[-logits_to_keep:] if logits_to_keep else self.out
+        return self.path.lm(hidden)
+
+
+class EagleDrafter(Drafter):
+    """`Drafter` with the head: the same trees (chain, static, dynamic; greedy or sampled), but
+    every head forward gets one input feature per token. The pending chain reads the target's
+    features (the prompt's after the prefill, the accepted path's after each verification);
+    a tree node reads its parent's predicted feature. After verification the head's cache drops
+    every tree node and the accepted tokens are fed again with the target's real features."""
+
+    def __init__(self, runner: HeadRunner, target, policy: str, cfg: TreeConfig, prompt_ids: list[int],
+                 prompt_feats: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None):
+        super().__init__(runner, policy, cfg, temperature, generator)
+        self.target = target  # the target's ModelRunner: its `hidden` after each verification
+        self.pending = list(prompt_ids)
+        # token j reads the feature at j-1; the first token none (zeros); the last row is the root's
+        self.pending_feats = torch.cat([prompt_feats.new_zeros(1, prompt_feats.shape[-1]), prompt_feats])
+
+    def _feed_pending(self) -> torch.Tensor:
+        self.runner.feed = self.pending_feats
+        logits = super()._feed_pending()
+        self.node_feats = self.runner.out[-1:]  # the root's predicted feature
+        self.node_row = {0: 0}
+        return logits
+
+    def _feed_frontier(self, frontier, tokens, parents, depth) -> torch.Tensor:
+        self.runner.feed = self.node_feats[[self.node_row[p] for p in parents[frontier].tolist()]]
+        logits = super()._feed_frontier(frontier, tokens, parents, depth)
+        base = self.node_feats.shape[0]
+        self.node_feats = torch.cat([self.node_feats, self.runner.out])
+        for j, node in enumerate(frontier.tolist()):
+            self.node_row[node] = base + j
+        return logits
+
+    def commit(self, tree: Tree, path: list[int]) -> None:
+        crop(self.runner.cache, self.runner.length - self.fed.numel())
+        self.pending = [int(t) for t in tree.tokens[path[1:]].tolist()]
+        self.pending_feats = self.target.hidden[path]  # the root's and the accepted nodes' features

@@ -1,0 +1,313 @@
+"""Train an EAGLE-style draft head (`specllava.core.eagle`) for a LLaVA target
+(``specllava train-eagle``).
+
+Contract:
+
+- Data: LLaVA conversation JSON files (answered records). ``regenerate`` first replaces each
+  record of the *first* file by the target's own greedy answer, and ``sampled_answers`` adds that
+  many answers the target sampled at T=1 (both cached in ``<out>``, resumable, as in
+  `specllava.training.distill`): the head learns the text it will be asked to predict, greedy and
+  sampled.
+- Features: the target (bf16) reads every record once; its final hidden states (post-norm, the
+  LM head's input) are cached in ``<out>/features.pt`` with the token ids.
+- Loss, at every position whose next token is an assistant token and for every unrolled pass
+  (`EagleHead.unrolled`: pass 1 reads the target's features, pass s its own pass s-1 predictions,
+  as a draft tree at depth s-1 does): cross-entropy of the head's draft distribution over the
+  draft vocabulary against the target's distribution there, plus ``reg_weight`` x smooth-L1
+  between the predicted and the target's feature. The first pass's input features get Gaussian
+  noise (``noise`` x their RMS).
+- The head starts as the target's last layer and final norm (`EagleHead.from_target`); its fusion
+  layer is new. The embedding and LM head stay the target's (not trained, not saved).
+- Resumable (``<out>/checkpoint.pt``), with a ``max_minutes`` budget. Held-out records (a seeded
+  ``held_out_fraction`` of the images) give per-pass top-1 agreement with the target and the T=1
+  overlap sum_x min(p, q) in the report; with ``eval_data`` also the mean accepted length of
+  dynamic-tree decoding at T=0 with the head (`specllava.training.distill.measure_acceptance`).
+- Outputs: ``<out>/eagle_head.safetensors`` (`EagleHead.save`), ``history.json``, ``loss.png``,
+  ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from specllava.core.eagle import EagleHead
+from specllava.core.vocab import draft_vocab_ids, rank_tokens, ranked_vocab_size
+from specllava.training.common import (
+    Checkpoint,
+    FeatureCache,
+    encode_record,
+    image_seq_length,
+    input_embeddings,
+    load_records,
+    optimizer_step,
+    plot_history,
+    smooth,
+    split_held_out,
+    with_images,
+)
+
+
+@dataclass
+class EagleConfig:
+    """Knobs of `train_eagle`. data: LLaVA JSON files; regenerate / sampled_answers: see the module
+    docstring; passes: unrolled passes (tree depths) trained; steps / batch_size / lr / warmup:
+    AdamW, linear warm-up then cosine to 10 %."""
+
+    target: Path | None = None
+    data: list = field(default_factory=lambda: [Path("data/train.json")])
+    out: Path = Path("runs/eagle")
+    regenerate: bool = False
+    sampled_answers: int = 0
+    max_new_tokens: int = 96
+    generate_batch: int = 8
+    limit: int | None = None
+    held_out_fraction: float = 0.03
+    passes: int = 3
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 5e-4
+    warmup: int = 20
+    reg_weight: float = 0.1
+    noise: float = 0.05
+    threads: int = 2
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_minutes: float | None = None
+    resume: bool = False
+    eval_data: list | None = None
+    eval_prompts: int = 16
+    eval_max_new_tokens: int = 96
+    bf16: bool = True
+
+
+def _records(cfg: EagleConfig, target, processor, log) -> list[tuple[dict, Path]]:
+    from specllava.training.distill import regenerate_answers
+
+    out: list[tuple[dict, Path]] = []
+    for i, path in enumerate(cfg.data):
+        recs, root = load_records(path)
+        recs = with_images(recs, root, log)
+        if cfg.limit is not None and len(recs) > cfg.limit:
+            recs = random.Random(cfg.seed).sample(recs, cfg.limit)
+        if i == 0 and cfg.sampled_answers:
+            pick = random.Random(cfg.seed + 1).sample(recs, min(cfg.sampled_answers, len(recs)))
+            sampled = regenerate_answers(target, processor, pick, root, Path(cfg.out) / "sampled_answers.jsonl",
+                                         cfg.max_new_tokens, cfg.generate_batch, log, do_sample=True)
+            out += [(r, root) for r in sampled]
+        if i == 0 and cfg.regenerate:
+            recs = regenerate_answers(target, processor, recs, root, Path(cfg.out) / "answers.jsonl",
+                                      cfg.max_new_tokens, cfg.generate_batch, log)
+        out += [(r, root) for r in recs if len(r["conversations"]) % 2 == 0]
+    return out
+
+
+@torch.no_grad()
+def extract_features(target, processor, records, path: Path, batch_size: int = 8, log=print) -> list[dict]:
+    """Per record: ids [T] (long), mask [T] (bool, assistant tokens) and the target's final hidden
+    states [T, hidden] (bf16). Cached in ``path``."""
+    if path.is_file():
+        return torch.load(path)
+    tok = processor.tokenizer
+    seq = image_seq_length(target)
+    examples = [encode_record(r, tok, seq, root, i) for i, (r, root) in enumerate(records)]
+    cache = FeatureCache(target, processor, path.with_name("vision.pt"))
+    with tqdm(total=len({str(e.image) for e in examples} - set(cache.store)), desc="vision features", mininterval=15) as bar:
+        cache.ensure([e.image for e in examples], progress=bar)
+    lm = target.model.language_model
+    out = []
+    order = sorted(range(len(examples)), key=lambda k: len(examples[k].input_ids))
+    for k in tqdm(range(0, len(order), batch_size), desc="target features", mininterval=15):
+        chunk = [examples[j] for j in order[k : k + batch_size]]
+        T = max(len(e.input_ids) for e in chunk)
+        ids = torch.zeros((len(chunk), T), dtype=torch.long)
+        att = torch.zeros((len(chunk), T), dtype=torch.long)
+        for b, e in enumerate(chunk):
+            ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            att[b, : len(e.input_ids)] = 1
+        vis = torch.stack([cache[e.image] for e in chunk]).to(target.dtype)
+        hidden = lm(inputs_embeds=input_embeddings(target, ids, vis), attention_mask=att, use_cache=False).last_hidden_state
+        for b, e in enumerate(chunk):
+            n = len(e.input_ids)
+            out.append({"id": e.id, "image": str(e.image), "ids": ids[b, :n].clone(),
+                        "mask": torch.tensor(e.loss_mask, dtype=torch.bool), "feats": hidden[b, :n].to(torch.bfloat16).clone()})
+    torch.save(out, path)
+    log(f"target features of {len(out)} records -> {path}")
+    return out
+
+
+class _Batcher:
+    def __init__(self, examples: list[dict], batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+
+    def batch(self, step: int) -> list[dict]:
+        per_epoch = math.ceil(len(self.examples) / self.batch_size)
+        epoch, k = divmod(step, per_epoch)
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1000 + epoch).shuffle(order)
+        window = self.batch_size * 16  # length-bucketed within windows: little padding
+        chunks = []
+        for i in range(0, len(order), window):
+            part = sorted(order[i : i + window], key=lambda j: self.examples[j]["ids"].numel())
+            chunks += [part[c : c + self.batch_size] for c in range(0, len(part), self.batch_size)]
+        random.Random(self.seed * 1000 + epoch + 1).shuffle(chunks)
+        return [self.examples[j] for j in chunks[k]]
+
+
+def collate(batch: list[dict], hidden: int):
+    T = max(e["ids"].numel() for e in batch)
+    ids = torch.zeros((len(batch), T), dtype=torch.long)
+    feats = torch.zeros((len(batch), T, hidden))
+    pred = torch.zeros((len(batch), T), dtype=torch.bool)
+    for b, e in enumerate(batch):
+        n = e["ids"].numel()
+        ids[b, :n] = e["ids"]
+        feats[b, :n] = e["feats"].float()
+        pred[b, : n - 1] = e["mask"][1:]  # position j predicts token j+1
+    return ids, feats, pred
+
+
+class Trainer:
+    """The loss of `EagleHead.unrolled` against the target (module docstring)."""
+
+    def __init__(self, head: EagleHead, target, vocab_ids: torch.Tensor, passes: int, reg_weight: float, noise: float):
+        self.head, self.passes, self.reg_weight, self.noise = head, passes, reg_weight, noise
+        self.embed = target.get_input_embeddings()
+        self.rotary = target.get_decoder().rotary_emb
+        self.full_rows = target.get_output_embeddings().weight.detach()
+        self.vocab_ids = vocab_ids
+        self.rows = self.full_rows.index_select(0, vocab_ids).float()
+
+    def forward(self, batch, train: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        ids, feats, pred = batch
+        B, T = ids.shape
+        with torch.no_grad():
+            emb = self.embed(ids).float()
+            pos = torch.arange(T)[None].expand(B, T)
+            cos, sin = self.rotary(emb, pos)
+            inp = F.pad(feats[:, :-1], (0, 0, 1, 0))
+            if train and self.noise > 0:
+                rms = feats.pow(2).mean().sqrt()
+                inp = inp + self.noise * rms * torch.randn_like(inp)
+            logp = torch.log_softmax((feats[pred].to(self.full_rows.dtype) @ self.full_rows.T).float(), -1)
+            p_k = logp[:, self.vocab_ids].exp()  # target probability of each draft-vocabulary token
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = self.head.unrolled(emb, inp, cos.float(), sin.float(), self.passes)
+        return [o[pred].float() for o in outs], feats[pred], p_k
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        outs, real, p_k = self.forward(batch)
+        total, parts = 0.0, {}
+        for s, out in enumerate(outs, start=1):
+            logq = torch.log_softmax(out @ self.rows.T, -1)
+            ce = -(p_k * logq).sum(-1).mean()
+            reg = F.smooth_l1_loss(out, real)
+            total = total + ce + self.reg_weight * reg
+            parts[f"ce{s}"] = ce.item()
+        return total / len(outs), parts
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[dict], batch_size: int, hidden: int) -> dict:
+        """Per pass: top-1 agreement with the target and the T=1 overlap sum min(p, q)."""
+        agree = [0.0] * self.passes
+        overlap = [0.0] * self.passes
+        n = 0
+        for k in range(0, len(examples), batch_size):
+            outs, real, p_k = self.forward(collate(examples[k : k + batch_size], hidden), train=False)
+            target_top = (real.to(self.full_rows.dtype) @ self.full_rows.T).argmax(-1)
+            for s, out in enumerate(outs):
+                q = torch.softmax(out @ self.rows.T, -1)
+                agree[s] += (self.vocab_ids[q.argmax(-1)] == target_top).float().sum().item()
+                overlap[s] += torch.minimum(q, p_k).sum(-1).sum().item()
+            n += real.shape[0]
+        return {"positions": n, "top1_agreement": [a / max(n, 1) for a in agree],
+                "overlap_T1": [o / max(n, 1) for o in overlap]}
+
+
+def lr_at(step, base, warmup, total):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+
+
+def train_eagle(cfg: EagleConfig, log=print) -> dict:
+    from specllava.training.target import load_model
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    target, processor = load_model(cfg.target, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    records = _records(cfg, target, processor, log)
+    examples = extract_features(target, processor, records, out / "features.pt", cfg.generate_batch, log)
+    train, held = split_held_out(examples, cfg.held_out_fraction, cfg.seed)
+    held = held or train[-8:]
+    ranking = rank_tokens(int(t) for e in train for t, m in zip(e["ids"].tolist(), e["mask"].tolist()) if m)
+    head = EagleHead.from_target(target, ranking)
+    size = int(target.get_output_embeddings().weight.shape[0])
+    vocab_ids = draft_vocab_ids(ranked_vocab_size(len(ranking), 1.0, size), size, ranking)  # the sampled K
+    hidden = head.shape.hidden
+    log(f"EAGLE head: {sum(p.numel() for p in head.parameters())} parameters; {len(train)} training / {len(held)} "
+        f"held-out records, {sum(int(e['mask'].sum()) for e in train)} assistant tokens; draft vocabulary {vocab_ids.numel()}")
+    trainer = Trainer(head, target, vocab_ids, cfg.passes, cfg.reg_weight, cfg.noise)
+    params = dict(head.named_parameters())
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    ckpt = Checkpoint(out)
+    step = ckpt.load(params, opt) if cfg.resume else 0
+    batcher = _Batcher(train, cfg.batch_size, cfg.seed)
+    start, stopped = time.time(), "steps"
+    report = {"before": trainer.evaluate(held, cfg.batch_size, hidden)} if step == 0 else {}
+    head.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train EAGLE head", mininterval=15)
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+        loss, parts = trainer.loss(collate(batcher.batch(step), hidden))
+        optimizer_step(loss, opt, params.values())
+        step += 1
+        ckpt.history.append({"step": step, "loss": loss.item(), **parts, "time_s": time.time() - start})
+        bar.update()
+        bar.set_postfix(ce1=f"{smooth([h['ce1'] for h in ckpt.history])[-1]:.3f}")
+        over = cfg.max_minutes is not None and (time.time() - start) / 60 > cfg.max_minutes
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over:
+            ckpt.save(step, params, opt)
+            head.save(out / "eagle_head.safetensors")
+        if over:
+            stopped = "time budget"
+            break
+    bar.close()
+    head.eval()
+    head.save(out / "eagle_head.safetensors")
+    (out / "history.json").write_text(json.dumps(ckpt.history))
+    keys = [f"ce{s}" for s in range(1, cfg.passes + 1)]
+    plot_history([{"step": h["step"], **{f"{k} (mean of 25)": v for k, v in zip(keys, vals)}}
+                  for h, *vals in zip(ckpt.history, *[smooth([h[k] for h in ckpt.history], 25) for k in keys])],
+                 out / "loss.png", "EAGLE head: cross-entropy against the target, per unrolled pass",
+                 tuple(f"{k} (mean of 25)" for k in keys))
+    report.update({"steps": step, "stopped_by": stopped, "train_minutes": (time.time() - start) / 60,
+                   "after": trainer.evaluate(held, cfg.batch_size, hidden), "draft_vocab": int(vocab_ids.numel())})
+    from specllava.training.distill import measure_acceptance
+
+    report["eval"] = {}
+    for path in cfg.eval_data or []:
+        recs, root = load_records(path)
+        r = measure_acceptance(target, head, processor, with_images(recs, root, log), root, cfg.eval_prompts,
+                               cfg.eval_max_new_tokens, desc=f"eval {Path(path).stem}")
+        report["eval"][Path(path).stem] = r
+        log(f"{Path(path).stem}: mean accepted length {r['mean_accepted']:.2f} over {r['prompts']} prompts, "
+            f"{r['ms_per_step']:.0f} ms/step")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(f"held-out top-1 agreement per pass {[round(a, 3) for a in report['after']['top1_agreement']]}, "
+        f"T=1 overlap {[round(a, 3) for a in report['after']['overlap_T1']]} -> {out / 'report.json'}")
+    return report
+
