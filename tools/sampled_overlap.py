@@ -10,8 +10,10 @@ Default pair in float32. Each prompt is answered by `target.generate(do_sample=T
 and q at every answer position. q is the draft's softmax at each `--draft-temperature`, over the
 ranked `--draft-vocab` ids (`specllava.core.vocab`; 0 = the full vocabulary). Prints the mean
 overlap per draft temperature, and the full-vocabulary overlap at temperature 1. `--draft` adds
-other drafts for the default target (a draft folder, e.g. runs/draft5/draft from `train-draft`),
-measured on the same sampled answers.
+other drafts for the default target (a draft folder, e.g. runs/draft5/draft from `train-draft`, or
+an EAGLE head from `train-eagle`, e.g. runs/eagle), measured on the same sampled answers. A head's
+q here is its first-level prediction (it reads the target's features of the same text), the one a
+tree's root children are drawn from; a draft model's q likewise reads the true text.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import argparse
 
 import torch
 
+import torch.nn.functional as F
+
 from specllava.bench.harness import prepare_inputs
 from specllava.bench.prompts import builtin_set
+from specllava.core.eagle import EagleHead
 from specllava.core.runner import vocab_size
 from specllava.core.vocab import draft_ranking, draft_vocab_ids
 from specllava.models import load_default_models
@@ -42,7 +47,8 @@ def main(argv=None) -> None:
 
     m = load_default_models(dtype=torch.float32)
     target = m.target
-    drafts = {"default draft": m.draft, **{d: load_model(d, torch.float32) for d in args.draft}}
+    drafts = {"default draft": m.draft,
+              **{d: EagleHead.load(d) if EagleHead.is_head_file(d) else load_model(d, torch.float32) for d in args.draft}}
     size = vocab_size(m.draft)
     prompts = builtin_set("in-domain")[: args.in_domain] + builtin_set("out-of-domain")[: args.photos]
     overlap = {(name, tau): [] for name in drafts for tau in args.draft_temperature}
@@ -54,10 +60,14 @@ def main(argv=None) -> None:
             out = target.generate(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"],
                                   max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
             start = inp["input_ids"].shape[1] - 1  # logits at start predict the first answer token
-            p = target(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1].softmax(-1)
+            full_out = target(input_ids=out, pixel_values=inp["pixel_values"], output_hidden_states=True)
+            p = full_out.logits[0, start:-1].softmax(-1)
             for name, draft in drafts.items():
                 ids = draft_vocab_ids(args.draft_vocab, size, draft_ranking(draft)) if args.draft_vocab else torch.arange(size)
-                d = draft(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1]
+                if isinstance(draft, EagleHead):
+                    d = head_logits(draft, target, out, full_out.hidden_states[-1])[0, start:-1]
+                else:
+                    d = draft(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1]
                 for tau in args.draft_temperature:
                     q = torch.zeros_like(p)
                     q[:, ids] = (d[:, ids] / tau).softmax(-1)
@@ -69,6 +79,15 @@ def main(argv=None) -> None:
         for tau in args.draft_temperature:
             print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {torch.cat(overlap[name, tau]).mean():.3f}")
         print(f"{name}, full vocabulary, draft temperature 1: {torch.cat(full[name]).mean():.3f}")
+
+
+def head_logits(head: EagleHead, target, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """An EAGLE head's first-level logits over the full vocabulary at every position of `ids`."""
+    emb = target.get_input_embeddings()(ids)
+    cos, sin = target.get_decoder().rotary_emb(emb, torch.arange(ids.shape[1])[None])
+    pred = head.unrolled(emb.float(), F.pad(feats[:, :-1], (0, 0, 1, 0)).float(), cos.float(), sin.float(), passes=1)[0]
+    return pred @ target.get_output_embeddings().weight.float().T
+
 
 if __name__ == "__main__":
     main()

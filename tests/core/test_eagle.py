@@ -40,11 +40,22 @@ def test_greedy_with_a_head_equals_generate(target, head, method, options, quant
         assert out.stats["draft_forwards"] > 0
 
 
-def _check_against_training(target, head, ids, px=None, max_new_tokens=24):
+def test_greedy_with_a_head_through_transformers_forward(target, head):
+    """target_lean=False: the features come from the model's own output_hidden_states."""
+    ids, px = llava_prompt(2)
+    with torch.inference_mode():
+        ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=30, do_sample=False)
+    dec = SpeculativeDecoder(target, head, method="dynamic", target_lean=False, draft_quant="none")
+    assert dec.target_path is None
+    assert dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=30).sequences.tolist() == ref.tolist()
+
+
+def _check_against_training(target, head, ids, px=None, max_new_tokens=24, target_lean=True):
     """Decode with a 3-guess chain; at every step compare the guesses' path confidences with the
     unrolled training forward over the same text. Returns (steps checked, decode stats)."""
     steps = []
-    dec = SpeculativeDecoder(target, head, method="chain", chain_length=3, draft_quant="none", draft_vocab=None)
+    dec = SpeculativeDecoder(target, head, method="chain", chain_length=3, draft_quant="none", draft_vocab=None,
+                             target_lean=target_lean)
     out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=max_new_tokens,
                        on_step=lambda tree, v: steps.append((tree, len(v.emitted(tree)))))
     text = out.sequences[0].tolist()
@@ -70,10 +81,12 @@ def _check_against_training(target, head, ids, px=None, max_new_tokens=24):
     return checked, out.stats
 
 
-def test_decoder_feeds_the_head_as_training_does(target, head):
-    """A VLM target: the head's first input features come from generate()'s prefill."""
+@pytest.mark.parametrize("target_lean", [True, False])
+def test_decoder_feeds_the_head_as_training_does(target, head, target_lean):
+    """A VLM target: the head's first input features come from generate()'s prefill, the later
+    ones from the exact lean path or from transformers' forward."""
     ids, px = llava_prompt(1)
-    checked, _ = _check_against_training(target, head, ids, px)
+    checked, _ = _check_against_training(target, head, ids, px, target_lean=target_lean)
     assert checked >= 3
 
 
