@@ -232,6 +232,22 @@ class Trainer:
                 "overlap_T1": [o / max(n, 1) for o in overlap]}
 
 
+def head_ranking(out: Path, tokenizer, train: list[dict]) -> list[int]:
+    """The head's token ranking (`core.vocab`): the tokens of the answers the target generated for
+    this run (``answers.jsonl``, ``sampled_answers.jsonl``), most frequent first, as a draft's is,
+    so the default draft vocabulary holds what the target writes rather than every word of the
+    reference texts; without generated answers, all training assistant tokens."""
+    tokens = []
+    for name in ("answers.jsonl", "sampled_answers.jsonl"):
+        if (Path(out) / name).is_file():
+            with open(Path(out) / name) as f:
+                tokens += [t for line in f if line.strip()
+                           for t in tokenizer(json.loads(line)["answer"], add_special_tokens=False).input_ids]
+    if tokens:
+        return rank_tokens(tokens)
+    return rank_tokens(int(t) for e in train for t, m in zip(e["ids"].tolist(), e["mask"].tolist()) if m)
+
+
 def lr_at(step, base, warmup, total):
     if step < warmup:
         return base * (step + 1) / warmup
@@ -252,7 +268,7 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     examples = extract_features(target, processor, records, out / "features.pt", cfg.generate_batch, log)
     train, held = split_held_out(examples, cfg.held_out_fraction, cfg.seed)
     held = held or train[-8:]
-    ranking = rank_tokens(int(t) for e in train for t, m in zip(e["ids"].tolist(), e["mask"].tolist()) if m)
+    ranking = head_ranking(out, processor.tokenizer, train)
     head = EagleHead.from_target(target, ranking)
     size = int(target.get_output_embeddings().weight.shape[0])
     vocab_ids = draft_vocab_ids(ranked_vocab_size(len(ranking), 1.0, size), size, ranking)  # the sampled K
