@@ -140,3 +140,15 @@ def test_budget_choice_charges_the_nodes_a_tree_actually_grew():
     assert choose_node_budget(cost, grown) == 8
     filled = AcceptanceProfile(budgets, tau, 0.002, 4, {})  # no tree sizes: charged as B + 1 tokens
     assert expected_speed(cost, filled)[31] < speeds[31]
+
+
+def test_auto_node_budget_takes_an_eagle_head(tmp_path, monkeypatch):
+    from specllava.core.eagle import EagleHead
+
+    _counting(monkeypatch)
+    target = tiny_llava(0)
+    head = EagleHead.from_target(target, token_ranking=list(range(40)))
+    ids, px = llava_prompt(5)
+    budget, report = calibrate.auto_node_budget(target, head, [{"input_ids": ids, "pixel_values": px}],
+                                                {"min_path_conf": 0.0}, cache_dir=tmp_path, max_new_tokens=16)
+    assert 1 <= budget <= 96 and report["profile"]["steps"] > 0

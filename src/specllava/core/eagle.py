@@ -89,6 +89,9 @@ class EagleHead(nn.Module):
     def vocab_size(self) -> int:
         return self.shape.vocab
 
+    def to_dict(self) -> dict:  # the config's description (calibration cache keys)
+        return {"kind": HEAD_KIND, **asdict(self.shape)}
+
     @classmethod
     def from_target(cls, target, token_ranking: list[int] | None = None) -> EagleHead:
         """A fresh head whose layer and norm start as the target's last layer and final norm."""

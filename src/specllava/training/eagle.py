@@ -306,9 +306,12 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     head.save(out / "eagle_head.safetensors")
     (out / "history.json").write_text(json.dumps(ckpt.history))
     keys = [f"ce{s}" for s in range(1, cfg.passes + 1)]
-    plot_history([{"step": h["step"], **{f"{k} (mean of 25)": v for k, v in zip(keys, vals)}}
-                  for h, *vals in zip(ckpt.history, *[smooth([h[k] for h in ckpt.history], 25) for k in keys])],
-                 out / "loss.png", "EAGLE head: cross-entropy against the target, per unrolled pass",
+    points = {}  # step -> curves; a run resumed with more passes has the deeper ones from then on
+    for k in keys:
+        rows = [h for h in ckpt.history if k in h]
+        for h, v in zip(rows, smooth([h[k] for h in rows], 25)):
+            points.setdefault(h["step"], {"step": h["step"]})[f"{k} (mean of 25)"] = v
+    plot_history(list(points.values()), out / "loss.png", "EAGLE head: cross-entropy against the target, per unrolled pass",
                  tuple(f"{k} (mean of 25)" for k in keys))
     report.update({"steps": step, "stopped_by": stopped, "train_minutes": (time.time() - start) / 60,
                    "after": trainer.evaluate(held, cfg.batch_size, hidden), "draft_vocab": int(vocab_ids.numel())})
