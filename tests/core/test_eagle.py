@@ -153,3 +153,7 @@ def test_head_file_round_trip_and_shape_check(tmp_path, target, head):
         torch.testing.assert_close(back.state_dict()[name], value.to(torch.bfloat16).float())
     with pytest.raises(ValueError, match="trained for a target of shape"):
         SpeculativeDecoder(tiny_llava(0, hidden=32), back)
+    other = tiny_llava(0)
+    other.config.text_config.hidden_act = "gelu"  # not a SiLU MLP: not a Llama-style target
+    with pytest.raises(ValueError, match="Llama-style targets only"):
+        SpeculativeDecoder(other, back)

@@ -32,7 +32,7 @@ from torch import nn
 from .cache import KVBuffer, crop
 from .config import TreeConfig
 from .drafting import Drafter
-from .lean import _linear, _rotate
+from .lean import LeanDecoder, _linear, _rotate
 from .tree import Tree
 
 HEAD_KIND = "eagle-head"
@@ -149,6 +149,11 @@ class EagleHead(nn.Module):
             return (f.metadata() or {}).get("kind") == HEAD_KIND
 
     def check_target(self, target) -> None:
+        why = LeanDecoder.unsupported(target)
+        if why is None and getattr(target.config.get_text_config(), "final_logit_softcapping", None):
+            why = "its logits are soft-capped"
+        if why is not None:
+            raise ValueError(f"an EAGLE head drafts for Llama-style targets only; {type(target).__name__}: {why}")
         if asdict(HeadShape.of(target)) != asdict(self.shape):
             raise ValueError(f"this EAGLE head was trained for a target of shape {asdict(self.shape)}, "
                              f"the target has {asdict(HeadShape.of(target))}")
