@@ -115,10 +115,11 @@ class AssembledModels:
 
 @dataclass
 class DefaultModels:
-    """The loaded default pair: ``target`` and ``draft`` (eval mode) and the shared ``processor``."""
+    """The loaded default pair: ``target`` and ``draft`` (eval mode; None when not loaded) and the
+    shared ``processor``."""
 
     target: LlavaForConditionalGeneration
-    draft: LlavaForConditionalGeneration
+    draft: LlavaForConditionalGeneration | None
     processor: object
     paths: AssembledModels
 
@@ -354,8 +355,8 @@ def assemble_default_models(cache_dir: str | Path | None = None, force: bool = F
     return assemble_models(cache_dir or default_cache_dir(), default_sources(), force=force)
 
 
-def load_models(paths: AssembledModels, dtype: torch.dtype = torch.float32) -> DefaultModels:
-    """Load an assembled target/draft pair and its processor."""
+def load_models(paths: AssembledModels, dtype: torch.dtype = torch.float32, draft: bool = True) -> DefaultModels:
+    """Load an assembled target/draft pair and its processor (draft=False: the target alone)."""
     from transformers import AutoProcessor
 
     missing = [name for name, done in paths.trained.items() if not done]
@@ -363,11 +364,13 @@ def load_models(paths: AssembledModels, dtype: torch.dtype = torch.float32) -> D
         warnings.warn(f"the {' and '.join(missing)} in {paths.target_dir.parent} were assembled without trained weights", stacklevel=2)
 
     target = LlavaForConditionalGeneration.from_pretrained(paths.target_dir, dtype=dtype).eval()
-    draft = LlavaForConditionalGeneration.from_pretrained(paths.draft_dir, dtype=dtype).eval()
+    small = LlavaForConditionalGeneration.from_pretrained(paths.draft_dir, dtype=dtype).eval() if draft else None
     processor = AutoProcessor.from_pretrained(paths.target_dir)
-    return DefaultModels(target=target, draft=draft, processor=processor, paths=paths)
+    return DefaultModels(target=target, draft=small, processor=processor, paths=paths)
 
 
-def load_default_models(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> DefaultModels:
-    """The default target, draft and processor, assembling them into the cache on first use."""
-    return load_models(assemble_default_models(cache_dir), dtype=dtype)
+def load_default_models(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                        draft: bool = True) -> DefaultModels:
+    """The default target, draft and processor, assembling them into the cache on first use
+    (draft=False: the target and processor alone)."""
+    return load_models(assemble_default_models(cache_dir), dtype=dtype, draft=draft)

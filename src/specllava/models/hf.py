@@ -73,9 +73,9 @@ def load_pair(target: str | None, draft: str | None, dtype: torch.dtype, need_dr
             raise ValueError("--draft given without --target: give both, or neither for the default pair")
         from . import load_default_models
 
-        m = load_default_models(dtype=dtype)
+        m = load_default_models(dtype=dtype, draft=need_draft)
         info = {"target": "default", "draft": "default", "trained": dict(m.paths.trained)}
-        return m.target, (m.draft if need_draft else None), m.processor, info
+        return m.target, m.draft, m.processor, info
     if need_draft and draft is None:
         raise ValueError(f"{why or 'this method'} needs --draft")
     loaded_draft = load_model(draft, dtype) if need_draft else None
