@@ -105,6 +105,23 @@ def feed_tree(runner) -> tuple[torch.Tensor, int]:
     return runner.forward(tree.tokens, position_ids(tree, prefix), bias), prefix
 
 
+@torch.inference_mode()
+def exact_sequence_probs(target, ids, params, n_tokens: int) -> dict:
+    """P(the first n_tokens sampled tokens) under the target's own processed sampling (`params`, a
+    `SamplingParams`), by enumeration over its (tiny) vocabulary: {token tuple: probability}."""
+    from specllava.core.sampling import processed_probs
+
+    probs = {(): 1.0}
+    for _ in range(n_tokens):
+        nxt = {}
+        for prefix, pr in probs.items():
+            seq = torch.cat([ids, torch.tensor([prefix], dtype=torch.long).reshape(1, -1)], dim=1)
+            p = processed_probs(target(input_ids=seq).logits[:, -1], params)[0]
+            nxt.update({prefix + (t,): pr * float(p[t]) for t in range(p.numel()) if p[t] > 0})
+        probs = nxt
+    return probs
+
+
 def chi2_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> float:
     """Pearson chi-square goodness of fit of observed `counts` to exact `probs` (outcome -> value).
 

@@ -22,8 +22,6 @@ import argparse
 
 import torch
 
-import torch.nn.functional as F
-
 from specllava.bench.harness import prepare_inputs
 from specllava.bench.prompts import builtin_set
 from specllava.core.eagle import EagleHead
@@ -65,7 +63,8 @@ def main(argv=None) -> None:
             for name, draft in drafts.items():
                 ids = draft_vocab_ids(args.draft_vocab, size, draft_ranking(draft)) if args.draft_vocab else torch.arange(size)
                 if isinstance(draft, EagleHead):
-                    d = head_logits(draft, target, out, full_out.hidden_states[-1])[0, start:-1]
+                    pred = draft.teacher_forced(target, out, full_out.hidden_states[-1])[0]
+                    d = (pred @ target.get_output_embeddings().weight.float().T)[0, start:-1]
                 else:
                     d = draft(input_ids=out, pixel_values=inp["pixel_values"]).logits[0, start:-1]
                 for tau in args.draft_temperature:
@@ -79,14 +78,6 @@ def main(argv=None) -> None:
         for tau in args.draft_temperature:
             print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {torch.cat(overlap[name, tau]).mean():.3f}")
         print(f"{name}, full vocabulary, draft temperature 1: {torch.cat(full[name]).mean():.3f}")
-
-
-def head_logits(head: EagleHead, target, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """An EAGLE head's first-level logits over the full vocabulary at every position of `ids`."""
-    emb = target.get_input_embeddings()(ids)
-    cos, sin = target.get_decoder().rotary_emb(emb, torch.arange(ids.shape[1])[None])
-    pred = head.unrolled(emb.float(), F.pad(feats[:, :-1], (0, 0, 1, 0)).float(), cos.float(), sin.float(), passes=1)[0]
-    return pred @ target.get_output_embeddings().weight.float().T
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ deeper in the tree)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from random_models import IMAGE_TOKEN, N_IMAGE_TOKENS, llava_prompt, text_prompt, tiny_llava, tiny_lm
 from specllava import SpeculativeDecoder
@@ -69,9 +68,7 @@ def _check_against_training(target, head, ids, px=None, max_new_tokens=24, targe
             continue  # the random target wrote its image token
         with torch.inference_mode():
             feats = target(input_ids=seq, pixel_values=px, output_hidden_states=True).hidden_states[-1]
-            emb = target.get_input_embeddings()(seq)
-            cos, sin = target.get_decoder().rotary_emb(emb, torch.arange(seq.shape[1])[None])
-            outs = [o @ rows.T for o in head.unrolled(emb, F.pad(feats[:, :-1], (0, 0, 1, 0)), cos, sin, passes=3)]
+            outs = [o @ rows.T for o in head.teacher_forced(target, seq, feats, passes=3)]
         want, conf = [], 1.0
         for s, logits in enumerate(outs):  # pass s+1 at position root+s gives the guess at depth s+1
             conf *= float(torch.softmax(logits[0, root + s], -1)[tree.tokens[s + 1]])
@@ -117,8 +114,8 @@ def test_sampling_with_a_head_is_lossless():
     tests/core/test_sampling_lossless.py does for draft models)."""
     from collections import Counter
 
-    from random_models import chi2_pvalue
-    from specllava.core.sampling import SamplingParams, processed_probs
+    from random_models import chi2_pvalue, exact_sequence_probs
+    from specllava.core.sampling import SamplingParams
 
     V = 8
     target = tiny_lm(11, vocab=V, hidden=32, layers=1, init=0.6)
@@ -126,15 +123,7 @@ def test_sampling_with_a_head_is_lossless():
     head = EagleHead.from_target(target)
     ids = text_prompt(5, length=6, vocab=V)
     params = SamplingParams(True, 1.0, 0, 1.0)
-    probs = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(3):
-            nxt = {}
-            for prefix, pr in probs.items():
-                seq = torch.cat([ids, torch.tensor([prefix], dtype=torch.long).reshape(1, -1)], dim=1)
-                p = processed_probs(target(input_ids=seq).logits[:, -1], params)[0]
-                nxt.update({prefix + (t,): pr * float(p[t]) for t in range(V) if p[t] > 0})
-            probs = nxt
+    probs = exact_sequence_probs(target, ids, params, 3)
     dec = SpeculativeDecoder(target, head, method="dynamic", draft_quant="none", min_path_conf=0.0,
                              min_feed_mass=0.0, node_budget=12, max_depth=3, max_children=3, frontier=4)
     counts = Counter()

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import specllava.core.decoder as decoder_module
-from random_models import chi2_pvalue, text_prompt, tiny_lm, wrong_verify_sampling
+from random_models import chi2_pvalue, exact_sequence_probs, text_prompt, tiny_lm, wrong_verify_sampling
 from specllava import SpeculativeDecoder
-from specllava.core.sampling import SamplingParams, processed_probs
+from specllava.core.sampling import SamplingParams
 
 V = 8
 N_TOKENS = 3
@@ -29,20 +29,8 @@ def pair():
     return target, draft
 
 
-@torch.inference_mode()
 def exact_joint(target, ids, params):
-    """P(first N_TOKENS tokens) under the target's own processed sampling, by enumeration."""
-    probs = {(): 1.0}
-    for _ in range(N_TOKENS):
-        nxt = {}
-        for prefix, pr in probs.items():
-            seq = torch.cat([ids, torch.tensor([prefix], dtype=torch.long).reshape(1, -1)], dim=1)
-            p = processed_probs(target(input_ids=seq).logits[:, -1], params)[0]
-            for tok in range(V):
-                if p[tok] > 0:
-                    nxt[prefix + (tok,)] = pr * float(p[tok])
-        probs = nxt
-    return probs
+    return exact_sequence_probs(target, ids, params, N_TOKENS)
 
 
 def sample_ours(target, draft, ids, params, n, method="dynamic", options=DEEP):

@@ -194,6 +194,13 @@ class EagleHead(nn.Module):
             inp = F.pad(out[:, :-1], (0, 0, 1, 0))  # position j reads this pass's prediction at j-1
         return outs
 
+    def teacher_forced(self, target, ids: torch.Tensor, feats: torch.Tensor, passes: int = 1) -> list[torch.Tensor]:
+        """`unrolled` over a text the target has read: ids [B, T], feats [B, T, hidden] its final
+        hidden states there (each position j reads the feature at j-1). For checks and tools."""
+        emb = target.get_input_embeddings()(ids).float()
+        cos, sin = target.get_decoder().rotary_emb(emb, torch.arange(ids.shape[1], device=ids.device)[None])
+        return self.unrolled(emb, F.pad(feats[:, :-1], (0, 0, 1, 0)).float(), cos.float(), sin.float(), passes)
+
 
 def unroll_mask(T: int, p: int, device=None) -> torch.Tensor:
     """[T, p*T] bool: what position j attends to in pass p of `EagleHead.unrolled` (keys of
@@ -219,9 +226,9 @@ class HeadPath:
         weight = target.get_output_embeddings().weight.detach()
         rows = weight if self.vocab_ids is None else weight.index_select(0, self.vocab_ids)
 
-        def lin(m: nn.Linear | torch.Tensor, bias=None):
+        def lin(m: nn.Linear | torch.Tensor):
             w = m.weight.detach() if isinstance(m, nn.Linear) else m
-            b = m.bias.detach() if isinstance(m, nn.Linear) and m.bias is not None else bias
+            b = m.bias.detach() if isinstance(m, nn.Linear) and m.bias is not None else None
             return _linear(w.to(target.device), None if b is None else b.to(target.device), quant, self.dtype)
 
         self.fc = lin(head.fc)
@@ -232,7 +239,6 @@ class HeadPath:
         self.lm = lin(rows)
         self.norms = [n.detach().to(target.device, self.dtype) for n in (head.input_norm, head.post_norm, head.norm)]
         self.eps = s.eps
-        self.head = head
         self.lean = self  # ModelRunner.dtype reads path.lean.dtype
 
     def new_cache(self, device, room: int = 1024) -> KVBuffer:

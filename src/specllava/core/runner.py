@@ -261,7 +261,8 @@ class ModelRunner:
         self.forwards += 1
         if self.path.lean is not None:
             hidden = self.path.lean(tokens, positions, bias, self.cache)  # [n, hidden]
-            self.hidden = hidden
+            if self.keep_hidden:
+                self.hidden = hidden
             if logits_to_keep:
                 hidden = hidden[-logits_to_keep:]
             return self.path.head(hidden)  # [n, K]

@@ -273,14 +273,15 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, max_n
     opt.step()
 
 
-def batches(examples: list[Example], batch_size: int, seed: int, epoch: int):
-    """Seeded shuffled batches, length-bucketed (sorted within windows of 16 batches) so padding stays small."""
+def batches(examples: list, batch_size: int, seed: int, epoch: int, length=lambda e: len(e.input_ids)):
+    """Seeded shuffled batches of indices, length-bucketed (sorted by `length` within windows of 16
+    batches) so padding stays small."""
     order = list(range(len(examples)))
     random.Random(seed * 1000 + epoch).shuffle(order)
     window = batch_size * 16
     out = []
     for i in range(0, len(order), window):
-        chunk = sorted(order[i : i + window], key=lambda j: len(examples[j].input_ids))
+        chunk = sorted(order[i : i + window], key=lambda j: length(examples[j]))
         out += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
     random.Random(seed * 1000 + epoch + 1).shuffle(out)
     return out

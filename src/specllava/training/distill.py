@@ -455,13 +455,17 @@ def answer_token_ranking(examples) -> list[int]:
     return rank_tokens(t for e in examples for t, m in zip(e.input_ids, e.loss_mask) if m)
 
 
-def answers_ranking(path: Path, tokenizer) -> list[int] | None:
-    """The token ranking of a run's ``answers.jsonl`` (the target's regenerated answers), for a
-    draft trained before drafts carried one; None without the file."""
-    if not Path(path).is_file():
+def answers_ranking(path: Path | list, tokenizer) -> list[int] | None:
+    """The token ranking of a run's ``answers.jsonl`` (the target's regenerated answers; several
+    such files ranked together when given a list), for a draft trained before drafts carried one;
+    None without any of the files."""
+    answers = []
+    for p in path if isinstance(path, list) else [path]:
+        if Path(p).is_file():
+            with open(p) as f:
+                answers += [json.loads(line)["answer"] for line in f if line.strip()]
+    if not answers:
         return None
-    with open(path) as f:
-        answers = [json.loads(line)["answer"] for line in f if line.strip()]
     return rank_tokens(t for a in answers for t in tokenizer(a, add_special_tokens=False).input_ids)
 
 

@@ -44,6 +44,7 @@ from specllava.core.vocab import draft_vocab_ids, rank_tokens, ranked_vocab_size
 from specllava.training.common import (
     Checkpoint,
     FeatureCache,
+    batches,
     encode_record,
     image_seq_length,
     input_embeddings,
@@ -144,24 +145,6 @@ def extract_features(target, processor, records, path: Path, batch_size: int = 8
     return out
 
 
-class _Batcher:
-    def __init__(self, examples: list[dict], batch_size: int, seed: int):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-
-    def batch(self, step: int) -> list[dict]:
-        per_epoch = math.ceil(len(self.examples) / self.batch_size)
-        epoch, k = divmod(step, per_epoch)
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 1000 + epoch).shuffle(order)
-        window = self.batch_size * 16  # length-bucketed within windows: little padding
-        chunks = []
-        for i in range(0, len(order), window):
-            part = sorted(order[i : i + window], key=lambda j: self.examples[j]["ids"].numel())
-            chunks += [part[c : c + self.batch_size] for c in range(0, len(part), self.batch_size)]
-        random.Random(self.seed * 1000 + epoch + 1).shuffle(chunks)
-        return [self.examples[j] for j in chunks[k]]
-
-
 def collate(batch: list[dict], hidden: int):
     T = max(e["ids"].numel() for e in batch)
     ids = torch.zeros((len(batch), T), dtype=torch.long)
@@ -237,25 +220,14 @@ def head_ranking(out: Path, tokenizer, train: list[dict]) -> list[int]:
     this run (``answers.jsonl``, ``sampled_answers.jsonl``), most frequent first, as a draft's is,
     so the default draft vocabulary holds what the target writes rather than every word of the
     reference texts; without generated answers, all training assistant tokens."""
-    tokens = []
-    for name in ("answers.jsonl", "sampled_answers.jsonl"):
-        if (Path(out) / name).is_file():
-            with open(Path(out) / name) as f:
-                tokens += [t for line in f if line.strip()
-                           for t in tokenizer(json.loads(line)["answer"], add_special_tokens=False).input_ids]
-    if tokens:
-        return rank_tokens(tokens)
-    return rank_tokens(int(t) for e in train for t, m in zip(e["ids"].tolist(), e["mask"].tolist()) if m)
+    from specllava.training.distill import answers_ranking
 
-
-def lr_at(step, base, warmup, total):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+    ranked = answers_ranking([Path(out) / "answers.jsonl", Path(out) / "sampled_answers.jsonl"], tokenizer)
+    return ranked or rank_tokens(int(t) for e in train for t, m in zip(e["ids"].tolist(), e["mask"].tolist()) if m)
 
 
 def train_eagle(cfg: EagleConfig, log=print) -> dict:
+    from specllava.training.distill import lr_at
     from specllava.training.target import load_model
 
     torch.set_num_threads(cfg.threads)
@@ -280,7 +252,7 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     ckpt = Checkpoint(out)
     step = ckpt.load(params, opt) if cfg.resume else 0
-    batcher = _Batcher(train, cfg.batch_size, cfg.seed)
+    per_epoch = math.ceil(len(train) / cfg.batch_size)
     start, stopped = time.time(), "steps"
     report = {"before": trainer.evaluate(held, cfg.batch_size, hidden)} if step == 0 else {}
     head.train()
@@ -288,7 +260,9 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        loss, parts = trainer.loss(collate(batcher.batch(step), hidden))
+        epoch, k = divmod(step, per_epoch)
+        order = batches(train, cfg.batch_size, cfg.seed, epoch, length=lambda e: e["ids"].numel())[k]
+        loss, parts = trainer.loss(collate([train[j] for j in order], hidden))
         optimizer_step(loss, opt, params.values())
         step += 1
         ckpt.history.append({"step": step, "loss": loss.item(), **parts, "time_s": time.time() - start})
