@@ -8,8 +8,10 @@ from specllava import SpeculativeDecoder
 
 DEEP = dict(min_path_conf=0.0, min_feed_mass=0.0, node_budget=24, max_depth=5, frontier=6)  # forces deep, wide trees
 FULL_DEPTH = dict(min_feed_mass=0.0)  # the default stops growing once the frontier is unlikely to be accepted
-METHODS = [("ar", {}), ("chain", {}), ("static", {}), ("dynamic", {}), ("dynamic", DEEP), ("dynamic", FULL_DEPTH)]
-METHOD_IDS = ["ar", "chain", "static", "dynamic", "dynamic-deep", "dynamic-no-feed-floor"]
+SHARP = dict(score_temperature=0.3)  # sharper path confidences: other tree shapes, the same output
+METHODS = [("ar", {}), ("chain", {}), ("static", {}), ("dynamic", {}), ("dynamic", DEEP), ("dynamic", FULL_DEPTH),
+           ("dynamic", SHARP)]
+METHOD_IDS = ["ar", "chain", "static", "dynamic", "dynamic-deep", "dynamic-no-feed-floor", "dynamic-sharp-scores"]
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +203,15 @@ def test_min_feed_mass_saves_draft_forwards_on_unlikely_frontiers(target, drafts
     # a mass no frontier can reach: one forward per step (the root's), depth-1 children only
     assert runs[5.0].stats["draft_forwards"] == runs[5.0].stats["steps"] + 1  # + the draft's prefill
     assert len(runs[5.0].stats["accept_by_depth"]) <= 1
+
+
+def test_sharper_scores_grow_deeper_trees_and_emit_the_same_tokens(target, drafts):
+    ids, px = llava_prompt(1)
+    runs = {t: SpeculativeDecoder(target, drafts["perturbed"], method="dynamic", score_temperature=t).generate(
+        input_ids=ids, pixel_values=px, max_new_tokens=48) for t in (1.0, 0.3)}
+    assert runs[1.0].sequences.tolist() == runs[0.3].sequences.tolist()
+    per_step = {t: r.stats["draft_forwards"] / r.stats["steps"] for t, r in runs.items()}
+    assert per_step[0.3] > per_step[1.0]  # confident-looking frontiers are worth feeding
+    assert runs[0.3].stats["mean_accepted"] >= runs[1.0].stats["mean_accepted"]
+    with pytest.raises(ValueError, match="score_temperature"):
+        SpeculativeDecoder(target, drafts["perturbed"], method="dynamic", score_temperature=0.0)

@@ -4,7 +4,7 @@ import json
 
 import torch
 from tiny_data import make_dataset
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from specllava.models import build_draft_from_target
 from specllava.models.shipped import load_draft
@@ -98,7 +98,6 @@ def test_train_draft_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
     target, _ = tiny_models
     draft = load_draft(target, out / "draft.safetensors")
     assert draft.config.text_config.num_hidden_layers == 2
-    from transformers import LlavaForConditionalGeneration
 
     from safetensors import safe_open
 
@@ -119,6 +118,31 @@ def test_train_draft_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
           "--regenerate", "--steps", "1", "--batch-size", "1", "--eval-data", str(data), "--eval-prompts", "1",
           "--eval-max-new-tokens", "2", "--no-bf16"])
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_draft_adds_sampled_answers_but_ranks_only_the_greedy_ones(tmp_path, tiny_pair, tiny_models):
+    from specllava.training.cli import main
+
+    data = make_dataset(tmp_path / "d", n=3, answered=False)
+    out = tmp_path / "run"
+    args = ["train-draft", "--target", str(tiny_pair.target_dir), "--data", str(data), "--out", str(out),
+            "--regenerate", "--regenerate-max-new-tokens", "8", "--sampled-answers", "2", "--draft-layers", "1",
+            "--steps", "1", "--batch-size", "1", "--eval-data", str(data), "--eval-prompts", "1",
+            "--eval-max-new-tokens", "2", "--no-bf16"]
+    assert main(args) == 0
+    greedy = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    sampled = [json.loads(line) for line in (out / "sampled_answers.jsonl").read_text().splitlines()]
+    assert len(greedy) == 3 and len(sampled) == 2 and {a["id"] for a in sampled} <= {a["id"] for a in greedy}
+    # trained on both: 3 greedy + 2 sampled examples (the log line of the run)
+    assert "5 training examples (2 sampled answers)" in (out / "train.log").read_text()
+    tok = AutoTokenizer.from_pretrained(tiny_pair.target_dir)
+    ids = lambda answers: {t for a in answers for t in tok(a["answer"], add_special_tokens=False).input_ids}  # noqa: E731
+    ranking = set(LlavaForConditionalGeneration.from_pretrained(out / "draft").config.token_ranking)
+    assert ids(greedy) <= ranking
+    only_sampled = ids(sampled) - ids(greedy)
+    assert only_sampled and not (only_sampled & ranking)  # the ranking is the greedy answers'
+    # a rerun samples nothing new
+    assert main(args) == 0 and len((out / "sampled_answers.jsonl").read_text().splitlines()) == 2
 
 
 def test_draft_init_from_a_target_built_draft_keeps_the_shared_vocabulary_rows_frozen(tmp_path, tiny_models):

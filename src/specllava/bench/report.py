@@ -15,11 +15,19 @@ combined by their median first):
   tokens/s               decode tokens / decode_s
   mean accepted length   tokens emitted per target forward, prefill included (hf: 1)
   acceptance by depth    share of verification steps whose accepted path reached depth d
+  95% interval           percentile bootstrap of the median over prompts (prompts resampled
+                         with replacement, 2000 times, fixed seed): how far the median could
+                         move with another draw of prompts like these; it does not cover the
+                         machine's drift between runs
+  head to head           `dynamic` (the default method) against each other method, prompt by
+                         prompt: the median of the other method's decode time per token over
+                         dynamic's, its 95% interval, and on how many prompts dynamic was faster
 """
 
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +43,38 @@ def _decode_tokens(rec: dict) -> int:
 
 def _median(xs):
     return statistics.median(xs) if xs else None
+
+
+def median_interval(xs: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of `xs` (resampled with replacement)."""
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (None, None)
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    lo = meds[int((1 - level) / 2 * resamples)]
+    hi = meds[min(int((1 + level) / 2 * resamples), resamples - 1)]
+    return lo, hi
+
+
+HEAD_TO_HEAD_SUBJECT = "dynamic"
+
+
+def head_to_head(dec: dict[str, dict], subject: str = HEAD_TO_HEAD_SUBJECT) -> dict:
+    """{other method: ratio stats} for `subject` against every other method, prompt by prompt.
+
+    dec: method -> prompt -> decode seconds per token. ratio = other's time / subject's on the
+    same prompt, so > 1 means the subject was faster there."""
+    out = {}
+    for other, times in dec.items():
+        if other == subject:
+            continue
+        ratios = [times[p] / dec[subject][p] for p in dec[subject] if p in times and dec[subject][p] > 0]
+        if not ratios:
+            continue
+        lo, hi = median_interval(ratios)
+        out[other] = {"ratio": statistics.median(ratios), "ratio_lo": lo, "ratio_hi": hi,
+                      "faster_on": sum(r > 1 for r in ratios), "prompts": len(ratios)}
+    return out
 
 
 def summarize(result: dict) -> dict:
@@ -68,13 +108,16 @@ def summarize(result: dict) -> dict:
             sp = [dec["hf"][p] / dec[m][p] for p in dec[m] if p in dec["hf"]]
             sp_e2e = [e2e["hf"][p] / e2e[m][p] for p in e2e[m] if p in e2e["hf"]]
             sp_cpu = [cpu["hf"][p] / max(cpu[m][p], 1e-12) for p in cpu[m] if p in cpu["hf"]]
-            row.update(speedup=_median(sp), speedup_min=min(sp), speedup_max=max(sp),
+            lo, hi = median_interval(sp)
+            row.update(speedup=_median(sp), speedup_min=min(sp), speedup_max=max(sp), speedup_lo=lo, speedup_hi=hi,
                        speedup_e2e=_median(sp_e2e), speedup_cpu=_median(sp_cpu),
                        speedup_per_prompt=dict(zip(dec[m], sp)))
         if m not in HF_METHODS:
             row.update(_our_metrics(rs))
         if "exact_match" in result:
             row["exact_match"] = result["exact_match"][m]["rate"]
+        if m == HEAD_TO_HEAD_SUBJECT and len(methods) > 1:
+            row["head_to_head"] = head_to_head(dec, m)
         out[m] = row
     return out
 
@@ -110,7 +153,7 @@ def _f(x, fmt="{:.2f}", none="–"):
 
 
 def markdown_table(summary: dict) -> str:
-    head = ("| method | exact match | speedup (decode) | speedup (e2e) | speedup (decode CPU) | decode tok/s | mean accepted length "
+    head = ("| method | exact match | speedup (decode), 95% interval, range | speedup (e2e) | speedup (decode CPU) | decode tok/s | mean accepted length "
             "| tree nodes | draft forwards per step | draft / verify / other ms per step | prefill s | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, row in summary.items():
@@ -119,6 +162,8 @@ def markdown_table(summary: dict) -> str:
             split = f"{row['draft_ms_per_step']:.1f} / {row['verify_ms_per_step']:.1f} / {row['other_ms_per_step']:.1f}"
         speed = _f(row.get("speedup"), "{:.2f}x")
         if row.get("speedup") is not None:
+            if row.get("speedup_lo") is not None:
+                speed += f" [{row['speedup_lo']:.2f}-{row['speedup_hi']:.2f}]"
             speed += f" ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})"
         lines.append(
             f"| {m} | {_f(row.get('exact_match'), '{:.0%}')} | {speed} | {_f(row.get('speedup_e2e'), '{:.2f}x')} "
@@ -127,6 +172,19 @@ def markdown_table(summary: dict) -> str:
             f"| {_f(row.get('draft_forwards_per_step'), '{:.1f}')} "
             f"| {split} | {_f(row['prefill_s_median'], '{:.3f}')} | {_f(row['peak_rss_mb'], '{:.0f}')} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def head_to_head_table(summary: dict, subject: str = HEAD_TO_HEAD_SUBJECT) -> str:
+    """`subject` against each other method, prompt by prompt ("" when the section has no such rows)."""
+    rows = (summary.get(subject) or {}).get("head_to_head")
+    if not rows:
+        return ""
+    lines = [f"| {subject} against | other's time / {subject}'s, median [95% interval] | {subject} faster on |",
+             "|---|---|---|"]
+    for other, r in rows.items():
+        lines.append(f"| {other} | {r['ratio']:.2f} [{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}] "
+                     f"| {r['faster_on']} of {r['prompts']} prompts |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,14 +219,18 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
         s = summaries[sec]
         ms = [m for m in s if s[m].get("speedup") is not None]
         ax.bar(ms, [s[m]["speedup"] for m in ms], color="tab:blue", alpha=0.8)
+        if all(s[m].get("speedup_lo") is not None for m in ms):  # 95% bootstrap interval of the median
+            err = [[s[m]["speedup"] - s[m]["speedup_lo"] for m in ms], [s[m]["speedup_hi"] - s[m]["speedup"] for m in ms]]
+            ax.errorbar(range(len(ms)), [s[m]["speedup"] for m in ms], yerr=err, fmt="none", ecolor="tab:red", capsize=3, zorder=4)
         for x, m in enumerate(ms):
             pts = list(s[m]["speedup_per_prompt"].values())
             ax.scatter([x] * len(pts), pts, s=8, color="black", zorder=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(sec, fontsize=9)
-        ax.set_ylabel("decode speedup vs hf (median; dots: prompts)", fontsize=8)
+        ax.set_ylabel("decode speedup vs hf", fontsize=8)
         ax.tick_params(axis="x", rotation=45, labelsize=8)
-    fig.tight_layout()
+    fig.suptitle("bars: median over prompts; red: its 95% interval; dots: single prompts", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     paths.append(_save(fig, out_dir / f"{prefix}speedup.png"))
 
     fig, axes = plt.subplots(1, len(sections), figsize=(4.2 * len(sections), 3.4), squeeze=False)
@@ -234,6 +296,9 @@ def render(result: dict, out_dir: Path, prefix: str = "bench_") -> str:
     md = []
     for name, summary in result["summary"].items():
         md += [f"## {name}\n", markdown_table(summary)]
+        versus = head_to_head_table(summary)
+        if versus:
+            md.append(versus)
         if "divergences" in result["sections"][name]:
             md.append(divergence_table(result["sections"][name]["divergences"]))
     plot_all(result["summary"], Path(out_dir), prefix)
@@ -250,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix", default="bench_", help="PNG file name prefix (default: bench_)")
     args = parser.parse_args(argv)
     result = json.loads(args.results.read_text())
+    # summaries from the records, so that a run made before a metric existed gets it too
+    result["summary"] = {name: summarize(section) for name, section in result["sections"].items()}
     print(render(result, args.out or args.results.parent, args.prefix))
 
 

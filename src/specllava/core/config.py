@@ -49,6 +49,15 @@ class TreeConfig:
                      Default 0.3: with the default pair on a 2-core CPU, where a draft forward
                      costs about a seventh of the target's, it cut draft forwards per step from
                      3.8 to about 2 at equal acceptance (docs/benchmarks.md, "min_feed_mass").
+      score_temperature  at T=0, path confidences are products of softmax(draft logits /
+                     score_temperature). A draft distilled on the target's full distribution
+                     copies its flatness: its top guess is the target's argmax far more often
+                     than its probability says (paths of 5 accepted guesses with confidence
+                     0.01-0.1 are common), so at 1 the tree spends its budget on shallow
+                     siblings and stops deepening too early. Below 1 sharpens the confidences.
+                     Greedy verification never reads q, so the output does not depend on it.
+                     When sampling, q is the draft's distribution at the sampling temperature
+                     and this knob is not used.
     When sampling (T>0) the dynamic tree draws each node's children from the draft instead of
     taking its top ranks, fills `node_budget` while growing (most confident parents first) and
     uses `min_path_conf` to choose which nodes to expand, never to prune a drawn child: the
@@ -64,6 +73,7 @@ class TreeConfig:
     min_path_conf: float = 0.02
     frontier: int = 8
     min_feed_mass: float = 0.3
+    score_temperature: float = 1.0
     chain_length: int = 5
     choices: tuple[tuple[int, ...], ...] = field(default=DEFAULT_STATIC_CHOICES)
 
@@ -77,6 +87,8 @@ class TreeConfig:
             raise ValueError(f"TreeConfig.child_mass must be in (0, 1], got {self.child_mass}")
         if not 0.0 <= self.min_feed_mass:
             raise ValueError(f"TreeConfig.min_feed_mass must be >= 0, got {self.min_feed_mass}")
+        if not self.score_temperature > 0.0:
+            raise ValueError(f"TreeConfig.score_temperature must be > 0, got {self.score_temperature}")
         if not 0.0 <= self.min_path_conf < 1.0:
             raise ValueError(f"TreeConfig.min_path_conf must be in [0, 1), got {self.min_path_conf}")
 

@@ -44,7 +44,9 @@ class Drafter:
         self.runner = runner
         self.policy = policy
         self.cfg = cfg
-        self.temperature = temperature
+        # q's temperature: the sampling temperature when sampling; at T=0 the tree's scores use
+        # `score_temperature` (only the tree's shape depends on it, never what is emitted)
+        self.temperature = temperature if generator is not None else cfg.score_temperature
         # sampled mode: dynamic children are draws from q (see the module docstring)
         self.sampled = generator is not None and policy == "dynamic"
         self.node_budget = cfg.budget(self.sampled)  # dynamic: most nodes per tree, root excluded

@@ -106,6 +106,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--regenerate", action="store_true",
                    help="first answer every record with the target (greedy, cached in <out>/answers.jsonl, resumable)")
     s.add_argument("--regenerate-max-new-tokens", type=int, default=d.regenerate_max_new_tokens)
+    s.add_argument("--sampled-answers", type=int, default=0, metavar="N",
+                   help="also train on N answers the target samples at T=1 to a seeded choice of the records "
+                        "(cached in <out>/sampled_answers.jsonl, resumable): the text a draft continues when sampling")
     s.add_argument("--limit", type=int, default=None, help="use at most this many training records (seeded choice)")
     s.add_argument("--held-out-fraction", type=float, default=d.held_out_fraction)
     s.add_argument("--steps", type=int, default=d.steps)
@@ -237,7 +240,8 @@ def run_draft(args: argparse.Namespace) -> int:
     cfg = DistillConfig(
         target=args.target, data=args.data, eval_data=args.eval_data, out=args.out, draft_layers=args.draft_layers,
         draft_init=args.draft_init, exits=[int(x) for x in args.exits.split(",")] if args.exits else None,
-        regenerate=args.regenerate, regenerate_max_new_tokens=args.regenerate_max_new_tokens, limit=args.limit,
+        regenerate=args.regenerate, regenerate_max_new_tokens=args.regenerate_max_new_tokens,
+        sampled_answers=args.sampled_answers, limit=args.limit,
         held_out_fraction=args.held_out_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         resume=args.resume, eval_prompts=args.eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,

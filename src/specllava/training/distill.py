@@ -7,7 +7,11 @@ Contract:
   assistant token of LLaVA conversation JSON, teacher-forced along the answers. With
   ``regenerate`` the answers are first replaced by the target's own greedy answers to each record's
   first question (cached in ``<out>/answers.jsonl``, one line per record, resumable), so the draft
-  learns the text it will actually be asked to predict.
+  learns the text it will actually be asked to predict. ``sampled_answers`` adds that many answers
+  the target *sampled* at T=1 to a seeded choice of the training records (cached in
+  ``<out>/sampled_answers.jsonl``, resumable): at T>0 the draft is asked to continue the target's
+  sampled text, which wanders far from its greedy answers. The token ranking stays that of the
+  other answers, so the default draft vocabulary sizes do not change.
 - The draft starts as `build_draft_from_target(target, draft_layers)` (the target's embedding, first
   layers, norm and tied head) or from ``draft_init`` (a small LLaVA folder, or a config.json whose
   model is built fresh; the target's vision tower weights are copied into it when they fit). The
@@ -88,6 +92,7 @@ class DistillConfig:
     regenerate: bool = False
     regenerate_max_new_tokens: int = 128
     regenerate_batch: int = 8
+    sampled_answers: int = 0
     limit: int | None = None
     held_out_fraction: float = 0.05
     steps: int = 1000
@@ -238,6 +243,17 @@ def regenerate_answers(target, processor, records: list[dict], image_root: Path,
     return out
 
 
+def sampled_answers(target, processor, records: list[dict], image_root: Path, out: Path, n: int, seed: int,
+                    max_new_tokens: int, batch_size: int, log=print) -> list[dict]:
+    """`n` answers the target samples at T=1 to a seeded choice of `records` (cached in
+    ``<out>/sampled_answers.jsonl``), as one-turn records; [] for n = 0."""
+    if not n:
+        return []
+    pick = random.Random(seed + 1).sample(records, min(n, len(records)))
+    return regenerate_answers(target, processor, pick, image_root, out / "sampled_answers.jsonl",
+                              max_new_tokens, batch_size, log, do_sample=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Distillation
 
@@ -355,6 +371,8 @@ def _prepare_data(cfg, target, processor, log):
         evals = {"held_out": (held, root)}
     if cfg.limit is not None and len(train_recs) > cfg.limit:
         train_recs = random.Random(cfg.seed).sample(train_recs, cfg.limit)
+    sampled = sampled_answers(target, processor, train_recs, root, Path(cfg.out), cfg.sampled_answers, cfg.seed,
+                              cfg.regenerate_max_new_tokens, cfg.regenerate_batch, log)
     if cfg.regenerate:
         train_recs = regenerate_answers(target, processor, train_recs, root, Path(cfg.out) / "answers.jsonl",
                                         cfg.regenerate_max_new_tokens, cfg.regenerate_batch, log)
@@ -364,7 +382,7 @@ def _prepare_data(cfg, target, processor, log):
             "(use --regenerate to answer them with the target)")
     if not answered:
         raise ValueError(f"no answered records in {cfg.data}; pass --regenerate to answer them with the target")
-    return answered, root, evals
+    return answered, sampled, root, evals
 
 
 def train_draft(cfg: DistillConfig, log=print) -> dict:
@@ -376,7 +394,7 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
                                                 indent=1, default=str))
     target, processor = load_target(cfg.target)
     target.float().eval()
-    records, root, evals = _prepare_data(cfg, target, processor, log)
+    records, sampled, root, evals = _prepare_data(cfg, target, processor, log)
 
     draft, embeddings_frozen = make_draft(target, cfg)
     n_layers = draft.config.text_config.num_hidden_layers
@@ -389,9 +407,11 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
 
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    examples = [encode_record(r, tok, image_seq_length(target), root, i) for i, r in enumerate(records)]
+    examples = [encode_record(r, tok, image_seq_length(target), root, i) for i, r in enumerate(records + sampled)]
+    ranked = examples[: len(records)]  # the token ranking: the answers without the sampled ones
     log(f"draft: {n_layers} layers, exits {exits}, {sum(p.numel() for p in params.values())} trainable params; "
-        f"{len(examples)} training examples, {sum(sum(e.loss_mask) for e in examples)} assistant tokens")
+        f"{len(examples)} training examples ({len(sampled)} sampled answers), "
+        f"{sum(sum(e.loss_mask) for e in examples)} assistant tokens")
     cache = FeatureCache(target, processor, out / "features.pt")
     with tqdm(total=len({str(e.image) for e in examples} - set(cache.store)), desc="vision features", mininterval=15) as bar:
         cache.ensure([e.image for e in examples], progress=bar)
@@ -425,7 +445,7 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     train_minutes = (time.time() - start) / 60
     del teacher
     draft.eval()
-    save_draft(draft, processor, out, embeddings_frozen, token_ranking=answer_token_ranking(examples))
+    save_draft(draft, processor, out, embeddings_frozen, token_ranking=answer_token_ranking(ranked))
     (out / "history.json").write_text(json.dumps(ckpt.history))
     sm = smooth([h["kl"] for h in ckpt.history], 25)
     plot_history([{"step": h["step"], "KL per step": h["kl"], "KL (mean of 25)": s} for h, s in zip(ckpt.history, sm)],

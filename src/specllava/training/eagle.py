@@ -91,7 +91,7 @@ class EagleConfig:
 
 
 def _records(cfg: EagleConfig, target, processor, log) -> list[tuple[dict, Path]]:
-    from specllava.training.distill import regenerate_answers
+    from specllava.training.distill import regenerate_answers, sampled_answers
 
     out: list[tuple[dict, Path]] = []
     for i, path in enumerate(cfg.data):
@@ -99,10 +99,9 @@ def _records(cfg: EagleConfig, target, processor, log) -> list[tuple[dict, Path]
         recs = with_images(recs, root, log)
         if cfg.limit is not None and len(recs) > cfg.limit:
             recs = random.Random(cfg.seed).sample(recs, cfg.limit)
-        if i == 0 and cfg.sampled_answers:
-            pick = random.Random(cfg.seed + 1).sample(recs, min(cfg.sampled_answers, len(recs)))
-            sampled = regenerate_answers(target, processor, pick, root, Path(cfg.out) / "sampled_answers.jsonl",
-                                         cfg.max_new_tokens, cfg.generate_batch, log, do_sample=True)
+        if i == 0:
+            sampled = sampled_answers(target, processor, recs, root, Path(cfg.out), cfg.sampled_answers, cfg.seed,
+                                      cfg.max_new_tokens, cfg.generate_batch, log)
             out += [(r, root) for r in sampled]
         if i == 0 and cfg.regenerate:
             recs = regenerate_answers(target, processor, recs, root, Path(cfg.out) / "answers.jsonl",

@@ -1,0 +1,71 @@
+"""Report statistics on hand-made records: the bootstrap interval and the head-to-head table."""
+
+import json
+
+import pytest
+
+from specllava.bench.report import head_to_head_table, main, median_interval, summarize
+
+
+def _record(method: str, prompt: str, decode_s: float) -> dict:
+    rec = {"method": method, "prompt_id": prompt, "decode_s": decode_s, "decode_tokens": 10, "e2e_s": decode_s + 0.1,
+           "new_tokens": 11, "decode_cpu_s": decode_s, "prefill_s": 0.1, "mean_accepted": 1.0, "peak_rss_mb": 100.0}
+    if method != "hf":
+        rec["stats"] = {"steps": 4, "accept_by_depth": [2, 1], "time_draft_s": 0.1 * decode_s,
+                        "time_verify_s": 0.8 * decode_s, "time_decode_s": decode_s, "tree_nodes_mean": 3.0,
+                        "draft_forwards": 9}
+    return rec
+
+
+def _result(chain_over_dynamic: list[float]) -> dict:
+    """hf takes 1 s a prompt, dynamic 0.4 s; chain takes dynamic's time times the given ratio."""
+    recs = []
+    for i, ratio in enumerate(chain_over_dynamic):
+        recs += [_record("hf", f"p{i}", 1.0), _record("chain", f"p{i}", 0.4 * ratio), _record("dynamic", f"p{i}", 0.4)]
+    return {"settings": {"methods": ["hf", "chain", "dynamic"]}, "records": recs}
+
+
+def test_median_interval_brackets_the_median_and_narrows_with_more_prompts():
+    xs = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    lo, hi = median_interval(xs)
+    assert lo <= 2.5 <= hi and lo >= 1.0 and hi <= 4.0 and hi > lo
+    lo4, hi4 = median_interval(xs * 4)  # the same spread over four times the prompts
+    assert hi4 - lo4 < hi - lo
+    assert median_interval([2.0] * 5) == (2.0, 2.0)
+    assert median_interval([3.0]) == (3.0, 3.0) and median_interval([]) == (None, None)
+    assert median_interval(xs) == median_interval(xs)  # seeded: the same report for the same records
+
+
+def test_head_to_head_compares_dynamic_with_each_method_prompt_by_prompt():
+    summary = summarize(_result([1.2, 1.2, 1.2, 0.9, 1.3]))
+    versus = summary["dynamic"]["head_to_head"]
+    assert set(versus) == {"hf", "chain"}
+    chain = versus["chain"]
+    assert chain["ratio"] == pytest.approx(1.2) and chain["faster_on"] == 4 and chain["prompts"] == 5
+    assert chain["ratio_lo"] <= 1.2 <= chain["ratio_hi"]
+    assert versus["hf"]["ratio"] == pytest.approx(2.5) and versus["hf"]["faster_on"] == 5
+    assert summary["dynamic"]["speedup"] == pytest.approx(2.5)
+    assert summary["chain"]["speedup_lo"] <= summary["chain"]["speedup"] <= summary["chain"]["speedup_hi"]
+    table = head_to_head_table(summary)
+    assert "| chain | 1.20 [" in table and "| 4 of 5 prompts |" in table
+    # a chain that is faster on every prompt shows as a ratio below 1, dynamic faster on none
+    slow = summarize(_result([0.8, 0.9, 0.7]))["dynamic"]["head_to_head"]["chain"]
+    assert slow["ratio"] == pytest.approx(0.8) and slow["faster_on"] == 0 and slow["ratio_hi"] < 1
+
+
+def test_no_head_to_head_without_dynamic():
+    res = _result([1.0, 1.0])
+    res["records"] = [r for r in res["records"] if r["method"] != "dynamic"]
+    res["settings"]["methods"] = ["hf", "chain"]
+    assert head_to_head_table(summarize(res)) == ""
+
+
+def test_rerendering_an_older_results_file_recomputes_the_summary(tmp_path, capsys):
+    section = _result([1.1, 1.3, 1.2])
+    stale = {name: {k: v for k, v in row.items() if k != "head_to_head"} for name, row in summarize(section).items()}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"sections": {"set T=0": section}, "summary": {"set T=0": stale}}))
+    main([str(path)])
+    out = capsys.readouterr().out
+    assert "| dynamic against |" in out and "| chain | 1.20 [" in out
+    assert (tmp_path / "bench_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
