@@ -19,8 +19,9 @@ def test_bench_parser_defaults_and_checks(capsys):
     assert parser.parse_args(["bench", "--variant", "h=dynamic:draft_lean=false"]).variant == [("h", ("dynamic", {"draft_lean": False}))]
     assert parser.parse_args(["bench", "--variant", "a=ar:target_lean=false"]).variant == [("a", ("ar", {"target_lean": False}))]
     assert parser.parse_args(["bench", "--variant", "e=dynamic:draft=eagle"]).variant == [("e", ("dynamic", {"draft": "eagle"}))]
+    assert parser.parse_args(["bench", "--variant", "o=dynamic:draft=other"]).variant == [("o", ("dynamic", {"draft": "other"}))]
     assert args.draft_quant == "auto" and parser.parse_args(["bench", "--draft-quant", "none"]).draft_quant == "none"
-    bad_variants = (["--variant", "x=dynamic:draft_vocab=0"], ["--variant", "x=dynamic:draft_quant=int4"], ["--variant", "x=dynamic:draft_lean=2"], ["--draft-quant", "fp8"], ["--variant", "x=hf"], ["--variant", "x=ar:max_depth=3"], ["--variant", "dynamic"], ["--variant", "x=dynamic:depth=3"], ["--variant", "x=dynamic:max_depth=0"], ["--variant", "x=dynamic:draft=other"])
+    bad_variants = (["--variant", "x=dynamic:draft_vocab=0"], ["--variant", "x=dynamic:draft_quant=int4"], ["--variant", "x=dynamic:draft_lean=2"], ["--draft-quant", "fp8"], ["--variant", "x=hf"], ["--variant", "x=ar:max_depth=3"], ["--variant", "dynamic"], ["--variant", "x=dynamic:depth=3"], ["--variant", "x=dynamic:max_depth=0"], ["--variant", "x=dynamic:draft=mine"])
     for bad in (["--methods", "hf,fast"], ["--budget", "0"], ["--budget", "big"], *bad_variants):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", *bad])

@@ -145,3 +145,32 @@ def test_bench_measures_an_eagle_head_beside_the_draft(tiny_pair, llava_json, tm
     assert main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods", "hf",
                  "--variant", "e=dynamic:draft=eagle", "--out", str(tmp_path / "o4"), "--no-progress"]) == 2
     assert "pass the head with --eagle" in capsys.readouterr().err
+
+
+def test_bench_compares_a_second_draft_model_in_the_same_run(tiny_pair, llava_json, tmp_path, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    target, draft = tiny_pair
+    noisy = tmp_path / "noisy"  # a second draft: the target with heavy noise, so it is seldom right
+    perturbed_copy(LlavaForConditionalGeneration.from_pretrained(target), 2.0, seed=5).save_pretrained(noisy)
+    out = tmp_path / "out"
+    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods",
+               "hf,dynamic", "--max-new-tokens", "32", "--threads", "1", "--out", str(out), "--no-progress",
+               "--other-draft", str(noisy), "--variant", "noisy=dynamic:draft=other,draft_quant=none",
+               # random tiny models are unsure of everything: grow the trees anyway
+               "--tree-option", "min_path_conf=0", "--tree-option", "min_feed_mass=0"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    sec = res["sections"]["set T=0"]
+    assert res["models"]["other_draft"] == str(noisy)
+    assert sec["exact_match"]["noisy"]["rate"] == 1.0
+    # the noisy copy is accepted less often than the pair's draft (built from the target's own layers)
+    summary = res["summary"]["set T=0"]
+    assert summary["noisy"]["mean_accepted"] < summary["dynamic"]["mean_accepted"]
+    capsys.readouterr()
+    assert main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods", "hf",
+                 "--variant", "o=dynamic:draft=other", "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "--other-draft DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--variant", "o=dynamic:draft=mine", "--out", str(tmp_path / "o3")])
+    assert "draft is eagle" in capsys.readouterr().err

@@ -68,4 +68,5 @@ def test_rerendering_an_older_results_file_recomputes_the_summary(tmp_path, caps
     main([str(path)])
     out = capsys.readouterr().out
     assert "| dynamic against |" in out and "| chain | 1.20 [" in out
-    assert (tmp_path / "bench_speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("bench_speedup.png", "bench_head_to_head.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -55,8 +55,9 @@ def _variant(text: str) -> tuple[str, tuple[str, dict]]:
     dq = options.get("draft_quant")
     if dq is not None and dq not in QUANT_CHOICES:
         raise argparse.ArgumentTypeError(f"--variant {name}: draft_quant must be one of {', '.join(QUANT_CHOICES)}, got {dq!r}")
-    if options.get("draft", "eagle") != "eagle":
-        raise argparse.ArgumentTypeError(f"--variant {name}: draft takes one value, eagle (the --eagle head), got {options['draft']!r}")
+    if options.get("draft", "eagle") not in ("eagle", "other"):
+        raise argparse.ArgumentTypeError(f"--variant {name}: draft is eagle (the --eagle head) or other (the --other-draft "
+                                         f"model), got {options['draft']!r}")
     for flag in ("draft_lean", "target_lean"):
         if options.get(flag, True) not in (True, False):
             raise argparse.ArgumentTypeError(f"--variant {name}: {flag} must be true or false, got {options[flag]!r}")
@@ -87,6 +88,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     models.add_argument("--eagle", type=Path, default=None, metavar="PATH",
                         help="an EAGLE head (train-eagle's eagle_head.safetensors or its folder) for variants with "
                         "draft=eagle, e.g. --variant eagle=dynamic:draft=eagle")
+    models.add_argument("--other-draft", default=None, metavar="DIR",
+                        help="a second draft model (e.g. a new train-draft run's draft/ folder) for variants with "
+                        "draft=other, e.g. --variant new=dynamic:draft=other: two drafts compared in one interleaved run")
     models.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     run = p.add_argument_group("measurement")
     run.add_argument("--methods", type=_methods, default=ALL_METHODS, metavar="M1,M2",
@@ -124,7 +128,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(on top of --tree-option) and optionally its own draft_vocab, draft_quant, draft_lean or target_lean, "
         "or ar with target_lean; repeatable; e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3 or "
         "v4k=dynamic:draft_vocab=4096 or bf=dynamic:draft_quant=none or hfpath=dynamic:draft_lean=false or "
-        "ar-hf=ar:target_lean=false; draft=eagle drafts with the --eagle head instead of the draft model",
+        "ar-hf=ar:target_lean=false; draft=eagle drafts with the --eagle head and draft=other with the "
+        "--other-draft model instead of the draft model",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -210,6 +215,14 @@ def run(args) -> int:
         model_info["eagle"] = str(args.eagle)
     elif any(opts.get("draft") == "eagle" for _, (_, opts) in args.variant):
         raise ValueError("a variant has draft=eagle: pass the head with --eagle PATH")
+    other = None
+    if args.other_draft is not None:
+        from ..models.hf import load_model, parse_dtype
+
+        other = load_model(args.other_draft, parse_dtype(args.dtype))
+        model_info["other_draft"] = str(args.other_draft)
+    elif any(opts.get("draft") == "other" for _, (_, opts) in args.variant):
+        raise ValueError("a variant has draft=other: pass the second draft model with --other-draft DIR")
     tree_options = dict(args.tree_option)
     TreeConfig.from_options(**tree_options)  # fail before any timing on a bad option
     out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
@@ -252,7 +265,7 @@ def run(args) -> int:
                 methods=tuple(args.methods) + tuple(variants), variants=variants, max_new_tokens=args.max_new_tokens,
                 sampling=Sampling(temp, args.top_k, args.top_p), repeats=args.repeats,
                 warmup=args.warmup, seed=args.seed, tree_options=tree_options, draft_vocab=vocab,
-                draft_quant=args.draft_quant, eagle=eagle,
+                draft_quant=args.draft_quant, eagle=eagle, other_draft=other,
             )
             sections[name] = run_benchmark(target, draft, processor, prompts, settings,
                                            progress=not args.no_progress, label=name)

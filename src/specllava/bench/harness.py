@@ -45,6 +45,7 @@ class BenchSettings:
     # `methods` too
     variants: dict = field(default_factory=dict)
     eagle: object = None  # an EagleHead (`core.eagle`) for variants with the option draft="eagle"
+    other_draft: object = None  # a second draft model for variants with the option draft="other"
 
     def __post_init__(self):
         for name, (base, _) in self.variants.items():
@@ -123,11 +124,13 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
         base, extra = settings.variants.get(m, (m, {}))
         extra = dict(extra)
         this_draft = draft
-        if extra.pop("draft", None) == "eagle":
-            if settings.eagle is None:
-                raise ValueError(f"variant {m!r} drafts with an EAGLE head (draft=eagle): pass --eagle PATH")
-            this_draft = settings.eagle
-            extra.setdefault("draft_vocab", "auto")  # the head's own token ranking
+        which = extra.pop("draft", None)
+        if which is not None:
+            this_draft = {"eagle": settings.eagle, "other": settings.other_draft}.get(which)
+            if this_draft is None:
+                flag = "--eagle PATH" if which == "eagle" else "--other-draft DIR"
+                raise ValueError(f"variant {m!r} drafts with draft={which}: pass {flag}")
+            extra.setdefault("draft_vocab", "auto")  # its own token ranking
         draft_vocab = extra.pop("draft_vocab", settings.draft_vocab)
         draft_quant = extra.pop("draft_quant", settings.draft_quant)
         lean = {flag: bool(extra.pop(flag, True)) for flag in ("draft_lean", "target_lean")}

@@ -274,6 +274,30 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     paths.append(_save(fig, out_dir / f"{prefix}time.png"))
+
+    versus = {sec: summaries[sec].get(HEAD_TO_HEAD_SUBJECT, {}).get("head_to_head") for sec in sections}
+    versus = {sec: rows for sec, rows in versus.items() if rows}
+    if versus:
+        fig, axes = plt.subplots(1, len(versus), figsize=(4.2 * len(versus), 3.2), squeeze=False)
+        for ax, (sec, rows) in zip(axes[0], versus.items()):
+            names = list(rows)
+            y = range(len(names))
+            ratio = [rows[m]["ratio"] for m in names]
+            err = [[r - rows[m]["ratio_lo"] for m, r in zip(names, ratio)], [rows[m]["ratio_hi"] - r for m, r in zip(names, ratio)]]
+            ax.errorbar(ratio, y, xerr=err, fmt="o", color="tab:blue", ecolor="tab:red", capsize=3)
+            for yi, m in zip(y, names):
+                ax.annotate(f"{rows[m]['faster_on']}/{rows[m]['prompts']}", (rows[m]["ratio_hi"], yi),
+                            xytext=(4, -3), textcoords="offset points", fontsize=7)
+            ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_yticks(list(y), names, fontsize=8)
+            ax.set_xlim(min(1.0, *[rows[m]["ratio_lo"] for m in names]) * 0.95,
+                        max(1.0, *[rows[m]["ratio_hi"] for m in names]) * 1.15)
+            ax.set_title(sec, fontsize=9)
+            ax.set_xlabel(f"other's time / {HEAD_TO_HEAD_SUBJECT}'s (> 1: {HEAD_TO_HEAD_SUBJECT} faster)", fontsize=8)
+        fig.suptitle(f"{HEAD_TO_HEAD_SUBJECT} against each method, prompt by prompt: median, 95% interval, "
+                     f"prompts where {HEAD_TO_HEAD_SUBJECT} was faster", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1, 0.92))
+        paths.append(_save(fig, out_dir / f"{prefix}head_to_head.png"))
     return paths
 
 
