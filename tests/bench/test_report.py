@@ -70,3 +70,12 @@ def test_rerendering_an_older_results_file_recomputes_the_summary(tmp_path, caps
     assert "| dynamic against |" in out and "| chain | 1.20 [" in out
     for png in ("bench_speedup.png", "bench_head_to_head.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_versus_adds_a_head_to_head_for_another_method(tmp_path, capsys):
+    section = _result([1.1, 1.3, 1.2])  # chain takes 1.1-1.3 times dynamic's time
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"sections": {"set T=0": section}, "summary": {}}))
+    main([str(path), "--versus", "chain"])
+    out = capsys.readouterr().out
+    assert "| chain against |" in out and "| dynamic | 0.83 [" in out  # dynamic's time / chain's = 1 / 1.2

@@ -77,8 +77,9 @@ def head_to_head(dec: dict[str, dict], subject: str = HEAD_TO_HEAD_SUBJECT) -> d
     return out
 
 
-def summarize(result: dict) -> dict:
-    """{method: metrics} for one (set, temperature) result of `run_benchmark`."""
+def summarize(result: dict, subjects: tuple[str, ...] = (HEAD_TO_HEAD_SUBJECT,)) -> dict:
+    """{method: metrics} for one (set, temperature) result of `run_benchmark`; each method in
+    `subjects` also gets its head-to-head against every other method."""
     recs = result["records"]
     methods = result["settings"]["methods"]
     per = defaultdict(lambda: defaultdict(list))  # method -> prompt -> [records]
@@ -116,7 +117,7 @@ def summarize(result: dict) -> dict:
             row.update(_our_metrics(rs))
         if "exact_match" in result:
             row["exact_match"] = result["exact_match"][m]["rate"]
-        if m == HEAD_TO_HEAD_SUBJECT and len(methods) > 1:
+        if m in subjects and len(methods) > 1:
             row["head_to_head"] = head_to_head(dec, m)
         out[m] = row
     return out
@@ -315,14 +316,16 @@ def write_json(obj: dict, path: Path) -> Path:
     return path
 
 
-def render(result: dict, out_dir: Path, prefix: str = "bench_") -> str:
-    """table.md text and the PNGs for a results.json (as `specllava bench` writes them)."""
+def render(result: dict, out_dir: Path, prefix: str = "bench_", subjects: tuple[str, ...] = (HEAD_TO_HEAD_SUBJECT,)) -> str:
+    """table.md text and the PNGs for a results.json (as `specllava bench` writes them); a
+    head-to-head table for each method in `subjects` that has one."""
     md = []
     for name, summary in result["summary"].items():
         md += [f"## {name}\n", markdown_table(summary)]
-        versus = head_to_head_table(summary)
-        if versus:
-            md.append(versus)
+        for subject in subjects:
+            versus = head_to_head_table(summary, subject)
+            if versus:
+                md.append(versus)
         if "divergences" in result["sections"][name]:
             md.append(divergence_table(result["sections"][name]["divergences"]))
     plot_all(result["summary"], Path(out_dir), prefix)
@@ -337,11 +340,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: beside RESULTS.json)")
     parser.add_argument("--prefix", default="bench_", help="PNG file name prefix (default: bench_)")
+    parser.add_argument("--versus", action="append", default=[], metavar="METHOD",
+                        help=f"also compare this method (a variant's name, say) with every other one, prompt by "
+                        f"prompt, as {HEAD_TO_HEAD_SUBJECT} is; repeatable")
     args = parser.parse_args(argv)
     result = json.loads(args.results.read_text())
     # summaries from the records, so that a run made before a metric existed gets it too
-    result["summary"] = {name: summarize(section) for name, section in result["sections"].items()}
-    print(render(result, args.out or args.results.parent, args.prefix))
+    subjects = (HEAD_TO_HEAD_SUBJECT, *args.versus)
+    result["summary"] = {name: summarize(section, subjects) for name, section in result["sections"].items()}
+    print(render(result, args.out or args.results.parent, args.prefix, subjects))
 
 
 if __name__ == "__main__":
