@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-vocab", type=int, default=4096)
     ap.add_argument("--draft-temperature", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--draft", nargs="+", default=[], help="other draft folders to measure against the default target")
+    ap.add_argument("--draft", nargs="+", action="extend", default=[],
+                    help="other draft folders (or EAGLE heads) to measure against the default target; repeatable")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -53,7 +53,7 @@ class TreeConfig:
                      score_temperature). A draft distilled on the target's full distribution
                      copies its flatness: its top guess is the target's argmax far more often
                      than its probability says (paths of 5 accepted guesses with confidence
-                     0.01-0.1 are common), so at 1 the tree spends its budget on shallow
+                     0.007-0.13, tools/tree_steps.py), so at 1 the tree spends its budget on shallow
                      siblings and stops deepening too early. Below 1 sharpens the confidences.
                      Greedy verification never reads q, so the output does not depend on it.
                      When sampling, q is the draft's distribution at the sampling temperature

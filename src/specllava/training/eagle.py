@@ -55,6 +55,13 @@ from specllava.training.common import (
     split_held_out,
     with_images,
 )
+from specllava.training.distill import (
+    answers_ranking,
+    lr_at,
+    measure_acceptance,
+    regenerate_answers,
+    sampled_answers,
+)
 
 
 @dataclass
@@ -91,8 +98,6 @@ class EagleConfig:
 
 
 def _records(cfg: EagleConfig, target, processor, log) -> list[tuple[dict, Path]]:
-    from specllava.training.distill import regenerate_answers, sampled_answers
-
     out: list[tuple[dict, Path]] = []
     for i, path in enumerate(cfg.data):
         recs, root = load_records(path)
@@ -219,14 +224,11 @@ def head_ranking(out: Path, tokenizer, train: list[dict]) -> list[int]:
     this run (``answers.jsonl``, ``sampled_answers.jsonl``), most frequent first, as a draft's is,
     so the default draft vocabulary holds what the target writes rather than every word of the
     reference texts; without generated answers, all training assistant tokens."""
-    from specllava.training.distill import answers_ranking
-
     ranked = answers_ranking([Path(out) / "answers.jsonl", Path(out) / "sampled_answers.jsonl"], tokenizer)
     return ranked or rank_tokens(int(t) for e in train for t, m in zip(e["ids"].tolist(), e["mask"].tolist()) if m)
 
 
 def train_eagle(cfg: EagleConfig, log=print) -> dict:
-    from specllava.training.distill import lr_at
     from specllava.training.target import load_model
 
     torch.set_num_threads(cfg.threads)
@@ -288,8 +290,6 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
                  tuple(f"{k} (mean of 25)" for k in keys))
     report.update({"steps": step, "stopped_by": stopped, "train_minutes": (time.time() - start) / 60,
                    "after": trainer.evaluate(held, cfg.batch_size, hidden), "draft_vocab": int(vocab_ids.numel())})
-    from specllava.training.distill import measure_acceptance
-
     report["eval"] = {}
     for path in cfg.eval_data or []:
         recs, root = load_records(path)
