@@ -240,7 +240,10 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     records = _records(cfg, target, processor, log)
     examples = extract_features(target, processor, records, out / "features.pt", cfg.generate_batch, log)
     train, held = split_held_out(examples, cfg.held_out_fraction, cfg.seed)
-    held = held or train[-8:]
+    if not train or not held:  # too few images for a split: evaluate on (some of) the training records
+        log(f"only {len({e['image'] for e in examples})} images: the held-out report reads training records too")
+        train = train or held
+        held = held or train[-8:]
     ranking = head_ranking(out, processor.tokenizer, train)
     head = EagleHead.from_target(target, ranking)
     size = int(target.get_output_embeddings().weight.shape[0])
