@@ -80,3 +80,24 @@ def load_pair(target: str | None, draft: str | None, dtype: torch.dtype, need_dr
         raise ValueError(f"{why or 'this method'} needs --draft")
     loaded_draft = load_model(draft, dtype) if need_draft else None
     return load_model(target, dtype), loaded_draft, load_processor(target), {"target": target, "draft": draft}
+
+
+
+def leading_special_ids(tokenizer, text: str) -> list[int]:
+    """The special token ids the tokenizer puts before a text by default (a Llama tokenizer's BOS;
+    none for most chat-tuned BPE tokenizers), minus those `text` (a chat template's output) already
+    starts with. Prompts are encoded as the model card's usage encodes them, the templated text with
+    the tokenizer's special tokens, so llava-hf's template (which writes no `<s>`) keeps its BOS:
+    `leading_special_ids(tok, text) + tok(text, add_special_tokens=False).input_ids`."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a", add_special_tokens=True)["input_ids"]
+    n = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+    prefix = []
+    for tid in full[:n]:
+        token = str(tok.convert_ids_to_tokens(int(tid)))
+        if text.startswith(token):
+            text = text[len(token):]
+        else:
+            prefix.append(int(tid))
+    return prefix
