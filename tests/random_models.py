@@ -1,5 +1,6 @@
 """Tiny random-weight models and statistics helpers for the tests, built in-process on CPU in
-milliseconds. Imported by name (`from random_models import ...`): pytest puts tests/ on sys.path."""
+milliseconds. Imported by name (`from random_models import ...`): pyproject's pytest `pythonpath`
+lists tests/."""
 
 from __future__ import annotations
 
@@ -74,6 +75,12 @@ def perturbed_copy(model, scale: float, seed: int):
         for p in out.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-3))
     return out
+
+
+def tiny_llava_pair(noise: float = 0.05, seed: int = 1):
+    """(target, draft): `tiny_llava(0)` and `perturbed_copy` of it; the `tiny_pair` fixture."""
+    target = tiny_llava(0)
+    return target, perturbed_copy(target, noise, seed)
 
 
 def llava_prompt(seed: int, text_len: int = 6):

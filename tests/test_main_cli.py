@@ -8,25 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny_llava import tiny_sources  # tests/models: tiny SmolLM2 stand-ins
-
 from specllava.cli import main
-from specllava.models.assemble import assemble_models, load_models
+from specllava.models.assemble import load_models
 from specllava.models.hf import chat_inputs
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    assets = root / "no-assets"
-    assets.mkdir()
+def pair(assembled_pair, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        paths = assemble_models(root / "cache", tiny_sources(), assets_dir=assets)
-        models = load_models(paths)
-    img = root / "img.png"
+        models = load_models(assembled_pair)
+    img = tmp_path_factory.mktemp("cli") / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(img)
-    return paths, models, img
+    return assembled_pair, models, img
 
 
 def run_cli(args, capsys):
@@ -75,9 +69,9 @@ def test_generate_clear_errors(pair, capsys):
 
 
 def test_generate_budget_auto_calibrates_once_and_stays_exact(pair, capsys, tmp_path, monkeypatch):
-    from specllava.bench import calibrate
+    from specllava.tuning import budget
 
-    monkeypatch.setattr(calibrate, "CACHE_DIR", tmp_path / "calibration")
+    monkeypatch.setattr(budget, "CACHE_DIR", tmp_path / "calibration")
     paths, models, img = pair
     args = ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
             "--prompt", "Describe this image.", "--max-new-tokens", "10", "--json", "--budget", "auto"]

@@ -11,7 +11,7 @@ confidence >= f (an ancestor-closed set: confidence only falls along a path), so
 accepted the leading part of its recorded path that stays above f. Per floor it prints the replayed
 mean accepted length (tau), the mean number of verified nodes, and the expected tokens/s: tau over
 (t_verify(nodes + 1) + the step's other time), t_verify from this machine's verification cost
-curve (`specllava.bench.calibrate.verify_cost_curve`, cached) and the other time (drafting, loop)
+curve (`specllava.tuning.budget.verify_cost_curve`, cached) and the other time (drafting, loop)
 as measured per step. Drafting is taken as unchanged (the floor prunes leaves mostly; it can also
 stop a deeper expansion, which would only save drafting time).
 """
@@ -24,11 +24,11 @@ import statistics
 import torch
 
 from specllava import SpeculativeDecoder
-from specllava.bench.calibrate import verify_cost_curve
 from specllava.bench.harness import prepare_inputs
 from specllava.bench.prompts import builtin_set
 from specllava.core.vocab import default_draft_vocab
 from specllava.models.hf import load_pair, parse_dtype
+from specllava.tuning.budget import verify_cost_curve
 
 
 def main(argv=None) -> None:

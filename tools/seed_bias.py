@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from specllava.core.decoder import _mix_seed
+from specllava.core.decoder import mix_seed
 
 
 def main():
@@ -21,7 +21,7 @@ def main():
     p = torch.tensor([0.0, 0.0, 0.048, 0.031, 0.688, 0.0, 0.0, 0.233])
     p = p / p.sum()
     exact = float(p[7])
-    for name, f in (("consecutive", lambda s: s), ("splitmix64", _mix_seed)):
+    for name, f in (("consecutive", lambda s: s), ("splitmix64", mix_seed)):
         hits = sum(
             int(torch.multinomial(p, 1, generator=torch.Generator().manual_seed(f(args.base + i)))) == 7
             for i in range(args.runs)

@@ -134,7 +134,7 @@ def run_generate(args) -> int:
     if args.budget == "auto" and args.method == "dynamic":
         import time
 
-        from .bench.calibrate import auto_node_budget
+        from .tuning.budget import auto_node_budget
 
         t = time.perf_counter()
         inp = {k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inputs.items()}

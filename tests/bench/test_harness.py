@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from bench_fixtures import llava_json, tiny_pair  # noqa: F401  (fixtures)
 
 from random_models import llava_prompt, perturbed_copy, tiny_llava
 from specllava.bench.harness import divergence, exact_match, method_order
@@ -13,8 +12,8 @@ from specllava.bench.prompts import BenchPrompt
 from specllava.cli import main
 
 
-def test_bench_runs_end_to_end_and_writes_json_markdown_and_plots(tiny_pair, llava_json, tmp_path):
-    target, draft = tiny_pair
+def test_bench_runs_end_to_end_and_writes_json_markdown_and_plots(assembled_pair, llava_json, tmp_path):
+    target, draft = assembled_pair.target_dir, assembled_pair.draft_dir
     out = tmp_path / "out"
     rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json),
                "--max-new-tokens", "10", "--temperature", "0", "1", "--threads", "1", "--repeats", "2",
@@ -118,12 +117,12 @@ def test_method_runner_passes_draft_quant_to_the_decoder():
     assert MethodRunner("dynamic", target, draft, {}, None, "int8").decoder.draft_path.quant == "int8"
 
 
-def test_bench_measures_an_eagle_head_beside_the_draft(tiny_pair, llava_json, tmp_path, capsys):
+def test_bench_measures_an_eagle_head_beside_the_draft(assembled_pair, llava_json, tmp_path, capsys):
     from transformers import LlavaForConditionalGeneration
 
     from specllava.core.eagle import EagleHead
 
-    target, draft = tiny_pair
+    target, draft = assembled_pair.target_dir, assembled_pair.draft_dir
     head = EagleHead.from_target(LlavaForConditionalGeneration.from_pretrained(target), token_ranking=list(range(50)))
     head_file = head.save(tmp_path / "head" / "eagle_head.safetensors")
     out = tmp_path / "out"
@@ -147,10 +146,10 @@ def test_bench_measures_an_eagle_head_beside_the_draft(tiny_pair, llava_json, tm
     assert "pass the head with --eagle" in capsys.readouterr().err
 
 
-def test_bench_compares_a_second_draft_model_in_the_same_run(tiny_pair, llava_json, tmp_path, capsys):
+def test_bench_compares_a_second_draft_model_in_the_same_run(assembled_pair, llava_json, tmp_path, capsys):
     from transformers import LlavaForConditionalGeneration
 
-    target, draft = tiny_pair
+    target, draft = assembled_pair.target_dir, assembled_pair.draft_dir
     noisy = tmp_path / "noisy"  # a second draft: the target with heavy noise, so it is seldom right
     perturbed_copy(LlavaForConditionalGeneration.from_pretrained(target), 2.0, seed=5).save_pretrained(noisy)
     out = tmp_path / "out"

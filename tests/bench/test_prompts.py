@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from bench_fixtures import llava_json  # noqa: F401  (fixture)
 
 from specllava.bench.prompts import builtin_set, load_llava_json
 

@@ -79,3 +79,17 @@ def test_versus_adds_a_head_to_head_for_another_method(tmp_path, capsys):
     main([str(path), "--versus", "chain"])
     out = capsys.readouterr().out
     assert "| chain against |" in out and "| dynamic | 0.83 [" in out  # dynamic's time / chain's = 1 / 1.2
+
+
+def test_calibration_plot_of_a_hand_made_report(tmp_path):
+    from dataclasses import asdict
+
+    from specllava.bench.report import plot_calibration
+    from specllava.tuning.budget import AcceptanceProfile, CostCurve, expected_speed
+
+    cost = CostCurve([1, 8, 16], [0.010, 0.012, 0.020], 100, {"dtype": "float32", "threads": 1})
+    prof = AcceptanceProfile([1, 2, 3], [1.5, 1.9, 2.1], 0.002, 4, {}, [3, 3, 2, 3])
+    report = {"node_budget": 3, "cost_curve": asdict(cost), "profile": asdict(prof),
+              "expected_tokens_per_s": expected_speed(cost, prof)}
+    path = plot_calibration(report, tmp_path / "plots" / "bench_calibration.png")
+    assert path.exists() and path.stat().st_size > 1000

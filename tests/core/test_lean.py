@@ -48,11 +48,10 @@ def test_lean_path_gives_the_models_logits(kind):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_lean_draft_grows_the_same_trees_and_stays_exact():
+def test_lean_draft_grows_the_same_trees_and_stays_exact(tiny_pair):
     """Whole decodes: with a float32 draft the lean path proposes the trees transformers' path
     proposes, step for step (a wrong position, mask or compaction would change them)."""
-    target = tiny_llava(0)
-    draft = perturbed_copy(target, 0.05, seed=1)
+    target, draft = tiny_pair
     ids, px = llava_prompt(3)
     with torch.inference_mode():
         ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=48, do_sample=False)

@@ -2,19 +2,13 @@
 
 import pytest
 import torch
-from random_models import llava_prompt, perturbed_copy, tiny_llava
+from random_models import llava_prompt
 
 from specllava import SpeculativeDecoder
 from specllava.core.config import GREEDY_NODE_BUDGET, SAMPLED_NODE_BUDGET, TreeConfig
 
 # a draft close to the target with permissive growth: trees fill whatever budget they get
 WIDE = dict(min_path_conf=0.0, min_feed_mass=0.0, max_children=4, frontier=8, max_depth=6)
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = tiny_llava(0)
-    return target, perturbed_copy(target, 0.05, seed=1)
 
 
 def test_budget_resolution():
@@ -38,13 +32,13 @@ def _largest_tree(target, draft, options, **gen):
 
 
 @torch.inference_mode()
-def test_default_budget_depends_on_sampling(pair):
-    target, draft = pair
+def test_default_budget_depends_on_sampling(tiny_pair):
+    target, draft = tiny_pair
     assert SAMPLED_NODE_BUDGET < _largest_tree(target, draft, WIDE) <= GREEDY_NODE_BUDGET
     assert _largest_tree(target, draft, WIDE, do_sample=True, temperature=1.0) == SAMPLED_NODE_BUDGET
 
 
 @torch.inference_mode()
-def test_explicit_budget_applies_when_sampling(pair):
-    target, draft = pair
+def test_explicit_budget_applies_when_sampling(tiny_pair):
+    target, draft = tiny_pair
     assert _largest_tree(target, draft, dict(WIDE, node_budget=20), do_sample=True, temperature=1.0) == 20

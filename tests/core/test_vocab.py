@@ -49,9 +49,8 @@ def test_cli_default_vocabulary_follows_the_drafts_ranking():
     assert default_draft_vocab(draft, 0.0) == 96 and default_draft_vocab(draft, 0.7) == 96
 
 
-def test_api_auto_vocabulary_uses_one_path_per_temperature():
-    target = tiny_llava(0)
-    draft = perturbed_copy(target, 0.05, seed=1)
+def test_api_auto_vocabulary_uses_one_path_per_temperature(tiny_pair):
+    target, draft = tiny_pair
     ids, px = llava_prompt(2)
     assert SpeculativeDecoder(target, draft, method="dynamic").draft_vocab is None  # no ranking: full vocabulary
     draft.config.token_ranking = list(range(3, 23))  # 20 ids: 32 greedy, 64 sampled

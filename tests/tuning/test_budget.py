@@ -1,18 +1,18 @@
-"""Calibration: cache keying, the acceptance replay, and the budget choice."""
+"""The node-budget calibration (specllava.tuning.budget): cache keying, the acceptance replay, and the budget choice."""
 
 import pytest
 import torch
 
-from random_models import llava_prompt, perturbed_copy, tiny_llava
+from random_models import llava_prompt, tiny_llava
 from specllava import SpeculativeDecoder
-from specllava.bench import calibrate
-from specllava.bench.calibrate import (
+from specllava.tuning import budget as calibrate
+from specllava.tuning.budget import (
     AcceptanceProfile,
     CostCurve,
-    _record_step,
     choose_node_budget,
     expected_speed,
     isotonic,
+    record_step,
     replay_tau,
     verify_cost_curve,
 )
@@ -73,13 +73,12 @@ def test_replay_cuts_each_accepted_path_at_the_first_node_outside_the_budget():
     assert replay_tau(steps, 8) == pytest.approx((4 + 1 + 2) / 3)
 
 
-def test_replay_at_the_recorded_budget_equals_the_run_mean_accepted_length():
-    target = tiny_llava(0)
-    draft = perturbed_copy(target, 0.05, seed=1)
+def test_replay_at_the_recorded_budget_equals_the_run_mean_accepted_length(tiny_pair):
+    target, draft = tiny_pair
     ids, px = llava_prompt(4)
     dec = SpeculativeDecoder(target, draft, method="dynamic", node_budget=16, min_path_conf=0.0)
     steps = []
-    out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=30, on_step=_record_step(steps))
+    out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=30, on_step=record_step(steps))
     hist = out.stats["accept_hist"]
     per_step = sum((k + 1) * n for k, n in enumerate(hist)) / sum(hist)
     assert len(steps) == out.stats["steps"]
@@ -104,16 +103,16 @@ def test_isotonic_fit_never_decreases():
     assert all(a <= b for a, b in zip(ys, ys[1:]))
 
 
-def test_auto_node_budget_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+def test_auto_node_budget_measures_once_then_reads_the_cache(tiny_pair, tmp_path, monkeypatch):
     calls = _counting(monkeypatch)
-    target = tiny_llava(0)
-    draft = perturbed_copy(target, 0.05, seed=1)
+    target, draft = tiny_pair
     ids, px = llava_prompt(5)
     inputs = [{"input_ids": ids, "pixel_values": px}]
     budget, report = calibrate.auto_node_budget(target, draft, inputs, {"min_path_conf": 0.0},
                                                 cache_dir=tmp_path, max_new_tokens=16)
     assert 1 <= budget <= 96 and report["node_budget"] == budget
     assert len(report["expected_tokens_per_s"]) == 96 and report["profile"]["steps"] > 0
+    assert report["seconds"] > 0
     monkeypatch.setattr(calibrate, "measure_acceptance", lambda *a, **k: pytest.fail("not cached"))
     again, _ = calibrate.auto_node_budget(target, draft, inputs, {"min_path_conf": 0.0},
                                           cache_dir=tmp_path, max_new_tokens=16)

@@ -158,7 +158,7 @@ def machine_info(threads: int) -> dict:
     import torch
     import transformers
 
-    from .calibrate import cpu_model
+    from ..tuning.budget import cpu_model
 
     return {"cpu": cpu_model(), "cpu_flags": _cpu_flags(), "cores": _cores(), "torch_threads": threads,
             "torch": torch.__version__, "transformers": transformers.__version__,
@@ -232,18 +232,17 @@ def run(args) -> int:
     if args.budget == "auto":
         if draft is None:
             raise ValueError("--budget auto needs a draft model")
-        from .calibrate import auto_node_budget, plot_calibration
+        from ..tuning.budget import auto_node_budget
+        from .report import plot_calibration
 
         if args.calibration_prompts < 1:
             raise ValueError(f"--calibration-prompts must be >= 1, got {args.calibration_prompts}")
         first = next(iter(sets.values()))[: args.calibration_prompts]
         inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
-        t = time.perf_counter()
         vocab = args.draft_vocab or default_draft_vocab(draft, 0)  # calibrated at T=0
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
                                                max_new_tokens=args.max_new_tokens, draft_vocab=vocab,
                                                draft_quant=args.draft_quant)
-        calibration["seconds"] = time.perf_counter() - t
         calibration["profiled_on"] = [p.id for p in first]
         tree_options["node_budget"] = budget
         plot_calibration(calibration, out_dir / "bench_calibration.png")

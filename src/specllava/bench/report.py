@@ -310,6 +310,40 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def plot_calibration(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    """bench_calibration.png: the measured verification cost curve with its monotone fit, and the
+    expected tokens/s and replayed mean accepted length of every node budget (an
+    `auto_node_budget` report)."""
+    from ..tuning.budget import isotonic
+
+    cost, prof = report["cost_curve"], report["profile"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(cost["sizes"], [1e3 * s for s in cost["seconds"]], "o", label="measured (median)")
+    a.plot(cost["sizes"], [1e3 * s for s in isotonic(cost["seconds"])], "-", label="monotone fit")
+    a.legend(fontsize=7)
+    a.set_xlabel("tree tokens verified (root included)")
+    a.set_ylabel("target forward, ms")
+    a.set_title(f"verification cost ({cost['key']['dtype']}, {cost['key']['threads']} threads)", fontsize=9)
+    b.plot(prof["budgets"], report["expected_tokens_per_s"], label="expected tokens/s")
+    b.axvline(report["node_budget"], color="grey", ls="--", lw=0.8)
+    b.set_xlabel("node budget B")
+    b.set_ylabel("expected tokens/s")
+    b2 = b.twinx()
+    b2.plot(prof["budgets"], prof["tau"], color="tab:orange", label="replayed tau(B)")
+    b2.set_ylabel("mean accepted length", color="tab:orange")
+    b.set_title(f"chosen node_budget = {report['node_budget']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_json(obj: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")

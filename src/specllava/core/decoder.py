@@ -157,7 +157,7 @@ class SpeculativeDecoder:
         eos = self._eos_set(eos_token_id)
         gen = torch.Generator(device="cpu")
         if seed is not None:
-            gen.manual_seed(_mix_seed(int(seed)))
+            gen.manual_seed(mix_seed(int(seed)))
         else:
             gen.seed()
         input_ids = input_ids.to(self.target.device)
@@ -335,7 +335,7 @@ class SpeculativeDecoder:
             raise ValueError("pixel_values given, but the prompt has no image tokens; build the prompt with the processor so <image> is expanded")
 
 
-def _mix_seed(seed: int) -> int:
+def mix_seed(seed: int) -> int:
     """SplitMix64 of the seed. torch's CPU generator seeded with consecutive integers (seed=0, 1,
     2, ... as users and benchmarks do) gives measurably biased first draws: on a fixed 4-token
     distribution, 20k runs of torch.multinomial seeded 50000+i were 3.2 sigma off. Mixing the

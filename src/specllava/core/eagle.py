@@ -32,7 +32,7 @@ from torch import nn
 from .cache import KVBuffer, crop
 from .config import TreeConfig
 from .drafting import Drafter
-from .lean import LeanDecoder, _linear, _rotate
+from .lean import LeanDecoder, apply_rotary, make_linear
 from .tree import Tree
 
 HEAD_KIND = "eagle-head"
@@ -180,8 +180,8 @@ class EagleHead(nn.Module):
         for p in range(1, passes + 1):
             x = self.fc(torch.cat([emb, inp], -1))
             h = self.rms(x, self.input_norm)
-            q = _rotate(self.q_proj(h).view(B, T, s.heads, s.head_dim).transpose(1, 2), cos, sin)
-            keys.append(_rotate(self.k_proj(h).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2), cos, sin))
+            q = apply_rotary(self.q_proj(h).view(B, T, s.heads, s.head_dim).transpose(1, 2), cos, sin)
+            keys.append(apply_rotary(self.k_proj(h).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2), cos, sin))
             values.append(self.v_proj(h).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2))
             mask = unroll_mask(T, p, emb.device)
             att = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask,
@@ -229,7 +229,7 @@ class HeadPath:
         def lin(m: nn.Linear | torch.Tensor):
             w = m.weight.detach() if isinstance(m, nn.Linear) else m
             b = m.bias.detach() if isinstance(m, nn.Linear) and m.bias is not None else None
-            return _linear(w.to(target.device), None if b is None else b.to(target.device), quant, self.dtype)
+            return make_linear(w.to(target.device), None if b is None else b.to(target.device), quant, self.dtype)
 
         self.fc = lin(head.fc)
         self.qkv = lin(torch.cat([head.q_proj.weight, head.k_proj.weight, head.v_proj.weight]).detach())
@@ -262,14 +262,14 @@ class HeadPath:
         q = qkv[:, :q_end].view(n, s.heads, s.head_dim).transpose(0, 1)
         k = qkv[:, q_end:k_end].view(n, s.kv_heads, s.head_dim).transpose(0, 1)
         v = qkv[:, k_end:].view(n, s.kv_heads, s.head_dim).transpose(0, 1)
-        keys, values = cache.write(0, _rotate(k, cos, sin)[None], v[None])
+        keys, values = cache.write(0, apply_rotary(k, cos, sin)[None], v[None])
         if bias is not None:
             mask = bias.to(self.dtype)
         elif n > 1:
             mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=x.device).tril(cache.length)[None, None]
         else:
             mask = None
-        att = F.scaled_dot_product_attention(_rotate(q, cos, sin)[None], keys, values, attn_mask=mask,
+        att = F.scaled_dot_product_attention(apply_rotary(q, cos, sin)[None], keys, values, attn_mask=mask,
                                              enable_gqa=s.heads != s.kv_heads)
         x = x + self.o(att[0].transpose(0, 1).reshape(n, q_end))
         gate_up = self.gate_up(self._norm(x, self.norms[1]))

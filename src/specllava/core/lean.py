@@ -121,7 +121,7 @@ class LeanDecoder:
             biases = [lin.bias for lin in linears]
             b = None if all(x is None for x in biases) else torch.cat(
                 [x.detach() if x is not None else w.new_zeros(lin.out_features) for x, lin in zip(biases, linears)])
-            return _linear(w, b, quant, self.dtype)
+            return make_linear(w, b, quant, self.dtype)
 
         return {
             "norm1": layer.input_layernorm.weight.detach().to(self.dtype),
@@ -154,8 +154,8 @@ class LeanDecoder:
             q = qkv[:, :q_end].view(n, self.heads, self.head_dim).transpose(0, 1)
             k = qkv[:, q_end:k_end].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
             v = qkv[:, k_end:].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            keys, values = cache.write(i, _rotate(k, cos, sin)[None], v[None])
-            att = F.scaled_dot_product_attention(_rotate(q, cos, sin)[None], keys, values, attn_mask=mask,
+            keys, values = cache.write(i, apply_rotary(k, cos, sin)[None], v[None])
+            att = F.scaled_dot_product_attention(apply_rotary(q, cos, sin)[None], keys, values, attn_mask=mask,
                                                  enable_gqa=self.heads != self.kv_heads)
             x = x + p["o"](att[0].transpose(0, 1).reshape(n, q_end))
             gate_up = p["gate_up"](self._norm(x, p["norm2"]))
@@ -176,8 +176,8 @@ class LeanDecoder:
             q = F.linear(h, *p["q"]).view(1, n, -1, self.head_dim).transpose(1, 2)
             k = F.linear(h, *p["k"]).view(1, n, -1, self.head_dim).transpose(1, 2)
             v = F.linear(h, *p["v"]).view(1, n, -1, self.head_dim).transpose(1, 2)
-            keys, values = cache.write(i, _rotate(k, cos, sin), v)
-            att, _ = sdpa_attention_forward(p["attn"], _rotate(q, cos, sin), keys, values, bias,
+            keys, values = cache.write(i, apply_rotary(k, cos, sin), v)
+            att, _ = sdpa_attention_forward(p["attn"], apply_rotary(q, cos, sin), keys, values, bias,
                                             dropout=0.0, scaling=p["attn"].scaling)
             x = x + F.linear(att.reshape(1, n, -1).contiguous(), *p["o"])
             h = self._norm(x, p["norm2"])
@@ -211,13 +211,15 @@ class LeanDecoder:
         return causal[None, None]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding, rotate-half convention (as transformers' Llama)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str | None, dtype: torch.dtype):
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str | None, dtype: torch.dtype):
+    """`x -> x @ weight.T + bias` as a callable: int8 weights (float32 in and out) when quant is
+    "int8", else the weights cast once to `dtype`. Shared by the lean paths and the EAGLE head."""
     if quant == "int8":
         from .quant import Int8Linear
 

@@ -122,20 +122,20 @@ def read_metadata(svg: Path, root: Path = DEFAULT_ROOT) -> ClipartMeta:
     return meta
 
 
-class _RenderTimeout(Exception):
-    pass
+class RenderTimeout(Exception):
+    """A render took longer than its `time_limit`."""
 
 
 @contextmanager
-def _time_limit(seconds: float):
-    """Raise _RenderTimeout after ``seconds`` of CPU time (main thread only; elsewhere no limit).
+def time_limit(seconds: float):
+    """Raise RenderTimeout after ``seconds`` of CPU time (main thread only; elsewhere no limit).
 
     cairosvg spends minutes on a few files (big blur filters, huge paths); it is pure Python between
     cairo calls, so a signal-raised exception stops it cleanly, without a process per file. CPU time
     (ITIMER_PROF), not wall time, so that a busy machine does not change which files are skipped.
     """
     def on_alarm(signum, frame):
-        raise _RenderTimeout
+        raise RenderTimeout
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -164,7 +164,7 @@ def render_png(svg: Path, size: int = 224, min_ink: float = 0.01, timeout: float
 
     big = size * supersample
     try:
-        with _time_limit(timeout):
+        with time_limit(timeout):
             png = cairosvg.svg2png(url=str(svg), output_width=big)
             img = Image.open(io.BytesIO(png))
             if img.height > big:  # taller than wide: fit the height instead

