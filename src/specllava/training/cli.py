@@ -27,7 +27,8 @@ def _per_source(text: str | None) -> dict | None:
 
 def add_parser(subparsers) -> None:
     """Register the training commands on an argparse subparsers object."""
-    from specllava.training.distill import DistillConfig
+    from specllava.models.options import add_load_args
+    from specllava.training.distill import DRAFT_PRESETS, DistillConfig
     from specllava.training.target import TargetTrainConfig
 
     t = subparsers.add_parser(
@@ -100,6 +101,10 @@ def add_parser(subparsers) -> None:
                       help="initialise the draft from the target's first N layers (default: %(default)s)")
     init.add_argument("--draft-init", type=Path, default=None,
                       help="an existing small LLaVA folder, or a config.json, to start the draft from")
+    init.add_argument("--draft-preset", choices=sorted(DRAFT_PRESETS), default=None,
+                      help="a fresh draft of a published shape: llava-68m (Llama, 2 layers, hidden 768, 12 heads, "
+                           "intermediate 3072) or llava-160m (12 layers, same width), with the target's vocabulary, "
+                           "tokenizer and vision tower")
     s.add_argument("--exits", type=str, default=None,
                    help="also train early exits after these draft layers, e.g. '1,2' (each a shallower draft, "
                         "reported separately; to choose the depth from one run)")
@@ -122,7 +127,10 @@ def add_parser(subparsers) -> None:
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     s.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts per eval file")
     s.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
-    s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32")
+    s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32 "
+                   "(the same as --dtype float32)")
+    add_load_args(s.add_argument_group("target loading (the draft trains on --device, in float32 under autocast "
+                                       "to the target's dtype)"))
     s.set_defaults(func=run_draft)
 
     from specllava.training.eagle import EagleConfig
@@ -245,7 +253,8 @@ def run_draft(args: argparse.Namespace) -> int:
         held_out_fraction=args.held_out_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         resume=args.resume, eval_prompts=args.eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,
-        bf16=args.bf16)
+        bf16=args.bf16, draft_preset=args.draft_preset, dtype=args.dtype, device=args.device,
+        device_map=args.device_map, attn_implementation=args.attn_implementation)
     log = _setup_logging(cfg.out)
     report = train_draft(cfg, log=log)
     print(json.dumps(report["eval"], indent=1))
