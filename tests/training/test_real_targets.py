@@ -11,6 +11,7 @@ from tiny_data import make_dataset
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from specllava import SpeculativeDecoder
+from specllava.models.options import auto_dtype
 from specllava.training.cli import main
 from specllava.training.common import (
     FeatureCache,
@@ -115,7 +116,7 @@ def test_train_draft_on_a_llava_next_target(tmp_path, next_target):
         assert report["eval"]["data/1_layers"]["mean_accepted"] >= 1.0
     # and a preset draft for the same target
     _run(["--target", folder, "--data", data, "--out", tmp_path / "preset", "--draft-preset", "llava-68m", "--steps", "1",
-          "--batch-size", "2", "--eval-data", data, "--eval-prompts", 0, "--dtype", "float32"])
+          "--batch-size", "2", "--eval-data", data, "--eval-prompts", 0, "--dtype", "float32", "--device-map", "cpu"])
     preset = AutoModelForImageTextToText.from_pretrained(tmp_path / "preset" / "draft")
     assert preset.config.text_config.hidden_size == 768 and not (tmp_path / "preset" / "draft.safetensors").exists()
 
@@ -131,6 +132,8 @@ def test_train_draft_llava_68m_for_a_llava_1_5_7b_shaped_target(tmp_path):
           "--batch-size", "2", "--eval-data", data, "--eval-prompts", 1, "--eval-max-new-tokens", 3, "--threads", 2])
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 2 and report["eval"]["data/2_layers"]["mean_accepted"] >= 1.0
+    # the teacher is the target itself, in the dtype --dtype auto chose, the draft under autocast to it
+    assert f"target {auto_dtype('cpu')} on cpu, draft on cpu" in (out / "train.log").read_text()
     draft = AutoModelForImageTextToText.from_pretrained(out / "draft")
     text = draft.config.text_config
     assert (text.num_hidden_layers, text.hidden_size, text.vocab_size) == (2, 768, 32064)
