@@ -106,9 +106,11 @@ def test_train_draft_on_a_llava_next_target(tmp_path, next_target):
     out = tmp_path / "run"
     evals = 2 if DECODER_TAKES_IMAGE_SIZES else 0  # decoding a NeXT target needs image_sizes in the decoder
     _run(["--target", folder, "--data", data, "--out", out, "--draft-layers", "1", "--steps", "3", "--batch-size", "2",
+          "--regenerate", "--regenerate-max-new-tokens", "4",  # one batch of four image sizes (5D pixel values)
           "--eval-data", data, "--eval-prompts", evals, "--eval-max-new-tokens", "4", "--dtype", "float32"])
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3] and all(h["kl"] >= 0 for h in history)
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 4
     draft = AutoModelForImageTextToText.from_pretrained(out / "draft")
     assert type(draft).__name__ == "LlavaNextForConditionalGeneration"
     report = json.loads((out / "report.json").read_text())

@@ -505,7 +505,7 @@ def save_draft(draft, processor, out: Path, embeddings_frozen: bool, num_layers:
         return model_dir
     names = shipped_tensor_names(draft, embeddings_frozen)
     state = draft.state_dict()
-    tensors = {n: state[n].detach().to(torch.bfloat16).contiguous() for n in sorted(names)}
+    tensors = {n: state[n].detach().to("cpu", torch.bfloat16).contiguous() for n in sorted(names)}
     path = out / "draft.safetensors"
     meta = {"num_layers": str(draft.config.text_config.num_hidden_layers)}
     if token_ranking:
