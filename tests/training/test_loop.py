@@ -66,3 +66,18 @@ def test_the_hooks_see_every_step_and_every_checkpoint(tmp_path):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 5 and {"step": 3, "eval_loss": 1.0} in state["history"]
     assert sum(seen[:3]) == 10  # an epoch of 10 examples in batches of 4: 4 + 4 + 2 (in some order)
+
+
+def test_loss_plot_draws_the_running_mean_the_raw_steps_and_held_out_points(tmp_path, monkeypatch):
+    import specllava.training.loop as loop
+
+    drawn = {}
+    monkeypatch.setattr(loop, "plot_history", lambda points, path, title, keys: drawn.update(points=points, keys=keys))
+    history = [{"step": 1, "loss": 4.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 3.0}, {"step": 3, "loss": 0.0}]
+    loop.plot_losses(history, tmp_path / "loss.png", "t", {"loss": "loss"}, markers={"eval_loss": "held-out loss"}, k=2)
+    assert drawn["keys"] == ("loss per step", "loss (mean of 2)", "held-out loss")
+    assert [p.get("loss (mean of 2)") for p in drawn["points"]] == [4.0, 3.0, 1.0, None]
+    assert drawn["points"][-1] == {"step": 2, "held-out loss": 3.0}
+    monkeypatch.undo()
+    loop.plot_losses(history, tmp_path / "loss.png", "t", {"loss": "loss"})
+    assert (tmp_path / "loss.png").stat().st_size > 0

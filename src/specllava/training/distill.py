@@ -70,14 +70,12 @@ from specllava.training.common import (
     input_device,
     load_records,
     model_inputs,
-    plot_history,
     prompt_text,
-    smooth,
     split_held_out,
     to_device,
     with_images,
 )
-from specllava.training.loop import lr_at, start_run, train_loop  # noqa: F401  (lr_at: this module's API too)
+from specllava.training.loop import lr_at, plot_losses, start_run, train_loop  # noqa: F401  (lr_at: this module's API too)
 
 # The published Spec-LLaVA draft shapes (Llama LMs; vocabulary, tokenizer and vision tower: the target's).
 DRAFT_PRESETS = {
@@ -438,10 +436,8 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     draft.eval()
     save_draft(draft, processor, out, embeddings_frozen, token_ranking=answer_token_ranking(ranked),
                shipped=cfg.draft_preset is None)
-    sm = smooth([h["kl"] for h in run.history], 25)
-    plot_history([{"step": h["step"], "KL per step": h["kl"], "KL (mean of 25)": s} for h, s in zip(run.history, sm)],
-                 out / "loss.png", f"draft distillation: KL(target || draft), mean over exits {exits}",
-                 ("KL per step", "KL (mean of 25)"))
+    plot_losses(run.history, out / "loss.png", f"draft distillation: KL(target || draft), mean over exits {exits}",
+                {"kl": "KL"})
 
     # The report: shipped weights are bf16, so measure the draft as it will be loaded (in the target's dtype).
     shipped = bf16_rounded(draft, embeddings_frozen).to(next(target.parameters()).dtype)

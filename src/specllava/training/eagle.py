@@ -47,13 +47,11 @@ from specllava.training.common import (
     image_seq_length,
     input_embeddings,
     load_records,
-    plot_history,
-    smooth,
     split_held_out,
     with_images,
 )
 from specllava.training.distill import measure_acceptance
-from specllava.training.loop import start_run, train_loop
+from specllava.training.loop import plot_losses, start_run, train_loop
 
 
 @dataclass
@@ -256,14 +254,9 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
                      on_checkpoint=lambda step: head.save(out / "eagle_head.safetensors"), log=log)
     head.eval()
     head.save(out / "eagle_head.safetensors")
-    keys = [f"ce{s}" for s in range(1, cfg.passes + 1)]
-    points = {}  # step -> curves; a run resumed with more passes has the deeper ones from then on
-    for k in keys:
-        rows = [h for h in run.history if k in h]
-        for h, v in zip(rows, smooth([h[k] for h in rows], 25)):
-            points.setdefault(h["step"], {"step": h["step"]})[f"{k} (mean of 25)"] = v
-    plot_history(list(points.values()), out / "loss.png", "EAGLE head: cross-entropy against the target, per unrolled pass",
-                 tuple(f"{k} (mean of 25)" for k in keys))
+    # a run resumed with more passes has the deeper curves from then on
+    plot_losses(run.history, out / "loss.png", "EAGLE head: cross-entropy against the target, per unrolled pass",
+                {f"ce{s}": f"ce{s}" for s in range(1, cfg.passes + 1)}, raw=False)
     report.update({"steps": run.steps, "stopped_by": run.stopped_by, "train_minutes": run.minutes,
                    "after": trainer.evaluate(held, cfg.batch_size, hidden), "draft_vocab": int(vocab_ids.numel())})
     report["eval"] = {}

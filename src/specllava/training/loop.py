@@ -14,6 +14,7 @@ Contract:
   ``<out>/checkpoint.pt`` (`Checkpoint`) every ``checkpoint_every`` steps, at the end and when the
   ``max_minutes`` budget runs out (then it stops), and with ``resume`` continues from that file
   (trained tensors, optimizer, step, history and torch's RNG state) exactly where it stopped.
+- `plot_losses(history, path, title, curves)`: the loss plot of a run (``<out>/loss.png``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from specllava.training.common import Checkpoint, batches, optimizer_step, smooth
+from specllava.training.common import Checkpoint, batches, optimizer_step, plot_history, smooth
 
 
 def start_run(cfg, out: Path) -> Path:
@@ -124,3 +125,22 @@ def train_loop(
     bar.close()
     (Path(out) / "history.json").write_text(json.dumps(ckpt.history))
     return LoopResult(step, stopped, (time.time() - start) / 60, ckpt.history)
+
+
+def plot_losses(history: list[dict], path: Path, title: str, curves: dict[str, str], raw: bool = True,
+                markers: dict[str, str] | None = None, k: int = 25) -> None:
+    """Each history field of ``curves`` (field -> label) against step, as its running mean over
+    ``k`` steps ("<label> (mean of k)") and, with ``raw``, its per-step values ("<label> per step",
+    drawn faint); each field of ``markers`` (e.g. a held-out loss) as points."""
+    points: dict[int, dict] = {}
+    keys: list[str] = []
+    for key, label in curves.items():
+        rows = [h for h in history if key in h]
+        for h, mean in zip(rows, smooth([h[key] for h in rows], k)):
+            point = points.setdefault(h["step"], {"step": h["step"]})
+            if raw:
+                point[f"{label} per step"] = h[key]
+            point[f"{label} (mean of {k})"] = mean
+        keys += ([f"{label} per step"] if raw else []) + [f"{label} (mean of {k})"]
+    marked = [{"step": h["step"], label: h[key]} for key, label in (markers or {}).items() for h in history if key in h]
+    plot_history(list(points.values()) + marked, path, title, (*keys, *(markers or {}).values()))

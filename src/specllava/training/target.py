@@ -37,12 +37,10 @@ from specllava.training.common import (
     ensure_chat_template,
     image_seq_length,
     load_records,
-    plot_history,
     prompt_text,
-    smooth,
     with_images,
 )
-from specllava.training.loop import start_run, train_loop
+from specllava.training.loop import plot_losses, start_run, train_loop
 
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 
@@ -271,20 +269,13 @@ def train_target(cfg: TargetTrainConfig, log=print) -> dict:
     from safetensors.torch import save_file
 
     save_file(tensors, str(out / "target.safetensors"), metadata=meta)
-    plot_history(_smoothed(run.history), out / "loss.png", "target training: cross-entropy on assistant tokens",
-                 ("loss per step", "loss (mean of 25)", "held-out loss"))
+    plot_losses(run.history, out / "loss.png", "target training: cross-entropy on assistant tokens", {"loss": "loss"},
+                markers={"eval_loss": "held-out loss"})
     summary = {"steps": run.steps, "stopped_by": run.stopped_by, "train_minutes": run.minutes,
                "final_eval_loss": next((h["eval_loss"] for h in reversed(run.history) if "eval_loss" in h), None)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"done: {summary}")
     return summary
-
-
-def _smoothed(history):
-    losses = [h for h in history if "loss" in h]
-    sm = smooth([h["loss"] for h in losses], 25)
-    return ([{"step": h["step"], "loss per step": h["loss"], "loss (mean of 25)": s} for h, s in zip(losses, sm)]
-            + [{"step": h["step"], "held-out loss": h["eval_loss"]} for h in history if "eval_loss" in h])
 
 
 # ---------------------------------------------------------------------------------------------------
