@@ -42,7 +42,7 @@ def default_draft_vocab(draft, temperature: float) -> int | None:
     vocabulary); None (the full vocabulary) for a draft without one.
 
     Why: a head over the ranked ids is small (cheap) and holds nearly every token the target
-    writes greedily, and renormalised over those tokens the draft no longer spends its confidence
+    writes greedily, and renormalised over those tokens the draft does not spend its confidence
     on tokens the target does not write. Sampled text is more varied, so sampled requests get
     twice as many ids. Tuned on the default pair (docs/benchmarks.md, "Why these defaults").
     """
