@@ -3,6 +3,7 @@ weights) with the LLaVA-68M preset, a tiny LLaVA-NeXT one with images of several
 
 import inspect
 import json
+import shutil
 
 import pytest
 import torch
@@ -140,6 +141,7 @@ def test_train_draft_llava_68m_for_a_llava_1_5_7b_shaped_target(tmp_path):
     text = draft.config.text_config
     assert (text.num_hidden_layers, text.hidden_size, text.vocab_size) == (2, 768, 32064)
     assert draft.config.vision_config.hidden_size == 1024 and draft.config.image_token_id == 32000
+    shutil.rmtree(tmp_path)  # about 1.3 GB of model files
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is visible)")

@@ -2,9 +2,9 @@
 
 Contract:
 
-- `train_draft(cfg)` distils a draft `LlavaForConditionalGeneration` from a target one, the
-  Spec-LLaVA recipe: minimise KL(p || q) (p = target, q = draft token distribution) at every
-  assistant token of LLaVA conversation JSON, teacher-forced along the answers. With
+- `train_draft(cfg)` distils a draft of the target's class from the target, the Spec-LLaVA recipe:
+  minimise KL(p || q) (p = target, q = draft token distribution) at every assistant token of LLaVA
+  conversation JSON, teacher-forced along the answers. With
   ``regenerate`` the answers are first replaced by the target's own greedy answers to each record's
   first question (cached in ``<out>/answers.jsonl``, one line per record, resumable), so the draft
   learns the text it will actually be asked to predict. ``sampled_answers`` adds that many answers
@@ -22,10 +22,9 @@ Contract:
   shape, `DRAFT_PRESETS`: a fresh Llama LM of that shape with the target's vocabulary, tokenizer,
   vision tower weights and image layout; a new projector) or from ``draft_init`` (a small LLaVA
   folder, or a config.json whose model is built fresh; the target's vision tower weights are
-  copied into it when they fit). The
-  vision tower is frozen and its features cached (`FeatureCache`); embedding and head stay frozen
-  when they are the target's own (the draft then shares its vocabulary rows exactly, and the
-  shipped file can omit them); everything else trains.
+  copied into it when they fit). The vision tower is frozen and its features cached
+  (`FeatureCache`); embedding and head stay frozen when they are the target's own (the draft then
+  shares its vocabulary rows exactly, and the shipped file can omit them); everything else trains.
 - ``exits`` adds early exits after some draft layers (final norm + head on that layer's output),
   trained jointly, so one run measures several draft depths.
 - Resumable: ``<out>/checkpoint.pt`` every ``checkpoint_every`` steps, at the end, and when the
@@ -35,7 +34,7 @@ Contract:
   target forward, bonus included), the measured per-forward costs and the speedup bound they imply.
 - Outputs: ``<out>/draft/`` (``save_pretrained`` folder with the target's processor: a usable model),
   ``<out>/draft.safetensors`` (the `specllava.models.shipped` format: trained tensors only, bf16,
-  ``num_layers`` metadata), ``history.json``, ``loss.png``, ``report.json``. Both draft outputs carry
+  ``num_layers`` metadata; not for preset drafts, which it cannot describe), ``history.json``, ``loss.png``, ``report.json``. Both draft outputs carry
   the draft's token ranking (the training answers' ids, most frequent first), which
   ``draft_vocab=K`` uses to pick a reduced draft vocabulary (`specllava.core.vocab`).
 """
