@@ -154,3 +154,16 @@ def test_train_draft_on_cuda_keeps_the_target_as_teacher_in_its_dtype(tmp_path, 
     log = (out / "train.log").read_text()
     assert "target torch.bfloat16 on cuda" in log and "draft on cuda" in log and "torch.bfloat16 autocast" in log
     assert json.loads((out / "report.json").read_text())["eval"]["data/1_layers"]["mean_accepted"] >= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is visible)")
+def test_train_a_preset_draft_for_llava_next_on_cuda_in_float16(tmp_path, next_target):
+    folder, data = next_target
+    out = tmp_path / "run"
+    _run(["--target", folder, "--data", data, "--out", out, "--draft-preset", "llava-68m", "--steps", "2",
+          "--batch-size", "2", "--regenerate", "--regenerate-max-new-tokens", "4", "--eval-data", data,
+          "--eval-prompts", 2 if DECODER_TAKES_IMAGE_SIZES else 0, "--eval-max-new-tokens", "4",
+          "--device", "cuda", "--dtype", "float16"])
+    log = (out / "train.log").read_text()
+    assert "target torch.float16 on cuda" in log and "torch.float16 autocast" in log
+    assert all(h["kl"] == h["kl"] for h in json.loads((out / "history.json").read_text()))  # no NaN
