@@ -81,3 +81,22 @@ def test_loss_plot_draws_the_running_mean_the_raw_steps_and_held_out_points(tmp_
     monkeypatch.undo()
     loop.plot_losses(history, tmp_path / "loss.png", "t", {"loss": "loss"})
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_a_grad_scaler_scales_the_backward_and_unscales_before_clipping_and_the_step():
+    """With loss scaling the update is the unscaled one (a scaled gradient would be clipped, or
+    make SGD's step 1024 times longer)."""
+    from specllava.training.common import optimizer_step
+
+    def step(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = 0.01 * model(torch.randn(4, 3)).pow(2).mean()  # a gradient norm well under the clip of 1
+        optimizer_step(loss, opt, model.parameters(), scaler=scaler)
+        return [p.detach().clone() for p in model.parameters()]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for got, want in zip(step(scaler), step(None)):
+        torch.testing.assert_close(got, want)
+    assert scaler.get_scale() == 1024.0  # no inf/NaN: no step skipped, no backoff

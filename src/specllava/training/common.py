@@ -370,12 +370,22 @@ def to_device(batch, device):
     return ids.to(device), att.to(device), feats, (bs.to(device), ts.to(device)), labels.to(device)
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, max_norm: float = 1.0) -> None:
-    """Backward, clip the trainable parameters' gradient norm, step: the same in every trainer."""
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, max_norm: float = 1.0,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, clip the trainable parameters' gradient norm, step: the same in every trainer.
+    With a ``scaler`` (float16 autocast, whose small gradients would underflow) the loss is scaled
+    for the backward and the gradients unscaled before clipping; a step with inf/NaN is skipped."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(list(params), max_norm)
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
 
 
 def batches(examples: list, batch_size: int, seed: int, epoch: int, length=lambda e: len(e.input_ids)):

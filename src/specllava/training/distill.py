@@ -16,7 +16,7 @@ Contract:
   with anyres images), loaded with `specllava.models.options.LoadOptions` (dtype, device, device map,
   attention implementation). The target is its own teacher, in its own dtype on its own device (no
   copy); the draft's trained tensors are float32 on ``device``, its forward under autocast to the
-  target's dtype on that device type when the target is in 16 bits.
+  target's dtype on that device type when the target is in 16 bits (with loss scaling in float16).
 - The draft starts as the target's first ``draft_layers`` layers (`draft_from_target`: the target's
   embedding, first layers, norm and head; the default), from ``draft_preset`` (a published draft
   shape, `DRAFT_PRESETS`: a fresh Llama LM of that shape with the target's vocabulary, tokenizer,
@@ -431,7 +431,8 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     draft.train()
     run = train_loop(examples, params, opt, loss_fn, out, steps=cfg.steps, batch_size=cfg.batch_size,
                      warmup=cfg.warmup, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                     max_minutes=cfg.max_minutes, resume=cfg.resume, desc="distil draft", postfix="kl", log=log)
+                     max_minutes=cfg.max_minutes, resume=cfg.resume, desc="distil draft", postfix="kl", log=log,
+                     grad_scaler=torch.amp.GradScaler(input_device(draft).type) if amp == torch.float16 else None)
     draft.eval()
     save_draft(draft, processor, out, embeddings_frozen, token_ranking=answer_token_ranking(ranked),
                shipped=cfg.draft_preset is None)

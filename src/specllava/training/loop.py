@@ -80,6 +80,7 @@ def train_loop(
     length: Callable = lambda e: len(e.input_ids),
     after_step: Callable[[int, list], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
     log=print,
 ) -> LoopResult:
     """The loop of the module docstring.
@@ -90,6 +91,8 @@ def train_loop(
     after_step(step, history): e.g. a held-out evaluation; it may append to the history, and runs
         before the step's checkpoint is written, so the checkpoint holds it.
     on_checkpoint(step): also save something else (e.g. the model file) with each checkpoint.
+    grad_scaler: loss scaling for float16 autocast (`optimizer_step`); its scale is not part of the
+        checkpoint, so a resumed run finds it again over its first steps.
     Each parameter group's base learning rate is its ``base_lr`` entry when it has one, else its
     ``lr`` when the loop starts.
     """
@@ -107,7 +110,7 @@ def train_loop(
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr_at(step, base, warmup, steps)
         loss, record = loss_fn([examples[i] for i in idx])
-        optimizer_step(loss, optimizer, params.values())
+        optimizer_step(loss, optimizer, params.values(), scaler=grad_scaler)
         step += 1
         ckpt.history.append({"step": step, **record, "time_s": time.time() - start})
         bar.update()
