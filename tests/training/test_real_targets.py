@@ -73,6 +73,25 @@ def test_presets_have_the_published_shapes_and_the_targets_vocabulary(tiny_model
         preset_config(target, "llava-7b")
 
 
+def test_the_target_teaches_in_its_own_dtype_without_a_copy(tmp_path, tiny_pair, monkeypatch):
+    import copy
+
+    import specllava.training.distill as distill
+
+    loaded, copied, teachers = [], [], []
+    load, deepcopy, step = distill.load_target, copy.deepcopy, distill.distill_step
+    monkeypatch.setattr(distill, "load_target", lambda cfg: loaded.append(load(cfg)) or loaded[-1])
+    monkeypatch.setattr(copy, "deepcopy", lambda obj, *a: copied.append(id(obj)) or deepcopy(obj, *a))
+    monkeypatch.setattr(distill, "distill_step", lambda teacher, *a, **k: teachers.append(teacher) or step(teacher, *a, **k))
+    data = make_dataset(tmp_path / "d", n=3)
+    cfg = DistillConfig(target=tiny_pair.target_dir, data=data, out=tmp_path / "run", draft_layers=1, steps=2,
+                        batch_size=2, warmup=1, eval_prompts=0, dtype="bfloat16")
+    distill.train_draft(cfg, log=lambda *a: None)
+    target = loaded[0][0]
+    assert teachers and all(t is target for t in teachers) and id(target) not in copied
+    assert {p.dtype for p in target.parameters()} == {torch.bfloat16}
+
+
 @pytest.fixture(scope="module")
 def next_target(tmp_path_factory):
     root = tmp_path_factory.mktemp("next")
