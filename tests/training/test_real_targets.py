@@ -18,6 +18,7 @@ from specllava.training.common import (
     FeatureCache,
     answer_logits,
     collate,
+    encode_prompts,
     encode_record,
     ensure_chat_template,
     image_tokens,
@@ -38,7 +39,8 @@ def test_prompts_keep_the_bos_and_use_the_processors_chat_template(tmp_path):
 
     tok = word_tokenizer(64)
     processor = LlavaProcessor(CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                               tok, patch_size=4, vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE)
+                               tok, patch_size=4, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE)
     with pytest.raises(ValueError):  # the tokenizer alone has no template
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     ensure_chat_template(processor)
@@ -49,6 +51,15 @@ def test_prompts_keep_the_bos_and_use_the_processors_chat_template(tmp_path):
     assert text.startswith("USER: <image>\n")
     stock = processor.tokenizer(text.replace("<image>", "<image>" * 16))["input_ids"]
     assert ex.input_ids == stock and ex.input_ids[0] == tok.bos_token_id and ex.loss_mask[0] == 0
+    # a template that writes <s> itself gets no second one, in training text and in prompts alike
+    tok.chat_template = "<s>" + CHAT_TEMPLATE
+    ex = encode_record(records[0], tok, 16, root)
+    assert ex.input_ids == stock
+    from PIL import Image
+
+    prompt = tok.apply_chat_template(to_messages(records[0]["conversations"][:1]), tokenize=False, add_generation_prompt=True)
+    enc = encode_prompts(processor, [Image.open(root / records[0]["image"]).convert("RGB")], [prompt])
+    assert enc["input_ids"][0].tolist() == ex.input_ids[: enc["input_ids"].shape[1]]
     processor.chat_template = None
     tok.chat_template = None
     with pytest.raises(ValueError, match="chat template"):

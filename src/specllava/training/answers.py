@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from specllava.core.vocab import rank_tokens
-from specllava.training.common import model_inputs, prompt_text, record_id
+from specllava.training.common import encode_prompts, model_inputs, prompt_text, record_id
 
 
 def first_question(rec: dict) -> dict:
@@ -62,7 +62,7 @@ def regenerate_answers(target, processor, records: list[dict], image_root: Path,
                 chunk = todo[k : k + batch_size]
                 texts = [prompt_text(tok, r["conversations"][:1]) for _, r in chunk]
                 images = [Image.open(image_root / r["image"]).convert("RGB") for _, r in chunk]
-                enc = model_inputs(target, processor(images=images, text=texts, return_tensors="pt", padding=True))
+                enc = model_inputs(target, encode_prompts(processor, images, texts, padding=True))
                 out = target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
                 for (i, _), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
                     answer = tok.decode(row, skip_special_tokens=True)  # unstripped: the target wrote it

@@ -195,6 +195,14 @@ def image_tokens(model, processor):
     return count
 
 
+def encode_prompts(processor, images: list, texts: list[str], **kwargs):
+    """The processor's inputs (``return_tensors="pt"``) for chat-template prompts, led by the special
+    tokens the tokenizer adds (its BOS) unless the template wrote them (`leading_special_ids`): the
+    same rule as `encode_record`, so a prompt reads as its training text did."""
+    add = bool(leading_special_ids(processor.tokenizer, texts[0]))  # one template: the same for every text
+    return processor(images=images, text=texts, return_tensors="pt", add_special_tokens=add, **kwargs)
+
+
 def input_device(model) -> torch.device:
     """Where the model reads its inputs: the input embedding's device (the first of a dispatched model)."""
     return model.get_input_embeddings().weight.device

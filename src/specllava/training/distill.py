@@ -64,6 +64,7 @@ from specllava.training.common import (
     FeatureCache,
     answer_logits,
     collate,
+    encode_prompts,
     encode_record,
     image_tokens,
     input_device,
@@ -315,8 +316,7 @@ def measure_acceptance(target, draft, processor, records: list[dict], image_root
     hist: list[int] = []
     for rec in tqdm(records[:n], desc=desc, mininterval=15):
         img = Image.open(image_root / rec["image"]).convert("RGB")
-        enc = model_inputs(target, processor(images=[img], text=[prompt_text(tok, rec["conversations"][:1])],
-                                             return_tensors="pt"))
+        enc = model_inputs(target, encode_prompts(processor, [img], [prompt_text(tok, rec["conversations"][:1])]))
         images = {k: enc[k] for k in ("pixel_values", "image_sizes") if k in enc}  # image_sizes: LLaVA-NeXT
         out = decoder.generate(input_ids=enc["input_ids"], **images, max_new_tokens=max_new_tokens)
         st = out.stats
