@@ -241,8 +241,10 @@ class SpeculativeDecoder:
         runner = ModelRunner(self.draft, path=self.sampled_draft_path if params.do_sample else self.draft_path)
         if is_vlm(self.draft) and vision is not None:
             runner.prefill(input_ids.to(self.draft.device), mm_encoder_outputs=draft_image_inputs(self.draft, vision))
-        elif is_vlm(self.draft):
+        elif is_vlm(self.draft) and pixel_values is not None:
             runner.prefill(input_ids.to(self.draft.device), pixel_values=pixel_values.to(self.draft.device, self.draft.dtype))
+        elif is_vlm(self.draft):  # a text-only prompt: the VLM draft reads it as its language model would
+            runner.prefill(input_ids.to(self.draft.device))
         else:
             ids = input_ids
             img = image_token_id(self.target) if is_vlm(self.target) else None
