@@ -58,3 +58,68 @@ def test_text_only_prompt_samples(target, drafts, draft_kind):
     out = SpeculativeDecoder(target, drafts[draft_kind], method="dynamic").generate(
         input_ids=ids, max_new_tokens=16, do_sample=True, temperature=1.0, seed=0)
     assert out.sequences.shape == (1, 26)
+
+
+# ---------------------------------------------------------------------------------------------
+# the API: SpeculativeDecoder refuses bad input with a ValueError naming it
+
+API_CASES = {
+    "float input_ids": (lambda ids, px: dict(input_ids=ids.float(), pixel_values=px), "integer token ids"),
+    "input_ids above the vocabulary": (lambda ids, px: dict(input_ids=ids.clone().fill_(VOCAB + 7), pixel_values=None),
+                                       r"out of range: token ids must be in \[0, 96\)"),
+    "negative input_ids": (lambda ids, px: dict(input_ids=-ids, pixel_values=None), "out of range"),
+    "1-D input_ids": (lambda ids, px: dict(input_ids=ids[0], pixel_values=px), r"shape \[1, prompt_len\]"),
+    "3-D pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=px[0]), r"\[1, channels, height, width\]"),
+    "integer pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=px.long()), "float tensor"),
+    "float max_new_tokens": (lambda ids, px: dict(input_ids=ids, pixel_values=px, max_new_tokens=2.5), "integer >= 1"),
+    "string max_new_tokens": (lambda ids, px: dict(input_ids=ids, pixel_values=px, max_new_tokens="8"), "integer >= 1"),
+    "negative max_new_tokens": (lambda ids, px: dict(input_ids=ids, pixel_values=px, max_new_tokens=-5), ">= 1, got -5"),
+    "prompt fills the context": (lambda ids, px: dict(input_ids=torch.full((1, 512), 5)), "context holds 512"),
+    "negative top_k": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, top_k=-3), "top_k"),
+    "top_p above 1": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, top_p=1.5), "top_p"),
+}
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_api_refuses(target, drafts, case):
+    make_kwargs, message = API_CASES[case]
+    ids, px = llava_prompt(0)
+    with pytest.raises(ValueError, match=message):
+        SpeculativeDecoder(target, drafts["text-only"], method="dynamic").generate(**make_kwargs(ids, px))
+
+
+def test_api_integer_likes_are_fine(target):
+    ids, px = llava_prompt(0)
+    out = SpeculativeDecoder(target, None, method="ar").generate(input_ids=ids.int(), pixel_values=px,
+                                                                  max_new_tokens=torch.tensor(3))
+    assert out.stats["new_tokens"] == 3
+
+
+def test_api_caps_max_new_tokens_at_the_context(target, drafts):
+    """prompt + max_new_tokens past the context: a warning, and the tokens that fit (as generate() gives them)."""
+    ids = text_prompt(5, length=500)
+    with torch.inference_mode():
+        ref = target.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    with pytest.warns(UserWarning, match="generating at most 12"):
+        out = SpeculativeDecoder(target, drafts["vlm"], method="dynamic").generate(input_ids=ids, max_new_tokens=100)
+    assert out.sequences.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("bad, role", [(None, "target"), ("a/path", "target")])
+def test_api_target_must_be_a_model(bad, role):
+    with pytest.raises(ValueError, match=f"{role} must be a loaded model"):
+        SpeculativeDecoder(bad, None, method="ar")
+
+
+def test_api_draft_must_be_a_model(target):
+    with pytest.raises(ValueError, match="draft must be a loaded model"):
+        SpeculativeDecoder(target, "HuggingFaceTB/SmolLM2-135M", method="chain")
+
+
+def test_api_refuses_meta_weights(target):
+    with torch.device("meta"):
+        meta = tiny_lm(1, hidden=32, layers=1)
+    with pytest.raises(ValueError, match="draft's weights are on the meta device"):
+        SpeculativeDecoder(target, meta, method="chain")
+    with pytest.raises(ValueError, match="target's weights are on the meta device"):
+        SpeculativeDecoder(meta, None, method="ar")
