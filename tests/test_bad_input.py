@@ -123,3 +123,28 @@ def test_api_refuses_meta_weights(target):
         SpeculativeDecoder(target, meta, method="chain")
     with pytest.raises(ValueError, match="target's weights are on the meta device"):
         SpeculativeDecoder(meta, None, method="ar")
+
+
+TREE_CASES = {
+    "max_depth=2.5": (dict(max_depth=2.5), "TreeConfig.max_depth must be an integer"),
+    "max_depth=abc": (dict(max_depth="abc"), "TreeConfig.max_depth must be an integer"),
+    "max_depth=0": (dict(max_depth=0), "TreeConfig.max_depth must be >= 1"),
+    "child_mass=abc": (dict(child_mass="abc"), "TreeConfig.child_mass must be a number"),
+    "child_mass=nan": (dict(child_mass=float("nan")), r"TreeConfig.child_mass must be in \(0, 1\]"),
+    "choices without a parent": (dict(choices=[[0], [1, 0]]), "TreeConfig.choices: .* has no parent"),
+    "choices not paths": (dict(choices=[1, 2]), "TreeConfig.choices must be a non-empty list of paths"),
+}
+
+
+@pytest.mark.parametrize("case", list(TREE_CASES))
+def test_api_refuses_bad_tree_options(target, drafts, case):
+    options, message = TREE_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        SpeculativeDecoder(target, drafts["text-only"], method="dynamic", **options)
+
+
+def test_api_refuses_static_ranks_beyond_the_draft_vocabulary(target, drafts):
+    with pytest.raises(ValueError, match="static tree choices use draft rank 200"):
+        SpeculativeDecoder(target, drafts["text-only"], method="static", choices=[[0], [200]])
+    with pytest.raises(ValueError, match="draft rank 20, but the draft proposes from 16"):
+        SpeculativeDecoder(target, drafts["text-only"], method="static", choices=[[20]], draft_vocab=16)

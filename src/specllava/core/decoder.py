@@ -129,6 +129,12 @@ class SpeculativeDecoder:
         if isinstance(sampled, int) and sampled != draft_vocab:  # only "auto" gives two sizes
             self.sampled_draft_vocab = self._draft_vocab_ids(sampled)
             self.sampled_draft_path = self._draft_path(draft_quant, draft_lean, self.sampled_draft_vocab)
+        if method == "static":  # a rank the draft cannot propose would fail only mid-decode
+            rank = max(max(c) for c in self.config.choices)
+            sizes = [vocab_size(target) if v is None else len(v) for v in (self.draft_vocab, self.sampled_draft_vocab)]
+            if rank >= min(sizes):
+                raise ValueError(f"static tree choices use draft rank {rank}, but the draft proposes from {min(sizes)} "
+                                 "tokens; use smaller ranks or a larger draft_vocab")
         # the draft's prefill reuses the target's vision features (identical vision towers)
         self.shares_vision = method != "ar" and not self.eagle and shares_vision_tower(target, draft)
 
