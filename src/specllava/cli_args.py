@@ -119,6 +119,14 @@ def existing_dir(text: str) -> Path:
     return path
 
 
+def existing_path(text: str) -> Path:
+    """An existing file or folder."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise Error(f"no such file or folder: {text}")
+    return path
+
+
 def image_file(text: str) -> str:
     """An image file PIL can decode completely, of at most `PIL.Image.MAX_IMAGE_PIXELS` pixels
     (about 89 million: a larger one is refused as a decompression bomb, as PIL itself does).
