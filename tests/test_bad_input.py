@@ -8,11 +8,18 @@ every kind of draft, exact against `target.generate()`.
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from random_models import VOCAB, llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
 from specllava import SpeculativeDecoder
+from specllava.cli import main
 from specllava.core.eagle import EagleHead
 
 
@@ -148,3 +155,196 @@ def test_api_refuses_static_ranks_beyond_the_draft_vocabulary(target, drafts):
         SpeculativeDecoder(target, drafts["text-only"], method="static", choices=[[0], [200]])
     with pytest.raises(ValueError, match="draft rank 20, but the draft proposes from 16"):
         SpeculativeDecoder(target, drafts["text-only"], method="static", choices=[[20]], draft_vocab=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: bad arguments refused while parsing (exit 2, one line, nothing loaded)
+
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Good and bad inputs on disk: images, a model-like folder, plain files."""
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "ok.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "big.jpg", quality=95)
+    data = (root / "big.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "notes.txt").write_text("not an image")
+    (root / "adir").mkdir()
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    (root / "data.json").write_text("[]")
+    return root
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model loading fails the test: the refusals come before it."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the bad argument was refused")
+
+    monkeypatch.setattr("specllava.models.hf.load_pair", boom)
+    monkeypatch.setattr("specllava.models.hf.load_model", boom)
+
+
+def usage_error(argv, capsys) -> str:
+    """Run the CLI, expect exit status 2 and exactly one line on stderr; return that line."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+G = ["generate", "--prompt", "Describe this image."]
+PARSE_CASES = {  # argv (with {d} = the files folder) -> what the one line says
+    "temperature -1": (G + ["--temperature", "-1"], "argument --temperature: must be >= 0"),
+    "temperature nan": (G + ["--temperature", "nan"], "expected a finite number"),
+    "top-p 0": (G + ["--top-p", "0"], r"argument --top-p: must be in \(0, 1\]"),
+    "top-p 1.5": (G + ["--top-p", "1.5"], r"argument --top-p: must be in \(0, 1\]"),
+    "top-k -3": (G + ["--top-k", "-3"], "argument --top-k: must be >= 0, got -3"),
+    "max-new-tokens 0": (G + ["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
+    "max-new-tokens -5": (G + ["--max-new-tokens", "-5"], "must be >= 1, got -5"),
+    "max-new-tokens 2.5": (G + ["--max-new-tokens", "2.5"], "expected an integer, got '2.5'"),
+    "threads 0": (G + ["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    "threads -1": (G + ["--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+    "draft-vocab 0": (G + ["--draft-vocab", "0"], "argument --draft-vocab: must be >= 1"),
+    "budget 0": (G + ["--budget", "0"], "argument --budget: must be >= 1"),
+    "empty prompt": (["generate", "--prompt", "  "], "argument --prompt: the prompt is empty"),
+    "tree-option child_mass=abc": (G + ["--tree-option", "child_mass=abc"], "tree option child_mass takes a number, got 'abc'"),
+    "tree-option max_depth=2.5": (G + ["--tree-option", "max_depth=2.5"], "tree option max_depth takes an integer, got '2.5'"),
+    "tree-option max_depth=abc": (G + ["--tree-option", "max_depth=abc"], "tree option max_depth takes an integer"),
+    "tree-option child_mass=2": (G + ["--tree-option", "child_mass=2"], r"child_mass=2: TreeConfig.child_mass must be in \(0, 1\]"),
+    "tree-option no value": (G + ["--tree-option", "node_budget"], "must look like NAME=VALUE"),
+    "tree-option unknown": (G + ["--tree-option", "depth=3"], "unknown tree option 'depth'"),
+    "tree-option bad choices": (G + ["--tree-option", "choices=[[0],[1,1]]"], "has no parent"),
+    "image is a directory": (G + ["--image", "{d}/adir"], "is a directory, not an image file"),
+    "image missing": (G + ["--image", "{d}/missing.png"], "image file not found"),
+    "image truncated": (G + ["--image", "{d}/truncated.jpg"], "cannot decode image file .*truncated"),
+    "image not an image": (G + ["--image", "{d}/notes.txt"], "not an image file PIL can read"),
+    "target is a file": (G + ["--target", "{d}/notes.txt"], "is a file; give the model's folder"),
+    "target folder without config": (G + ["--target", "{d}/adir"], "has no config.json"),
+    "target path missing": (G + ["--target", "{d}/nowhere"], "model folder not found"),
+    "draft is a text file": (G + ["--draft", "{d}/notes.txt"], "not an EAGLE head"),
+    "unknown method": (G + ["--method", "beam"], "invalid choice: 'beam'"),
+    "bench temperature 0 -1": (["bench", "--temperature", "0", "-1"], "argument --temperature: must be >= 0, got -1"),
+    "bench data missing": (["bench", "--data", "{d}/missing.json"], "argument --data: file not found"),
+    "bench image-root missing": (["bench", "--image-root", "{d}/nowhere"], "folder not found"),
+    "bench limit 0": (["bench", "--limit", "0"], "argument --limit: must be >= 1"),
+    "bench repeats 0": (["bench", "--repeats", "0"], "argument --repeats: must be >= 1"),
+    "bench variant max_depth=abc": (["bench", "--variant", "v=dynamic:max_depth=abc"], "tree option max_depth takes an integer"),
+    "build-data limit 0": (["build-data", "--limit-clipart", "0"], "argument --limit-clipart: must be >= 1"),
+    "build-data test-fraction 1.5": (["build-data", "--test-fraction", "1.5"], r"must be in \[0, 1\)"),
+    "build-data clipart-root missing": (["build-data", "--clipart-root", "{d}/nowhere"], "folder not found"),
+    "train-draft data missing": (["train-draft", "--data", "{d}/missing.json"], "argument --data: file not found"),
+    "train-draft target is a file": (["train-draft", "--data", "{d}/data.json", "--target", "{d}/notes.txt"],
+                                     "is a file, not a folder"),
+    "train-eagle data missing": (["train-eagle", "--data", "{d}/missing.json"], "argument --data: file not found"),
+    "train-target threads 0": (["train-target", "--threads", "0"], "argument --threads: must be >= 1"),
+    "eval-target weights missing": (["eval-target", "--weights", "{d}/w.safetensors", "--out", "{d}/r.json"],
+                                    "argument --weights: file not found"),
+    "ship-default draft-run missing": (["ship-default", "--draft-run", "{d}/nowhere"], "folder not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARSE_CASES))
+def test_cli_refuses_while_parsing(case, files, capsys, no_loading):
+    argv, message = PARSE_CASES[case]
+    line = usage_error([a.replace("{d}", str(files)) for a in argv], capsys)
+    assert re.search(message, line), line
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
+def test_cli_refuses_an_unreadable_image(files, capsys, no_loading, tmp_path):
+    img = tmp_path / "secret.png"
+    img.write_bytes((files / "ok.png").read_bytes())
+    img.chmod(0)
+    assert "permission denied" in usage_error(G + ["--image", str(img)], capsys)
+
+
+@pytest.mark.parametrize("name", ["ok.png", "big.jpg"])  # over the cap; over twice the cap (PIL's own error)
+def test_cli_refuses_an_image_over_the_pixel_cap(files, capsys, no_loading, monkeypatch, name):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        line = usage_error(G + ["--image", str(files / name)], capsys)
+    assert "over the cap of 1,000 pixels" in line and "MAX_IMAGE_PIXELS" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (G + ["--method", "chain", "--budget", "auto"], "--budget auto calibrates the dynamic tree"),
+    (["bench", "--variant", "e=dynamic:draft=eagle"], "pass the head with --eagle PATH"),
+    (["bench", "--variant", "o=dynamic:draft=other"], "pass the second draft model with --other-draft DIR"),
+], ids=["budget-auto-chain", "variant-eagle", "variant-other"])
+def test_cli_refuses_before_loading(argv, message, capsys, no_loading, tmp_path):
+    """Checks across arguments: still exit 2 and one line, and still before any model loads."""
+    out = tmp_path / "out"
+    code = main(argv + (["--out", str(out)] if argv[0] == "bench" else []))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # bench leaves no empty output folder
+
+
+def test_cli_runtime_failure_is_one_line_exit_1(capsys, monkeypatch):
+    def fail(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr("specllava.models.hf.load_pair", fail)
+    assert main(G) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "specllava generate: error: CUDA out of memory. Tried to allocate 20.00 GiB more detail"
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):  # --debug, anywhere: the traceback
+        main(G + ["--debug"])
+
+
+def test_cli_missing_file_at_runtime_is_one_line(capsys, monkeypatch):
+    def fail(*a, **k):
+        raise FileNotFoundError(2, "No such file or directory", "/cache/target/model.safetensors")
+
+    monkeypatch.setattr("specllava.models.hf.load_pair", fail)
+    assert main(G) == 1
+    assert capsys.readouterr().err.strip() == (
+        "specllava generate: error: No such file or directory: /cache/target/model.safetensors")
+
+
+def test_cli_ctrl_c_before_decoding(capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("specllava.models.hf.load_pair", interrupted)
+    assert main(G) == 130
+    err = capsys.readouterr().err
+    assert "specllava generate: interrupted" in err and "Traceback" not in err
+
+
+def test_top_level_help_imports_nothing_heavy():
+    """`specllava --help` lists every command without importing torch (measured: docs/inputs.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom specllava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "train-eagle" in out.stdout and "bench" in out.stdout
+
+
+def test_command_table_matches_the_modules():
+    """The lazy top-level listing (cli.COMMANDS) names every command with its module's own help line,
+    and the constants the parsers use without importing torch equal the core's."""
+    from specllava import cli
+    from specllava.bench import cli as bench_cli
+    from specllava.bench.methods import ALL_METHODS
+    from specllava.core.config import METHODS, TreeConfig
+    from specllava.core.quant import QUANT_CHOICES
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    assert helps == {name: help_line for name, (_, help_line) in cli.COMMANDS.items()}
+    assert cli.METHODS == METHODS and cli.QUANT_CHOICES == QUANT_CHOICES
+    assert cli.TREE_FIELDS == tuple(TreeConfig.__dataclass_fields__) and bench_cli.ALL_METHODS == ALL_METHODS
