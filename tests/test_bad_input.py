@@ -8,6 +8,7 @@ every kind of draft, exact against `target.generate()`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -348,3 +349,102 @@ def test_command_table_matches_the_modules():
     assert helps == {name: help_line for name, (_, help_line) in cli.COMMANDS.items()}
     assert cli.METHODS == METHODS and cli.QUANT_CHOICES == QUANT_CHOICES
     assert cli.TREE_FIELDS == tuple(TreeConfig.__dataclass_fields__) and bench_cli.ALL_METHODS == ALL_METHODS
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line end to end on a tiny assembled pair: unusual but valid input works
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from tiny_llava import tiny_sources
+
+    from specllava.models.assemble import assemble_models, load_models
+
+    root = tmp_path_factory.mktemp("pair")
+    (root / "no-assets").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = assemble_models(root / "cache", tiny_sources(), assets_dir=root / "no-assets")
+        return paths, load_models(paths)
+
+
+def reference_tokens(models, prompt: str, image=None, max_new_tokens=10) -> list[int]:
+    from specllava.models.hf import chat_inputs
+
+    inputs = chat_inputs(models.processor, prompt, image)
+    with torch.inference_mode():
+        ref = models.target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return ref[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("method", ["chain", "static", "dynamic"])
+def test_cli_text_only_prompt_is_exact(pair, capsys, method):
+    paths, models = pair
+    code = main(["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--prompt",
+                 "Tell me a story.", "--method", method, "--max-new-tokens", "10", "--json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == reference_tokens(models, "Tell me a story.")
+
+
+def test_cli_draft_alone_drafts_for_the_default_target(pair, capsys, monkeypatch):
+    """--draft DIR without --target: the default target (here stood in for by the tiny one) with that draft."""
+    from types import SimpleNamespace
+
+    import specllava.models as models_pkg
+
+    paths, models = pair
+    asked = {}
+
+    def default_models(dtype=None, draft=True):
+        asked["draft"] = draft
+        return SimpleNamespace(target=models.target, draft=None, processor=models.processor,
+                               paths=SimpleNamespace(trained={"target": False, "draft": False}))
+
+    monkeypatch.setattr(models_pkg, "load_default_models", default_models)
+    code = main(["generate", "--draft", str(paths.draft_dir), "--prompt", "Hi", "--max-new-tokens", "10", "--json"])
+    assert code == 0 and asked == {"draft": False}  # the default draft is not loaded
+    assert json.loads(capsys.readouterr().out)["tokens"] == reference_tokens(models, "Hi")
+
+
+def test_cli_prompt_longer_than_the_context(pair, capsys):
+    paths, models = pair
+    context = models.target.config.text_config.max_position_embeddings
+    code = main(["generate", "--target", str(paths.target_dir), "--method", "ar", "--prompt", "word " * context])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert code == 2 and "Traceback" not in err
+    assert last.startswith("specllava generate: error: the prompt has") and f"context holds {context}" in last
+
+
+def test_cli_max_new_tokens_past_the_context_is_capped(pair, capsys):
+    paths, models = pair
+    context = models.target.config.text_config.max_position_embeddings
+    code = main(["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--prompt", "Hi",
+                 "--max-new-tokens", str(10 * context), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "specllava generate: warning: max_new_tokens=" in err and "generating at most" in err
+    assert "Traceback" not in err and "warnings.warn" not in err
+    n = json.loads(out)["stats"]["new_tokens"]
+    assert n <= context
+
+
+def test_cli_ctrl_c_keeps_what_was_streamed(pair, capsys, monkeypatch):
+    from transformers import TextStreamer
+
+    paths, _ = pair
+    put = TextStreamer.put
+    calls = []
+
+    def put_then_interrupt(self, value):
+        calls.append(1)
+        if len(calls) == 4:  # the prompt, the first token, two verification steps: then Ctrl-C
+            raise KeyboardInterrupt
+        put(self, value)
+
+    monkeypatch.setattr(TextStreamer, "put", put_then_interrupt)
+    code = main(["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--prompt", "Hi",
+                 "--max-new-tokens", "40", "--method", "chain"])
+    out, err = capsys.readouterr()
+    assert code == 130 and "specllava generate: interrupted" in err and "Traceback" not in err
+    # the text accepted before Ctrl-C was printed (this tiny model's text is newlines, one per token), and no more
+    assert 2 <= out.count("\n") < 40

@@ -247,10 +247,14 @@ def run_guarded(prog: str, work, debug: bool = False) -> int:
     """Run `work()` and turn what it raises into one line on stderr and an exit status (see main)."""
     import warnings
 
-    if not debug:  # one line per warning, not the source line that raised it
-        warnings.formatwarning = lambda message, category, *_, **__: f"{prog}: warning: {message}\n"
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+
     try:
-        result = work()
+        with warnings.catch_warnings():
+            if not debug:  # one line per warning, without the source line that raised it
+                warnings.showwarning = one_line
+            result = work()
     except KeyboardInterrupt:
         sys.stdout.flush()
         print(f"\n{prog}: interrupted", file=sys.stderr)
