@@ -173,11 +173,28 @@ def files(tmp_path_factory):
     data = (root / "big.jpg").read_bytes()
     (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (root / "notes.txt").write_text("not an image")
+    (root / "bomb.png").write_bytes(_png_header_only(14000, 14000))
     (root / "adir").mkdir()
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text("{}")
     (root / "data.json").write_text("[]")
     return root
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (its data is 8x8): what PIL's pixel cap reads, in bytes."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    ihdr = png[12:29]  # chunk type + data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    png[12:29] = ihdr
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(png)
 
 
 @pytest.fixture
@@ -226,6 +243,7 @@ PARSE_CASES = {  # argv (with {d} = the files folder) -> what the one line says
     "image missing": (G + ["--image", "{d}/missing.png"], "image file not found"),
     "image truncated": (G + ["--image", "{d}/truncated.jpg"], "cannot decode image file .*truncated"),
     "image not an image": (G + ["--image", "{d}/notes.txt"], "not an image file PIL can read"),
+    "image 14000x14000": (G + ["--image", "{d}/bomb.png"], "over the cap of 89,478,485 pixels .*MAX_IMAGE_PIXELS"),
     "target is a file": (G + ["--target", "{d}/notes.txt"], "is a file; give the model's folder"),
     "target folder without config": (G + ["--target", "{d}/adir"], "has no config.json"),
     "target path missing": (G + ["--target", "{d}/nowhere"], "model folder not found"),

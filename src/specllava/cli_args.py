@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 Error = argparse.ArgumentTypeError
@@ -142,14 +143,16 @@ def image_file(text: str) -> str:
 
     cap = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if cap is not None and width * height > cap:
-                raise Error(_too_large(text, width, height, cap))
-            img.load()
-    except Image.DecompressionBombError:
-        raise Error(f"{text} is too large: over the cap of {cap:,} pixels (PIL.Image.MAX_IMAGE_PIXELS); "
-                    "downscale it") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            with Image.open(path) as img:
+                width, height = img.size
+                if cap is not None and width * height > cap:
+                    raise Error(_too_large(text, width, height, cap))
+                img.load()
+    except Image.DecompressionBombError:  # PIL refuses on opening an image of over twice the cap
+        raise Error(f"{text} has more than {2 * cap:,} pixels, over the cap of {cap:,} pixels "
+                    "(PIL.Image.MAX_IMAGE_PIXELS, against decompression bombs); downscale it") from None
     except UnidentifiedImageError:
         raise Error(f"not an image file PIL can read: {text}") from None
     except OSError as err:  # truncated or corrupt data, read errors
