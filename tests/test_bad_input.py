@@ -85,6 +85,11 @@ API_CASES = {
     "prompt fills the context": (lambda ids, px: dict(input_ids=torch.full((1, 512), 5)), "context holds 512"),
     "negative top_k": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, top_k=-3), "top_k"),
     "top_p above 1": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, top_p=1.5), "top_p"),
+    "string temperature": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, temperature="hot"),
+                           "temperature must be a number, got 'hot'"),
+    "float top_k": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, top_k=2.5),
+                    "top_k must be an integer, got 2.5"),
+    "string seed": (lambda ids, px: dict(input_ids=ids, pixel_values=px, seed="x"), "seed must be an integer or None"),
 }
 
 
@@ -94,6 +99,12 @@ def test_api_refuses(target, drafts, case):
     ids, px = llava_prompt(0)
     with pytest.raises(ValueError, match=message):
         SpeculativeDecoder(target, drafts["text-only"], method="dynamic").generate(**make_kwargs(ids, px))
+
+
+@pytest.mark.parametrize("draft_vocab", [2.5, True, torch.tensor([1.0, 2.0])], ids=["float", "bool", "float-tensor"])
+def test_api_refuses_a_draft_vocab_that_is_not_an_int(target, drafts, draft_vocab):
+    with pytest.raises(ValueError, match="draft_vocab must be 'auto', None, an int or a LongTensor"):
+        SpeculativeDecoder(target, drafts["text-only"], method="dynamic", draft_vocab=draft_vocab)
 
 
 def test_api_integer_likes_are_fine(target):

@@ -18,6 +18,7 @@ Stats (`out.stats`):
 
 from __future__ import annotations
 
+import numbers
 import operator
 import time
 import warnings
@@ -164,6 +165,7 @@ class SpeculativeDecoder:
                   calibration; it must not modify them.
         """
         max_new_tokens = self._check_inputs(input_ids, pixel_values, attention_mask, max_new_tokens)
+        _check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         params = SamplingParams(do_sample, temperature, top_k, top_p)
         eos = self._eos_set(eos_token_id)
         gen = torch.Generator(device="cpu")
@@ -297,6 +299,10 @@ class SpeculativeDecoder:
         if draft_vocab is None or self.draft is None:
             return None
         size = vocab_size(self.draft)
+        if isinstance(draft_vocab, bool) or isinstance(draft_vocab, float) or (
+            torch.is_tensor(draft_vocab) and (draft_vocab.is_floating_point() or draft_vocab.dtype == torch.bool)
+        ):  # a float would silently become one token id
+            raise ValueError(f"draft_vocab must be 'auto', None, an int or a LongTensor of ids, got {draft_vocab!r}")
         if isinstance(draft_vocab, int):
             ids = draft_vocab_ids(draft_vocab, size, draft_ranking(self.draft))
         else:
@@ -378,6 +384,17 @@ class SpeculativeDecoder:
         if pixel_values is not None and not n_img:
             raise ValueError("pixel_values given, but the prompt has no image tokens; build the prompt with the processor so <image> is expanded")
         return max_new_tokens
+
+
+def _check_sampling(**values) -> None:
+    """Types of the sampling arguments (their ranges: `SamplingParams`); seed None or an integer."""
+    for name, value in values.items():
+        integral = name in ("top_k", "seed")
+        kind = numbers.Integral if integral else numbers.Real
+        if (value is None and name == "seed") or (isinstance(value, kind) and not isinstance(value, bool)):
+            continue
+        raise ValueError(f"{name} must be {'an integer' if integral else 'a number'}"
+                         f"{' or None' if name == 'seed' else ''}, got {value!r}")
 
 
 def _check_model(model, role: str) -> None:
