@@ -15,7 +15,7 @@ import json
 import sys
 
 from . import cli_args
-from .cli_args import budget as budget_arg  # noqa: F401  (the name other modules import)
+from .cli_args import budget as budget_arg  # noqa: F401  (names other modules import from here)
 from .cli_args import tree_option as _tree_option  # noqa: F401
 
 METHODS = ("ar", "chain", "static", "dynamic")  # core.config.METHODS, without importing torch for --help
