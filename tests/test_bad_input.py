@@ -477,3 +477,13 @@ def test_cli_ctrl_c_keeps_what_was_streamed(pair, capsys, monkeypatch):
     assert code == 130 and "specllava generate: interrupted" in err and "Traceback" not in err
     # the text accepted before Ctrl-C was printed (this tiny model's text is newlines, one per token), and no more
     assert 2 <= out.count("\n") < 40
+
+
+def test_assemble_print_dir_prints_only_the_folder(capsys, monkeypatch, tmp_path):
+    from specllava.models import assemble
+
+    paths = assemble.AssembledModels(target_dir=tmp_path / "target", draft_dir=tmp_path / "draft",
+                                     manifest={"trained": {"target": True, "draft": True}})
+    monkeypatch.setattr(assemble, "assemble_default_models", lambda cache_dir=None, force=False: paths)
+    assert main(["assemble", "--print-dir"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}\n"
