@@ -15,13 +15,25 @@ import json
 import sys
 
 from . import cli_args
-from .cli_args import budget as budget_arg  # noqa: F401  (names other modules import from here)
-from .cli_args import tree_option as _tree_option  # noqa: F401
+from .cli_args import budget as budget_arg  # noqa: F401  (a name other modules import from here)
 
 METHODS = ("ar", "chain", "static", "dynamic")  # core.config.METHODS, without importing torch for --help
 QUANT_CHOICES = ("auto", "int8", "none")  # core.quant.QUANT_CHOICES, likewise
 TREE_FIELDS = ("max_depth", "node_budget", "max_children", "child_mass", "min_path_conf", "frontier",
                "min_feed_mass", "score_temperature", "chain_length", "choices")  # TreeConfig's, likewise
+
+
+def _tree_option(text: str) -> tuple[str, object]:
+    """`name=value` with a JSON value (or else the plain string), unchecked: for tools/ scripts whose
+    options mix tree fields with other decoder options. The commands use `cli_args.tree_option`."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"option {text!r} must look like name=value, e.g. node_budget=48")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
