@@ -6,6 +6,10 @@
 
 Text streams to stdout as it is accepted and the stats go to stderr; `--json` prints one JSON
 object (`text`, `stats`, ...) instead.
+
+Every command checks its arguments while parsing them (`cli_args`), before anything loads. Exit
+status: 0 done, 2 bad arguments or input, 1 a failure while running, 130 interrupted; errors are
+one line, and `--debug` anywhere shows the traceback instead (docs/inputs.md).
 """
 
 from __future__ import annotations
@@ -216,7 +220,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = OneLineParser(
         prog="specllava", description="Lossless speculative decoding with a dynamic token tree for LLaVA-family VLMs.",
-        epilog="Add --debug anywhere to see the full traceback of an error.",
+        epilog="Exit status: 0 done, 2 bad arguments or input, 1 a failure while running, 130 interrupted. "
+        "Errors are one line; add --debug anywhere to see the traceback instead.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
