@@ -446,7 +446,7 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     for depth in exits:
         d = shipped if depth == n_layers else truncated(shipped, depth)
         report["cost_ms"][f"draft_{depth}_layers_1_token"] = forward_cost_ms(d)
-        for name, (recs, eroot) in evals.items():
+        for name, (recs, eroot) in evals.items() if cfg.eval_prompts else ():  # 0 prompts: no report
             r = measure_acceptance(target, d, processor, recs, eroot, cfg.eval_prompts, cfg.eval_max_new_tokens,
                                    desc=f"eval {name} ({depth} layers)")
             report["eval"][f"{name}/{depth}_layers"] = r
