@@ -93,7 +93,8 @@ def add_parser(subparsers) -> None:
                     "after regenerating the answers with the target. Ends with the mean accepted length "
                     "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
     d = DistillConfig()
-    s.add_argument("--target", type=cli_args.existing_dir, default=None, help="target model folder (default: the assembled default target)")
+    s.add_argument("--target", type=cli_args.model_source, default=None,
+                   help="target model folder or hub id (default: the assembled default target)")
     s.add_argument("--data", type=cli_args.existing_file, required=True, help="training LLaVA JSON (llava_v1_5_mix665k format)")
     s.add_argument("--eval-data", type=cli_args.existing_file, action="append", default=None,
                    help="held-out LLaVA JSON for the final report (repeatable); default: a held-out split of --data")
