@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 
 METHODS = ("ar", "chain", "static", "dynamic")
@@ -23,6 +24,16 @@ GREEDY_NODE_BUDGET = 32  # TreeConfig.node_budget=None at T=0
 SAMPLED_NODE_BUDGET = 8  # ... and when sampling
 
 
+INT_FIELDS = ("max_depth", "node_budget", "max_children", "frontier", "chain_length")
+# float field -> (the range check, the range in words)
+FLOAT_RANGES = {
+    "child_mass": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "min_path_conf": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "min_feed_mass": (lambda v: v >= 0.0, ">= 0"),
+    "score_temperature": (lambda v: v > 0.0 and v != float("inf"), "> 0"),
+}
+
+
 @dataclass
 class TreeConfig:
     """Tree-shape knobs. Defaults suit a draft about a tenth of the target's cost.
@@ -32,9 +43,8 @@ class TreeConfig:
       node_budget    most draft nodes verified per step (root excluded); the final tree is the
                      `node_budget` nodes of highest path confidence (an ancestor-closed set).
                      None (default): 32 at T=0 and 8 when sampling, where each node is accepted
-                     less often so a smaller tree pays (docs/benchmarks.md, fourth session: 8
-                     against 32 at T=1 measured 1.32x against 1.22x, 1.47x against 1.32x and
-                     1.53x against 1.36x in three runs). An int applies to both.
+                     less often so a smaller tree pays (docs/benchmarks.md, "Why these
+                     defaults"). An int applies to both.
       max_children   cap on the children of one node.
       child_mass     a node gets children in order of draft probability until their cumulative
                      probability reaches this mass: a sure draft gives one child, an unsure one
@@ -46,9 +56,9 @@ class TreeConfig:
                      this: the next depth's children can add at most that many expected accepted
                      tokens, while the draft forward that makes them costs the same regardless.
                      0 = always grow to max_depth (or until nothing can enter the budget).
-                     Default 0.3: with the default pair on a 2-core CPU, where a draft forward
-                     costs about a seventh of the target's, it cut draft forwards per step from
-                     3.8 to about 2 at equal acceptance (docs/benchmarks.md, "min_feed_mass").
+                     Default 0.3: it saves draft forwards that are unlikely to be accepted,
+                     which pays when a draft forward costs a noticeable share of the target's
+                     (docs/benchmarks.md, "Why these defaults").
       score_temperature  at T=0, path confidences are products of softmax(draft logits /
                      score_temperature). A draft distilled on the target's full distribution
                      copies its flatness: its top guess is the target's argmax far more often
@@ -78,19 +88,37 @@ class TreeConfig:
     choices: tuple[tuple[int, ...], ...] = field(default=DEFAULT_STATIC_CHOICES)
 
     def __post_init__(self):
-        for name in ("max_depth", "node_budget", "max_children", "frontier", "chain_length"):
-            if getattr(self, name) is None and name == "node_budget":
+        """Every field typed and in range, or a ValueError naming it (`TreeConfig.<field> ...`)."""
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name == "node_budget":
                 continue
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TreeConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.child_mass <= 1.0:
-            raise ValueError(f"TreeConfig.child_mass must be in (0, 1], got {self.child_mass}")
-        if not 0.0 <= self.min_feed_mass:
-            raise ValueError(f"TreeConfig.min_feed_mass must be >= 0, got {self.min_feed_mass}")
-        if not self.score_temperature > 0.0:
-            raise ValueError(f"TreeConfig.score_temperature must be > 0, got {self.score_temperature}")
-        if not 0.0 <= self.min_path_conf < 1.0:
-            raise ValueError(f"TreeConfig.min_path_conf must be in [0, 1), got {self.min_path_conf}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"TreeConfig.{name} must be an integer >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"TreeConfig.{name} must be >= 1, got {value}")
+        for name, (ok, rule) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"TreeConfig.{name} must be a number {rule}, got {value!r}")
+            if not ok(float(value)):  # NaN fails every range
+                raise ValueError(f"TreeConfig.{name} must be {rule}, got {value}")
+        from .tree import validate_choices
+
+        try:
+            ok = len(self.choices) > 0 and all(
+                len(c) > 0 and all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in c)
+                for c in self.choices)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError("TreeConfig.choices must be a non-empty list of paths of draft ranks, e.g. "
+                             f"[[0], [1], [0, 0]], got {self.choices!r}")
+        self.choices = tuple(tuple(int(r) for r in c) for c in self.choices)
+        try:
+            validate_choices(self.choices)  # every prefix present, no negative rank
+        except ValueError as err:
+            raise ValueError(f"TreeConfig.choices: {err}") from None
 
     def budget(self, sampled: bool) -> int:
         """The dynamic tree's node budget for greedy (`sampled=False`) or sampled decoding."""
