@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from specllava.cli import _tree_option
+from specllava.cli import raw_tree_option
 from specllava.training.common import load_records
 from specllava.training.common import with_images
 from specllava.training.distill import measure_acceptance
@@ -26,7 +26,7 @@ from specllava.training.distill import measure_acceptance
 
 def _setting(text: str) -> tuple[str, dict]:
     name, _, opts = text.partition("=")
-    return name, dict(_tree_option(o) for o in opts.split(",") if o.strip())
+    return name, dict(raw_tree_option(o) for o in opts.split(",") if o.strip())
 
 
 def main() -> None:

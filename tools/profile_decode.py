@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from specllava import SpeculativeDecoder
-from specllava.cli import _tree_option
+from specllava.cli import raw_tree_option
 from specllava.core.cache import crop
 from specllava.core.quant import QUANT_CHOICES, resolve_quant
 from specllava.core.runner import DraftPath, ModelRunner, TargetPath, vocab_size
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto")
-    ap.add_argument("--tree-option", type=_tree_option, action="append", default=[])
+    ap.add_argument("--tree-option", type=raw_tree_option, action="append", default=[])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompt", default="Describe this image in detail.")
     ap.add_argument("--image", type=Path, default=EXAMPLE)

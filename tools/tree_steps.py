@@ -19,7 +19,7 @@ import torch
 from specllava import SpeculativeDecoder
 from specllava.bench.harness import prepare_inputs
 from specllava.bench.prompts import BUILTIN_SETS, builtin_set
-from specllava.cli import _tree_option
+from specllava.cli import raw_tree_option
 from specllava.models.hf import load_model, load_pair, parse_dtype
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--draft", default=None, help="a draft model folder instead of the default draft")
     ap.add_argument("--draft-vocab", type=int, default=2048)
-    ap.add_argument("--tree-option", type=_tree_option, action="append", default=[])
+    ap.add_argument("--tree-option", type=raw_tree_option, action="append", default=[])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 

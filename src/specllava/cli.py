@@ -27,7 +27,7 @@ TREE_FIELDS = ("max_depth", "node_budget", "max_children", "child_mass", "min_pa
                "min_feed_mass", "score_temperature", "chain_length", "choices")  # TreeConfig's, likewise
 
 
-def _tree_option(text: str) -> tuple[str, object]:
+def raw_tree_option(text: str) -> tuple[str, object]:
     """`name=value` with a JSON value (or else the plain string), unchecked: for tools/ scripts whose
     options mix tree fields with other decoder options. The commands use `cli_args.tree_option`."""
     key, sep, value = text.partition("=")
