@@ -80,6 +80,7 @@ def test_target_generate_sampling_matches_the_same_exact_distribution(pair):
     assert chi2_pvalue(counts, exact) > 1e-3
 
 
+@pytest.mark.slow  # over 20 s in `pytest --durations`: many sampled runs to reject the wrong rule
 def test_the_check_fails_on_a_wrong_acceptance_rule(pair, monkeypatch):
     target, draft = pair
     ids = text_prompt(5, length=6, vocab=V)
