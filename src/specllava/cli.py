@@ -200,7 +200,8 @@ def _subcommand_modules():
     """Subcommands owned by other parts of the package (each module: add_parser + run)."""
     import importlib
 
-    names = ["specllava.models.cli", "specllava.data.cli", "specllava.training.cli", "specllava.bench.cli"]
+    names = ["specllava.models.cli", "specllava.data.cli", "specllava.training.cli", "specllava.bench.cli",
+             "specllava.serve.cli"]
     for name in names:
         try:
             yield importlib.import_module(name)
