@@ -285,6 +285,8 @@ class _Tracker:
     def finish(self) -> dict:
         if self.stopped != "stop":
             self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if self.ends:  # a trailing incomplete character, held back so far, belongs to the last token
+                self.ends[-1] = max(self.ends[-1], len(self.text))
             if self.stops:
                 self._safe_end()
             self._emit_text(final=True)
