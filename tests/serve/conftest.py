@@ -2,12 +2,18 @@
 
 import pytest
 
-from serve_helpers import running_server, tiny_models
+from serve_helpers import assemble_tiny, load_tiny, running_server
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("serve"))
+def tiny_paths(tmp_path_factory):
+    return assemble_tiny(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_paths):
+    """(target, draft, processor)"""
+    return load_tiny(tiny_paths)
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,8 @@ def _sharp_language_model():
         return LlamaForCausalLM(config).eval(), tokenizer
 
 
-def tiny_models(root):
-    """(target, draft, processor) assembled under `root`: float32, random projector, untrained
+def assemble_tiny(root):
+    """The tiny pair's directories (`AssembledModels`) under `root`: random projector, untrained
     1-layer draft, 512-token context."""
     (root / "assets").mkdir()
     sources = tiny_sources()
@@ -50,7 +50,13 @@ def tiny_models(root):
     sources.fingerprint = {**sources.fingerprint, "language_model": "tiny-sharp-llama-seed0"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        paths = assemble_models(root / "cache", sources, assets_dir=root / "assets")
+        return assemble_models(root / "cache", sources, assets_dir=root / "assets")
+
+
+def load_tiny(paths):
+    """(target, draft, processor) of `assemble_tiny`'s pair, in float32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         m = load_models(paths)
     return m.target, m.draft, m.processor
 

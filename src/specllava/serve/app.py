@@ -114,7 +114,7 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": limits.model_name, "method": engine.method, "workers": len(engine.threads),
-                "queue_length": engine.queue_length(), "running": engine.running}
+                "queue_length": engine.queue_length(), "running": engine.running, "max_tokens": limits.max_tokens}
 
     @app.get("/metrics")
     async def prometheus():

@@ -141,15 +141,17 @@ class Engine:
                 self.running += 1
             try:
                 result = self._run(decoder, job)
-                job.emit({"type": "done", **result})
-                if self.on_finish is not None:
-                    self.on_finish(job, result)
+                event = {"type": "done", **result}
             except Exception as err:  # noqa: BLE001  (a failed request must not stop the worker)
-                job.emit({"type": "error", "error": APIError(f"generation failed: {type(err).__name__}: {err}",
-                                                             status=500, type="server_error")})
+                result, event = None, {"type": "error", "error": APIError(
+                    f"generation failed: {type(err).__name__}: {err}", status=500, type="server_error")}
             finally:
                 with self._lock:
                     self.running -= 1
+            # counted before the client hears of it, so what it reads next (/metrics, /health) includes it
+            if result is not None and self.on_finish is not None:
+                self.on_finish(job, result)
+            job.emit(event)
 
     def _run(self, decoder, job: Job) -> dict:
         req = job.request

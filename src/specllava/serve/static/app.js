@@ -70,6 +70,7 @@ async function ask() {
   };
   $("answer").textContent = "";
   $("status").textContent = "waiting…";
+  $("status").classList.remove("error");
   for (const id of ["tau", "tps", "ttft"]) $(id).textContent = "–";
   $("send").disabled = true;
   $("stop").disabled = false;
@@ -89,6 +90,7 @@ async function ask() {
     await readEvents(resp.body.getReader());
   } catch (e) {
     $("status").textContent = e.name === "AbortError" ? "stopped" : e.message;
+    $("status").classList.toggle("error", e.name !== "AbortError");
   } finally {
     $("send").disabled = false;
     $("stop").disabled = true;
@@ -119,6 +121,13 @@ async function readEvents(reader) {
     }
   }
 }
+
+// Never offer more tokens than the server allows (specllava serve --max-tokens).
+fetch("/health").then((r) => r.json()).then((h) => {
+  const box = $("max-tokens");
+  box.max = h.max_tokens;
+  if (Number(box.value) > h.max_tokens) box.value = h.max_tokens;
+}).catch(() => {});
 
 $("send").addEventListener("click", ask);
 $("stop").addEventListener("click", () => controller && controller.abort());
