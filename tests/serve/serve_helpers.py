@@ -117,6 +117,13 @@ def image_bytes(seed=0, size=(64, 80), fmt="PNG") -> bytes:
     return buf.getvalue()
 
 
+def solid_png(w, h) -> bytes:
+    """A one-colour PNG: many pixels in few bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def data_url(data: bytes, mime="image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 

@@ -11,9 +11,8 @@ import urllib.request
 import openai
 import pytest
 import torch
-from PIL import Image
 
-from serve_helpers import SlowDecoder, data_url, image_bytes, running_server, user
+from serve_helpers import SlowDecoder, data_url, image_bytes, running_server, solid_png, user
 
 from specllava.serve.engine import encode_chat
 from specllava.serve.protocol import Limits, parse_request
@@ -68,6 +67,15 @@ def test_greedy_answer_equals_target_generate(server, tiny_pair):
     assert stats["target_forwards"] == stats["steps"] + 1
     assert stats["mean_accepted_length"] == pytest.approx(24 / stats["target_forwards"])
     assert stats["draft_tokens_accepted"] == sum(k * c for k, c in enumerate(stats["accept_hist"])) <= stats["draft_tokens_proposed"]
+
+
+def test_text_only_and_multi_turn_answers_equal_target_generate(server, tiny_pair):
+    url, _, _ = server
+    c = client(url)
+    for messages in ([{"role": "system", "content": "Be brief."}, *user("Hi", image_bytes(2)),
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is it?"}], user("Name three colours.")):
+        r = c.chat.completions.create(model="specllava", messages=messages, max_tokens=16)
+        assert r.choices[0].message.content == reference(tiny_pair, messages, 16)[0]
 
 
 def test_stats_equal_the_decoders_own(server, tiny_pair):
@@ -166,7 +174,9 @@ BAD_HTTP = {
     "broken base64": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]}, 400, "base64"),
     "not an image": ({"messages": user("hi", b"GIF89a but not really")}, 400, "not an image"),
-    "too many pixels": ({"messages": user("hi", image_bytes(size=(200, 200)))}, 400, "pixels, over the cap"),
+    "too many pixels": ({"messages": user("hi", solid_png(200, 200))}, 400, "pixels, over the cap"),
+    "too many bytes": ({"messages": user("hi", image_bytes(size=(150, 150), fmt="BMP"))}, 400, "over the byte cap"),
+    "body too large": ({"messages": user("x" * 2_000_000)}, 413, "request body is over"),
     "two images": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(image_bytes(0))}},
         {"type": "image_url", "image_url": {"url": data_url(image_bytes(1))}}]}]}, 400, "at most 1"),
@@ -185,7 +195,7 @@ BAD_HTTP = {
 @pytest.fixture(scope="module")
 def capped_server(tiny_pair):
     """Small caps, so that over-cap inputs are cheap to send."""
-    with running_server(*tiny_pair, max_tokens=500, max_image_pixels=100 * 100) as live:
+    with running_server(*tiny_pair, max_tokens=500, max_image_pixels=100 * 100, max_image_bytes=50_000) as live:
         yield live
 
 

@@ -35,7 +35,7 @@ _POLL_S = 0.25  # how often a waiting request checks that its client is still th
 
 def create_app(engine: Engine, limits: Limits) -> FastAPI:
     app = FastAPI(title="specllava", summary="OpenAI-compatible server with lossless speculative decoding",
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)  # their pages load scripts from a CDN; /openapi.json stays
     metrics = Metrics(engine.queue_length, lambda: engine.running)
     engine.on_finish = lambda job, result: metrics.finish(job.prompt_tokens, result, time.monotonic() - job.created)
     app.state.engine, app.state.limits, app.state.metrics = engine, limits, metrics

@@ -88,6 +88,7 @@ class Engine:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.running = 0
         self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()
         self.decoders = [make_decoder() for _ in range(workers)]
         self.threads = [threading.Thread(target=self._work, args=(d,), name=f"specllava-worker-{i}", daemon=True)
                         for i, d in enumerate(self.decoders)]
@@ -97,7 +98,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     def encode(self, request: ChatRequest) -> dict:
         """The prompt's tensors (the chat template, then the processor), checked against the context."""
-        inputs = encode_chat(self.processor, request.conversation, request.image)
+        with self._encode_lock:  # a fast tokenizer may refuse concurrent calls ("Already borrowed")
+            inputs = encode_chat(self.processor, request.conversation, request.image)
         n = int(inputs["input_ids"].shape[1])
         if n >= self.context:
             raise APIError(f"This model's maximum context length is {self.context} tokens, but the messages take {n}",
