@@ -192,10 +192,9 @@ class _Tracker:
         self.steps = self.accepted = self.drafted = 0
         self.hist: list[int] = []
         self.stopped: str | None = None
-        self.t_start = time.monotonic()
         self.t_first: float | None = None
 
-    # the decoder calls these two ------------------------------------------------------------
+    # the decoder calls these: on_step, then put with the step's tokens; end at the end ----------
     def on_step(self, tree, verdict) -> None:
         k = len(verdict.path) - 1  # accepted draft tokens this step; the step's last token is the bonus
         self.pending_accepted = k
@@ -291,8 +290,8 @@ class _Tracker:
             self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
             if self.ends:  # a trailing incomplete character, held back so far, belongs to the last token
                 self.ends[-1] = max(self.ends[-1], len(self.text))
-            if self.stops:
-                self._safe_end()
+            if self.stops and self._safe_end() == self.cut:  # a stop sequence completed by the last character
+                self.stopped = "stop"
             self._emit_text(final=True)
         if self.cut is not None:
             reason = "stop"
