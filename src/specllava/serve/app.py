@@ -64,10 +64,11 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
         return response
 
     async def _chat(request: Request):
-        if int(request.headers.get("content-length") or 0) > body_cap:
+        body = await _read_body(request, body_cap)
+        if body is None:
             raise APIError(f"the request body is over {body_cap} bytes", status=413, code="request_too_large")
         try:
-            payload = json.loads(await request.body())
+            payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(f"the request body is not valid JSON ({err})") from None
         req = await run_in_threadpool(parse_request, payload, limits)
@@ -126,6 +127,17 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+async def _read_body(request: Request, cap: int) -> bytes | None:
+    """The request body, or None when it is over `cap` bytes. The rest of an oversized body is read
+    and dropped rather than left unread, so the client gets the 413 instead of a reset connection."""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= cap:
+            parts.append(chunk)
+    return b"".join(parts) if size <= cap else None
 
 
 async def _next_event(job: Job, request: Request) -> dict | None:

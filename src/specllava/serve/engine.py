@@ -44,7 +44,7 @@ class _Stop(Exception):
         self.reason = reason  # "stop" | "time_limit" | "cancelled"
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (the engine keeps a set of running jobs)
 class Job:
     """One request on its way through the queue and a worker. Events for the client arrive on
     `events` (an asyncio queue of the server's loop): dicts with "type" delta | done | error."""
@@ -89,6 +89,7 @@ class Engine:
         self.running = 0
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()
+        self._active: set[Job] = set()  # jobs decoding now
         self.decoders = [make_decoder() for _ in range(workers)]
         self.threads = [threading.Thread(target=self._work, args=(d,), name=f"specllava-worker-{i}", daemon=True)
                         for i, d in enumerate(self.decoders)]
@@ -124,6 +125,17 @@ class Engine:
         return self.queue.qsize()
 
     def close(self) -> None:
+        """Stop the workers: queued requests are dropped, running ones end at their next step."""
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled.set()
+        with self._lock:
+            for job in self._active:
+                job.cancelled.set()
         for _ in self.threads:
             self.queue.put(None)
         for t in self.threads:
@@ -141,6 +153,7 @@ class Engine:
                 continue
             with self._lock:
                 self.running += 1
+                self._active.add(job)
             try:
                 result = self._run(decoder, job)
                 event = {"type": "done", **result}
@@ -150,6 +163,7 @@ class Engine:
             finally:
                 with self._lock:
                     self.running -= 1
+                    self._active.discard(job)
             # counted before the client hears of it, so what it reads next (/metrics, /health) includes it
             if result is not None and self.on_finish is not None:
                 self.on_finish(job, result)
