@@ -268,3 +268,24 @@ def test_disconnect_cancels_generation(slow_server):
     while metric(url, 'specllava_finished_total{reason="client_disconnected"}') == before or engine.running:
         assert time.monotonic() < deadline, "the generation was not cancelled"
         time.sleep(0.05)
+
+
+def test_disconnect_cancels_a_non_streaming_request(slow_server):
+    import socket
+    from urllib.parse import urlparse
+
+    url, engine, _ = slow_server
+    before = metric(url, 'specllava_finished_total{reason="client_disconnected"}')
+    body = json.dumps({"messages": user("Hi", image_bytes(1)), "max_tokens": 300}).encode()
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 5
+        while not engine.running:  # wait until it decodes
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 5
+    while metric(url, 'specllava_finished_total{reason="client_disconnected"}') == before or engine.running:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.05)

@@ -141,14 +141,18 @@ async def _read_body(request: Request, cap: int) -> bytes | None:
 
 
 async def _next_event(job: Job, request: Request) -> dict | None:
-    """The job's next event; None (and the job cancelled) if the client disconnects meanwhile."""
+    """The job's next event; None (and the job cancelled) once the client has disconnected, which
+    is checked at least every _POLL_S seconds, also while events keep coming."""
     while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), _POLL_S)
-        except TimeoutError:
+        if time.monotonic() - job.checked_client >= _POLL_S:
+            job.checked_client = time.monotonic()
             if await request.is_disconnected():
                 job.cancelled.set()
                 return None
+        try:
+            return await asyncio.wait_for(job.events.get(), _POLL_S)
+        except TimeoutError:
+            pass
 
 
 async def _sse(job: Job, first: dict, meta: dict):

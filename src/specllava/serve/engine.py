@@ -57,6 +57,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
+    checked_client: float = 0.0  # when the app last checked that the client is still connected
 
     @property
     def prompt_tokens(self) -> int:
