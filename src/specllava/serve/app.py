@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +31,7 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .protocol import APIError, Limits, parse_request
 
 STATIC = Path(__file__).with_name("static")
+log = logging.getLogger("specllava.serve")
 _POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
@@ -58,6 +60,7 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
             metrics.requests.labels(str(err.status)).inc()
             raise
         except Exception as err:  # noqa: BLE001  (answered in OpenAI's shape; the server keeps serving)
+            log.exception("chat completion failed")
             metrics.requests.labels("500").inc()
             raise APIError(f"internal error: {type(err).__name__}: {err}", status=500, type="server_error") from err
         metrics.requests.labels(str(getattr(response, "status_code", 200))).inc()

@@ -21,6 +21,7 @@ client went away, a stop sequence appeared or the request's time ran out.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -30,6 +31,9 @@ from typing import Callable
 import torch
 
 from .protocol import APIError, ChatRequest
+
+
+log = logging.getLogger("specllava.serve")
 
 
 class QueueFull(Exception):
@@ -159,6 +163,7 @@ class Engine:
                 result = self._run(decoder, job)
                 event = {"type": "done", **result}
             except Exception as err:  # noqa: BLE001  (a failed request must not stop the worker)
+                log.exception("generation failed")
                 result, event = None, {"type": "error", "error": APIError(
                     f"generation failed: {type(err).__name__}: {err}", status=500, type="server_error")}
             finally:

@@ -13,8 +13,8 @@ the app's own (so several apps in one process, as in the tests, count separately
   specllava_request_mean_accepted_length           histogram of it per request
   specllava_queue_length                           requests waiting for a worker
   specllava_running_requests                       requests decoding now
-  specllava_request_latency_seconds                histogram: arrival to last token
-  specllava_time_to_first_token_seconds            histogram: arrival to first token
+  specllava_request_latency_seconds                histogram: queued (after its checks) to last token
+  specllava_time_to_first_token_seconds            histogram: queued to first token
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class Metrics:
                                      buckets=_TAU_BUCKETS, registry=r)
         Gauge("specllava_queue_length", "Requests waiting for a worker", registry=r).set_function(queue_length)
         Gauge("specllava_running_requests", "Requests decoding now", registry=r).set_function(running)
-        self.latency = Histogram("specllava_request_latency_seconds", "Arrival to last token",
+        self.latency = Histogram("specllava_request_latency_seconds", "From queueing (after the checks) to the last token",
                                  buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("specllava_time_to_first_token_seconds", "Arrival to first token",
+        self.ttft = Histogram("specllava_time_to_first_token_seconds", "From queueing (after the checks) to the first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self._tokens = self._forwards = 0
         self._lock = threading.Lock()  # finish() runs in the worker threads
