@@ -44,6 +44,8 @@ function showStats(s) {
   $("tau").textContent = s.mean_accepted_length.toFixed(2);
   $("ntok").textContent = s.completion_tokens;
   $("fwd").textContent = s.target_forwards;
+  $("acc").textContent = s.draft_tokens_accepted;
+  $("prop").textContent = s.draft_tokens_proposed;
   if (s.tokens_per_second != null) $("tps").textContent = s.tokens_per_second.toFixed(1);
   if (s.time_to_first_token_s != null) $("ttft").textContent = s.time_to_first_token_s.toFixed(2) + " s";
 }
