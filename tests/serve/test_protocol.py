@@ -28,6 +28,12 @@ def test_fields_are_read():
     assert req.stream and req.include_usage and req.image.size == (80, 64)
 
 
+def test_nulls_mean_defaults():
+    req = parse_request({"messages": user("Hi"), "n": None, "stream": None, "temperature": None, "stop": None,
+                         "max_tokens": None, "seed": None, "top_p": None}, LIMITS)
+    assert (req.temperature, req.top_p, req.max_tokens, req.stop, req.stream) == (0.0, 1.0, None, [], False)
+
+
 def test_image_goes_before_the_text_of_its_message():
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
         {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": data_url(image_bytes())}}]}]

@@ -81,9 +81,9 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=-1)  # an extension, as in vLLM: -1 or 0 = off
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: _StreamOptions | None = None
-    n: int = 1
+    n: int | None = 1
 
 
 # Accepted and ignored: they describe the caller or ask for a default this server has anyway.
@@ -150,13 +150,13 @@ def parse_request(body: Any, limits: Limits) -> ChatRequest:
         top_k=max(req.top_k or 0, 0),
         seed=req.seed,
         stop=stops,
-        stream=req.stream,
+        stream=bool(req.stream),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
     )
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if req.n != 1:
+    if req.n not in (1, None):
         raise APIError(f"n={req.n} is not supported: this server returns one choice per request (n=1); "
                        "send several requests instead", param="n", code="unsupported_parameter")
     for name, value in (req.model_extra or {}).items():
