@@ -69,13 +69,19 @@ def test_greedy_answer_equals_target_generate(server, tiny_pair):
     assert stats["draft_tokens_accepted"] == sum(k * c for k, c in enumerate(stats["accept_hist"])) <= stats["draft_tokens_proposed"]
 
 
-def test_text_only_and_multi_turn_answers_equal_target_generate(server, tiny_pair):
+def test_multi_turn_answer_equals_target_generate(server, tiny_pair):
     url, _, _ = server
-    c = client(url)
-    for messages in ([{"role": "system", "content": "Be brief."}, *user("Hi", image_bytes(2)),
-                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is it?"}], user("Name three colours.")):
-        r = c.chat.completions.create(model="specllava", messages=messages, max_tokens=16)
-        assert r.choices[0].message.content == reference(tiny_pair, messages, 16)[0]
+    messages = [{"role": "system", "content": "Be brief."}, *user("Hi", image_bytes(2)),
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is it?"}]
+    r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=16)
+    assert r.choices[0].message.content == reference(tiny_pair, messages, 16)[0]
+
+
+def test_text_only_answer_equals_target_generate(server, tiny_pair):
+    url, _, _ = server
+    messages = user("Name three colours.")
+    r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=16)
+    assert r.choices[0].message.content == reference(tiny_pair, messages, 16)[0]
 
 
 def test_stats_equal_the_decoders_own(server, tiny_pair):
