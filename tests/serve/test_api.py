@@ -295,3 +295,21 @@ def test_disconnect_cancels_a_non_streaming_request(slow_server):
     while metric(url, 'specllava_finished_total{reason="client_disconnected"}') == before or engine.running:
         assert time.monotonic() < deadline, "the generation was not cancelled"
         time.sleep(0.05)
+
+
+def test_requests_are_served_first_come_first_served(tiny_pair):
+    target, draft, processor = tiny_pair
+    done = []
+    with running_server(target, draft, processor, make_decoder=lambda: SlowDecoder(target, draft, delay_s=0.02)) as (url, _, _):
+
+        def ask(i):
+            post(url, {"messages": user(f"Request {i}", image_bytes(i)), "max_tokens": 12})
+            done.append(i)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)  # sent in order 0, 1, 2, ... while the first still decodes
+        for t in threads:
+            t.join()
+    assert done == list(range(5))
