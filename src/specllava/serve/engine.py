@@ -179,9 +179,12 @@ class Engine:
         req = job.request
         tracker = _Tracker(job, self.tokenizer, self.eos, self.method)
         try:
+            # what else the processor gave (LLaVA-NeXT's image_sizes, ...) goes on, as in generate()
+            extra = {k: v for k, v in job.inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
             decoder.generate(
                 input_ids=job.inputs["input_ids"],
                 pixel_values=job.inputs.get("pixel_values"),
+                **extra,
                 max_new_tokens=job.max_new_tokens,
                 do_sample=req.temperature > 0,
                 temperature=req.temperature if req.temperature > 0 else 1.0,
@@ -340,12 +343,14 @@ def encode_chat(processor, conversation: list[dict], image=None) -> dict:
         inputs = dict(tok(text, return_tensors="pt", add_special_tokens=False))
     else:
         inputs = dict(processor(images=image, text=text, return_tensors="pt", add_special_tokens=False))
-    lead = leading_special_ids(tok, text)
-    if lead:
-        ids = inputs["input_ids"]
-        inputs["input_ids"] = torch.cat([torch.tensor([lead], dtype=ids.dtype), ids], dim=1)
-        if "attention_mask" in inputs:
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    prefix = leading_special_ids(tok, text)
+    if prefix:
+        n = inputs["input_ids"].shape[1]
+        for key, value in inputs.items():  # every per-token tensor gets the leading tokens' entries
+            if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == n:
+                lead = torch.tensor([prefix]) if key == "input_ids" else torch.full(
+                    (1, len(prefix)), 1 if key == "attention_mask" else 0)
+                inputs[key] = torch.cat([lead.to(value), value], dim=1)
     return inputs
 
 
