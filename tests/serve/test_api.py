@@ -313,3 +313,25 @@ def test_requests_are_served_first_come_first_served(tiny_pair):
         for t in threads:
             t.join()
     assert done == list(range(5))
+
+
+def test_text_only_target(tmp_path):
+    """A plain causal LM target and draft with a tokenizer (no processor): text answers equal its
+    generate(), and an image is refused."""
+    from tiny_llava import tiny_language_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    target, draft = tiny_language_model(len(tok), seed=0), tiny_language_model(len(tok), seed=1)
+    target.generation_config.eos_token_id = tok.eos_token_id
+    with running_server(target, draft, tok) as (url, _, _):
+        messages = [{"role": "system", "content": "Be brief."}, *user("Name three colours.")]
+        r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=12)
+        text = tok.apply_chat_template([{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                                         else m["content"][0]["text"]} for m in messages],
+                                       add_generation_prompt=True, tokenize=False)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            ref = target.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        assert r.choices[0].message.content == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        status, err = post(url, {"messages": user("What is it?", image_bytes())})
+        assert status == 400 and "takes no images" in err["error"]["message"]

@@ -14,6 +14,7 @@ accepted draft proposal or from the target, and the verification step that emitt
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ _POLL_S = 0.25  # how often a waiting request checks that its client is still th
 def create_app(engine: Engine, limits: Limits) -> FastAPI:
     app = FastAPI(title="specllava", summary="OpenAI-compatible server with lossless speculative decoding",
                   docs_url=None, redoc_url=None)  # their pages load scripts from a CDN; /openapi.json stays
+    limits = dataclasses.replace(limits, max_images=min(limits.max_images, engine.max_images))
     metrics = Metrics(engine.queue_length, lambda: engine.running)
     engine.on_finish = lambda job, result: metrics.finish(job.prompt_tokens, result, time.monotonic() - job.created)
     app.state.engine, app.state.limits, app.state.metrics = engine, limits, metrics

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from ..core.runner import is_vlm
 from .protocol import APIError, ChatRequest
 
 
@@ -88,6 +89,7 @@ class Engine:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.method, self.max_tokens, self.request_timeout_s = method, max_tokens, request_timeout_s
         self.context = _context_length(target)
+        self.max_images = 1 if is_vlm(target) else 0
         self.eos = _eos_ids(target)
         self.on_finish = on_finish
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
@@ -332,11 +334,15 @@ class _Tracker:
 # ----------------------------------------------------------------------------------------------
 def encode_chat(processor, conversation: list[dict], image=None) -> dict:
     """A conversation's prompt tensors exactly as `models.hf.chat_inputs` encodes a single user
-    message: the processor's chat template with the generation prompt, then the processor (or its
-    tokenizer for a text-only prompt) without adding special tokens, after any leading special
+    message: the processor's chat template with the generation prompt (a text-only model's tokenizer
+    gets each message's text as a string), then the processor (or its tokenizer for a text-only
+    prompt) without adding special tokens, after any leading special
     token the tokenizer adds that the template did not write (`models.hf.leading_special_ids`)."""
     from ..models.hf import leading_special_ids
 
+    if not hasattr(processor, "image_processor"):  # a text-only model's tokenizer: its template reads strings
+        conversation = [{**m, "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
+                        for m in conversation]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     tok = getattr(processor, "tokenizer", processor)
     if image is None:

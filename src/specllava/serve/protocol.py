@@ -43,7 +43,7 @@ class Limits:
     max_tokens: int = 512  # most completion tokens a request may ask for (and the default)
     max_image_bytes: int = 20 * 1024 * 1024  # an image's encoded size, after base64 decoding
     max_image_pixels: int = 4096 * 4096
-    max_images: int = 1  # LLaVA-1.5 takes one image per conversation
+    max_images: int = 1  # LLaVA-1.5 takes one image per conversation (a text-only target none)
     allow_remote_images: bool = False
     remote_timeout_s: float = 10.0
 
@@ -130,6 +130,8 @@ def parse_request(body: Any, limits: Limits) -> ChatRequest:
                        status=404, param="model", code="model_not_found")
     conversation, image_urls = _conversation(req.messages)
     if len(image_urls) > limits.max_images:
+        if limits.max_images == 0:
+            raise APIError("this model takes no images: its target is a text-only language model", param="messages")
         raise APIError(f"{len(image_urls)} images given, but this model takes at most {limits.max_images} per request",
                        param="messages")
     image = load_image(image_urls[0], limits) if image_urls else None
