@@ -27,7 +27,8 @@ def test_defaults_are_those_of_specllava_generate():
     assert not args.allow_remote_images
 
 
-@pytest.mark.parametrize("flag", ["--max-concurrency=0", "--max-queue=-1", "--request-timeout=0", "--max-tokens=x"])
+@pytest.mark.parametrize("flag", ["--max-concurrency=0", "--max-queue=-1", "--request-timeout=0", "--max-tokens=x",
+                                  "--port=70000", "--target=/no/such/folder"])
 def test_bad_flags_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", flag])

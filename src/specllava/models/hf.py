@@ -58,7 +58,8 @@ def chat_inputs(processor, prompt: str, image=None) -> dict:
 
 def load_pair(target: str | None, draft: str | None, dtype: torch.dtype, need_draft: bool, why: str = ""):
     """(target, draft, processor, info) for the CLI commands: both paths, or neither for the
-    embedded default pair. `need_draft` False skips loading a draft; `why` names what needs one.
+    embedded default pair; a draft path alone drafts for the default target. `need_draft` False
+    skips loading a draft; `why` names what needs one.
     A draft path that holds an EAGLE head (`core.eagle`, from `train-eagle`) loads the head; it
     goes with any target of its shape, the default one included."""
     from ..core.eagle import EagleHead
@@ -68,14 +69,14 @@ def load_pair(target: str | None, draft: str | None, dtype: torch.dtype, need_dr
         loaded, _, processor, info = load_pair(target, None, dtype, need_draft=False)
         head.check_target(loaded)
         return loaded, (head if need_draft else None), processor, {**info, "draft": str(draft), "draft_kind": "eagle-head"}
-    if target is None:
-        if draft is not None:
-            raise ValueError("--draft given without --target: give both, or neither for the default pair")
+    if target is None:  # the default target; with the default draft unless one is given
         from . import load_default_models
 
-        m = load_default_models(dtype=dtype, draft=need_draft)
+        m = load_default_models(dtype=dtype, draft=need_draft and draft is None)
         info = {"target": "default", "draft": "default", "trained": dict(m.paths.trained)}
-        return m.target, m.draft, m.processor, info
+        if draft is None or not need_draft:
+            return m.target, m.draft, m.processor, info
+        return m.target, load_model(draft, dtype), m.processor, {**info, "draft": draft}
     if need_draft and draft is None:
         raise ValueError(f"{why or 'this method'} needs --draft")
     loaded_draft = load_model(draft, dtype) if need_draft else None

@@ -10,29 +10,16 @@ import argparse
 import sys
 import time
 
-from ..core.config import METHODS
-from ..core.quant import QUANT_CHOICES
+from ..cli import METHODS, QUANT_CHOICES
+from ..cli_args import draft_source, model_source, positive_float, positive_int
 from ..models.options import LoadOptions, add_load_args
 from .protocol import Limits
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+def _port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
     return value
 
 
@@ -46,31 +33,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "tokens as they stream. Without --target/--draft the embedded default pair is served. Decoding is "
         "lossless: every answer is the target's own.",
     )
-    p.add_argument("--target", help="target model directory or hub id (default: the embedded default target)")
-    p.add_argument("--draft", help="draft model directory or hub id, or an EAGLE head (default: the embedded default draft)")
+    p.add_argument("--target", type=model_source, help="target model directory or hub id (default: the embedded default target)")
+    p.add_argument("--draft", type=draft_source, help="draft model directory or hub id, or an EAGLE head (default: the embedded default draft)")
     p.add_argument("--method", choices=METHODS, default="dynamic", help="decoding method (default: dynamic)")
     add_load_args(p, device_map=False)
     p.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                    help="the draft's decode steps with int8 linears (as in specllava generate; default: auto)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=d.model_name,
                    help=f"the model name clients send and /v1/models lists (default: {d.model_name})")
-    p.add_argument("--max-concurrency", type=_positive_int, default=1,
+    p.add_argument("--max-concurrency", type=positive_int, default=1,
                    help="requests decoded at once, each by its own worker and decoder (default: 1; more rarely pays "
                    "on a CPU, whose cores one decode already uses)")
-    p.add_argument("--max-queue", type=_positive_int, default=64,
+    p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests that may wait for a worker; beyond that the server answers 429 (default: 64)")
-    p.add_argument("--max-tokens", type=_positive_int, default=d.max_tokens,
+    p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens,
                    help=f"most completion tokens a request may ask for, and what it gets without max_tokens "
                    f"(default: {d.max_tokens}; never past the model's context)")
-    p.add_argument("--request-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+    p.add_argument("--request-timeout", type=positive_float, default=300.0, metavar="SECONDS",
                    help="a request's time limit, queueing included: when it runs out the answer ends there "
                    "(finish_reason length) or, still queued, gets 503 (default: 300)")
-    p.add_argument("--max-image-bytes", type=_positive_int, default=d.max_image_bytes,
+    p.add_argument("--max-image-bytes", type=positive_int, default=d.max_image_bytes,
                    help=f"largest image file accepted, in bytes (default: {d.max_image_bytes})")
-    p.add_argument("--max-image-pixels", type=_positive_int, default=d.max_image_pixels,
+    p.add_argument("--max-image-pixels", type=positive_int, default=d.max_image_pixels,
                    help=f"largest image accepted, in pixels (default: {d.max_image_pixels})")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="also accept http(s) image URLs, which the server then downloads (default: data: URLs only)")
