@@ -27,9 +27,15 @@ def _per_source(text: str | None) -> dict | None:
     return out
 
 
+def _folder_or_hub_id(text: str):
+    """A model folder, or a hub id (`owner/name`) when no such path exists."""
+    return cli_args.existing_dir(text) if Path(text).expanduser().exists() else cli_args.model_source(text)
+
+
 def add_parser(subparsers) -> None:
     """Register the training commands on an argparse subparsers object."""
-    from specllava.training.distill import DistillConfig
+    from specllava.models.options import add_load_args
+    from specllava.training.distill import DRAFT_PRESETS, DistillConfig
     from specllava.training.target import TargetTrainConfig
 
     t = subparsers.add_parser(
@@ -92,7 +98,8 @@ def add_parser(subparsers) -> None:
                     "after regenerating the answers with the target. Ends with the mean accepted length "
                     "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
     d = DistillConfig()
-    s.add_argument("--target", type=cli_args.existing_dir, default=None, help="target model folder (default: the assembled default target)")
+    s.add_argument("--target", type=_folder_or_hub_id, default=None,
+                   help="target model folder or hub id (default: the assembled default target)")
     s.add_argument("--data", type=cli_args.existing_file, required=True, help="training LLaVA JSON (llava_v1_5_mix665k format)")
     s.add_argument("--eval-data", type=cli_args.existing_file, action="append", default=None,
                    help="held-out LLaVA JSON for the final report (repeatable); default: a held-out split of --data")
@@ -102,6 +109,10 @@ def add_parser(subparsers) -> None:
                       help="initialise the draft from the target's first N layers (default: %(default)s)")
     init.add_argument("--draft-init", type=cli_args.existing_path, default=None,
                       help="an existing small LLaVA folder, or a config.json, to start the draft from")
+    init.add_argument("--draft-preset", choices=sorted(DRAFT_PRESETS), default=None,
+                      help="a fresh draft of a published shape: llava-68m (Llama, 2 layers, hidden 768, 12 heads, "
+                           "intermediate 3072) or llava-160m (12 layers, same width), with the target's vocabulary, "
+                           "tokenizer and vision tower")
     s.add_argument("--exits", type=str, default=None,
                    help="also train early exits after these draft layers, e.g. '1,2' (each a shallower draft, "
                         "reported separately; to choose the depth from one run)")
@@ -122,9 +133,13 @@ def add_parser(subparsers) -> None:
     s.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
     s.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    s.add_argument("--eval-prompts", type=cli_args.positive_int, default=d.eval_prompts, help="held-out prompts per eval file")
+    s.add_argument("--eval-prompts", type=cli_args.non_negative_int, default=d.eval_prompts,
+                   help="held-out prompts per eval file (0: no mean-accepted-length report)")
     s.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=d.eval_max_new_tokens)
-    s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32")
+    s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32 "
+                   "(the same as --dtype float32)")
+    add_load_args(s.add_argument_group("target loading (the draft trains on --device, in float32 under autocast "
+                                       "to the target's dtype)"))
     s.set_defaults(func=run_draft)
 
     from specllava.training.eagle import EagleConfig
@@ -247,7 +262,8 @@ def run_draft(args: argparse.Namespace) -> int:
         held_out_fraction=args.held_out_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         resume=args.resume, eval_prompts=args.eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,
-        bf16=args.bf16)
+        bf16=args.bf16, draft_preset=args.draft_preset, dtype=args.dtype, device=args.device,
+        device_map=args.device_map, attn_implementation=args.attn_implementation)
     log = _setup_logging(cfg.out)
     report = train_draft(cfg, log=log)
     print(json.dumps(report["eval"], indent=1))
