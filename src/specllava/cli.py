@@ -202,6 +202,7 @@ COMMANDS = {
     "train-draft": ("specllava.training.cli", "distil a draft VLM for any Hugging Face LLaVA target"),
     "train-eagle": ("specllava.training.cli", "train an EAGLE-style draft head that reads the target's hidden states"),
     "bench": ("specllava.bench.cli", "benchmark hf / hf-assisted / specllava methods side by side"),
+    "serve": ("specllava.serve.cli", "serve an OpenAI-compatible chat API (images, streaming, metrics) and a live web page"),
 }
 
 

@@ -1,0 +1,372 @@
+"""The generation scheduler: a bounded first-come-first-served queue and worker threads that decode.
+
+`Engine(target, draft, processor, make_decoder, workers=N, max_queue=Q)` starts N worker threads,
+each with its own `SpeculativeDecoder` from `make_decoder()` (a decoder keeps per-instance state,
+e.g. the lean paths' rotary tables, so two decodes at once never share one). Requests wait in one
+FIFO queue of at most Q; `submit` raises `QueueFull` beyond that (the app answers 429).
+
+A request's state lives in its own `Job` and in the decoder's `generate()` call (caches, image,
+sampling generator): nothing survives from one request to the next, so at temperature 0 an answer
+is the same alone or under load, and a seeded sampled request too (its generator is seeded from
+the request alone).
+
+While a job decodes, `_Tracker` is both the decoder's streamer and its `on_step` callback. After
+each verification step it turns the new tokens into text, marks which came from accepted draft
+proposals (the step's first `len(path) - 1` tokens) and which from the target (the step's last,
+its bonus token, and the prefill's first token), holds back text that may be the start of a stop
+sequence, and hands the job an event. It ends generation at the next step by raising when the
+client went away, a stop sequence appeared or the request's time ran out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..core.runner import is_vlm
+from .protocol import APIError, ChatRequest
+
+
+log = logging.getLogger("specllava.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound (answered with 429)."""
+
+
+class _Stop(Exception):
+    """Raised from the streamer to end a generation early (stop sequence, time limit, cancel)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason  # "stop" | "time_limit" | "cancelled"
+
+
+@dataclass(eq=False)  # compared and hashed by identity (the engine keeps a set of running jobs)
+class Job:
+    """One request on its way through the queue and a worker. Events for the client arrive on
+    `events` (an asyncio queue of the server's loop): dicts with "type" delta | done | error."""
+
+    request: ChatRequest
+    inputs: dict  # input_ids [1, prompt_len] (+ pixel_values)
+    max_new_tokens: int
+    loop: asyncio.AbstractEventLoop
+    deadline: float  # time.monotonic() by which it must be done
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    created: float = field(default_factory=time.monotonic)
+    checked_client: float = 0.0  # when the app last checked that the client is still connected
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+    def emit(self, event: dict) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the server's loop is gone (shutting down): nobody is listening
+            self.cancelled.set()
+
+
+class Engine:
+    """Owns the models, the queue and the workers; `encode` and `submit` are its public face."""
+
+    def __init__(self, target, draft, processor, make_decoder: Callable[[], object], *, workers: int = 1,
+                 max_queue: int = 64, max_tokens: int = 512, request_timeout_s: float = 300.0, method: str = "dynamic",
+                 on_finish: Callable[[Job, dict], None] | None = None):
+        if workers < 1:
+            raise ValueError(f"--max-concurrency must be >= 1, got {workers}")
+        if max_queue < 1:
+            raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
+        self.target, self.draft, self.processor = target, draft, processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.method, self.max_tokens, self.request_timeout_s = method, max_tokens, request_timeout_s
+        self.context = _context_length(target)
+        self.max_images = 1 if is_vlm(target) else 0
+        self.eos = _eos_ids(target)
+        self.on_finish = on_finish
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.running = 0
+        self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+        self._active: set[Job] = set()  # jobs decoding now
+        self.decoders = [make_decoder() for _ in range(workers)]
+        self.threads = [threading.Thread(target=self._work, args=(d,), name=f"specllava-worker-{i}", daemon=True)
+                        for i, d in enumerate(self.decoders)]
+        for t in self.threads:
+            t.start()
+
+    # ------------------------------------------------------------------------------------------
+    def encode(self, request: ChatRequest) -> dict:
+        """The prompt's tensors (the chat template, then the processor), checked against the context."""
+        with self._encode_lock:  # a fast tokenizer may refuse concurrent calls ("Already borrowed")
+            inputs = encode_chat(self.processor, request.conversation, request.image)
+        n = int(inputs["input_ids"].shape[1])
+        if n >= self.context:
+            raise APIError(f"This model's maximum context length is {self.context} tokens, but the messages take {n}",
+                           param="messages", code="context_length_exceeded")
+        if request.max_tokens is not None and n + request.max_tokens > self.context:
+            raise APIError(f"This model's maximum context length is {self.context} tokens; you requested "
+                           f"{n + request.max_tokens} ({n} in the messages, {request.max_tokens} in the completion)",
+                           param="max_tokens", code="context_length_exceeded")
+        return inputs
+
+    def submit(self, request: ChatRequest, inputs: dict, loop: asyncio.AbstractEventLoop) -> Job:
+        room = self.context - int(inputs["input_ids"].shape[1])
+        max_new = min(request.max_tokens or self.max_tokens, room)
+        job = Job(request, inputs, max_new, loop, deadline=time.monotonic() + self.request_timeout_s)
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job
+
+    def queue_length(self) -> int:
+        return self.queue.qsize()
+
+    def close(self) -> None:
+        """Stop the workers: queued requests are dropped, running ones end at their next step."""
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled.set()
+        with self._lock:
+            for job in self._active:
+                job.cancelled.set()
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join(timeout=30)
+
+    # ------------------------------------------------------------------------------------------
+    def _work(self, decoder) -> None:
+        while (job := self.queue.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            if time.monotonic() > job.deadline:
+                job.emit({"type": "error", "error": APIError(
+                    f"the request waited its whole time limit ({self.request_timeout_s:g} s) in the queue; retry later",
+                    status=503, type="timeout", code="queue_timeout")})
+                continue
+            with self._lock:
+                self.running += 1
+                self._active.add(job)
+            try:
+                result = self._run(decoder, job)
+                event = {"type": "done", **result}
+            except Exception as err:  # noqa: BLE001  (a failed request must not stop the worker)
+                log.exception("generation failed")
+                result, event = None, {"type": "error", "error": APIError(
+                    f"generation failed: {type(err).__name__}: {err}", status=500, type="server_error")}
+            finally:
+                with self._lock:
+                    self.running -= 1
+                    self._active.discard(job)
+            # counted before the client hears of it, so what it reads next (/metrics, /health) includes it
+            if result is not None and self.on_finish is not None:
+                self.on_finish(job, result)
+            job.emit(event)
+
+    def _run(self, decoder, job: Job) -> dict:
+        req = job.request
+        tracker = _Tracker(job, self.tokenizer, self.eos, self.method)
+        try:
+            # what else the processor gave (LLaVA-NeXT's image_sizes, ...) goes on, as in generate()
+            extra = {k: v for k, v in job.inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+            decoder.generate(
+                input_ids=job.inputs["input_ids"],
+                pixel_values=job.inputs.get("pixel_values"),
+                **extra,
+                max_new_tokens=job.max_new_tokens,
+                do_sample=req.temperature > 0,
+                temperature=req.temperature if req.temperature > 0 else 1.0,
+                top_k=req.top_k,
+                top_p=req.top_p,
+                seed=req.seed,
+                streamer=tracker,
+                on_step=tracker.on_step,
+            )
+        except _Stop as stop:
+            tracker.stopped = stop.reason
+        return tracker.finish()
+
+
+class _Tracker:
+    """The decoder's streamer and on_step callback for one job (see the module docstring)."""
+
+    def __init__(self, job: Job, tokenizer, eos: set[int], method: str):
+        self.job, self.tokenizer, self.eos, self.method = job, tokenizer, eos, method
+        self.stops = job.request.stop
+        self.tokens: list[int] = []
+        self.ends: list[int] = []  # ends[i]: length of the text once token i is decoded
+        self.kinds: list[tuple[bool, int]] = []  # (from an accepted draft proposal, step) per token
+        self.text, self.sent = "", 0
+        self.cut: int | None = None  # where a stop sequence starts
+        self.seen_prompt = False
+        self.pending_accepted = 0
+        self.steps = self.accepted = self.drafted = 0
+        self.hist: list[int] = []
+        self.stopped: str | None = None
+        self.t_first: float | None = None
+
+    # the decoder calls these: on_step, then put with the step's tokens; end at the end ----------
+    def on_step(self, tree, verdict) -> None:
+        k = len(verdict.path) - 1  # accepted draft tokens this step; the step's last token is the bonus
+        self.pending_accepted = k
+        self.steps += 1
+        self.accepted += k
+        self.drafted += len(tree) - 1
+        self.hist += [0] * (k + 1 - len(self.hist))
+        self.hist[k] += 1
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:  # the prompt comes first
+            self.seen_prompt = True
+            return
+        if self.t_first is None:
+            self.t_first = time.monotonic()
+        new = [int(t) for t in value.reshape(-1).tolist()]
+        k, self.pending_accepted = self.pending_accepted, 0
+        for i, tok in enumerate(new):
+            self.tokens.append(tok)
+            self.kinds.append((i < k, self.steps))
+            self.ends.append(len(self._decode(self.tokens)))
+        self.text = self._decode(self.tokens)
+        self._emit_text(final=False)
+        if self.cut is not None:
+            raise _Stop("stop")
+        if self.job.cancelled.is_set():
+            raise _Stop("cancelled")
+        if time.monotonic() > self.job.deadline:
+            raise _Stop("time_limit")
+
+    def end(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------------------
+    def _decode(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next byte
+
+    def _safe_end(self) -> int:
+        """How much of the text can go out: up to a stop sequence, and short of any tail that may
+        still become one."""
+        if self.stops:
+            start = max(0, self.sent - max(map(len, self.stops)))
+            hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.cut = min(hits)
+                return self.cut
+            hold = max((n for s in self.stops for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+            return len(self.text) - hold
+        return len(self.text)
+
+    def _emit_text(self, final: bool) -> None:
+        if final:
+            end = self.cut if self.cut is not None else len(self.text)
+        else:
+            end = self._safe_end()
+        if end <= self.sent:
+            return
+        self.job.emit({"type": "delta", "text": self.text[self.sent:end], "pieces": self._pieces(self.sent, end),
+                       "stats": self.stats()})
+        self.sent = end
+
+    def _pieces(self, a: int, b: int) -> list[list]:
+        """[text, drafted, step] for each token's share of text[a:b] (for the page's marking)."""
+        pieces, start = [], 0
+        for end, (drafted, step) in zip(self.ends, self.kinds):
+            lo, hi = max(start, a), min(end, b)
+            if hi > lo:
+                pieces.append([self.text[lo:hi], drafted, step])
+            start = max(start, end)
+        return pieces
+
+    def stats(self) -> dict:
+        """The request's speculative statistics so far."""
+        forwards = 1 + self.steps  # the prefill, then one verification forward per step
+        decode_s = time.monotonic() - self.t_first if self.t_first is not None else 0.0
+        n = len(self.tokens)
+        return {
+            "method": self.method,
+            "completion_tokens": n,
+            "mean_accepted_length": n / forwards,
+            "draft_tokens_proposed": self.drafted,
+            "draft_tokens_accepted": self.accepted,
+            "target_forwards": forwards,
+            "steps": self.steps,
+            "accept_hist": list(self.hist),
+            "time_to_first_token_s": (self.t_first - self.job.created) if self.t_first is not None else None,
+            "tokens_per_second": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+        }
+
+    def finish(self) -> dict:
+        if self.stopped != "stop":
+            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if self.ends:  # a trailing incomplete character, held back so far, belongs to the last token
+                self.ends[-1] = max(self.ends[-1], len(self.text))
+            if self.stops and self._safe_end() == self.cut:  # a stop sequence completed by the last character
+                self.stopped = "stop"
+            self._emit_text(final=True)
+        if self.cut is not None:
+            reason = "stop"
+            self.text = self.text[: self.cut]
+        elif self.tokens and self.tokens[-1] in self.eos:
+            reason = "stop"
+        else:
+            reason = "length"  # max_tokens, the context, or the time limit (stats say which)
+        stats = self.stats()
+        stats["stopped_by"] = {"stop": "stop_sequence", "time_limit": "time_limit", "cancelled": "client_disconnected"}.get(
+            self.stopped, "eos" if reason == "stop" else "max_tokens")
+        return {"text": self.text, "finish_reason": reason, "completion_tokens": len(self.tokens), "stats": stats}
+
+
+# ----------------------------------------------------------------------------------------------
+def encode_chat(processor, conversation: list[dict], image=None) -> dict:
+    """A conversation's prompt tensors exactly as `models.hf.chat_inputs` encodes a single user
+    message: the processor's chat template with the generation prompt (a text-only model's tokenizer
+    gets each message's text as a string), then the processor (or its tokenizer for a text-only
+    prompt) without adding special tokens, after any leading special
+    token the tokenizer adds that the template did not write (`models.hf.leading_special_ids`)."""
+    from ..models.hf import leading_special_ids
+
+    if not hasattr(processor, "image_processor"):  # a text-only model's tokenizer: its template reads strings
+        conversation = [{**m, "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
+                        for m in conversation]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    tok = getattr(processor, "tokenizer", processor)
+    if image is None:
+        inputs = dict(tok(text, return_tensors="pt", add_special_tokens=False))
+    else:
+        inputs = dict(processor(images=image, text=text, return_tensors="pt", add_special_tokens=False))
+    prefix = leading_special_ids(tok, text)
+    if prefix:
+        n = inputs["input_ids"].shape[1]
+        for key, value in inputs.items():  # every per-token tensor gets the leading tokens' entries
+            if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == n:
+                lead = torch.tensor([prefix]) if key == "input_ids" else torch.full(
+                    (1, len(prefix)), 1 if key == "attention_mask" else 0)
+                inputs[key] = torch.cat([lead.to(value), value], dim=1)
+    return inputs
+
+
+def _context_length(model) -> int:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or 2048)
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}

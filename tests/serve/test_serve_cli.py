@@ -1,0 +1,111 @@
+"""`specllava serve` itself: its flags and defaults, a real process on the tiny pair, and the
+default pair behind the same code the command runs."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from serve_helpers import free_port, image_bytes, user
+
+from specllava.cli import build_parser
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def test_defaults_are_those_of_specllava_generate():
+    args = build_parser().parse_args(["serve"])
+    gen = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert (args.target, args.draft, args.method, args.draft_quant) == (gen.target, gen.draft, gen.method, gen.draft_quant)
+    assert (args.method, args.dtype, args.host, args.port, args.max_concurrency) == ("dynamic", "auto", "127.0.0.1", 8000, 1)
+    assert not args.allow_remote_images
+
+
+@pytest.mark.parametrize("flag", ["--max-concurrency=0", "--max-queue=-1", "--request-timeout=0", "--max-tokens=x",
+                                  "--port=70000", "--target=/no/such/folder"])
+def test_bad_flags_are_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", flag])
+    assert flag.split("=")[0] in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh Python process importing torch and transformers: 10-20 s here
+def test_serve_process_answers_and_says_what_it_loads(tiny_paths, tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "specllava", "serve", "--target", str(tiny_paths.target_dir), "--draft",
+           str(tiny_paths.draft_dir), "--dtype", "float32", "--port", str(port), "--threads", "1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    assert json.loads(resp.read())["status"] == "ok"
+                break
+            except OSError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="specllava", messages=user("Hi", image_bytes()), max_tokens=5)
+        assert r.usage.completion_tokens == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "specllava serve: loading target" in text and "models loaded in" in text and "ready at" in text
+
+
+@pytest.mark.slow
+def test_default_pair_serves_the_decoders_answer():
+    """The embedded default pair, built as `specllava serve` builds it (dtype auto and all): the
+    served answer is the library's, token for token, and its drafts are accepted."""
+    import threading
+
+    import uvicorn
+
+    from specllava.serve.cli import build
+    from specllava.serve.engine import encode_chat
+    from specllava.serve.protocol import Limits, parse_request
+
+    args = build_parser().parse_args(["serve", "--max-tokens", "48"])
+    app, engine = build(args)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{server.config.port}"
+        photo = (Path(SRC) / "specllava" / "assets" / "example.jpg").read_bytes()
+        messages = [{"role": "user", "content": [
+            {"type": "text", "text": "Describe this image."},
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + __import__("base64").b64encode(photo).decode()}},
+        ]}]  # fmt: skip
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="specllava", messages=messages, max_tokens=48)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in
+                           c.chat.completions.create(model="specllava", messages=messages, max_tokens=48, stream=True)
+                           if ch.choices)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.close()
+    req = parse_request({"messages": messages}, Limits())
+    inputs = encode_chat(engine.processor, req.conversation, req.image)
+    out = engine.decoders[0].generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=48)
+    expected = engine.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert r.choices[0].message.content == expected == streamed
+    assert expected.strip(), "the default pair answered nothing"
+    assert r.model_extra["specllava"]["mean_accepted_length"] > 1.5
