@@ -55,7 +55,7 @@ class Drafter:
         self.pending: list[int] = []
         if policy in ("chain", "static"):
             choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
-            self.static = _StaticPlan(choices)
+            self.static = _StaticPlan(choices, runner.device)
 
     # -- one step --------------------------------------------------------------------------
     def draft(self, root: int) -> Tree:
@@ -131,7 +131,11 @@ class Drafter:
         anc = ancestor_mask(parents)  # [n, n]
         visible = anc[frontier][:, self.fed]  # [F, fed]: fed ancestors and the node itself
         committed = self.runner.length - (self.fed.numel() - frontier.numel())
-        bias = attention_bias(visible, committed, self.runner.dtype)
+        window = {}
+        if getattr(self.runner, "window", None):  # a sliding-window draft: positions of the queries and of the fed nodes
+            window = dict(window=self.runner.window, query_pos=self.root_pos + depth[frontier],
+                          key_pos=self.root_pos + depth[self.fed])
+        bias = attention_bias(visible, committed, self.runner.dtype, **window)
         # attention_bias lays the tree block right after `committed`; here that block is all fed
         # nodes so far (older fed nodes are already cached, the frontier is being fed now).
         return self.runner.forward(tokens[frontier], self.root_pos + depth[frontier], bias)
@@ -162,7 +166,7 @@ class Drafter:
         cfg = self.cfg
         scaled = logits.float() / self.temperature if self.temperature != 1.0 else logits.float()
         logq = torch.log_softmax(scaled, dim=-1)  # [F, K]
-        gumbel = -torch.empty_like(logq).exponential_(generator=self.generator).log()
+        gumbel = _gumbel(logq, self.generator)
         keys, cols = (logq + gumbel).topk(min(cfg.max_children, logq.shape[-1]), dim=-1)  # draw order
         vals = logq.gather(-1, cols).exp()  # [F, k] q of each draw
         toks = cols if self.runner.vocab_ids is None else self.runner.vocab_ids[cols]
@@ -192,7 +196,7 @@ class Drafter:
     def _next_frontier(self, first_new: int, score, d) -> torch.Tensor:
         """Nodes to feed next: static: those with children in the plan; dynamic: the most confident."""
         if self.policy != "dynamic":
-            return self.static.frontier(d)
+            return self.static.frontier(d).to(score.device)
         new = torch.arange(first_new, score.numel(), device=score.device)
         if self.sampled:  # prune by confidence here, where only the expansion depends on it
             new = new[score[new] >= self.cfg.min_path_conf]
@@ -229,7 +233,7 @@ class Drafter:
 class _StaticPlan:
     """A static tree (chain included) as per-depth index tables over its choices."""
 
-    def __init__(self, choices: list[tuple[int, ...]]):
+    def __init__(self, choices: list[tuple[int, ...]], device: torch.device | str = "cpu"):
         index = {(): 0}
         for i, c in enumerate(choices, start=1):
             index[c] = i
@@ -240,9 +244,11 @@ class _StaticPlan:
         for d in range(1, self.max_depth + 1):
             level = [c for c in choices if len(c) == d]
             self.by_depth.append(
-                (torch.tensor([index[c[:-1]] for c in level]), torch.tensor([c[-1] for c in level]))
+                (torch.tensor([index[c[:-1]] for c in level], device=device),
+                 torch.tensor([c[-1] for c in level], device=device))
             )
-            self.frontiers.append(torch.tensor([index[c] for c in level if c in has_children], dtype=torch.long))
+            self.frontiers.append(torch.tensor([index[c] for c in level if c in has_children], dtype=torch.long,
+                                               device=device))
         self.max_rank = max(c[-1] for c in choices) + 1
 
     def expand(self, frontier, top, score, d):
@@ -256,3 +262,13 @@ class _StaticPlan:
 
     def frontier(self, d: int) -> torch.Tensor:
         return self.frontiers[d - 1]
+
+
+def _gumbel(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel noise shaped like `like` ([F, K]), drawn with `generator` on the generator's own
+    device (the decoder gives the draft a generator on the draft's device; a draft whose logits
+    land elsewhere gets noise drawn there and moved)."""
+    if generator is None or generator.device == like.device:
+        return -torch.empty_like(like).exponential_(generator=generator).log()
+    noise = torch.empty(like.shape, dtype=like.dtype, device=generator.device).exponential_(generator=generator)
+    return -noise.to(like.device).log()
