@@ -274,7 +274,8 @@ class SpeculativeDecoder:
         runner = ModelRunner(self.draft, path=self.sampled_draft_path if params.do_sample else self.draft_path)
         extra = {k: v.to(runner.device) if torch.is_tensor(v) else v for k, v in (model_inputs or {}).items()}
         if is_vlm(self.draft) and vision is not None:
-            runner.prefill(input_ids.to(runner.device), mm_encoder_outputs=draft_image_inputs(self.draft, vision), **extra)
+            image = draft_image_inputs(self.draft, vision, extra.pop("image_sizes", None))
+            runner.prefill(input_ids.to(runner.device), mm_encoder_outputs=image, **extra)
         elif is_vlm(self.draft):
             runner.prefill(input_ids.to(runner.device), pixel_values=pixel_values.to(runner.device, self.draft.dtype),
                            **extra)
