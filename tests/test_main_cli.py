@@ -23,7 +23,7 @@ def pair(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         paths = assemble_models(root / "cache", tiny_sources(), assets_dir=assets)
-        models = load_models(paths)
+        models = load_models(paths, dtype=torch.float32)
     img = root / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(img)
     return paths, models, img
@@ -38,7 +38,7 @@ def run_cli(args, capsys):
 def test_generate_json_equals_target_generate(pair, capsys):
     paths, models, img = pair
     code, out, _ = run_cli(
-        ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+        ["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
          "--prompt", "Describe this image.", "--max-new-tokens", "12", "--json"],
         capsys,
     )
@@ -55,7 +55,7 @@ def test_generate_json_equals_target_generate(pair, capsys):
 def test_generate_streams_text_to_stdout_and_stats_to_stderr(pair, capsys):
     paths, _, img = pair
     code, out, err = run_cli(
-        ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+        ["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
          "--prompt", "Hi", "--max-new-tokens", "8", "--method", "chain"],
         capsys,
     )
@@ -66,12 +66,12 @@ def test_generate_streams_text_to_stdout_and_stats_to_stderr(pair, capsys):
 
 def test_generate_clear_errors(pair, capsys):
     paths, _, img = pair
-    code, _, err = run_cli(["generate", "--target", str(paths.target_dir), "--image", "missing.png", "--prompt", "x"], capsys)
+    code, _, err = run_cli(["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--image", "missing.png", "--prompt", "x"], capsys)
     assert code == 2 and "image file not found: missing.png" in err
-    code, _, err = run_cli(["generate", "--target", str(paths.target_dir), "--image", str(img), "--prompt", "x"], capsys)
+    code, _, err = run_cli(["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--image", str(img), "--prompt", "x"], capsys)
     assert code == 2 and "--method dynamic (or use --method ar) needs --draft" in err
     with pytest.raises(SystemExit):
-        main(["generate", "--prompt", "x", "--tree-option", "node_budget"])
+        main(["generate", "--dtype", "float32", "--prompt", "x", "--tree-option", "node_budget"])
 
 
 def test_generate_budget_auto_calibrates_once_and_stays_exact(pair, capsys, tmp_path, monkeypatch):
@@ -79,7 +79,7 @@ def test_generate_budget_auto_calibrates_once_and_stays_exact(pair, capsys, tmp_
 
     monkeypatch.setattr(calibrate, "CACHE_DIR", tmp_path / "calibration")
     paths, models, img = pair
-    args = ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+    args = ["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
             "--prompt", "Describe this image.", "--max-new-tokens", "10", "--json", "--budget", "auto"]
     code, out, err = run_cli(args, capsys)
     assert code == 0 and "--budget auto: node_budget = " in err

@@ -17,6 +17,7 @@ import sys
 from .core.config import METHODS, TreeConfig
 from .core.vocab import default_draft_vocab
 from .core.quant import QUANT_CHOICES
+from .models.options import LoadOptions, add_load_args
 
 
 def _tree_option(text: str) -> tuple[str, object]:
@@ -62,7 +63,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k filter when sampling (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus filter when sampling (1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    add_load_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
@@ -92,11 +93,11 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .models.hf import load_pair, parse_dtype
+    from .models.hf import load_pair
 
     need_draft = args.method != "ar"
     target, draft, processor, _ = load_pair(
-        args.target, args.draft, parse_dtype(args.dtype), need_draft, why=f"--method {args.method} (or use --method ar)"
+        args.target, args.draft, LoadOptions.from_args(args), need_draft, why=f"--method {args.method} (or use --method ar)"
     )
     return target, draft, processor
 
@@ -154,8 +155,7 @@ def run_generate(args) -> int:
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = decoder.generate(
-        input_ids=inputs["input_ids"],
-        pixel_values=inputs.get("pixel_values"),
+        **inputs,  # input_ids, pixel_values and whatever else the processor returned (image_sizes, ...)
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else 1.0,

@@ -23,6 +23,7 @@ from ..cli import budget_arg as _budget
 from ..core.config import TreeConfig
 from ..core.vocab import default_draft_vocab
 from ..core.quant import QUANT_CHOICES
+from ..models.options import LoadOptions, add_load_args
 from .methods import ALL_METHODS
 
 
@@ -91,7 +92,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     models.add_argument("--other-draft", default=None, metavar="DIR",
                         help="a second draft model (e.g. a new train-draft run's draft/ folder) for variants with "
                         "draft=other, e.g. --variant new=dynamic:draft=other: two drafts compared in one interleaved run")
-    models.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+    add_load_args(models)
     run = p.add_argument_group("measurement")
     run.add_argument("--methods", type=_methods, default=ALL_METHODS, metavar="M1,M2",
                      help=f"comma-separated methods (default: {','.join(ALL_METHODS)})")
@@ -137,11 +138,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_models(args):
-    from ..models.hf import load_pair, parse_dtype
+    from ..models.hf import load_pair
 
     needs_draft = any(m not in ("hf", "ar") for m in args.methods)
     why = f"methods {','.join(args.methods)} (only hf and ar run without a draft)"
-    return load_pair(args.target, args.draft, parse_dtype(args.dtype), needs_draft, why=why)
+    return load_pair(args.target, args.draft, LoadOptions.from_args(args), needs_draft, why=why)
 
 
 def _prompt_sets(args) -> dict:
@@ -217,9 +218,9 @@ def run(args) -> int:
         raise ValueError("a variant has draft=eagle: pass the head with --eagle PATH")
     other = None
     if args.other_draft is not None:
-        from ..models.hf import load_model, parse_dtype
+        from ..models.hf import load_model
 
-        other = load_model(args.other_draft, parse_dtype(args.dtype))
+        other = load_model(args.other_draft, LoadOptions.from_args(args), role="draft")
         model_info["other_draft"] = str(args.other_draft)
     elif any(opts.get("draft") == "other" for _, (_, opts) in args.variant):
         raise ValueError("a variant has draft=other: pass the second draft model with --other-draft DIR")
@@ -276,7 +277,7 @@ def run(args) -> int:
         "command": " ".join(["specllava"] + sys.argv[1:]),
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "machine": machine_info(torch.get_num_threads()),
-        "models": {**model_info, "dtype": args.dtype},
+        "models": {**model_info, "dtype": str(target.dtype).removeprefix("torch."), "device": str(target.device)},
         "tree_options": tree_options,
         "draft_vocab": draft_vocabs,  # per section
         "draft_quant": args.draft_quant,
