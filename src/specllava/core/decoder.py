@@ -92,6 +92,10 @@ class SpeculativeDecoder:
         target_lean: bool = True,
         **tree_options,
     ):
+        with CHECKS.stamp_window():  # each model's weights fingerprinted once for the cached checks
+            self._build(target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options)
+
+    def _build(self, target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method != "ar" and draft is None:
@@ -219,7 +223,7 @@ class SpeculativeDecoder:
             logits = target.forward(seen_tree.tokens, positions, bias)  # [N, V], on the target's last device
             # 3. accept: the accepted path and the bonus token
             if params.do_sample:
-                drawn = _DraftQ(drafter, logits.shape[-1]) if drafter and drafter.sampled else None
+                drawn = _DraftQ(drafter, logits.shape[-1], logits.device) if drafter and drafter.sampled else None
                 verdict = verify_sampling(seen_tree, _LazyProbs(logits, params), gen, drawn)
             else:
                 verdict = verify_greedy(seen_tree.to(logits.device), logits, anc.to(logits.device))
@@ -309,8 +313,11 @@ class SpeculativeDecoder:
         quant = resolve_quant(draft_quant, self.draft.device)
         if quant is None and vocab is None:
             return None
+        # built once per draft, vocabulary and mode (int8 quantization takes seconds), then shared
+        # by every decoder on this draft, like the checks (`runner.CHECKS`)
+        key = ("draft_path", quant, lean, None if vocab is None else hash(vocab.cpu().numpy().tobytes()))
         try:
-            return DraftPath(self.draft, vocab, quant, lean=lean)
+            return CHECKS.get(self.draft, key, lambda: DraftPath(self.draft, vocab, quant, lean=lean))
         except ValueError:
             if draft_quant != "auto" or vocab is not None:
                 raise
@@ -321,7 +328,8 @@ class SpeculativeDecoder:
             return None
         size = vocab_size(self.draft)
         if isinstance(draft_vocab, int):
-            ids = draft_vocab_ids(draft_vocab, size, draft_ranking(self.draft))
+            ids = CHECKS.get(self.draft, ("vocab", draft_vocab),
+                             lambda: draft_vocab_ids(draft_vocab, size, draft_ranking(self.draft)))
         else:
             ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten().unique()
             if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= size:
@@ -398,14 +406,14 @@ class _LazyProbs:
 class _DraftQ:
     """node -> the full-vocabulary draft row its children were drawn from (sampled drafting)."""
 
-    def __init__(self, drafter: Drafter, vocab: int):
-        self.drafter, self.vocab = drafter, vocab
+    def __init__(self, drafter: Drafter, vocab: int, device: torch.device):
+        self.drafter, self.vocab, self.device = drafter, vocab, device  # device: where p lives
 
     def __contains__(self, node: int) -> bool:
         return node in self.drafter.q
 
     def __getitem__(self, node: int) -> torch.Tensor:
-        return self.drafter.full_q(node, self.vocab)
+        return self.drafter.full_q(node, self.vocab).to(self.device)
 
 
 def _cut(tokens: list[int], eos: set[int], room: int) -> tuple[list[int], bool]:

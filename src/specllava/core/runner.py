@@ -13,8 +13,10 @@ The cache itself changes only through `cache.crop` and `cache.compact`.
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 import weakref
+from contextlib import contextmanager
 
 import torch
 import transformers
@@ -101,16 +103,35 @@ def _fingerprint(model) -> tuple:
 
 
 class ModelCheckCache:
-    """Results of construction-time checks, cached per model (weakly: they go with the model) and
-    recomputed when the model's weights change (`_fingerprint`); building a decoder per request
-    then repeats no check."""
+    """Results of construction-time checks (and what they build), cached per model (weakly: they
+    go with the model) and recomputed when the model's weights change (`_fingerprint`): building a
+    decoder per request then repeats no check. A fingerprint is taken once per model per
+    `stamp_window()` (one decoder construction), since it walks every parameter."""
 
     def __init__(self):
         self._results = weakref.WeakKeyDictionary()
+        self._local = threading.local()
+
+    @contextmanager
+    def stamp_window(self):
+        """Within it, each model's fingerprint is taken once (its weights do not change meanwhile)."""
+        self._local.stamps = {}
+        try:
+            yield
+        finally:
+            self._local.stamps = None
+
+    def _stamp(self, model) -> tuple:
+        stamps = getattr(self._local, "stamps", None)
+        if stamps is None:
+            return _fingerprint(model)
+        if id(model) not in stamps:
+            stamps[id(model)] = _fingerprint(model)
+        return stamps[id(model)]
 
     def get(self, model, key, compute, *others):
         per_model = self._results.setdefault(model, {})
-        stamp = (_fingerprint(model), *(id(o) for o in others), *(_fingerprint(o) for o in others))
+        stamp = (self._stamp(model), *(id(o) for o in others), *(self._stamp(o) for o in others))
         hit = per_model.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
@@ -152,7 +173,8 @@ class DraftPath:
         rows = rows.detach()
         if quant not in (None, "int8"):
             raise ValueError(f"unknown quant {quant!r}")
-        self.lean = LeanDecoder.build(model, quant) if lean else None
+        # one lean decoder per draft and quant, whatever the head's vocabulary (`CHECKS` caches it)
+        self.lean = CHECKS.get(model, ("lean", quant), lambda: LeanDecoder.build(model, quant)) if lean else None
         if quant == "int8":
             from .quant import Int8Linear, int8_decoder
 
@@ -184,9 +206,7 @@ class TargetPath:
         from transformers' on this model (a transformers version whose Llama forward changed):
         `matches_transformers` runs once per model (cached until its weights change), and a
         mismatch warns and keeps transformers' forward."""
-        if cls.unsupported(model) is not None:
-            return None
-        return CHECKS.get(model, "target_path", lambda: cls._checked(model))
+        return CHECKS.get(model, "target_path", lambda: None if cls.unsupported(model) else cls._checked(model))
 
     @classmethod
     def _checked(cls, model) -> TargetPath | None:
