@@ -81,7 +81,7 @@ class Drafter:
             if d == self._max_depth() or (self.sampled and score.numel() - 1 >= self.node_budget):
                 break
             frontier = self._next_frontier(first_new, score, d)
-            if frontier.numel() == 0 or self._cannot_improve(score, frontier) or self._not_worth_feeding(score, frontier):
+            if frontier.numel() == 0 or self._should_stop(score, frontier):
                 break
             logits = self._feed_frontier(frontier, tokens, parents, depth)
         tree = Tree(tokens, parents, depth, score)
@@ -89,7 +89,10 @@ class Drafter:
 
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the accepted fed nodes in the draft cache; the other emitted tokens become pending."""
-        fed_rank = {int(n): i for i, n in enumerate(self.fed.tolist())}
+        n_fed = self.fed.numel()
+        read = torch.cat([self.fed, tree.tokens.to(self.fed.device)]).tolist()  # one host sync
+        fed_rank = {int(n): i for i, n in enumerate(read[:n_fed])}
+        tokens = read[n_fed:]
         keep = []
         for node in path[1:]:
             if node not in fed_rank:
@@ -99,7 +102,7 @@ class Drafter:
         compact(self.runner.cache, start, torch.tensor(keep, dtype=torch.long))
         # Accepted but never fed (e.g. leaves) must still reach the draft cache; the bonus is
         # added by the next draft() call as its root.
-        self.pending = [int(t) for t in tree.tokens[path[1 + len(keep):]].tolist()]
+        self.pending = [int(tokens[i]) for i in path[1 + len(keep):]]
 
     # -- draft-model calls -----------------------------------------------------------------
     def _top(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +158,8 @@ class Drafter:
         mass_before = vals.cumsum(-1) - vals  # probability of the better siblings
         sc = score[frontier][:, None] * vals  # [F, k]
         keep = (mass_before < cfg.child_mass) & (sc >= cfg.min_path_conf)
-        par = frontier[:, None].expand_as(toks)
-        return par[keep], toks[keep], sc[keep]
+        rows, cols = keep.nonzero(as_tuple=True)  # one host sync (the count); row-major as keep's mask order
+        return frontier[rows], toks[rows, cols], sc[rows, cols]
 
     def _expand_sampled(self, frontier, logits, score):
         """Sampled mode: up to `max_children` draws from q without replacement per frontier node
@@ -205,20 +208,23 @@ class Drafter:
             new = new[top]
         return new
 
-    def _cannot_improve(self, score, frontier) -> bool:
-        """Dynamic only: stop once no descendant of the frontier can enter the final tree."""
-        budget = self.node_budget
-        if self.policy != "dynamic" or self.sampled or score.numel() - 1 <= budget:
-            return False
-        kth = score[1:].topk(budget).values[-1]
-        return bool(score[frontier].max() <= kth)
+    def _should_stop(self, score, frontier) -> bool:
+        """Dynamic only; both rules read back in one host sync.
 
-    def _not_worth_feeding(self, score, frontier) -> bool:
-        """Dynamic only: another draft forward adds children whose path confidences sum to at
-        most the frontier's; for a calibrated draft that sum is the expected number of extra
-        accepted tokens. Below `min_feed_mass` the forward costs more than it can return."""
-        floor = self.cfg.min_feed_mass
-        return self.policy == "dynamic" and floor > 0 and float(score[frontier].sum()) < floor
+        Cannot improve: no descendant of the frontier can enter the final tree (its best path
+        confidence is at most the budget's last one). Not worth feeding: another draft forward
+        adds children whose path confidences sum to at most the frontier's; for a calibrated draft
+        that sum is the expected number of extra accepted tokens, and below `min_feed_mass` the
+        forward costs more than it can return."""
+        if self.policy != "dynamic":
+            return False
+        flags = []
+        budget = self.node_budget
+        if not self.sampled and score.numel() - 1 > budget:
+            flags.append(score[frontier].max() <= score[1:].topk(budget).values[-1])
+        if self.cfg.min_feed_mass > 0:
+            flags.append(score[frontier].sum() < self.cfg.min_feed_mass)
+        return bool(torch.stack(flags).any()) if flags else False
 
     def _finalize(self, tree: Tree) -> Tree:
         if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= self.node_budget:

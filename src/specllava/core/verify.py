@@ -26,9 +26,12 @@ from .tree import Tree
 class Verdict:
     path: list[int]  # accepted node indices, root first (the root is always on it)
     bonus: int  # bonus token id
+    tokens: list[int] | None = None  # the path's tokens, root first, when the rule read them already
 
     def emitted(self, tree: Tree) -> list[int]:
         """Tokens this step emits: the accepted draft tokens, then the bonus token."""
+        if self.tokens is not None:
+            return self.tokens[1:] + [self.bonus]
         return [int(t) for t in tree.tokens[self.path[1:]].tolist()] + [self.bonus]
 
 
@@ -48,10 +51,11 @@ def verify_greedy(tree: Tree, logits: torch.Tensor, anc: torch.Tensor) -> Verdic
     accepted = ~(anc & ~match[None, :]).any(dim=1)  # [N]: every node on the root path matches
     depth = torch.where(accepted, tree.depth, -1)
     last = depth.argmax()
-    # the one read-back of a greedy step: the bonus token, then the accepted path's membership
-    row = torch.cat([argmax[last].view(1), anc[last].long()]).tolist()
-    path = [i for i, on in enumerate(row[1:]) if on]  # ancestors in index order = root first
-    return Verdict(path=path, bonus=int(row[0]))
+    # the one read-back of a greedy step: the bonus token, the accepted path's membership, the tokens
+    n = tree.tokens.shape[0]
+    row = torch.cat([argmax[last].view(1), anc[last].long(), tree.tokens]).tolist()
+    path = [i for i, on in enumerate(row[1 : 1 + n]) if on]  # ancestors in index order = root first
+    return Verdict(path=path, bonus=int(row[0]), tokens=[row[1 + n + i] for i in path])
 
 
 def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | None, q=None) -> Verdict:
@@ -106,7 +110,7 @@ def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | No
             else:
                 residual[tok] = 0.0
         if not moved:
-            return Verdict(path=path, bonus=draw(residual, generator))
+            return Verdict(path=path, bonus=draw(residual, generator), tokens=[tokens[i] for i in path])
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
