@@ -238,7 +238,9 @@ def run(args) -> int:
         if args.calibration_prompts < 1:
             raise ValueError(f"--calibration-prompts must be >= 1, got {args.calibration_prompts}")
         first = next(iter(sets.values()))[: args.calibration_prompts]
-        inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
+        from ..core.runner import input_device
+
+        inputs = [prepare_inputs(processor, p, target.dtype, input_device(target)) for p in first]
         t = time.perf_counter()
         vocab = args.draft_vocab or default_draft_vocab(draft, 0)  # calibrated at T=0
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
