@@ -2,7 +2,7 @@
 or the `hf` outputs (plain `generate()`) of a `specllava bench` run's `results.json`.
 
     .venv/bin/python tools/answer_stats.py runs/draft3/answers.jsonl runs/draft4/answers.jsonl
-    .venv/bin/python tools/answer_stats.py runs/bench/s4-headline/results.json --vocab 4096 8192 16384
+    .venv/bin/python tools/answer_stats.py runs/bench/default/results.json --vocab 4096 8192 16384
 
 An answer *loops* when one word 4-gram occurs at least 4 times in it ("a stylized representation
 of a stylized representation of ..."). Looping text is easy to draft, so the share of looping

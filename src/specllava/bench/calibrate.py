@@ -12,9 +12,9 @@ the target's forward over k tree tokens (root included) on a cached prefix,
 and t_rest is the rest of a step (drafting and loop overhead; acceptance and cache compaction are
 counted with verification and are a fraction of a millisecond), taken as independent of B (the
 draft's work depends on max_depth and frontier, not on the budget). The chosen budget maximises
-tau(B) / t_step(B), t_step averaged over the recorded steps. (Until the sixth session the cost was
-t_verify(B + 1), as if every tree filled its budget; that overcharged large budgets and made
-`--budget auto` choose too small a tree, docs/benchmarks.md.)
+tau(B) / t_step(B), t_step averaged over the recorded steps. (Charging t_verify(B + 1), as if
+every tree filled its budget, would overcharge large budgets, which trees seldom fill, and choose
+too small a tree.)
 
 - t_verify comes from `verify_cost_curve`: timed target forwards of 1, 2, 4, ..., 96 tree tokens on
   a cached prefix of realistic length, on this machine. It depends on the architecture, dtype, CPU

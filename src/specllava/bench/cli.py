@@ -117,8 +117,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "with torch's quantized kernels; lossless: only what is proposed changes)")
     run.add_argument("--recalibrate", action="store_true", help="with --budget auto: ignore the calibration cache")
     run.add_argument("--calibration-prompts", type=int, default=6, metavar="N",
-                     help="with --budget auto: profile acceptance on the first N prompts of the first set (default: 6; "
-                     "2 proved too small a profile, docs/benchmarks.md)")
+                     help="with --budget auto: profile acceptance on the first N prompts of the first set (default: 6)")
     run.add_argument(
         "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
         help=f"a TreeConfig field for chain/static/dynamic, repeatable; fields: {', '.join(TreeConfig.__dataclass_fields__)}",

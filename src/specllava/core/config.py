@@ -32,9 +32,8 @@ class TreeConfig:
       node_budget    most draft nodes verified per step (root excluded); the final tree is the
                      `node_budget` nodes of highest path confidence (an ancestor-closed set).
                      None (default): 32 at T=0 and 8 when sampling, where each node is accepted
-                     less often so a smaller tree pays (docs/benchmarks.md, fourth session: 8
-                     against 32 at T=1 measured 1.32x against 1.22x, 1.47x against 1.32x and
-                     1.53x against 1.36x in three runs). An int applies to both.
+                     less often so a smaller tree pays (docs/benchmarks.md, "Why these
+                     defaults"). An int applies to both.
       max_children   cap on the children of one node.
       child_mass     a node gets children in order of draft probability until their cumulative
                      probability reaches this mass: a sure draft gives one child, an unsure one
@@ -46,9 +45,9 @@ class TreeConfig:
                      this: the next depth's children can add at most that many expected accepted
                      tokens, while the draft forward that makes them costs the same regardless.
                      0 = always grow to max_depth (or until nothing can enter the budget).
-                     Default 0.3: with the default pair on a 2-core CPU, where a draft forward
-                     costs about a seventh of the target's, it cut draft forwards per step from
-                     3.8 to about 2 at equal acceptance (docs/benchmarks.md, "min_feed_mass").
+                     Default 0.3: it saves draft forwards that are unlikely to be accepted,
+                     which pays when a draft forward costs a noticeable share of the target's
+                     (docs/benchmarks.md, "Why these defaults").
       score_temperature  at T=0, path confidences are products of softmax(draft logits /
                      score_temperature). A draft distilled on the target's full distribution
                      copies its flatness: its top guess is the target's argmax far more often

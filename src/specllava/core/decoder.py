@@ -64,12 +64,12 @@ class SpeculativeDecoder:
             the full vocabulary for a draft without one. Lossless either way: it only changes what
             is proposed.
     draft_quant: "auto" (default) runs the draft's decode steps with int8 linears when the draft
-            is on a CPU that has torch's quantized kernels (2.4x faster for the shipped draft here), "int8"
+            is on a CPU that has torch's quantized kernels (docs/benchmarks.md), "int8"
             insists on it, "none" keeps the draft as given. Lossless either way, like draft_vocab:
             the draft's numerics change only what is proposed, never what is emitted.
     draft_lean: with a reduced vocabulary or int8, run a Llama-style draft's decode steps on
-            `core.lean`'s lean path (default; drafting took 12.0 instead of 16.0 ms a step with the
-            shipped draft on this CPU, docs/benchmarks.md) rather than through transformers'
+            `core.lean`'s lean path (default: a small draft's step is mostly transformers'
+            per-forward overhead, docs/benchmarks.md) rather than through transformers'
             decoder. Lossless too.
     target_lean: run the target's decode steps on `core.lean`'s exact path (default): the same
             operations as transformers' forward, so the same logits bit for bit (tested), minus
@@ -381,9 +381,8 @@ class SpeculativeDecoder:
 
 def _mix_seed(seed: int) -> int:
     """SplitMix64 of the seed. torch's CPU generator seeded with consecutive integers (seed=0, 1,
-    2, ... as users and benchmarks do) gives measurably biased first draws: on a fixed 4-token
-    distribution, 20k runs of torch.multinomial seeded 50000+i were 3.2 sigma off. Mixing the
-    seed first removes that (measured: within 1.2 sigma)."""
+    2, ... as users and benchmarks do) gives measurably biased first draws; mixing the seed first
+    removes that (`tools/seed_bias.py`, docs/algorithms.md)."""
     x = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF

@@ -4,9 +4,9 @@ Two modes. The draft's (default) takes shortcuts that change its numerics slight
 (`exact=True`) takes none and computes the very numbers transformers' forward computes.
 
 A small draft's decode step on a CPU is mostly Python around small matrix products (masks,
-rotary tables, cache updates, output objects): one forward of the shipped 3-layer draft (int8,
-2048-token head, bf16 model, 2 threads) took 4.4 ms through transformers' decoder and 1.3 ms here
-(`tools/profile_decode.py --threads 2 --dtype bfloat16 --draft-vocab 2048`). Only the draft runs here, and what the
+rotary tables, cache updates, output objects), so a few fused tensor ops per layer cost a
+fraction of transformers' decoder (`tools/profile_decode.py` measures both; docs/benchmarks.md).
+Only the draft runs here, and what the
 target emits never depends on the draft's numerics (the draft only proposes; verification
 decides), so the draft may take a shorter road to nearly the same numbers:
 

@@ -5,9 +5,8 @@ draft only proposes; verification decides), so this changes speed and, slightly,
 the output.
 
 Why: on a CPU a small draft's forward is a handful of matrix-vector products, and bf16 ones are
-slow without AMX. Measured here (2-core AMD EPYC, avx512_bf16, no AMX; 1 thread; the shipped
-3-layer draft with an 8192-row head; one token on a cached prompt): 6.4 ms in bf16, 2.7 ms with
-the linears in int8 (`tools/profile_decode.py --threads 1`, docs/benchmarks.md).
+slow without AMX, while int8 ones run on fbgemm's kernels (`tools/profile_decode.py` measures both;
+docs/benchmarks.md).
 
 `Int8Linear` holds a per-output-channel symmetric int8 copy of a Linear's weight, prepacked once;
 its forward quantizes each input row on the fly (`quantized::linear_dynamic`), multiplies in int8

@@ -2,8 +2,8 @@
 
 On a CPU a small draft's LM head is a large part of its forward, so the draft proposes from K
 token ids only (lossless: the target still verifies every token, the draft just never proposes the
-others). Which K matters: a target answers with a few thousand distinct tokens, and the 8192
-lowest ids of the default pair's BPE vocabulary miss 12 % of them.
+others). Which K matters: a target answers with a few thousand distinct tokens, and even
+several thousand lowest ids of a BPE vocabulary miss a good share of them (docs/training.md).
 
 A draft may carry a *token ranking*: `config.token_ranking`, the ids its training answers used,
 most frequent first (`train-draft` writes it; the default pair ships one). `draft_vocab_ids(K, ...)`
@@ -41,13 +41,10 @@ def default_draft_vocab(draft, temperature: float) -> int | None:
     rounded up to a power of two at temperature 0 and twice that when sampling (capped at the
     vocabulary); None (the full vocabulary) for a draft without one.
 
-    Tuned on the default pair (docs/benchmarks.md, fifth session), whose ranking holds 1564 ids:
-    K=2048 (the ranking and the 484 lowest other ids) ran 2.48x and 2.63x hf in-domain at T=0 in
-    two interleaved runs, against 2.20x and 2.35x for 32768, with a higher mean accepted length
-    (3.88 against 3.67): the draft no longer spends its confidence on tokens the target does not
-    write. Sampled text is more varied (the ranked 2048 miss 16.5 % of the target's sampled tokens,
-    4096 12.7 %), and 4096 ran faster than 2048 in both T=1 runs (1.57x against 1.26x in-domain,
-    1.46x against 1.36x on photos).
+    Why: a head over the ranked ids is small (cheap) and holds nearly every token the target
+    writes greedily, and renormalised over those tokens the draft does not spend its confidence
+    on tokens the target does not write. Sampled text is more varied, so sampled requests get
+    twice as many ids. Tuned on the default pair (docs/benchmarks.md, "Why these defaults").
     """
     ranking = draft_ranking(draft) if draft is not None else None
     if not ranking:

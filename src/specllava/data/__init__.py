@@ -1,4 +1,4 @@
-"""Offline image-text instruction data for the default target and draft (issue 3).
+"""Offline image-text instruction data for the default target and draft.
 
 No model hub or dataset hub is reachable here, so the data come from package registries:
 

@@ -58,9 +58,9 @@ class TargetTrainConfig:
         short captions and the many easy-vqa records in a CPU-sized budget; -1 = no cap.
     steps / batch_size / lr / warmup: AdamW with linear warm-up then cosine decay to 10%.
     lora_rank: 0 = projector only; r > 0 adds rank-r LoRA on the LM's attention and MLP projections.
-    bf16: keep the frozen LM (and head) in bf16, so its matmuls use AMX; the trained tensors stay
-        fp32. Measured faster here than fp32 or fp32 under autocast (docs/training.md).
-    threads: torch threads; 1 measured faster than 2 here while other jobs share the 2 cores.
+    bf16: keep the frozen LM (and head) in bf16, so its matmuls use the CPU's bf16 units (AMX,
+        avx512_bf16) rather than fp32 ones; the trained tensors stay fp32.
+    threads: torch threads; while other jobs share the cores, 1 can be faster than 2 (docs/training.md).
     max_minutes: wall-clock budget; training stops (saving a checkpoint) when it runs out.
     eval_examples: held-out examples (from ``eval_data``) whose loss is logged every ``eval_every``.
     """
