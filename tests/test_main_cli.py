@@ -66,8 +66,9 @@ def test_generate_streams_text_to_stdout_and_stats_to_stderr(pair, capsys):
 
 def test_generate_clear_errors(pair, capsys):
     paths, _, img = pair
-    code, _, err = run_cli(["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--image", "missing.png", "--prompt", "x"], capsys)
-    assert code == 2 and "image file not found: missing.png" in err
+    with pytest.raises(SystemExit) as exc:  # refused while parsing the arguments, before any loading
+        main(["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--image", "missing.png", "--prompt", "x"])
+    assert exc.value.code == 2 and "image file not found: missing.png" in capsys.readouterr().err
     code, _, err = run_cli(["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--image", str(img), "--prompt", "x"], capsys)
     assert code == 2 and "--method dynamic (or use --method ar) needs --draft" in err
     with pytest.raises(SystemExit):

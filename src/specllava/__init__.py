@@ -7,8 +7,6 @@
     out.sequences, out.stats
 """
 
-from .core import METHODS, SpecOutput, SpeculativeDecoder, TreeConfig
-
 __all__ = ["METHODS", "SpecOutput", "SpeculativeDecoder", "TreeConfig", "load_default_models"]
 __version__ = "0.1.0"
 
@@ -22,3 +20,13 @@ def load_default_models(cache_dir=None, dtype=None):
     from .models import load_default_models as _load
 
     return _load(cache_dir=cache_dir, dtype=dtype or torch.float32)
+
+
+def __getattr__(name: str):
+    """The decoder's names, imported on first use: `import specllava` (and the CLI's --help) stays
+    free of torch and transformers until the decoder is needed."""
+    if name in ("METHODS", "SpecOutput", "SpeculativeDecoder", "TreeConfig"):
+        from . import core
+
+        return getattr(core, name)
+    raise AttributeError(f"module 'specllava' has no attribute {name!r}")

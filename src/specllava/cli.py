@@ -6,6 +6,10 @@
 
 Text streams to stdout as it is accepted and the stats go to stderr; `--json` prints one JSON
 object (`text`, `stats`, ...) instead.
+
+Every command checks its arguments while parsing them (`cli_args`), before anything loads. Exit
+status: 0 done, 2 bad arguments or input, 1 a failure while running, 130 interrupted; errors are
+one line, and `--debug` anywhere shows the traceback instead (docs/inputs.md).
 """
 
 from __future__ import annotations
@@ -14,34 +18,26 @@ import argparse
 import json
 import sys
 
-from .core.config import METHODS, TreeConfig
-from .core.vocab import default_draft_vocab
-from .core.quant import QUANT_CHOICES
-from .models.options import LoadOptions, add_load_args
+from . import cli_args
+from .cli_args import budget as budget_arg  # noqa: F401  (a name other modules import from here)
+
+METHODS = ("ar", "chain", "static", "dynamic")  # core.config.METHODS, without importing torch for --help
+QUANT_CHOICES = ("auto", "int8", "none")  # core.quant.QUANT_CHOICES, likewise
+TREE_FIELDS = ("max_depth", "node_budget", "max_children", "child_mass", "min_path_conf", "frontier",
+               "min_feed_mass", "score_temperature", "chain_length", "choices")  # TreeConfig's, likewise
 
 
 def _tree_option(text: str) -> tuple[str, object]:
+    """`name=value` with a JSON value (or else the plain string), unchecked: for tools/ scripts whose
+    options mix tree fields with other decoder options. The commands use `cli_args.tree_option`."""
     key, sep, value = text.partition("=")
     if not sep:
-        raise argparse.ArgumentTypeError(f"tree option {text!r} must look like name=value, e.g. node_budget=48")
+        raise argparse.ArgumentTypeError(f"option {text!r} must look like name=value, e.g. node_budget=48")
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
     return key.strip(), parsed
-
-
-def budget_arg(text: str):
-    """`--budget auto|N`: the dynamic tree's node_budget, or 'auto' to calibrate it."""
-    if text == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--budget must be 'auto' or a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--budget must be >= 1, got {value}")
-    return value
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,25 +48,28 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "(greedy at --temperature 0, the target's distribution otherwise). Without --target/--draft the "
         "embedded default pair is assembled (first use) and used.",
     )
-    p.add_argument("--target", help="target model directory or hub id (default: the embedded default target)")
-    p.add_argument("--draft", help="draft model directory or hub id (default: the embedded default draft); or an "
-                   "EAGLE head (train-eagle's eagle_head.safetensors or its folder), which also works with the default target")
-    p.add_argument("--image", help="image file (omit for a text-only prompt)")
-    p.add_argument("--prompt", required=True, help="user message; goes through the processor's chat template")
+    p.add_argument("--target", type=cli_args.model_source, help="target model directory or hub id (default: the embedded default target)")
+    p.add_argument("--draft", type=cli_args.draft_source, help="draft model directory or hub id (default: the embedded "
+                   "default draft; given alone, it drafts for the default target); or an EAGLE head (train-eagle's "
+                   "eagle_head.safetensors or its folder)")
+    p.add_argument("--image", type=cli_args.image_file, help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", type=cli_args.prompt_text, required=True, help="user message; goes through the processor's chat template")
     p.add_argument("--method", choices=METHODS, default="dynamic", help="decoding method (default: dynamic)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="top-k filter when sampling (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus filter when sampling (1.0 = off)")
+    p.add_argument("--max-new-tokens", type=cli_args.positive_int, default=128, help="most tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=cli_args.non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=cli_args.non_negative_int, default=0, help="top-k filter when sampling (0 = off)")
+    p.add_argument("--top-p", type=cli_args.probability, default=1.0, help="nucleus filter when sampling (1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    from .models.options import add_load_args  # imports torch: the parser is built only when a command runs
+
     add_load_args(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
-        "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
-        help=f"a TreeConfig field, repeatable (e.g. node_budget=48); fields: {', '.join(TreeConfig.__dataclass_fields__)}",
+        "--tree-option", type=cli_args.tree_option, action="append", default=[], metavar="NAME=VALUE",
+        help=f"a TreeConfig field, repeatable (e.g. node_budget=48); fields: {', '.join(TREE_FIELDS)}",
     )
     p.add_argument(
-        "--draft-vocab", type=int, default=None, metavar="K",
+        "--draft-vocab", type=cli_args.positive_int, default=None, metavar="K",
         help="let the draft propose only K token ids: its token ranking (the ids of its training answers, most "
         "frequent first) if it has one, then the lowest ids (a much cheaper draft head; lossless). "
         "Default: for a draft with a token ranking (the default draft, any train-draft output) the ranking's "
@@ -83,7 +82,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "kernels, where it about halves the draft's cost; int8; none. Lossless: it changes only what is proposed",
     )
     p.add_argument(
-        "--budget", type=budget_arg, default=None, metavar="auto|N",
+        "--budget", type=cli_args.budget, default=None, metavar="auto|N",
         help="dynamic tree node budget: N, or 'auto' = the budget that maximises expected speed on this "
         "machine (first run: times the target's verification cost and profiles acceptance on this prompt, "
         "about a minute; then read from ~/.cache/specllava/calibration). Overrides --tree-option node_budget",
@@ -94,6 +93,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 def _load(args):
     from .models.hf import load_pair
+    from .models.options import LoadOptions
 
     need_draft = args.method != "ar"
     target, draft, processor, _ = load_pair(
@@ -103,22 +103,30 @@ def _load(args):
 
 
 def _open_image(path: str | None):
+    """The --image file (already checked by cli_args.image_file) as RGB."""
     if path is None:
         return None
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        return Image.open(path).convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"image file not found: {path}") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"not an image file PIL can read: {path}") from None
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def check_generate_args(args) -> None:
+    """Checks that involve several arguments, before anything loads (ValueError: exit 2)."""
+    if args.budget == "auto" and args.method != "dynamic":
+        raise ValueError(f"--budget auto calibrates the dynamic tree; --method {args.method} has no node budget to choose")
+    from .core.config import TreeConfig
+
+    TreeConfig.from_options(**dict(args.tree_option))  # the options together (each is checked alone at parse time)
 
 
 def run_generate(args) -> int:
+    check_generate_args(args)
     import torch
 
-    from . import SpeculativeDecoder
+    from .core.decoder import SpeculativeDecoder
+    from .core.vocab import default_draft_vocab
     from .models.hf import chat_inputs
 
     if args.threads:
@@ -131,7 +139,6 @@ def run_generate(args) -> int:
     if draft_vocab is None:
         draft_vocab = default_draft_vocab(draft, args.temperature)
     tree_options = dict(args.tree_option)
-    TreeConfig.from_options(**tree_options)  # fail on a bad option before any calibration
     if args.budget == "auto" and args.method == "dynamic":
         import time
 
@@ -142,9 +149,7 @@ def run_generate(args) -> int:
         tree_options["node_budget"], _ = auto_node_budget(target, draft, [inp], tree_options, draft_vocab=draft_vocab,
                                                           draft_quant=args.draft_quant)
         print(f"--budget auto: node_budget = {tree_options['node_budget']} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
-    elif args.budget == "auto":
-        raise ValueError(f"--budget auto calibrates the dynamic tree; --method {args.method} has no node budget to choose")
-    elif args.budget is not None:
+    elif args.budget is not None and args.budget != "auto":
         tree_options["node_budget"] = args.budget
     decoder = SpeculativeDecoder(target, draft, method=args.method, draft_vocab=draft_vocab,
                                  draft_quant=args.draft_quant, **tree_options)
@@ -154,16 +159,21 @@ def run_generate(args) -> int:
         from transformers import TextStreamer
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = decoder.generate(
-        **inputs,  # input_ids, pixel_values and whatever else the processor returned (image_sizes, ...)
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        streamer=streamer,
-    )
+    try:
+        out = decoder.generate(
+            **inputs,  # input_ids, pixel_values and whatever else the processor returned (image_sizes, ...)
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else 1.0,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            streamer=streamer,
+        )
+    except KeyboardInterrupt:
+        if streamer is not None:  # print the text accepted so far that the streamer still holds
+            streamer.end()
+        raise
     new = out.sequences[0, inputs["input_ids"].shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True)
     stats = out.stats
@@ -180,14 +190,53 @@ def run_generate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="specllava", description="Lossless speculative decoding with a dynamic token tree for LLaVA-family VLMs."
+# command -> (module that defines it, its one-line help). The top-level parser lists every command
+# from this table and imports only the module of the command being run, so `specllava --help` and
+# `specllava generate --help` do not import torch or transformers (tests check the help lines
+# against the modules' own).
+COMMANDS = {
+    "generate": ("specllava.cli", "generate text for an image with speculative decoding"),
+    "assemble": ("specllava.models.cli", "assemble the default target/draft VLM pair into the local cache"),
+    "build-data": ("specllava.data.cli", "build the offline image-text training data (LLaVA JSON format)"),
+    "train-target": ("specllava.training.cli", "train the default target's projector (and optional LoRA) on LLaVA JSON"),
+    "eval-target": ("specllava.training.cli", "does a trained target look at the image? (real vs blank image)"),
+    "ship-default": ("specllava.training.cli", "copy trained default weights into the package assets and reassemble"),
+    "train-draft": ("specllava.training.cli", "distil a draft VLM for any Hugging Face LLaVA target"),
+    "train-eagle": ("specllava.training.cli", "train an EAGLE-style draft head that reads the target's hidden states"),
+    "bench": ("specllava.bench.cli", "benchmark hf / hf-assisted / specllava methods side by side"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `specllava` parser. command=None: every command's full parser (imports every module);
+    a command name: that command's module only, the others as placeholders (their help line);
+    "": placeholders only (the top-level help)."""
+    import importlib
+
+    parser = OneLineParser(
+        prog="specllava", description="Lossless speculative decoding with a dynamic token tree for LLaVA-family VLMs.",
+        epilog="Exit status: 0 done, 2 bad arguments or input, 1 a failure while running, 130 interrupted. "
+        "Errors are one line; add --debug anywhere to see the traceback instead.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    handlers = {"generate": run_generate}
-    add_generate_parser(sub)
-    for module in _subcommand_modules():
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    handlers = {}
+    wanted = {m for name, (m, _) in COMMANDS.items() if command is None or name == command}
+    for name, (module_name, help_line) in COMMANDS.items():
+        if module_name not in wanted:
+            sub.add_parser(name, help=help_line, add_help=False)
+    if "specllava.cli" in wanted:
+        add_generate_parser(sub)
+        handlers["generate"] = run_generate
+    for module_name in sorted(wanted - {"specllava.cli"}):
+        module = importlib.import_module(module_name)
         before = set(sub.choices)
         module.add_parser(sub)
         for name in set(sub.choices) - before:
@@ -196,28 +245,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _subcommand_modules():
-    """Subcommands owned by other parts of the package (each module: add_parser + run)."""
-    import importlib
-
-    names = ["specllava.models.cli", "specllava.data.cli", "specllava.training.cli", "specllava.bench.cli"]
-    for name in names:
-        try:
-            yield importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is None or not name.startswith(err.name):  # a missing dependency inside it
-                raise
+def _command_in(argv: list[str]) -> str | None:
+    """The command named in argv (the first word that is one), or None."""
+    return next((a for a in argv if a in COMMANDS), None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command. Exit status: 0 done; 2 bad arguments or input (one line, nothing loaded when
+    the arguments alone show it); 1 a failure while running (one line); 130 interrupted (Ctrl-C).
+    --debug (anywhere) shows the traceback instead of the one line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser(_command_in(argv) or "")  # "": no command named, no module imported
     args = parser.parse_args(argv)
+    return run_guarded(f"specllava {args.command}", lambda: args._handlers[args.command](args), debug)
+
+
+def run_guarded(prog: str, work, debug: bool = False) -> int:
+    """Run `work()` and turn what it raises into one line on stderr and an exit status (see main)."""
+    import warnings
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+
     try:
-        result = args._handlers[args.command](args)
-    except ValueError as err:
-        print(f"specllava {args.command}: error: {err}", file=sys.stderr)
+        with warnings.catch_warnings():
+            if not debug:  # one line per warning, without the source line that raised it
+                warnings.showwarning = one_line
+            result = work()
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        if debug:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001  (any failure becomes one line; --debug shows it all)
+        if debug:
+            raise
+        print(f"{prog}: error: {_describe(err)}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
+
+
+def _describe(err: Exception) -> str:
+    """An exception as one line: its message, named by its type when the message alone is unclear."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename}"
+    elif not isinstance(err, (RuntimeError, OSError)):
+        text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specllava.bench.report import head_to_head_table, main, median_interval, summarize
+from specllava.bench.report import head_to_head_table, main, markdown_table, median_interval, summarize
 
 
 def _record(method: str, prompt: str, decode_s: float) -> dict:
@@ -79,3 +79,43 @@ def test_versus_adds_a_head_to_head_for_another_method(tmp_path, capsys):
     main([str(path), "--versus", "chain"])
     out = capsys.readouterr().out
     assert "| chain against |" in out and "| dynamic | 0.83 [" in out  # dynamic's time / chain's = 1 / 1.2
+
+
+def _inside(fig) -> list[str]:
+    """The figure-level texts and legends (and axes titles) that stick out of the saved figure."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    artists = [*fig.legends, *fig.texts, *(a for ax in fig.axes for a in (ax.title, ax.get_legend()) if a is not None)]
+    out = []
+    for a in artists:
+        if not a.get_visible() or (hasattr(a, "get_text") and not a.get_text()):
+            continue
+        e = a.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.x1 > box.x1 + 1 or e.y0 < box.y0 - 1 or e.y1 > box.y1 + 1:
+            out.append(str(a))
+    return out
+
+
+@pytest.mark.parametrize("prompts", [2, 5])
+def test_one_section_plots_fit_and_say_when_n_is_too_small(tmp_path, monkeypatch, prompts):
+    """A one-section run (the narrowest figures): nothing cut off; with 2 prompts no 95% interval is drawn."""
+    from specllava.bench import report
+
+    kept = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: kept.append((path.name, fig)) or path)
+    summary = summarize(_result([1.2, 1.1, 1.3, 0.9, 1.2][:prompts]))
+    report.plot_all({"in-domain T=0": summary}, tmp_path)
+    figs = dict(kept)
+    assert set(figs) == {"bench_speedup.png", "bench_acceptance.png", "bench_time.png", "bench_head_to_head.png"}
+    for name, fig in figs.items():
+        assert _inside(fig) == [], name
+    texts = [ax.get_xlabel() for ax in figs["bench_speedup.png"].axes]
+    h2h = [t.get_text() for ax in figs["bench_head_to_head.png"].axes for t in ax.texts]
+    table = markdown_table(summary) + head_to_head_table(summary)
+    if prompts < 3:
+        assert summary["chain"]["speedup_lo"] is None and summary["dynamic"]["head_to_head"]["chain"]["ratio_lo"] is None
+        assert any("n too small" in t for t in texts) and any("n too small" in t for t in h2h)
+        assert "[n too small]" in table
+    else:
+        assert not any("n too small" in t for t in texts + h2h) and "n too small" not in table

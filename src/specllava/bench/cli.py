@@ -13,18 +13,17 @@ bench_calibration.png with --budget auto). One section per (set, temperature).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-from ..cli import _tree_option
-from ..cli import budget_arg as _budget
-from ..core.config import TreeConfig
-from ..core.vocab import default_draft_vocab
-from ..core.quant import QUANT_CHOICES
-from ..models.options import LoadOptions, add_load_args
-from .methods import ALL_METHODS
+from .. import cli_args
+from ..cli import QUANT_CHOICES, TREE_FIELDS
+
+# bench.methods.ALL_METHODS, without importing torch to build the parser (a test checks they agree)
+ALL_METHODS = ("hf", "hf-assisted", "ar", "chain", "static", "dynamic")
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -47,7 +46,7 @@ def _variant(text: str) -> tuple[str, tuple[str, dict]]:
         raise argparse.ArgumentTypeError(
             f"--variant {text!r} must look like NAME=METHOD[:opt=val,...] with METHOD ar, chain, static or dynamic, "
             "e.g. dyn-shallow=dynamic:max_depth=3,min_feed_mass=0.3")
-    options = dict(_tree_option(o) for o in opts.split(",") if o.strip())
+    options = dict(_variant_option(o) for o in opts.split(",") if o.strip())
     if base == "ar" and set(options) - {"target_lean"}:
         raise argparse.ArgumentTypeError(f"--variant {name}: an ar variant takes target_lean only, got {sorted(options)}")
     dv = options.get("draft_vocab")
@@ -62,11 +61,33 @@ def _variant(text: str) -> tuple[str, tuple[str, dict]]:
     for flag in ("draft_lean", "target_lean"):
         if options.get(flag, True) not in (True, False):
             raise argparse.ArgumentTypeError(f"--variant {name}: {flag} must be true or false, got {options[flag]!r}")
-    try:
-        TreeConfig.from_options(**{k: v for k, v in options.items() if k not in DECODER_OPTIONS})
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--variant {name}: {err}") from None
+    unknown = sorted(set(options) - set(TREE_FIELDS) - set(DECODER_OPTIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--variant {name}: unknown option(s) {unknown}; known: "
+                                         f"{', '.join(TREE_FIELDS + DECODER_OPTIONS)}")
+    tree = {k: v for k, v in options.items() if k in TREE_FIELDS}
+    if tree:
+        from ..core.config import TreeConfig
+
+        try:
+            TreeConfig.from_options(**tree)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"--variant {name}: {err}") from None
     return name.strip(), (base, options)
+
+
+def _variant_option(text: str) -> tuple[str, object]:
+    """A variant's opt=val: a TreeConfig field typed and checked as --tree-option, any other value as JSON
+    (true/false, numbers) or else the plain string."""
+    key, sep, value = text.partition("=")
+    if key.strip() in TREE_FIELDS:
+        return cli_args.tree_option(text)
+    if not sep:
+        raise argparse.ArgumentTypeError(f"variant option {text!r} must look like name=value")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value.strip()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,34 +100,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src = p.add_argument_group("prompts")
     src.add_argument("--set", nargs="+", default=["in-domain"], choices=["in-domain", "out-of-domain"],
                      help="built-in evaluation set(s) (default: in-domain); ignored with --data")
-    src.add_argument("--data", type=Path, help="a LLaVA conversation JSON file instead of the built-in sets")
-    src.add_argument("--image-root", type=Path, help="folder the --data image paths are relative to (default: the file's folder)")
-    src.add_argument("--limit", type=int, default=None, help="use the first N prompts of each set")
+    src.add_argument("--data", type=cli_args.existing_file, help="a LLaVA conversation JSON file instead of the built-in sets")
+    src.add_argument("--image-root", type=cli_args.existing_dir, help="folder the --data image paths are relative to (default: the file's folder)")
+    src.add_argument("--limit", type=cli_args.positive_int, default=None, help="use the first N prompts of each set")
     models = p.add_argument_group("models")
-    models.add_argument("--target", help="target model directory or hub id (default: the embedded default target)")
-    models.add_argument("--draft", help="draft model directory or hub id (default: the embedded default draft); an "
+    models.add_argument("--target", type=cli_args.model_source, help="target model directory or hub id (default: the embedded default target)")
+    models.add_argument("--draft", type=cli_args.draft_source, help="draft model directory or hub id (default: the embedded default draft); an "
                         "EAGLE head file drafts for every draft method (then without hf-assisted)")
-    models.add_argument("--eagle", type=Path, default=None, metavar="PATH",
+    models.add_argument("--eagle", type=cli_args.draft_source, default=None, metavar="PATH",
                         help="an EAGLE head (train-eagle's eagle_head.safetensors or its folder) for variants with "
                         "draft=eagle, e.g. --variant eagle=dynamic:draft=eagle")
-    models.add_argument("--other-draft", default=None, metavar="DIR",
+    models.add_argument("--other-draft", type=cli_args.model_source, default=None, metavar="DIR",
                         help="a second draft model (e.g. a new train-draft run's draft/ folder) for variants with "
                         "draft=other, e.g. --variant new=dynamic:draft=other: two drafts compared in one interleaved run")
+    from ..models.options import add_load_args  # imports torch
+
     add_load_args(models)
     run = p.add_argument_group("measurement")
     run.add_argument("--methods", type=_methods, default=ALL_METHODS, metavar="M1,M2",
                      help=f"comma-separated methods (default: {','.join(ALL_METHODS)})")
-    run.add_argument("--temperature", type=float, nargs="+", default=[0.0], help="0 = greedy; several values run one section each")
-    run.add_argument("--top-k", type=int, default=0, help="top-k filter when sampling, for every method (0 = off)")
-    run.add_argument("--top-p", type=float, default=1.0, help="nucleus filter when sampling, for every method (1 = off)")
-    run.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default: 128)")
-    run.add_argument("--repeats", type=int, default=1, help="timed runs per (prompt, method); medians are reported")
-    run.add_argument("--warmup", type=int, default=1, help="untimed runs of every method before timing (default: 1)")
-    run.add_argument("--threads", type=int, default=2, help="torch CPU threads, fixed for the whole run (default: 2)")
+    run.add_argument("--temperature", type=cli_args.non_negative_float, nargs="+", default=[0.0], help="0 = greedy; several values run one section each")
+    run.add_argument("--top-k", type=cli_args.non_negative_int, default=0, help="top-k filter when sampling, for every method (0 = off)")
+    run.add_argument("--top-p", type=cli_args.probability, default=1.0, help="nucleus filter when sampling, for every method (1 = off)")
+    run.add_argument("--max-new-tokens", type=cli_args.positive_int, default=128, help="tokens per generation (default: 128)")
+    run.add_argument("--repeats", type=cli_args.positive_int, default=1, help="timed runs per (prompt, method); medians are reported")
+    run.add_argument("--warmup", type=cli_args.non_negative_int, default=1, help="untimed runs of every method before timing (default: 1)")
+    run.add_argument("--threads", type=cli_args.positive_int, default=2, help="torch CPU threads, fixed for the whole run (default: 2)")
     run.add_argument("--seed", type=int, default=0, help="base seed for sampling (same per prompt for every method)")
-    run.add_argument("--budget", type=_budget, default=None, metavar="auto|N",
+    run.add_argument("--budget", type=cli_args.budget, default=None, metavar="auto|N",
                      help="dynamic tree node_budget: N, or 'auto' to calibrate it on this machine (cached)")
-    run.add_argument("--draft-vocab", type=int, default=None, metavar="K",
+    run.add_argument("--draft-vocab", type=cli_args.positive_int, default=None, metavar="K",
                      help="chain/static/dynamic: the draft proposes only K token ids, its token ranking first, then the "
                           "lowest ids (cheaper draft head; "
                           "lossless). Default (as `specllava generate`): for a draft with a token ranking, its length "
@@ -116,11 +139,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="chain/static/dynamic: the draft's decode steps with int8 linears (auto = on a CPU "
                      "with torch's quantized kernels; lossless: only what is proposed changes)")
     run.add_argument("--recalibrate", action="store_true", help="with --budget auto: ignore the calibration cache")
-    run.add_argument("--calibration-prompts", type=int, default=6, metavar="N",
+    run.add_argument("--calibration-prompts", type=cli_args.positive_int, default=6, metavar="N",
                      help="with --budget auto: profile acceptance on the first N prompts of the first set (default: 6)")
     run.add_argument(
-        "--tree-option", type=_tree_option, action="append", default=[], metavar="NAME=VALUE",
-        help=f"a TreeConfig field for chain/static/dynamic, repeatable; fields: {', '.join(TreeConfig.__dataclass_fields__)}",
+        "--tree-option", type=cli_args.tree_option, action="append", default=[], metavar="NAME=VALUE",
+        help=f"a TreeConfig field for chain/static/dynamic, repeatable; fields: {', '.join(TREE_FIELDS)}",
     )
     run.add_argument(
         "--variant", type=_variant, action="append", default=[], metavar="NAME=METHOD[:opt=val,...]",
@@ -141,6 +164,8 @@ def _load_models(args):
 
     needs_draft = any(m not in ("hf", "ar") for m in args.methods)
     why = f"methods {','.join(args.methods)} (only hf and ar run without a draft)"
+    from ..models.options import LoadOptions
+
     return load_pair(args.target, args.draft, LoadOptions.from_args(args), needs_draft, why=why)
 
 
@@ -191,7 +216,21 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def check_args(args) -> None:
+    """Checks that involve several arguments, before anything loads (ValueError: exit 2)."""
+    if any(opts.get("draft") == "eagle" for _, (_, opts) in args.variant) and args.eagle is None:
+        raise ValueError("a variant has draft=eagle: pass the head with --eagle PATH")
+    if any(opts.get("draft") == "other" for _, (_, opts) in args.variant) and args.other_draft is None:
+        raise ValueError("a variant has draft=other: pass the second draft model with --other-draft DIR")
+    if args.out is not None and args.out.is_file():
+        raise ValueError(f"--out {args.out} is a file; give a folder")
+    from ..core.config import TreeConfig
+
+    TreeConfig.from_options(**dict(args.tree_option))  # the options together (each is checked alone at parse time)
+
+
 def run(args) -> int:
+    check_args(args)
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -199,8 +238,8 @@ def run(args) -> int:
     from .methods import Sampling
     from .report import render, summarize, write_json
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    from ..core.vocab import default_draft_vocab
+
     torch.set_num_threads(args.threads)
     load_at_start = _loadavg()
     hf_logging.set_verbosity_error()  # assisted generation warns on every call about its own kwargs
@@ -213,20 +252,16 @@ def run(args) -> int:
         eagle = EagleHead.load(args.eagle)
         eagle.check_target(target)
         model_info["eagle"] = str(args.eagle)
-    elif any(opts.get("draft") == "eagle" for _, (_, opts) in args.variant):
-        raise ValueError("a variant has draft=eagle: pass the head with --eagle PATH")
     other = None
     if args.other_draft is not None:
         from ..models.hf import load_model
 
+        from ..models.options import LoadOptions
+
         other = load_model(args.other_draft, LoadOptions.from_args(args), role="draft")
         model_info["other_draft"] = str(args.other_draft)
-    elif any(opts.get("draft") == "other" for _, (_, opts) in args.variant):
-        raise ValueError("a variant has draft=other: pass the second draft model with --other-draft DIR")
     tree_options = dict(args.tree_option)
-    TreeConfig.from_options(**tree_options)  # fail before any timing on a bad option
-    out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")  # made when the first file is written
 
     calibration = None
     if args.budget == "auto":
@@ -234,8 +269,6 @@ def run(args) -> int:
             raise ValueError("--budget auto needs a draft model")
         from .calibrate import auto_node_budget, plot_calibration
 
-        if args.calibration_prompts < 1:
-            raise ValueError(f"--calibration-prompts must be >= 1, got {args.calibration_prompts}")
         first = next(iter(sets.values()))[: args.calibration_prompts]
         from ..core.runner import input_device
 
@@ -248,6 +281,7 @@ def run(args) -> int:
         calibration["seconds"] = time.perf_counter() - t
         calibration["profiled_on"] = [p.id for p in first]
         tree_options["node_budget"] = budget
+        out_dir.mkdir(parents=True, exist_ok=True)
         plot_calibration(calibration, out_dir / "bench_calibration.png")
         print(f"--budget auto: node_budget = {budget} (calibrated in {calibration['seconds']:.1f} s)", file=sys.stderr)
     elif args.budget is not None:
@@ -256,8 +290,6 @@ def run(args) -> int:
     sections, summaries, draft_vocabs = {}, {}, {}
     for set_name, prompts in sets.items():
         for temp in args.temperature:
-            if temp < 0:
-                raise ValueError(f"--temperature must be >= 0, got {temp}")
             name = f"{set_name} T={temp:g}"
             variants = dict(args.variant)
             # as `specllava generate` runs it: the default vocabulary depends on the draft and T
@@ -287,6 +319,7 @@ def run(args) -> int:
         "sections": sections,
     }
     result["machine"].update(load_average_at_start=load_at_start, load_average_at_end=_loadavg())
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, out_dir / "results.json")
     md = render(result, out_dir)
     (out_dir / "table.md").write_text(md)

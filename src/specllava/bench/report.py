@@ -18,7 +18,8 @@ combined by their median first):
   95% interval           percentile bootstrap of the median over prompts (prompts resampled
                          with replacement, 2000 times, fixed seed): how far the median could
                          move with another draw of prompts like these; it does not cover the
-                         machine's drift between runs
+                         machine's drift between runs. Not given for fewer than 3 prompts
+                         ("n too small"): resampling 1 or 2 values says nothing
   head to head           `dynamic` (the default method) against each other method, prompt by
                          prompt: the median of the other method's decode time per token over
                          dynamic's, its 95% interval, and on how many prompts dynamic was faster
@@ -57,6 +58,11 @@ def median_interval(xs: list[float], level: float = 0.95, resamples: int = 2000,
 
 
 HEAD_TO_HEAD_SUBJECT = "dynamic"
+MIN_INTERVAL_PROMPTS = 3  # fewer prompts: no 95% interval in tables and plots ("n too small")
+
+
+def _interval(xs: list[float]) -> tuple[float | None, float | None]:
+    return median_interval(xs) if len(xs) >= MIN_INTERVAL_PROMPTS else (None, None)
 
 
 def head_to_head(dec: dict[str, dict], subject: str = HEAD_TO_HEAD_SUBJECT) -> dict:
@@ -71,7 +77,7 @@ def head_to_head(dec: dict[str, dict], subject: str = HEAD_TO_HEAD_SUBJECT) -> d
         ratios = [times[p] / dec[subject][p] for p in dec[subject] if p in times and dec[subject][p] > 0]
         if not ratios:
             continue
-        lo, hi = median_interval(ratios)
+        lo, hi = _interval(ratios)
         out[other] = {"ratio": statistics.median(ratios), "ratio_lo": lo, "ratio_hi": hi,
                       "faster_on": sum(r > 1 for r in ratios), "prompts": len(ratios)}
     return out
@@ -109,7 +115,7 @@ def summarize(result: dict, subjects: tuple[str, ...] = (HEAD_TO_HEAD_SUBJECT,))
             sp = [dec["hf"][p] / dec[m][p] for p in dec[m] if p in dec["hf"]]
             sp_e2e = [e2e["hf"][p] / e2e[m][p] for p in e2e[m] if p in e2e["hf"]]
             sp_cpu = [cpu["hf"][p] / max(cpu[m][p], 1e-12) for p in cpu[m] if p in cpu["hf"]]
-            lo, hi = median_interval(sp)
+            lo, hi = _interval(sp)
             row.update(speedup=_median(sp), speedup_min=min(sp), speedup_max=max(sp), speedup_lo=lo, speedup_hi=hi,
                        speedup_e2e=_median(sp_e2e), speedup_cpu=_median(sp_cpu),
                        speedup_per_prompt=dict(zip(dec[m], sp)))
@@ -165,6 +171,8 @@ def markdown_table(summary: dict) -> str:
         if row.get("speedup") is not None:
             if row.get("speedup_lo") is not None:
                 speed += f" [{row['speedup_lo']:.2f}-{row['speedup_hi']:.2f}]"
+            else:
+                speed += " [n too small]"
             speed += f" ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})"
         lines.append(
             f"| {m} | {_f(row.get('exact_match'), '{:.0%}')} | {speed} | {_f(row.get('speedup_e2e'), '{:.2f}x')} "
@@ -184,8 +192,8 @@ def head_to_head_table(summary: dict, subject: str = HEAD_TO_HEAD_SUBJECT) -> st
     lines = [f"| {subject} against | other's time / {subject}'s, median [95% interval] | {subject} faster on |",
              "|---|---|---|"]
     for other, r in rows.items():
-        lines.append(f"| {other} | {r['ratio']:.2f} [{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}] "
-                     f"| {r['faster_on']} of {r['prompts']} prompts |")
+        interval = "n too small" if r["ratio_lo"] is None else f"{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}"
+        lines.append(f"| {other} | {r['ratio']:.2f} [{interval}] | {r['faster_on']} of {r['prompts']} prompts |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,14 +223,16 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
     paths = []
     sections = list(summaries)
 
-    fig, axes = plt.subplots(1, len(sections), figsize=(4.2 * len(sections), 3.6), squeeze=False)
+    fig, axes = _figure(plt, len(sections), 3.6)
     for ax, sec in zip(axes[0], sections):
         s = summaries[sec]
         ms = [m for m in s if s[m].get("speedup") is not None]
         ax.bar(ms, [s[m]["speedup"] for m in ms], color="tab:blue", alpha=0.8)
-        if all(s[m].get("speedup_lo") is not None for m in ms):  # 95% bootstrap interval of the median
+        if ms and all(s[m].get("speedup_lo") is not None for m in ms):  # 95% bootstrap interval of the median
             err = [[s[m]["speedup"] - s[m]["speedup_lo"] for m in ms], [s[m]["speedup_hi"] - s[m]["speedup"] for m in ms]]
             ax.errorbar(range(len(ms)), [s[m]["speedup"] for m in ms], yerr=err, fmt="none", ecolor="tab:red", capsize=3, zorder=4)
+        elif ms:
+            ax.set_xlabel(f"95% interval: n too small (< {MIN_INTERVAL_PROMPTS} prompts)", fontsize=7, color="tab:red")
         for x, m in enumerate(ms):
             pts = list(s[m]["speedup_per_prompt"].values())
             ax.scatter([x] * len(pts), pts, s=8, color="black", zorder=3)
@@ -230,11 +240,10 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
         ax.set_title(sec, fontsize=9)
         ax.set_ylabel("decode speedup vs hf", fontsize=8)
         ax.tick_params(axis="x", rotation=45, labelsize=8)
-    fig.suptitle("bars: median over prompts; red: its 95% interval; dots: single prompts", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    _suptitle(fig, "bars: median over prompts; red: its 95% interval; dots: single prompts")
     paths.append(_save(fig, out_dir / f"{prefix}speedup.png"))
 
-    fig, axes = plt.subplots(1, len(sections), figsize=(4.2 * len(sections), 3.4), squeeze=False)
+    fig, axes = _figure(plt, len(sections), 3.4)
     for ax, sec in zip(axes[0], sections):
         for m, row in summaries[sec].items():
             acc = row.get("accept_by_depth")
@@ -249,10 +258,9 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
         ax.set_ylim(0, 1)
         if ax.get_lines():
             ax.legend(fontsize=7)
-    fig.tight_layout()
     paths.append(_save(fig, out_dir / f"{prefix}acceptance.png"))
 
-    fig, axes = plt.subplots(1, len(sections), figsize=(4.2 * len(sections), 3.6), squeeze=False)
+    fig, axes = _figure(plt, len(sections), 3.6)
     for ax, sec in zip(axes[0], sections):
         s = summaries[sec]
         ms = list(s)
@@ -272,34 +280,59 @@ def plot_all(summaries: dict[str, dict], out_dir: Path, prefix: str = "bench_") 
         ax.set_ylabel("seconds per generation (median)", fontsize=8)
         ax.tick_params(axis="x", rotation=45, labelsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    _top_legend(fig, handles, labels)
     paths.append(_save(fig, out_dir / f"{prefix}time.png"))
 
     versus = {sec: summaries[sec].get(HEAD_TO_HEAD_SUBJECT, {}).get("head_to_head") for sec in sections}
     versus = {sec: rows for sec, rows in versus.items() if rows}
     if versus:
-        fig, axes = plt.subplots(1, len(versus), figsize=(4.2 * len(versus), 3.2), squeeze=False)
+        fig, axes = _figure(plt, len(versus), 3.2)
         for ax, (sec, rows) in zip(axes[0], versus.items()):
             names = list(rows)
             y = range(len(names))
             ratio = [rows[m]["ratio"] for m in names]
-            err = [[r - rows[m]["ratio_lo"] for m, r in zip(names, ratio)], [rows[m]["ratio_hi"] - r for m, r in zip(names, ratio)]]
-            ax.errorbar(ratio, y, xerr=err, fmt="o", color="tab:blue", ecolor="tab:red", capsize=3)
-            for yi, m in zip(y, names):
-                ax.annotate(f"{rows[m]['faster_on']}/{rows[m]['prompts']}", (rows[m]["ratio_hi"], yi),
+            lo = [rows[m]["ratio_lo"] if rows[m]["ratio_lo"] is not None else r for m, r in zip(names, ratio)]
+            hi = [rows[m]["ratio_hi"] if rows[m]["ratio_hi"] is not None else r for m, r in zip(names, ratio)]
+            ax.errorbar(ratio, y, xerr=[[r - a for r, a in zip(ratio, lo)], [b - r for r, b in zip(ratio, hi)]],
+                        fmt="o", color="tab:blue", ecolor="tab:red", capsize=3)
+            for yi, m, b in zip(y, names, hi):
+                ax.annotate(f"{rows[m]['faster_on']}/{rows[m]['prompts']}", (b, yi),
                             xytext=(4, -3), textcoords="offset points", fontsize=7)
+            if any(rows[m]["ratio_lo"] is None for m in names):
+                ax.text(0.02, 0.5, f"95% interval: n too small\n(< {MIN_INTERVAL_PROMPTS} prompts)", transform=ax.transAxes,
+                        fontsize=7, va="center", color="tab:red")
             ax.axvline(1.0, color="grey", lw=0.8, ls="--")
             ax.set_yticks(list(y), names, fontsize=8)
-            ax.set_xlim(min(1.0, *[rows[m]["ratio_lo"] for m in names]) * 0.95,
-                        max(1.0, *[rows[m]["ratio_hi"] for m in names]) * 1.15)
+            ax.set_xlim(min(1.0, *lo) * 0.95, max(1.0, *hi) * 1.15)
             ax.set_title(sec, fontsize=9)
             ax.set_xlabel(f"other's time / {HEAD_TO_HEAD_SUBJECT}'s (> 1: {HEAD_TO_HEAD_SUBJECT} faster)", fontsize=8)
-        fig.suptitle(f"{HEAD_TO_HEAD_SUBJECT} against each method, prompt by prompt: median, 95% interval, "
-                     f"prompts where {HEAD_TO_HEAD_SUBJECT} was faster", fontsize=8)
-        fig.tight_layout(rect=(0, 0, 1, 0.92))
+        _suptitle(fig, f"{HEAD_TO_HEAD_SUBJECT} against each method, prompt by prompt: median, 95% interval, "
+                       f"prompts where {HEAD_TO_HEAD_SUBJECT} was faster")
         paths.append(_save(fig, out_dir / f"{prefix}head_to_head.png"))
     return paths
+
+
+def _figure(plt, panels: int, height: float):
+    """One row of `panels` plots, laid out by matplotlib's constrained layout, which makes room for
+    the titles, a figure legend placed "outside" and the suptitle whatever the number of panels."""
+    return plt.subplots(1, panels, figsize=(4.2 * panels, height), squeeze=False, layout="constrained")
+
+
+def _top_legend(fig, handles, labels) -> None:
+    """A legend above the plots in as many columns as the figure's width holds."""
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(len(labels), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside upper center", ncol=ncol, fontsize=8, frameon=False)
+        if ncol == 1 or legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+            return
+        legend.remove()
+
+
+def _suptitle(fig, text: str) -> None:
+    """A figure title wrapped to the figure's width (a one-panel figure is narrow)."""
+    import textwrap
+
+    fig.suptitle(textwrap.fill(text, width=int(fig.get_figwidth() * 15)), fontsize=8)
 
 
 def _save(fig, path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 
 METHODS = ("ar", "chain", "static", "dynamic")
@@ -21,6 +22,16 @@ DEFAULT_STATIC_CHOICES: tuple[tuple[int, ...], ...] = (
 
 GREEDY_NODE_BUDGET = 32  # TreeConfig.node_budget=None at T=0
 SAMPLED_NODE_BUDGET = 8  # ... and when sampling
+
+
+INT_FIELDS = ("max_depth", "node_budget", "max_children", "frontier", "chain_length")
+# float field -> (the range check, the range in words)
+FLOAT_RANGES = {
+    "child_mass": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "min_path_conf": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "min_feed_mass": (lambda v: v >= 0.0, ">= 0"),
+    "score_temperature": (lambda v: v > 0.0 and v != float("inf"), "> 0"),
+}
 
 
 @dataclass
@@ -77,19 +88,37 @@ class TreeConfig:
     choices: tuple[tuple[int, ...], ...] = field(default=DEFAULT_STATIC_CHOICES)
 
     def __post_init__(self):
-        for name in ("max_depth", "node_budget", "max_children", "frontier", "chain_length"):
-            if getattr(self, name) is None and name == "node_budget":
+        """Every field typed and in range, or a ValueError naming it (`TreeConfig.<field> ...`)."""
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name == "node_budget":
                 continue
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TreeConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.child_mass <= 1.0:
-            raise ValueError(f"TreeConfig.child_mass must be in (0, 1], got {self.child_mass}")
-        if not 0.0 <= self.min_feed_mass:
-            raise ValueError(f"TreeConfig.min_feed_mass must be >= 0, got {self.min_feed_mass}")
-        if not self.score_temperature > 0.0:
-            raise ValueError(f"TreeConfig.score_temperature must be > 0, got {self.score_temperature}")
-        if not 0.0 <= self.min_path_conf < 1.0:
-            raise ValueError(f"TreeConfig.min_path_conf must be in [0, 1), got {self.min_path_conf}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"TreeConfig.{name} must be an integer >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"TreeConfig.{name} must be >= 1, got {value}")
+        for name, (ok, rule) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"TreeConfig.{name} must be a number {rule}, got {value!r}")
+            if not ok(float(value)):  # NaN fails every range
+                raise ValueError(f"TreeConfig.{name} must be {rule}, got {value}")
+        from .tree import validate_choices
+
+        try:
+            ok = len(self.choices) > 0 and all(
+                len(c) > 0 and all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in c)
+                for c in self.choices)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError("TreeConfig.choices must be a non-empty list of paths of draft ranks, e.g. "
+                             f"[[0], [1], [0, 0]], got {self.choices!r}")
+        self.choices = tuple(tuple(int(r) for r in c) for c in self.choices)
+        try:
+            validate_choices(self.choices)  # every prefix present, no negative rank
+        except ValueError as err:
+            raise ValueError(f"TreeConfig.choices: {err}") from None
 
     def budget(self, sampled: bool) -> int:
         """The dynamic tree's node budget for greedy (`sampled=False`) or sampled decoding."""

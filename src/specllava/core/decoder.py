@@ -18,7 +18,10 @@ Stats (`out.stats`):
 
 from __future__ import annotations
 
+import numbers
+import operator
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -92,6 +95,9 @@ class SpeculativeDecoder:
         target_lean: bool = True,
         **tree_options,
     ):
+        _check_model(target, "target")
+        if draft is not None:
+            _check_model(draft, "draft")
         with CHECKS.stamp_window():  # each model's weights fingerprinted once for the cached checks
             self._build(target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options)
 
@@ -134,6 +140,12 @@ class SpeculativeDecoder:
         if isinstance(sampled, int) and sampled != draft_vocab:  # only "auto" gives two sizes
             self.sampled_draft_vocab = self._draft_vocab_ids(sampled)
             self.sampled_draft_path = self._draft_path(draft_quant, draft_lean, self.sampled_draft_vocab)
+        if method == "static":  # a rank the draft cannot propose would fail only mid-decode
+            rank = max(max(c) for c in self.config.choices)
+            sizes = [vocab_size(target) if v is None else len(v) for v in (self.draft_vocab, self.sampled_draft_vocab)]
+            if rank >= min(sizes):
+                raise ValueError(f"static tree choices use draft rank {rank}, but the draft proposes from {min(sizes)} "
+                                 "tokens; use smaller ranks or a larger draft_vocab")
         # the draft's prefill reuses the target's vision features (identical vision towers)
         self.shares_vision = method != "ar" and not self.eagle and draft is not None and CHECKS.get(
             target, ("shares_vision", id(draft)), lambda: shares_vision_tower(target, draft), draft)
@@ -167,7 +179,8 @@ class SpeculativeDecoder:
                   `Verdict` (accepted path of node indices, bonus token). For profiling and
                   calibration; it must not modify them.
         """
-        self._check_inputs(input_ids, pixel_values, attention_mask, max_new_tokens)
+        max_new_tokens = self._check_inputs(input_ids, pixel_values, attention_mask, max_new_tokens)
+        _check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         params = SamplingParams(do_sample, temperature, top_k, top_p)
         eos = self._eos_set(eos_token_id)
         # The verification's uniforms are drawn on the CPU on purpose (`verify._uniform`); the
@@ -280,9 +293,11 @@ class SpeculativeDecoder:
         if is_vlm(self.draft) and vision is not None:
             image = draft_image_inputs(self.draft, vision, extra.pop("image_sizes", None))
             runner.prefill(input_ids.to(runner.device), mm_encoder_outputs=image, **extra)
-        elif is_vlm(self.draft):
+        elif is_vlm(self.draft) and pixel_values is not None:
             runner.prefill(input_ids.to(runner.device), pixel_values=pixel_values.to(runner.device, self.draft.dtype),
                            **extra)
+        elif is_vlm(self.draft):  # a text-only prompt: the VLM draft reads it as its language model would
+            runner.prefill(input_ids.to(runner.device))
         else:
             ids = input_ids
             img = image_token_id(self.target) if is_vlm(self.target) else None
@@ -327,6 +342,10 @@ class SpeculativeDecoder:
         if draft_vocab is None or self.draft is None:
             return None
         size = vocab_size(self.draft)
+        if isinstance(draft_vocab, bool) or isinstance(draft_vocab, float) or (
+            torch.is_tensor(draft_vocab) and (draft_vocab.is_floating_point() or draft_vocab.dtype == torch.bool)
+        ):  # a float would silently become one token id
+            raise ValueError(f"draft_vocab must be 'auto', None, an int or a LongTensor of ids, got {draft_vocab!r}")
         if isinstance(draft_vocab, int):
             ids = CHECKS.get(self.draft, ("vocab", draft_vocab),
                              lambda: draft_vocab_ids(draft_vocab, size, draft_ranking(self.draft)))
@@ -355,28 +374,92 @@ class SpeculativeDecoder:
             return {eos_token_id}
         return {int(e) for e in (eos_token_id.tolist() if torch.is_tensor(eos_token_id) else eos_token_id)}
 
-    def _check_inputs(self, input_ids, pixel_values, attention_mask, max_new_tokens) -> None:
+    def _check_inputs(self, input_ids, pixel_values, attention_mask, max_new_tokens) -> int:
+        """Refuse what the target cannot decode, naming it; returns max_new_tokens, capped (with a
+        warning) so that prompt + new tokens fit the target's context. A prompt that alone fills
+        the context is an error: the target has no position left to predict from."""
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a LongTensor of shape [1, prompt_len]")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids (a LongTensor), got dtype {input_ids.dtype}")
         if input_ids.shape[0] != 1:
             raise ValueError(f"batch size {input_ids.shape[0]} is not supported: specllava decodes one sequence at a time (batch size 1)")
         if input_ids.shape[1] == 0:
             raise ValueError("empty prompt: input_ids has no tokens")
-        if int(max_new_tokens) < 1:
+        n_embed = self.target.get_input_embeddings().num_embeddings
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= n_embed:
+            raise ValueError(f"input_ids out of range: token ids must be in [0, {n_embed}) for this target, got "
+                             f"{lo if lo < 0 else hi}; tokenize with the target's own tokenizer")
+        try:  # ints, numpy ints and 0-d integer tensors; not floats, strings or bools
+            if isinstance(max_new_tokens, bool):
+                raise TypeError
+            max_new_tokens = operator.index(max_new_tokens)
+        except TypeError:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}") from None
+        if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if attention_mask is not None and not bool((attention_mask == 1).all()):
             raise ValueError("attention_mask with padding (zeros) is not supported for batch size 1; pass the unpadded prompt")
-        if pixel_values is not None and pixel_values.shape[0] != 1:
-            raise ValueError(f"pixel_values has batch size {pixel_values.shape[0]}; specllava supports batch size 1")
+        if pixel_values is not None:
+            if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point() or pixel_values.dim() not in (4, 5):
+                shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+                raise ValueError(f"pixel_values must be a float tensor [1, channels, height, width] (the processor's "
+                                 f"output; add the batch dimension with pixel_values[None]), got {shape}")
+            if pixel_values.shape[0] != 1:
+                raise ValueError(f"pixel_values has batch size {pixel_values.shape[0]}; specllava supports batch size 1")
+        context = _context_length(self.target)
+        if context is not None:
+            prompt = input_ids.shape[1]
+            if prompt >= context:
+                raise ValueError(f"the prompt has {prompt} tokens, but the target's context holds {context} "
+                                 "(max_position_embeddings): shorten the prompt")
+            if prompt + max_new_tokens > context:
+                warnings.warn(f"max_new_tokens={max_new_tokens} with a {prompt}-token prompt runs past the target's "
+                              f"context of {context} tokens; generating at most {context - prompt}", stacklevel=3)
+                max_new_tokens = context - prompt
         if not is_vlm(self.target):
             if pixel_values is not None:
                 raise ValueError("pixel_values given, but the target is a text-only model; drop the image or use a vision-language target")
-            return
+            return max_new_tokens
         n_img = int((input_ids == image_token_id(self.target)).sum())
         if n_img and pixel_values is None:
             raise ValueError(f"the prompt has {n_img} image tokens but no pixel_values were given; pass the processor's pixel_values")
         if pixel_values is not None and not n_img:
             raise ValueError("pixel_values given, but the prompt has no image tokens; build the prompt with the processor so <image> is expanded")
+        return max_new_tokens
+
+
+def _check_sampling(**values) -> None:
+    """Types of the sampling arguments (their ranges: `SamplingParams`); seed None or an integer."""
+    for name, value in values.items():
+        integral = name in ("top_k", "seed")
+        kind = numbers.Integral if integral else numbers.Real
+        if (value is None and name == "seed") or (isinstance(value, kind) and not isinstance(value, bool)):
+            continue
+        raise ValueError(f"{name} must be {'an integer' if integral else 'a number'}"
+                         f"{' or None' if name == 'seed' else ''}, got {value!r}")
+
+
+def _check_model(model, role: str) -> None:
+    """A loaded model (or EAGLE head) with real weights, or a clear error."""
+    if model is None or not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{role} must be a loaded model (a torch.nn.Module such as transformers' "
+                         f"...ForConditionalGeneration), got {type(model).__name__}")
+    if role == "target" and not hasattr(model, "generate"):
+        raise ValueError(f"the target must be a generative Hugging Face model with generate(), got {type(model).__name__}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(f"the {role}'s weights are on the meta device (not loaded): load it with real weights, "
+                         "e.g. from_pretrained() without device_map='meta', or move it with .to_empty() and load them")
+
+
+def _context_length(model) -> int | None:
+    """The target's context in tokens: max_position_embeddings of its (text) config, if it says."""
+    for cfg in (model.config, model.config.get_text_config()):
+        n = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
 
 
 def _mix_seed(seed: int) -> int:

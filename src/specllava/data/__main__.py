@@ -1,5 +1,7 @@
 """``python -m specllava.data build-data ...`` (same as ``specllava build-data ...``)."""
 
+import sys
+
 from .cli import main
 
-main()
+sys.exit(main())

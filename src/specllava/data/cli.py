@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .. import cli_args
 from .build import BuildConfig, build, format_summary
 from .openclipart import DEFAULT_ROOT
 
@@ -18,16 +19,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "(generating missing ones, resumably), split by image and write train.json / "
                     "test.json in the LLaVA conversation format.")
     p.add_argument("--out", type=Path, default=BuildConfig.out, help="data folder (default: data)")
-    p.add_argument("--clipart-root", type=Path, default=DEFAULT_ROOT,
+    p.add_argument("--clipart-root", type=cli_args.existing_dir, default=DEFAULT_ROOT,
                    help=f"openclipart SVG folder (default: {DEFAULT_ROOT})")
-    p.add_argument("--limit-clipart", type=int, default=None, help="drawings to render (default: all)")
-    p.add_argument("--limit-descriptions", type=int, default=BuildConfig.limit_descriptions,
+    p.add_argument("--limit-clipart", type=cli_args.positive_int, default=None, help="drawings to render (default: all)")
+    p.add_argument("--limit-descriptions", type=cli_args.non_negative_int, default=BuildConfig.limit_descriptions,
                    help="drawings SmolLM2 describes (default: %(default)s; ~1-2 s each on one thread)")
-    p.add_argument("--limit-easyvqa", type=int, default=None, help="easy-vqa images (default: all)")
+    p.add_argument("--limit-easyvqa", type=cli_args.positive_int, default=None, help="easy-vqa images (default: all)")
     p.add_argument("--skip-describe", action="store_true",
                    help="do not run SmolLM2; merge only the descriptions already in descriptions.jsonl")
     p.add_argument("--seed", type=int, default=BuildConfig.seed, help="split, order and prompt seed")
-    p.add_argument("--test-fraction", type=float, default=BuildConfig.test_fraction)
+    p.add_argument("--test-fraction", type=cli_args.fraction, default=BuildConfig.test_fraction)
     p.set_defaults(func=run)
     return p
 
@@ -45,13 +46,17 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     import sys
+
+    from ..cli import OneLineParser, run_guarded
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "build-data":  # `python -m specllava.data --out ...` works too
         argv.insert(0, "build-data")
-    parser = argparse.ArgumentParser(prog="python -m specllava.data")
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = OneLineParser(prog="python -m specllava.data")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    args.func(args)
+    return run_guarded("specllava build-data", lambda: args.func(args), debug)

@@ -20,6 +20,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--cache-dir", default=None, help="cache folder (default: ~/.cache/specllava/default)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    parser.add_argument("--print-dir", action="store_true",
+                        help="print only the folder of the default pair (its target/ and draft/ are inside), "
+                        "e.g. to pass --target \"$(specllava assemble --print-dir)/target\"; assembles it first if needed")
     return parser
 
 
@@ -27,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from specllava.models.assemble import assemble_default_models
 
     paths = assemble_default_models(cache_dir=args.cache_dir, force=args.force)
+    if args.print_dir:
+        print(paths.target_dir.parent)
+        return 0
     trained = paths.trained
     print(f"target: {paths.target_dir}{'' if trained['target'] else '  (untrained projector)'}")
     print(f"draft:  {paths.draft_dir}{'' if trained['draft'] else '  (untrained draft)'}")

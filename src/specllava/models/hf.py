@@ -122,17 +122,17 @@ def load_pair(target: str | None, draft: str | None, options: LoadOptions | torc
         loaded, _, processor, info = load_pair(target, None, options, need_draft=False)
         head.check_target(loaded)
         return loaded, (head if need_draft else None), processor, {**info, "draft": str(draft), "draft_kind": "eagle-head"}
-    if target is None:
-        if draft is not None:
-            raise ValueError("--draft given without --target: give both, or neither for the default pair")
+    if target is None:  # the default target; with the default draft unless one is given
         if options.device_map is not None or options.attn_implementation is not None:
             raise ValueError("--device-map and --attn-implementation apply to --target/--draft models, "
                              "not to the default pair")
         from . import load_default_models
 
-        m = load_default_models(dtype=options.dtype, draft=need_draft, device=options.device)
+        m = load_default_models(dtype=options.dtype, draft=need_draft and draft is None, device=options.device)
         info = {"target": "default", "draft": "default", "trained": dict(m.paths.trained)}
-        return m.target, m.draft, m.processor, info
+        if draft is None or not need_draft:
+            return m.target, m.draft, m.processor, info
+        return m.target, load_model(draft, options, role="draft"), m.processor, {**info, "draft": draft}
     if need_draft and draft is None:
         raise ValueError(f"{why or 'this method'} needs --draft")
     loaded_target = load_model(target, options, role="target")

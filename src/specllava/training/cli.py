@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from specllava import cli_args
+
 
 def _per_source(text: str | None) -> dict | None:
     if text is None:
@@ -25,9 +27,15 @@ def _per_source(text: str | None) -> dict | None:
     return out
 
 
+def _folder_or_hub_id(text: str):
+    """A model folder, or a hub id (`owner/name`) when no such path exists."""
+    return cli_args.existing_dir(text) if Path(text).expanduser().exists() else cli_args.model_source(text)
+
+
 def add_parser(subparsers) -> None:
     """Register the training commands on an argparse subparsers object."""
-    from specllava.training.distill import DistillConfig
+    from specllava.models.options import add_load_args
+    from specllava.training.distill import DRAFT_PRESETS, DistillConfig
     from specllava.training.target import TargetTrainConfig
 
     t = subparsers.add_parser(
@@ -36,24 +44,24 @@ def add_parser(subparsers) -> None:
                     "assistant tokens of LLaVA conversation JSON; vision features are cached once. Writes "
                     "<out>/target.safetensors (the shipped format), checkpoints, history.json and loss.png.")
     d = TargetTrainConfig()
-    t.add_argument("--data", type=Path, default=d.data, help="training LLaVA JSON (default: %(default)s)")
-    t.add_argument("--eval-data", type=Path, default=d.eval_data, help="held-out LLaVA JSON for the loss curve and grounding eval")
+    t.add_argument("--data", type=cli_args.existing_file, default=d.data, help="training LLaVA JSON (default: %(default)s)")
+    t.add_argument("--eval-data", type=cli_args.existing_file, default=d.eval_data, help="held-out LLaVA JSON for the loss curve and grounding eval")
     t.add_argument("--out", type=Path, default=d.out, help="run folder (default: %(default)s)")
-    t.add_argument("--init", type=Path, default=None, help="LLaVA model folder to start from (default: the assembled default target)")
+    t.add_argument("--init", type=cli_args.existing_dir, default=None, help="LLaVA model folder to start from (default: the assembled default target)")
     t.add_argument("--per-source", type=_per_source, default=None,
                    help="records per meta.source, e.g. 'openclipart=700,easy-vqa=500,smollm2-description=-1' (-1 = all)")
-    t.add_argument("--steps", type=int, default=d.steps)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.lr, help="projector learning rate (default: %(default)s)")
-    t.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
-    t.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank on the LM (0 = projector only)")
-    t.add_argument("--lora-lr", type=float, default=d.lora_lr)
+    t.add_argument("--steps", type=cli_args.positive_int, default=d.steps)
+    t.add_argument("--batch-size", type=cli_args.positive_int, default=d.batch_size)
+    t.add_argument("--lr", type=cli_args.positive_float, default=d.lr, help="projector learning rate (default: %(default)s)")
+    t.add_argument("--warmup", type=cli_args.non_negative_int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument("--lora-rank", type=cli_args.non_negative_int, default=d.lora_rank, help="LoRA rank on the LM (0 = projector only)")
+    t.add_argument("--lora-lr", type=cli_args.positive_float, default=d.lora_lr)
     t.add_argument("--no-bf16", dest="bf16", action="store_false", help="keep the frozen LM in fp32 (slower here)")
-    t.add_argument("--threads", type=int, default=d.threads)
+    t.add_argument("--threads", type=cli_args.positive_int, default=d.threads)
     t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    t.add_argument("--eval-every", type=int, default=d.eval_every)
-    t.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    t.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
+    t.add_argument("--eval-every", type=cli_args.positive_int, default=d.eval_every)
+    t.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     t.add_argument("--grounding-eval", action="store_true",
                    help="afterwards, compare easy-vqa accuracy / keyword recall with the real vs a blank image")
@@ -63,13 +71,13 @@ def add_parser(subparsers) -> None:
         "eval-target", help="does a trained target look at the image? (real vs blank image)",
         description="easy-vqa exact-match accuracy and description keyword recall (against each drawing's "
                     "metadata) of a target with trained weights, given the real image and a blank white one.")
-    g.add_argument("--weights", type=Path, required=True, help="target.safetensors from train-target")
-    g.add_argument("--init", type=Path, default=None, help="model folder the weights apply to (default: the assembled default target)")
-    g.add_argument("--data", type=Path, default=Path("data/test.json"), help="held-out LLaVA JSON with meta.source/keywords")
-    g.add_argument("--vqa", type=int, default=40, help="easy-vqa images (two questions each)")
-    g.add_argument("--descriptions", type=int, default=20, help="drawings to describe")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--threads", type=int, default=1)
+    g.add_argument("--weights", type=cli_args.existing_file, required=True, help="target.safetensors from train-target")
+    g.add_argument("--init", type=cli_args.existing_dir, default=None, help="model folder the weights apply to (default: the assembled default target)")
+    g.add_argument("--data", type=cli_args.existing_file, default=Path("data/test.json"), help="held-out LLaVA JSON with meta.source/keywords")
+    g.add_argument("--vqa", type=cli_args.non_negative_int, default=40, help="easy-vqa images (two questions each)")
+    g.add_argument("--descriptions", type=cli_args.non_negative_int, default=20, help="drawings to describe")
+    g.add_argument("--max-new-tokens", type=cli_args.positive_int, default=64)
+    g.add_argument("--threads", type=cli_args.positive_int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, required=True, help="JSON file for the result")
     g.set_defaults(func=run_eval_target)
@@ -78,9 +86,9 @@ def add_parser(subparsers) -> None:
         "ship-default", help="copy trained default weights into the package assets and reassemble",
         description="Copy target.safetensors / a train-draft run's draft into src/specllava/assets/default, "
                     "write SHA256SUMS and reassemble the default pair in the local cache.")
-    h.add_argument("--target-weights", type=Path, default=None, help="target.safetensors from train-target")
-    h.add_argument("--draft-run", type=Path, default=None, help="a train-draft --out folder (its draft/ model)")
-    h.add_argument("--draft-layers", type=int, default=None, help="ship this early exit of the draft (default: all its layers)")
+    h.add_argument("--target-weights", type=cli_args.existing_file, default=None, help="target.safetensors from train-target")
+    h.add_argument("--draft-run", type=cli_args.existing_dir, default=None, help="a train-draft --out folder (its draft/ model)")
+    h.add_argument("--draft-layers", type=cli_args.positive_int, default=None, help="ship this early exit of the draft (default: all its layers)")
     h.set_defaults(func=run_ship)
 
     s = subparsers.add_parser(
@@ -90,39 +98,48 @@ def add_parser(subparsers) -> None:
                     "after regenerating the answers with the target. Ends with the mean accepted length "
                     "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
     d = DistillConfig()
-    s.add_argument("--target", type=Path, default=None, help="target model folder (default: the assembled default target)")
-    s.add_argument("--data", type=Path, required=True, help="training LLaVA JSON (llava_v1_5_mix665k format)")
-    s.add_argument("--eval-data", type=Path, action="append", default=None,
+    s.add_argument("--target", type=_folder_or_hub_id, default=None,
+                   help="target model folder or hub id (default: the assembled default target)")
+    s.add_argument("--data", type=cli_args.existing_file, required=True, help="training LLaVA JSON (llava_v1_5_mix665k format)")
+    s.add_argument("--eval-data", type=cli_args.existing_file, action="append", default=None,
                    help="held-out LLaVA JSON for the final report (repeatable); default: a held-out split of --data")
     s.add_argument("--out", type=Path, default=d.out, help="run folder (default: %(default)s)")
     init = s.add_mutually_exclusive_group()
-    init.add_argument("--draft-layers", type=int, default=d.draft_layers,
+    init.add_argument("--draft-layers", type=cli_args.positive_int, default=d.draft_layers,
                       help="initialise the draft from the target's first N layers (default: %(default)s)")
-    init.add_argument("--draft-init", type=Path, default=None,
+    init.add_argument("--draft-init", type=cli_args.existing_path, default=None,
                       help="an existing small LLaVA folder, or a config.json, to start the draft from")
+    init.add_argument("--draft-preset", choices=sorted(DRAFT_PRESETS), default=None,
+                      help="a fresh draft of a published shape: llava-68m (Llama, 2 layers, hidden 768, 12 heads, "
+                           "intermediate 3072) or llava-160m (12 layers, same width), with the target's vocabulary, "
+                           "tokenizer and vision tower")
     s.add_argument("--exits", type=str, default=None,
                    help="also train early exits after these draft layers, e.g. '1,2' (each a shallower draft, "
                         "reported separately; to choose the depth from one run)")
     s.add_argument("--regenerate", action="store_true",
                    help="first answer every record with the target (greedy, cached in <out>/answers.jsonl, resumable)")
-    s.add_argument("--regenerate-max-new-tokens", type=int, default=d.regenerate_max_new_tokens)
-    s.add_argument("--sampled-answers", type=int, default=0, metavar="N",
+    s.add_argument("--regenerate-max-new-tokens", type=cli_args.positive_int, default=d.regenerate_max_new_tokens)
+    s.add_argument("--sampled-answers", type=cli_args.non_negative_int, default=0, metavar="N",
                    help="also train on N answers the target samples at T=1 to a seeded choice of the records "
                         "(cached in <out>/sampled_answers.jsonl, resumable): the text a draft continues when sampling")
-    s.add_argument("--limit", type=int, default=None, help="use at most this many training records (seeded choice)")
-    s.add_argument("--held-out-fraction", type=float, default=d.held_out_fraction)
-    s.add_argument("--steps", type=int, default=d.steps)
-    s.add_argument("--batch-size", type=int, default=d.batch_size)
-    s.add_argument("--lr", type=float, default=d.lr)
-    s.add_argument("--warmup", type=int, default=d.warmup)
-    s.add_argument("--threads", type=int, default=d.threads)
+    s.add_argument("--limit", type=cli_args.positive_int, default=None, help="use at most this many training records (seeded choice)")
+    s.add_argument("--held-out-fraction", type=cli_args.fraction, default=d.held_out_fraction)
+    s.add_argument("--steps", type=cli_args.positive_int, default=d.steps)
+    s.add_argument("--batch-size", type=cli_args.positive_int, default=d.batch_size)
+    s.add_argument("--lr", type=cli_args.positive_float, default=d.lr)
+    s.add_argument("--warmup", type=cli_args.non_negative_int, default=d.warmup)
+    s.add_argument("--threads", type=cli_args.positive_int, default=d.threads)
     s.add_argument("--seed", type=int, default=d.seed)
-    s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    s.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    s.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
+    s.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    s.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts per eval file")
-    s.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
-    s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32")
+    s.add_argument("--eval-prompts", type=cli_args.non_negative_int, default=d.eval_prompts,
+                   help="held-out prompts per eval file (0: no mean-accepted-length report)")
+    s.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=d.eval_max_new_tokens)
+    s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32 "
+                   "(the same as --dtype float32)")
+    add_load_args(s.add_argument_group("target loading (the draft trains on --device, in float32 under autocast "
+                                       "to the target's dtype)"))
     s.set_defaults(func=run_draft)
 
     from specllava.training.eagle import EagleConfig
@@ -134,33 +151,33 @@ def add_parser(subparsers) -> None:
                     "with cross-entropy against the target's token distributions. Writes <out>/eagle_head.safetensors "
                     "(use it as --draft, or in bench with --eagle), history.json, loss.png and report.json.")
     c = EagleConfig()
-    e.add_argument("--target", type=Path, default=None, help="target model folder (default: the assembled default target)")
-    e.add_argument("--data", type=Path, action="append", required=True,
+    e.add_argument("--target", type=cli_args.existing_dir, default=None, help="target model folder (default: the assembled default target)")
+    e.add_argument("--data", type=cli_args.existing_file, action="append", required=True,
                    help="training LLaVA JSON (repeatable; --regenerate and --sampled-answers apply to the first)")
-    e.add_argument("--eval-data", type=Path, action="append", default=None,
+    e.add_argument("--eval-data", type=cli_args.existing_file, action="append", default=None,
                    help="LLaVA JSON for the final mean-accepted-length report (repeatable)")
     e.add_argument("--out", type=Path, default=c.out, help="run folder (default: %(default)s)")
     e.add_argument("--regenerate", action="store_true",
                    help="replace the first file's answers by the target's greedy ones (cached in <out>/answers.jsonl)")
-    e.add_argument("--sampled-answers", type=int, default=0, metavar="N",
+    e.add_argument("--sampled-answers", type=cli_args.non_negative_int, default=0, metavar="N",
                    help="add N answers the target samples at T=1 to prompts of the first file (cached, resumable)")
-    e.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens, help="length cap of generated answers")
-    e.add_argument("--limit", type=int, default=None, help="use at most this many records per file (seeded choice)")
-    e.add_argument("--passes", type=int, default=c.passes, help="unrolled tree depths trained (default: %(default)s)")
-    e.add_argument("--steps", type=int, default=c.steps)
-    e.add_argument("--batch-size", type=int, default=c.batch_size)
-    e.add_argument("--lr", type=float, default=c.lr)
-    e.add_argument("--warmup", type=int, default=c.warmup)
-    e.add_argument("--reg-weight", type=float, default=c.reg_weight, help="weight of the feature regression loss")
-    e.add_argument("--noise", type=float, default=c.noise, help="input feature noise, as a fraction of their RMS")
-    e.add_argument("--held-out-fraction", type=float, default=c.held_out_fraction)
-    e.add_argument("--threads", type=int, default=c.threads)
+    e.add_argument("--max-new-tokens", type=cli_args.positive_int, default=c.max_new_tokens, help="length cap of generated answers")
+    e.add_argument("--limit", type=cli_args.positive_int, default=None, help="use at most this many records per file (seeded choice)")
+    e.add_argument("--passes", type=cli_args.positive_int, default=c.passes, help="unrolled tree depths trained (default: %(default)s)")
+    e.add_argument("--steps", type=cli_args.positive_int, default=c.steps)
+    e.add_argument("--batch-size", type=cli_args.positive_int, default=c.batch_size)
+    e.add_argument("--lr", type=cli_args.positive_float, default=c.lr)
+    e.add_argument("--warmup", type=cli_args.non_negative_int, default=c.warmup)
+    e.add_argument("--reg-weight", type=cli_args.non_negative_float, default=c.reg_weight, help="weight of the feature regression loss")
+    e.add_argument("--noise", type=cli_args.non_negative_float, default=c.noise, help="input feature noise, as a fraction of their RMS")
+    e.add_argument("--held-out-fraction", type=cli_args.fraction, default=c.held_out_fraction)
+    e.add_argument("--threads", type=cli_args.positive_int, default=c.threads)
     e.add_argument("--seed", type=int, default=c.seed)
-    e.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every)
-    e.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    e.add_argument("--checkpoint-every", type=cli_args.positive_int, default=c.checkpoint_every)
+    e.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     e.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    e.add_argument("--eval-prompts", type=int, default=c.eval_prompts)
-    e.add_argument("--eval-max-new-tokens", type=int, default=c.eval_max_new_tokens)
+    e.add_argument("--eval-prompts", type=cli_args.positive_int, default=c.eval_prompts)
+    e.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=c.eval_max_new_tokens)
     e.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the target in fp32")
     e.set_defaults(func=run_eagle)
 
@@ -245,7 +262,8 @@ def run_draft(args: argparse.Namespace) -> int:
         held_out_fraction=args.held_out_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         resume=args.resume, eval_prompts=args.eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,
-        bf16=args.bf16)
+        bf16=args.bf16, draft_preset=args.draft_preset, dtype=args.dtype, device=args.device,
+        device_map=args.device_map, attn_implementation=args.attn_implementation)
     log = _setup_logging(cfg.out)
     report = train_draft(cfg, log=log)
     print(json.dumps(report["eval"], indent=1))
@@ -270,7 +288,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m specllava.training")
+    from specllava.cli import OneLineParser, run_guarded
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = OneLineParser(prog="python -m specllava.training")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return run(args)
+    return run_guarded(f"specllava {args.command}", lambda: run(args), debug)

@@ -4,14 +4,20 @@ Contract:
 
 - `load_records(path)` reads LLaVA conversation JSON (the llava_v1_5_mix665k format: ``image``,
   ``conversations`` with ``<image>``) and keeps the folder the image paths are relative to.
-- `encode_record(record, tokenizer, image_seq_length)` renders a record with the tokenizer's chat
-  template and returns token ids with ``<image>`` expanded, and the assistant-token mask (1 on the
-  tokens the assistant wrote, end-of-turn included: the only tokens that get a loss).
+- `encode_record(record, tokenizer, image_tokens)` renders a record with the tokenizer's chat
+  template (`ensure_chat_template` gives a tokenizer without one its processor's) and returns token
+  ids with ``<image>`` expanded, led by the special tokens the tokenizer adds (a Llama BOS), and
+  the assistant-token mask (1 on the tokens the assistant wrote, end-of-turn included: the only
+  tokens that get a loss). ``image_tokens`` is the number of tokens an image takes, or (for anyres
+  LLaVA-NeXT models, see `image_tokens`) a function of the image's path.
 - `vision_features(model, pixel_values)` runs the frozen tower and selects features exactly as
   `LlavaModel.get_image_features` does, *before* the projector, so they can be computed once and
-  cached (`FeatureCache`); `answer_logits(model, ids, feats, mask, positions)` is the model's forward
-  from cached features, returning logits only where a loss is taken (the 49152-wide vocabulary
-  projection over the whole prompt would cost more than the rest of a small model).
+  cached (`FeatureCache`; for LLaVA-NeXT one entry per image holds all its anyres patches and its
+  size); `answer_logits(model, ids, feats, mask, positions)` is the model's forward from cached
+  features (projected, and for LLaVA-NeXT packed as `LlavaNextModel.get_image_features` packs
+  them), returning logits only where a loss is taken (the vocabulary projection over the whole
+  prompt would cost more than the rest of a small model).
+- Devices: `model_inputs` puts a processor's output where a model reads it; `to_device` a batch.
 - `Checkpoint` saves/restores trainable tensors, optimizer, step and RNG state atomically.
 """
 
@@ -26,6 +32,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+from specllava.models.hf import leading_special_ids
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -94,12 +102,25 @@ def to_messages(conversations: list[dict]) -> list[dict]:
     return messages
 
 
+def ensure_chat_template(processor):
+    """The processor, its tokenizer given the processor's chat template when it has none of its own
+    (llava-hf checkpoints keep theirs in ``chat_template.json``, beside the tokenizer)."""
+    tok = processor.tokenizer
+    if getattr(tok, "chat_template", None) is None:
+        template = getattr(processor, "chat_template", None)
+        if template is None:
+            raise ValueError("neither the tokenizer nor the processor has a chat template; add one to the "
+                             "model folder (chat_template.json) to train on conversations")
+        tok.chat_template = template
+    return processor
+
+
 def prompt_text(tokenizer, conversations: list[dict]) -> str:
     """The chat-template text of all turns, ending with the assistant's generation prompt."""
     return tokenizer.apply_chat_template(to_messages(conversations), tokenize=False, add_generation_prompt=True)
 
 
-def encode_record(rec: dict, tokenizer, image_seq_length: int, image_root: Path, index: int = 0) -> Example:
+def encode_record(rec: dict, tokenizer, image_seq_length, image_root: Path, index: int = 0) -> Example:
     """Token ids and assistant mask of a fully answered record (see the module docstring).
 
     The assistant spans are found by rendering growing prefixes of the conversation (works with any
@@ -119,8 +140,11 @@ def encode_record(rec: dict, tokenizer, image_seq_length: int, image_root: Path,
             raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix; "
                              "cannot locate the assistant turns")
         spans.append((start, len(end_text)))
-    # Expand <image> into the image tokens here (as the processor does) so no image is needed to tokenize.
+    # Expand <image> into the image tokens here (as the processor does) so no image is needed to tokenize
+    # (LLaVA-NeXT: the count is read once per image, from its size).
     image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
+    image = image_root / rec["image"]
+    n_image = image_seq_length(image) if callable(image_seq_length) else image_seq_length
     pieces, mask_chars, pos = [], [], 0
     for start, end in spans:
         pieces.append(full[pos:start])
@@ -130,19 +154,67 @@ def encode_record(rec: dict, tokenizer, image_seq_length: int, image_root: Path,
         pos = end
     pieces.append(full[pos:])
     mask_chars.append(0)
-    ids, mask = [], []
+    ids = leading_special_ids(tokenizer, full)  # the BOS a Llama tokenizer adds (none if the template wrote it)
+    mask = [0] * len(ids)
     for text, m in zip(pieces, mask_chars):
         if not text:
             continue
-        text = text.replace(IMAGE_PLACEHOLDER, image_token * image_seq_length)
+        text = text.replace(IMAGE_PLACEHOLDER, image_token * n_image)
         tok = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += tok
         mask += [m] * len(tok)
-    return Example(record_id(rec, index), image_root / rec["image"], ids, mask)
+    return Example(record_id(rec, index), image, ids, mask)
 
 
 def image_seq_length(model) -> int:
     return int(model.config.image_seq_length)
+
+
+def is_anyres(model) -> bool:
+    """True for LLaVA-NeXT-style models (anyres patches, `image_sizes`, a per-image token count)."""
+    return getattr(model.config, "image_grid_pinpoints", None) is not None
+
+
+def image_tokens(model, processor):
+    """Tokens an image takes in the prompt: the config's ``image_seq_length`` for LLaVA-1.5, and for
+    anyres models a function of the image's path that asks the processor (the count depends on the
+    image's size), remembering each image's count."""
+    if not is_anyres(model):
+        return image_seq_length(model)
+    counts: dict[str, int] = {}
+    token = processor.image_token if getattr(processor, "image_token", None) else IMAGE_PLACEHOLDER
+    token_id = image_token_id(model)
+
+    def count(path: Path) -> int:
+        if str(path) not in counts:
+            with Image.open(path) as im:
+                ids = processor(images=[im.convert("RGB")], text=[token], return_tensors="pt")["input_ids"]
+            counts[str(path)] = int((ids == token_id).sum())
+        return counts[str(path)]
+
+    return count
+
+
+def encode_prompts(processor, images: list, texts: list[str], **kwargs):
+    """The processor's inputs (``return_tensors="pt"``) for chat-template prompts, led by the special
+    tokens the tokenizer adds (its BOS) unless the template wrote them (`leading_special_ids`): the
+    same rule as `encode_record`, so a prompt reads as its training text did."""
+    add = bool(leading_special_ids(processor.tokenizer, texts[0]))  # one template: the same for every text
+    return processor(images=images, text=texts, return_tensors="pt", add_special_tokens=add, **kwargs)
+
+
+def input_device(model) -> torch.device:
+    """Where the model reads its inputs: the input embedding's device (the first of a dispatched model)."""
+    return model.get_input_embeddings().weight.device
+
+
+def model_inputs(model, enc) -> dict:
+    """A processor's output on the model's input device, floating tensors (pixel values) in the
+    vision tower's dtype."""
+    device = input_device(model)
+    dtype = next(model.model.vision_tower.parameters()).dtype
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in dict(enc).items()}
 
 
 def image_token_id(model) -> int:
@@ -176,15 +248,25 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.cat(hs, dim=-1)
 
 
-def input_embeddings(model, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+def input_embeddings(model, input_ids: torch.Tensor, feats) -> torch.Tensor:
     """Token embeddings with the projected image features scattered into the image-token slots.
 
-    input_ids: [B, T]; feats: [B, image_seq_length, vision_hidden] -> [B, T, hidden]
+    input_ids: [B, T]; feats: [B, image_seq_length, vision_hidden], or for anyres models a list of
+    B ``(patches [P, S, vision_hidden], image_size [2])`` -> [B, T, hidden]
     """
     embeds = model.get_input_embeddings()(input_ids)
-    image = model.model.multi_modal_projector(feats).to(embeds.dtype)  # [B, S, hidden]
+    projector = model.model.multi_modal_projector
+    weight = next(projector.parameters())
+    if torch.is_tensor(feats):
+        image = projector(feats.to(weight.device, weight.dtype)).to(embeds.dtype)  # [B, S, hidden]
+    else:  # anyres: project each image's patches, then unpad and pack them as LlavaNextModel does
+        projected = [projector(f.to(weight.device, weight.dtype)) for f, _ in feats]
+        sizes = torch.stack([torch.as_tensor(s) for _, s in feats])
+        packed, _ = model.model.pack_image_features(projected, sizes, model.config.vision_feature_select_strategy,
+                                                    image_newline=model.model.image_newline)
+        image = torch.cat(packed).to(embeds.dtype)  # [image tokens of the batch, hidden]
     slots = (input_ids == image_token_id(model)).unsqueeze(-1)
-    return embeds.masked_scatter(slots, image)
+    return embeds.masked_scatter(slots.to(embeds.device), image.to(embeds.device))
 
 
 def answer_logits(model, input_ids, feats, attention_mask, positions, exits: list[int] | None = None):
@@ -217,19 +299,38 @@ class FeatureCache:
             self.store = torch.load(path)
 
     def pixel_values(self, image: Path) -> torch.Tensor:
+        return self.image_inputs(image)["pixel_values"]
+
+    def image_inputs(self, image: Path) -> dict:
         with Image.open(image) as im:
-            return self.processor.image_processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
+            return self.processor.image_processor(images=[im.convert("RGB")], return_tensors="pt")
+
+    def _anyres_features(self, image: Path, device, dtype) -> dict:
+        """One LLaVA-NeXT image: its patches' features [P, S, D] (bf16, CPU) and its size [2]."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        enc = self.image_inputs(image)
+        size = enc["image_sizes"][0]
+        cfg = self.model.config
+        n = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        feats = vision_features(self.model, enc["pixel_values"][0, :n].to(device, dtype))  # [P, S, D]
+        return {"patches": feats.to("cpu", torch.bfloat16).clone(), "image_size": size.clone()}
 
     @torch.no_grad()
     def ensure(self, images: list[Path], batch_size: int = 16, progress=None, save_every: int = 256) -> None:
         todo = sorted({str(p) for p in images} - set(self.store))
-        dtype = next(self.model.model.vision_tower.parameters()).dtype
+        weight = next(self.model.model.vision_tower.parameters())
+        anyres = is_anyres(self.model)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
-            pv = torch.cat([self.pixel_values(Path(p)) for p in chunk])
-            feats = vision_features(self.model, pv.to(dtype))
-            for p, f in zip(chunk, feats):
-                self.store[p] = f.to(torch.bfloat16).clone()
+            if anyres:  # one image at a time: each has its own number of patches
+                for p in chunk:
+                    self.store[p] = self._anyres_features(Path(p), weight.device, weight.dtype)
+            else:
+                pv = torch.cat([self.pixel_values(Path(p)) for p in chunk])
+                feats = vision_features(self.model, pv.to(weight.device, weight.dtype))
+                for p, f in zip(chunk, feats):
+                    self.store[p] = f.to("cpu", torch.bfloat16).clone()
             if progress is not None:
                 progress.update(len(chunk))
             if (i // batch_size + 1) % max(save_every // batch_size, 1) == 0:
@@ -248,8 +349,9 @@ class FeatureCache:
 
 
 def collate(examples: list[Example], cache: FeatureCache, pad_id: int):
-    """Right-padded batch: ids [B, T], attention [B, T], features [B, S, D] (float32), and the loss
-    positions ``(b, t)`` whose logits predict an assistant token (t+1 masked in)."""
+    """Right-padded batch: ids [B, T], attention [B, T], features [B, S, D] (float32; for anyres
+    models a list of B (patches [P, S, D], image size)), and the loss positions ``(b, t)`` whose
+    logits predict an assistant token (t+1 masked in), with their labels [P]. On the CPU."""
     T = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(examples), T), dtype=torch.long)
@@ -261,16 +363,37 @@ def collate(examples: list[Example], cache: FeatureCache, pad_id: int):
     pred = tgt_mask[:, 1:]  # position t predicts token t+1
     bs, ts = pred.nonzero(as_tuple=True)
     labels = ids[bs, ts + 1]
-    feats = torch.stack([cache[e.image] for e in examples]).float()
+    entries = [cache[e.image] for e in examples]
+    if torch.is_tensor(entries[0]):
+        feats = torch.stack(entries).float()
+    else:
+        feats = [(f["patches"].float(), f["image_size"]) for f in entries]
     return ids, att, feats, (bs, ts), labels
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, max_norm: float = 1.0) -> None:
-    """Backward, clip the trainable parameters' gradient norm, step: the same in every trainer."""
+def to_device(batch, device):
+    """A `collate` batch on ``device``."""
+    ids, att, feats, (bs, ts), labels = batch
+    feats = feats.to(device) if torch.is_tensor(feats) else [(f.to(device), s) for f, s in feats]
+    return ids.to(device), att.to(device), feats, (bs.to(device), ts.to(device)), labels.to(device)
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, max_norm: float = 1.0,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, clip the trainable parameters' gradient norm, step: the same in every trainer.
+    With a ``scaler`` (float16 autocast, whose small gradients would underflow) the loss is scaled
+    for the backward and the gradients unscaled before clipping; a step with inf/NaN is skipped."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(list(params), max_norm)
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
 
 
 def batches(examples: list, batch_size: int, seed: int, epoch: int, length=lambda e: len(e.input_ids)):

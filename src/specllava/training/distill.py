@@ -2,9 +2,9 @@
 
 Contract:
 
-- `train_draft(cfg)` distils a draft `LlavaForConditionalGeneration` from a target one, the
-  Spec-LLaVA recipe: minimise KL(p || q) (p = target, q = draft token distribution) at every
-  assistant token of LLaVA conversation JSON, teacher-forced along the answers. With
+- `train_draft(cfg)` distils a draft of the target's class from the target, the Spec-LLaVA recipe:
+  minimise KL(p || q) (p = target, q = draft token distribution) at every assistant token of LLaVA
+  conversation JSON, teacher-forced along the answers. With
   ``regenerate`` the answers are first replaced by the target's own greedy answers to each record's
   first question (cached in ``<out>/answers.jsonl``, one line per record, resumable), so the draft
   learns the text it will actually be asked to predict. ``sampled_answers`` adds that many answers
@@ -12,12 +12,19 @@ Contract:
   ``<out>/sampled_answers.jsonl``, resumable): at T>0 the draft is asked to continue the target's
   sampled text, which wanders far from its greedy answers. The token ranking stays that of the
   other answers, so the default draft vocabulary sizes do not change.
-- The draft starts as `build_draft_from_target(target, draft_layers)` (the target's embedding, first
-  layers, norm and tied head) or from ``draft_init`` (a small LLaVA folder, or a config.json whose
-  model is built fresh; the target's vision tower weights are copied into it when they fit). The
-  vision tower is frozen and its features cached (`FeatureCache`); embedding and head stay frozen
-  when they are the target's own (the draft then shares its vocabulary rows exactly, and the
-  shipped file can omit them); everything else trains.
+- Any stock LLaVA-family target (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`
+  with anyres images), loaded with `specllava.models.options.LoadOptions` (dtype, device, device map,
+  attention implementation). The target is its own teacher, in its own dtype on its own device (no
+  copy); the draft's trained tensors are float32 on ``device``, its forward under autocast to the
+  target's dtype on that device type when the target is in 16 bits (with loss scaling in float16).
+- The draft starts as the target's first ``draft_layers`` layers (`draft_from_target`: the target's
+  embedding, first layers, norm and head; the default), from ``draft_preset`` (a published draft
+  shape, `DRAFT_PRESETS`: a fresh Llama LM of that shape with the target's vocabulary, tokenizer,
+  vision tower weights and image layout; a new projector) or from ``draft_init`` (a small LLaVA
+  folder, or a config.json whose model is built fresh; the target's vision tower weights are
+  copied into it when they fit). The vision tower is frozen and its features cached
+  (`FeatureCache`); embedding and head stay frozen when they are the target's own (the draft then
+  shares its vocabulary rows exactly, and the shipped file can omit them); everything else trains.
 - ``exits`` adds early exits after some draft layers (final norm + head on that layer's output),
   trained jointly, so one run measures several draft depths.
 - Resumable: ``<out>/checkpoint.pt`` every ``checkpoint_every`` steps, at the end, and when the
@@ -27,7 +34,7 @@ Contract:
   target forward, bonus included), the measured per-forward costs and the speedup bound they imply.
 - Outputs: ``<out>/draft/`` (``save_pretrained`` folder with the target's processor: a usable model),
   ``<out>/draft.safetensors`` (the `specllava.models.shipped` format: trained tensors only, bf16,
-  ``num_layers`` metadata), ``history.json``, ``loss.png``, ``report.json``. Both draft outputs carry
+  ``num_layers`` metadata; not for preset drafts, which it cannot describe), ``history.json``, ``loss.png``, ``report.json``. Both draft outputs carry
   the draft's token ranking (the training answers' ids, most frequent first), which
   ``draft_vocab=K`` uses to pick a reduced draft vocabulary (`specllava.core.vocab`).
 """
@@ -36,10 +43,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,23 +53,35 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from specllava.core.vocab import RANKING_ATTR, draft_ranking, rank_tokens
+from specllava.models.options import LoadOptions
+from specllava.training.answers import (  # noqa: F401  (answers_ranking, first_question: this module's API too)
+    answers_ranking,
+    first_question,
+    regenerate_answers,
+    sampled_answers,
+)
 from specllava.training.common import (
-    Checkpoint,
     FeatureCache,
     answer_logits,
-    batches,
     collate,
+    encode_prompts,
     encode_record,
-    image_seq_length,
+    image_tokens,
+    input_device,
     load_records,
-    optimizer_step,
-    plot_history,
+    model_inputs,
     prompt_text,
-    record_id,
-    smooth,
     split_held_out,
+    to_device,
     with_images,
 )
+from specllava.training.loop import lr_at, plot_losses, start_run, train_loop  # noqa: F401  (lr_at: this module's API too)
+
+# The published Spec-LLaVA draft shapes (Llama LMs; vocabulary, tokenizer and vision tower: the target's).
+DRAFT_PRESETS = {
+    "llava-68m": {"num_hidden_layers": 2, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072},
+    "llava-160m": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072},
+}
 
 
 @dataclass
@@ -72,13 +90,15 @@ class DistillConfig:
 
     target: target model folder; None = the assembled default target.
     data / eval_data: LLaVA JSON; without eval_data, ``held_out_fraction`` of data's images are held out.
-    draft_layers / draft_init: the draft's starting point (see the module docstring).
+    draft_layers / draft_preset / draft_init: the draft's starting point (see the module docstring).
+    dtype / device / device_map / attn_implementation: how the target loads (`LoadOptions`; the
+        draft trains on ``device``, or where the target reads its inputs under a device map).
     exits: extra early exits (1-based draft layer numbers) trained and reported too.
     regenerate: answer every training record with the target first (greedy, cached, resumable);
         ``regenerate_max_new_tokens`` caps those answers, ``regenerate_batch`` prompts run at once.
     limit: use at most this many training records (seeded choice).
     steps / batch_size / lr / warmup: AdamW, linear warm-up then cosine to 10%.
-    bf16: teacher in bf16, draft under bf16 autocast (AMX); trained tensors stay fp32.
+    bf16: False = everything in float32 (the same as dtype "float32"); True = ``dtype``.
     eval_prompts / eval_max_new_tokens: held-out prompts per eval file and tokens generated for each.
     """
 
@@ -88,6 +108,7 @@ class DistillConfig:
     out: Path = Path("runs/draft")
     draft_layers: int = 2
     draft_init: Path | None = None
+    draft_preset: str | None = None
     exits: list | None = None
     regenerate: bool = False
     regenerate_max_new_tokens: int = 128
@@ -107,35 +128,96 @@ class DistillConfig:
     eval_prompts: int = 16
     eval_max_new_tokens: int = 128
     bf16: bool = True
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    attn_implementation: str | None = None
+
+    @property
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(dtype=self.dtype if self.bf16 else "float32", device=self.device,
+                           device_map=self.device_map, attn_implementation=self.attn_implementation)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Models
 
 
-def load_target(path: Path | None):
+def load_target(cfg: DistillConfig):
+    """(target, processor) as ``cfg.load_options`` says (default: the assembled default target)."""
     from specllava.training.target import load_model
 
-    return load_model(path)
+    return load_model(cfg.target, options=cfg.load_options)
+
+
+def draft_from_target(model, num_layers: int):
+    """A model of ``model``'s class made of its first ``num_layers`` layers, with its embedding,
+    tower, projector, final norm and head (for a target: the default draft, its early exit before
+    any training; for a draft: one of its early exits). In ``model``'s dtype, on the CPU, eval mode."""
+    depth = model.config.text_config.num_hidden_layers
+    if not 1 <= num_layers <= depth:
+        raise ValueError(f"the draft's depth must lie in 1..{depth} (the target's), got {num_layers}")
+    config = copy.deepcopy(model.config)
+    config.text_config.num_hidden_layers = num_layers
+    if getattr(config.text_config, "layer_types", None):
+        config.text_config.layer_types = config.text_config.layer_types[:num_layers]
+    small = type(model)(config)
+    source = model.state_dict()  # the first layers have the same names in both models
+    small.load_state_dict({k: source[k] for k in small.state_dict()}, strict=True)
+    small.generation_config = copy.deepcopy(model.generation_config)
+    return small.to(next(model.parameters()).dtype).eval()
+
+
+def truncated(draft, num_layers: int):
+    """The draft's first ``num_layers`` layers with its norm and head (an early exit as a model)."""
+    return draft_from_target(draft, num_layers).to(next(draft.parameters()).device)
+
+
+def preset_config(target, name: str):
+    """The config of a ``DRAFT_PRESETS`` draft for ``target``: the target's own config (vision
+    tower, image layout, image token) with a Llama LM of the preset's shape that keeps the target's
+    vocabulary, special tokens, context length and RoPE."""
+    from transformers import LlamaConfig
+
+    if name not in DRAFT_PRESETS:
+        raise ValueError(f"unknown draft preset {name!r}; choose one of {', '.join(DRAFT_PRESETS)}")
+    text = target.config.text_config
+    keep = {k: getattr(text, k) for k in ("vocab_size", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+                                          "eos_token_id", "pad_token_id") if getattr(text, k, None) is not None}
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    lm = LlamaConfig(**DRAFT_PRESETS[name], **keep, tie_word_embeddings=False,
+                     **({"rope_parameters": copy.deepcopy(rope)} if isinstance(rope, dict) and "rope_type" in rope else {}))
+    config = copy.deepcopy(target.config)
+    config.text_config = lm
+    return config
+
+
+def _copy_vision_tower(draft, target) -> bool:
+    tower, src = draft.model.vision_tower.state_dict(), target.model.vision_tower.state_dict()
+    if tower.keys() == src.keys() and all(tower[k].shape == src[k].shape for k in tower):
+        draft.model.vision_tower.load_state_dict(src)
+        return True
+    return False
 
 
 def make_draft(target, cfg: DistillConfig):
-    """(draft fp32, embeddings_frozen): from the target's first layers, a folder or a config.
-    Embedding and head stay frozen when they are the target's (see `shares_vocabulary_rows`)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    """(draft fp32, embeddings_frozen): from the target's first layers, a preset, a folder or a
+    config. Embedding and head stay frozen when they are the target's (see `shares_vocabulary_rows`)."""
+    from transformers import AutoModelForImageTextToText
 
-    from specllava.models import build_draft_from_target
-
+    if cfg.draft_preset is not None:
+        draft = type(target)(preset_config(target, cfg.draft_preset))
+        _copy_vision_tower(draft, target)
+        draft.generation_config = copy.deepcopy(target.generation_config)
+        return draft.float(), False
     if cfg.draft_init is None:
-        return build_draft_from_target(target, cfg.draft_layers).float(), True
+        return draft_from_target(target, cfg.draft_layers).float(), True
     init = Path(cfg.draft_init)
     if init.is_dir():
-        draft = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        draft = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
     elif init.is_file() and init.suffix == ".json":
-        draft = LlavaForConditionalGeneration(LlavaConfig.from_json_file(str(init)))
-        tower, src = draft.model.vision_tower.state_dict(), target.model.vision_tower.state_dict()
-        if tower.keys() == src.keys() and all(tower[k].shape == src[k].shape for k in tower):
-            draft.model.vision_tower.load_state_dict(src)
+        draft = type(target)(type(target.config).from_json_file(str(init)))
+        _copy_vision_tower(draft, target)
     else:
         raise FileNotFoundError(f"--draft-init {init}: expected a LLaVA model folder or a config .json file")
     vt, vd = target.config.text_config.vocab_size, draft.config.text_config.vocab_size
@@ -149,28 +231,13 @@ def make_draft(target, cfg: DistillConfig):
 
 def shares_vocabulary_rows(draft, target) -> bool:
     """True when the draft's input embedding and LM head equal the target's (a draft made by
-    `build_draft_from_target`, e.g. a previous run's): they then stay frozen and shared, as in a
+    `draft_from_target`, e.g. a previous run's): they then stay frozen and shared, as in a
     fresh run, so `ship-default` can keep omitting them."""
     pairs = ((draft.get_input_embeddings(), target.get_input_embeddings()),
              (draft.get_output_embeddings(), target.get_output_embeddings()))
     with torch.no_grad():
         return all(a is not None and b is not None and a.weight.shape == b.weight.shape
-                   and torch.equal(a.weight.float(), b.weight.float()) for a, b in pairs)
-
-
-def truncated(draft, num_layers: int):
-    """The draft's first ``num_layers`` layers with its norm and head (an early exit as a model)."""
-    from transformers import LlavaForConditionalGeneration
-
-    config = copy.deepcopy(draft.config)
-    config.text_config.num_hidden_layers = num_layers
-    if getattr(config.text_config, "layer_types", None):
-        config.text_config.layer_types = config.text_config.layer_types[:num_layers]
-    small = LlavaForConditionalGeneration(config)
-    source = draft.state_dict()
-    small.load_state_dict({k: source[k] for k in small.state_dict()}, strict=True)
-    small.generation_config = copy.deepcopy(draft.generation_config)
-    return small.to(next(draft.parameters()).dtype).eval()
+                   and torch.equal(a.weight.float().cpu(), b.weight.float().cpu()) for a, b in pairs)
 
 
 def trainable_parameters(draft, embeddings_frozen: bool) -> dict[str, torch.nn.Parameter]:
@@ -186,75 +253,6 @@ def trainable_parameters(draft, embeddings_frozen: bool) -> dict[str, torch.nn.P
 
 
 # ---------------------------------------------------------------------------------------------------
-# Regeneration
-
-
-def first_question(rec: dict) -> dict:
-    return {**rec, "conversations": rec["conversations"][:1]}
-
-
-@torch.no_grad()
-def regenerate_answers(target, processor, records: list[dict], image_root: Path, cache_path: Path,
-                       max_new_tokens: int, batch_size: int, log=print, do_sample: bool = False) -> list[dict]:
-    """Each record's first question answered by the target (greedy; sampled at T=1 with
-    ``do_sample``), as new one-turn records.
-
-    Answers are appended to ``cache_path`` (JSONL ``{"id", "answer"}``) as they are produced; on a
-    restart the ids already there are not regenerated. Prompts are batched with left padding.
-    """
-    from PIL import Image
-
-    done = {}
-    if cache_path.is_file():
-        for line in cache_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a kill
-            done[row["id"]] = row["answer"]
-    ids = [record_id(r, i) for i, r in enumerate(records)]
-    todo = [(i, r) for i, r in enumerate(records) if ids[i] not in done]
-    log(f"regenerate: {len(done)} answers cached, {len(todo)} to generate -> {cache_path}")
-    tok = processor.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"  # batched greedy generation: every prompt ends where its answer starts
-    try:
-        with cache_path.open("a") as f, tqdm(total=len(todo), desc="regenerate answers", mininterval=15) as bar:
-            for k in range(0, len(todo), batch_size):
-                chunk = todo[k : k + batch_size]
-                texts = [prompt_text(tok, r["conversations"][:1]) for _, r in chunk]
-                images = [Image.open(image_root / r["image"]).convert("RGB") for _, r in chunk]
-                enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
-                out = target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                      **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {}))
-                for (i, _), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                    answer = tok.decode(row, skip_special_tokens=True)  # unstripped: the target wrote it
-                    done[ids[i]] = answer
-                    f.write(json.dumps({"id": ids[i], "answer": answer}) + "\n")
-                f.flush()
-                bar.update(len(chunk))
-    finally:
-        tok.padding_side = side
-    out = []
-    for i, rec in enumerate(records):
-        answer = done[ids[i]]
-        if answer:
-            out.append({**first_question(rec), "conversations": [rec["conversations"][0], {"from": "gpt", "value": answer}]})
-    return out
-
-
-def sampled_answers(target, processor, records: list[dict], image_root: Path, out: Path, n: int, seed: int,
-                    max_new_tokens: int, batch_size: int, log=print) -> list[dict]:
-    """`n` answers the target samples at T=1 to a seeded choice of `records` (cached in
-    ``<out>/sampled_answers.jsonl``), as one-turn records; [] for n = 0."""
-    if not n:
-        return []
-    pick = random.Random(seed + 1).sample(records, min(n, len(records)))
-    return regenerate_answers(target, processor, pick, image_root, out / "sampled_answers.jsonl",
-                              max_new_tokens, batch_size, log, do_sample=True)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Distillation
 
 
@@ -265,21 +263,29 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
-def distill_step(teacher, draft, batch, exits: list[int], bf16: bool) -> torch.Tensor:
-    """Mean over the draft's exits of KL(target || draft exit) at the batch's assistant tokens."""
-    ids, att, feats, pos, _ = batch
+def autocast_dtype(target) -> torch.dtype | None:
+    """The dtype the draft computes in under autocast: the target's when it is a 16-bit one, else
+    None (float32 throughout)."""
+    dtype = next(target.parameters()).dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def distill_step(teacher, draft, batch, exits: list[int], bf16: bool = False,
+                 autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Mean over the draft's exits of KL(target || draft exit) at the batch's assistant tokens.
+
+    The teacher reads the batch on its own device in its own dtype; the draft on its device under
+    autocast to ``autocast`` (``bf16=True``: bfloat16; neither: float32).
+    """
+    dtype = autocast or (torch.bfloat16 if bf16 else None)
+    device = input_device(draft)
     with torch.no_grad():
-        p_logits = answer_logits(teacher, ids, feats.to(next(teacher.parameters()).dtype), att, pos)  # [P, vocab]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ids, att, feats, pos, _ = to_device(batch, input_device(teacher))
+        p_logits = answer_logits(teacher, ids, feats, att, pos).to(device)  # [P, vocab]
+    ids, att, feats, pos, _ = to_device(batch, device)
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         q_logits = answer_logits(draft, ids, feats, att, pos, exits=exits)  # list of [P, vocab]
     return sum(kl_loss(p_logits, q) for q in q_logits) / len(q_logits)
-
-
-def lr_at(step, base, warmup, total):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,8 +316,9 @@ def measure_acceptance(target, draft, processor, records: list[dict], image_root
     hist: list[int] = []
     for rec in tqdm(records[:n], desc=desc, mininterval=15):
         img = Image.open(image_root / rec["image"]).convert("RGB")
-        enc = processor(images=[img], text=[prompt_text(tok, rec["conversations"][:1])], return_tensors="pt")
-        out = decoder.generate(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"], max_new_tokens=max_new_tokens)
+        enc = model_inputs(target, encode_prompts(processor, [img], [prompt_text(tok, rec["conversations"][:1])]))
+        images = {k: enc[k] for k in ("pixel_values", "image_sizes") if k in enc}  # image_sizes: LLaVA-NeXT
+        out = decoder.generate(input_ids=enc["input_ids"], **images, max_new_tokens=max_new_tokens)
         st = out.stats
         for key in totals:
             totals[key] += 1 if key == "prompts" else st.get(key, 0)
@@ -337,15 +344,19 @@ def forward_cost_ms(model, prefix_len: int = 200, new: int = 1, repeats: int = 1
 
     lm = model.model.language_model
     vocab = model.config.text_config.vocab_size
-    ids = torch.randint(0, vocab, (1, prefix_len))
+    device = input_device(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
+    ids = torch.randint(0, vocab, (1, prefix_len)).to(device)
     times = []
     for _ in range(repeats):
         cache = DynamicCache()
         lm(input_ids=ids, cache=cache, use_cache=True)
-        step = torch.randint(0, vocab, (1, new))
+        step = torch.randint(0, vocab, (1, new)).to(device)
+        sync()
         t = time.perf_counter()
         h = lm(input_ids=step, cache=cache, use_cache=True).last_hidden_state
         model.lm_head(h)
+        sync()
         times.append(time.perf_counter() - t)
     return 1000 * sorted(times)[len(times) // 2]
 
@@ -386,80 +397,56 @@ def _prepare_data(cfg, target, processor, log):
 
 
 def train_draft(cfg: DistillConfig, log=print) -> dict:
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                                                indent=1, default=str))
-    target, processor = load_target(cfg.target)
-    target.float().eval()
+    out = start_run(cfg, Path(cfg.out))
+    target, processor = load_target(cfg)
     records, sampled, root, evals = _prepare_data(cfg, target, processor, log)
 
     draft, embeddings_frozen = make_draft(target, cfg)
+    draft.to(cfg.device or input_device(target))
     n_layers = draft.config.text_config.num_hidden_layers
     exits = sorted({*(cfg.exits or []), n_layers})
     if exits[0] < 1 or exits[-1] > n_layers:
         raise ValueError(f"--exits must lie in 1..{n_layers} (the draft's depth), got {cfg.exits}")
     params = trainable_parameters(draft, embeddings_frozen)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    teacher = copy.deepcopy(target).to(torch.bfloat16) if cfg.bf16 else target
+    amp = autocast_dtype(target)
 
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    examples = [encode_record(r, tok, image_seq_length(target), root, i) for i, r in enumerate(records + sampled)]
+    n_image = image_tokens(target, processor)
+    examples = [encode_record(r, tok, n_image, root, i) for i, r in enumerate(records + sampled)]
     ranked = examples[: len(records)]  # the token ranking: the answers without the sampled ones
     log(f"draft: {n_layers} layers, exits {exits}, {sum(p.numel() for p in params.values())} trainable params; "
         f"{len(examples)} training examples ({len(sampled)} sampled answers), "
-        f"{sum(sum(e.loss_mask) for e in examples)} assistant tokens")
+        f"{sum(sum(e.loss_mask) for e in examples)} assistant tokens; target {next(target.parameters()).dtype} "
+        f"on {input_device(target)}, draft on {input_device(draft)}" + (f" under {amp} autocast" if amp else ""))
     cache = FeatureCache(target, processor, out / "features.pt")
     with tqdm(total=len({str(e.image) for e in examples} - set(cache.store)), desc="vision features", mininterval=15) as bar:
         cache.ensure([e.image for e in examples], progress=bar)
 
-    ckpt = Checkpoint(out)
-    step = ckpt.load(params, opt) if cfg.resume else 0
-    if step:
-        log(f"resumed from {ckpt.path} at step {step}")
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    start, stopped = time.time(), "steps"
-    draft.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="distil draft", mininterval=15)
-    while step < cfg.steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        idx = batches(examples, cfg.batch_size, cfg.seed, epoch)[k]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        loss = distill_step(teacher, draft, collate([examples[i] for i in idx], cache, pad_id), exits, cfg.bf16)
-        optimizer_step(loss, opt, params.values())
-        step += 1
-        ckpt.history.append({"step": step, "kl": loss.item(), "time_s": time.time() - start})
-        bar.update()
-        bar.set_postfix(kl=f"{smooth([h['kl'] for h in ckpt.history])[-1]:.3f}")
-        over = cfg.max_minutes is not None and (time.time() - start) / 60 > cfg.max_minutes
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over:
-            ckpt.save(step, params, opt)
-        if over:
-            stopped = "time budget"
-            break
-    bar.close()
-    train_minutes = (time.time() - start) / 60
-    del teacher
-    draft.eval()
-    save_draft(draft, processor, out, embeddings_frozen, token_ranking=answer_token_ranking(ranked))
-    (out / "history.json").write_text(json.dumps(ckpt.history))
-    sm = smooth([h["kl"] for h in ckpt.history], 25)
-    plot_history([{"step": h["step"], "KL per step": h["kl"], "KL (mean of 25)": s} for h, s in zip(ckpt.history, sm)],
-                 out / "loss.png", f"draft distillation: KL(target || draft), mean over exits {exits}",
-                 ("KL per step", "KL (mean of 25)"))
+    def loss_fn(batch):
+        loss = distill_step(target, draft, collate(batch, cache, pad_id), exits, autocast=amp)
+        return loss, {"kl": loss.item()}
 
-    # The report: shipped weights are bf16, so measure the draft as it will be loaded.
-    shipped = bf16_rounded(draft, embeddings_frozen)
-    report = {"steps": step, "stopped_by": stopped, "train_minutes": train_minutes, "exits": exits,
+    draft.train()
+    run = train_loop(examples, params, opt, loss_fn, out, steps=cfg.steps, batch_size=cfg.batch_size,
+                     warmup=cfg.warmup, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+                     max_minutes=cfg.max_minutes, resume=cfg.resume, desc="distil draft", postfix="kl", log=log,
+                     grad_scaler=torch.amp.GradScaler(input_device(draft).type) if amp == torch.float16 else None)
+    draft.eval()
+    save_draft(draft, processor, out, embeddings_frozen, token_ranking=answer_token_ranking(ranked),
+               shipped=cfg.draft_preset is None)
+    plot_losses(run.history, out / "loss.png", f"draft distillation: KL(target || draft), mean over exits {exits}",
+                {"kl": "KL"})
+
+    # The report: shipped weights are bf16, so measure the draft as it will be loaded (in the target's dtype).
+    shipped = bf16_rounded(draft, embeddings_frozen).to(next(target.parameters()).dtype)
+    report = {"steps": run.steps, "stopped_by": run.stopped_by, "train_minutes": run.minutes, "exits": exits,
               "cost_ms": {"target_1_token": forward_cost_ms(target)}, "eval": {}}
     for depth in exits:
         d = shipped if depth == n_layers else truncated(shipped, depth)
         report["cost_ms"][f"draft_{depth}_layers_1_token"] = forward_cost_ms(d)
-        for name, (recs, eroot) in evals.items():
+        for name, (recs, eroot) in evals.items() if cfg.eval_prompts else ():  # 0 prompts: no report
             r = measure_acceptance(target, d, processor, recs, eroot, cfg.eval_prompts, cfg.eval_max_new_tokens,
                                    desc=f"eval {name} ({depth} layers)")
             report["eval"][f"{name}/{depth}_layers"] = r
@@ -473,20 +460,6 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
 def answer_token_ranking(examples) -> list[int]:
     """Ids of the assistant tokens the draft was trained on, most frequent first: its token ranking."""
     return rank_tokens(t for e in examples for t, m in zip(e.input_ids, e.loss_mask) if m)
-
-
-def answers_ranking(path: Path | list, tokenizer) -> list[int] | None:
-    """The token ranking of a run's ``answers.jsonl`` (the target's regenerated answers; several
-    such files ranked together when given a list), for a draft trained before drafts carried one;
-    None without any of the files."""
-    answers = []
-    for p in path if isinstance(path, list) else [path]:
-        if Path(p).is_file():
-            with open(p) as f:
-                answers += [json.loads(line)["answer"] for line in f if line.strip()]
-    if not answers:
-        return None
-    return rank_tokens(t for a in answers for t in tokenizer(a, add_special_tokens=False).input_ids)
 
 
 def bf16_rounded(draft, embeddings_frozen: bool):
@@ -505,8 +478,10 @@ def shipped_tensor_names(draft, embeddings_frozen: bool) -> set[str]:
 
 
 def save_draft(draft, processor, out: Path, embeddings_frozen: bool, num_layers: int | None = None,
-               token_ranking: list[int] | None = None) -> Path:
-    """Write ``<out>/draft/`` (a full model folder) and ``<out>/draft.safetensors`` (shipped format).
+               token_ranking: list[int] | None = None, shipped: bool = True) -> Path:
+    """Write ``<out>/draft/`` (a full model folder) and, with ``shipped``, ``<out>/draft.safetensors``
+    (the shipped format, which rebuilds the draft from the target's first layers: only for drafts
+    shaped like the target; a preset draft is its ``draft/`` folder). Returns the file or the folder.
 
     ``num_layers`` < the draft's depth exports that early exit instead. ``token_ranking`` (the ids
     of the training answers, most frequent first; default: the draft's own, if it has one) goes
@@ -522,9 +497,11 @@ def save_draft(draft, processor, out: Path, embeddings_frozen: bool, num_layers:
     model_dir = out / "draft"
     draft.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
+    if not shipped:
+        return model_dir
     names = shipped_tensor_names(draft, embeddings_frozen)
     state = draft.state_dict()
-    tensors = {n: state[n].detach().to(torch.bfloat16).contiguous() for n in sorted(names)}
+    tensors = {n: state[n].detach().to("cpu", torch.bfloat16).contiguous() for n in sorted(names)}
     path = out / "draft.safetensors"
     meta = {"num_layers": str(draft.config.text_config.num_hidden_layers)}
     if token_ranking:

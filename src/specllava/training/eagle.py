@@ -29,10 +29,8 @@ Contract:
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,27 +39,19 @@ from tqdm import tqdm
 
 from specllava.core.eagle import EagleHead
 from specllava.core.vocab import draft_vocab_ids, rank_tokens, ranked_vocab_size
+from specllava.training.answers import answers_ranking, regenerate_answers, sampled_answers
 from specllava.training.common import (
     Checkpoint,
     FeatureCache,
-    batches,
     encode_record,
     image_seq_length,
     input_embeddings,
     load_records,
-    optimizer_step,
-    plot_history,
-    smooth,
     split_held_out,
     with_images,
 )
-from specllava.training.distill import (
-    answers_ranking,
-    lr_at,
-    measure_acceptance,
-    regenerate_answers,
-    sampled_answers,
-)
+from specllava.training.distill import measure_acceptance
+from specllava.training.loop import plot_losses, start_run, train_loop
 
 
 @dataclass
@@ -231,11 +221,7 @@ def head_ranking(out: Path, tokenizer, train: list[dict]) -> list[int]:
 def train_eagle(cfg: EagleConfig, log=print) -> dict:
     from specllava.training.target import load_model
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    out = start_run(cfg, Path(cfg.out))
     target, processor = load_model(cfg.target, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     records = _records(cfg, target, processor, log)
     examples = extract_features(target, processor, records, out / "features.pt", cfg.generate_batch, log)
@@ -254,44 +240,24 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     trainer = Trainer(head, target, vocab_ids, cfg.passes, cfg.reg_weight, cfg.noise)
     params = dict(head.named_parameters())
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    ckpt = Checkpoint(out)
-    step = ckpt.load(params, opt) if cfg.resume else 0
-    per_epoch = math.ceil(len(train) / cfg.batch_size)
-    start, stopped = time.time(), "steps"
-    report = {"before": trainer.evaluate(held, cfg.batch_size, hidden)} if step == 0 else {}
+    resuming = cfg.resume and Checkpoint(out).path.is_file()
+    report = {} if resuming else {"before": trainer.evaluate(held, cfg.batch_size, hidden)}
+
+    def loss_fn(batch):
+        loss, parts = trainer.loss(collate(batch, hidden))
+        return loss, {"loss": loss.item(), **parts}
+
     head.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train EAGLE head", mininterval=15)
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
-        epoch, k = divmod(step, per_epoch)
-        order = batches(train, cfg.batch_size, cfg.seed, epoch, length=lambda e: e["ids"].numel())[k]
-        loss, parts = trainer.loss(collate([train[j] for j in order], hidden))
-        optimizer_step(loss, opt, params.values())
-        step += 1
-        ckpt.history.append({"step": step, "loss": loss.item(), **parts, "time_s": time.time() - start})
-        bar.update()
-        bar.set_postfix(ce1=f"{smooth([h['ce1'] for h in ckpt.history])[-1]:.3f}")
-        over = cfg.max_minutes is not None and (time.time() - start) / 60 > cfg.max_minutes
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over:
-            ckpt.save(step, params, opt)
-            head.save(out / "eagle_head.safetensors")
-        if over:
-            stopped = "time budget"
-            break
-    bar.close()
+    run = train_loop(train, params, opt, loss_fn, out, steps=cfg.steps, batch_size=cfg.batch_size, warmup=cfg.warmup,
+                     seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, max_minutes=cfg.max_minutes,
+                     resume=cfg.resume, desc="train EAGLE head", postfix="ce1", length=lambda e: e["ids"].numel(),
+                     on_checkpoint=lambda step: head.save(out / "eagle_head.safetensors"), log=log)
     head.eval()
     head.save(out / "eagle_head.safetensors")
-    (out / "history.json").write_text(json.dumps(ckpt.history))
-    keys = [f"ce{s}" for s in range(1, cfg.passes + 1)]
-    points = {}  # step -> curves; a run resumed with more passes has the deeper ones from then on
-    for k in keys:
-        rows = [h for h in ckpt.history if k in h]
-        for h, v in zip(rows, smooth([h[k] for h in rows], 25)):
-            points.setdefault(h["step"], {"step": h["step"]})[f"{k} (mean of 25)"] = v
-    plot_history(list(points.values()), out / "loss.png", "EAGLE head: cross-entropy against the target, per unrolled pass",
-                 tuple(f"{k} (mean of 25)" for k in keys))
-    report.update({"steps": step, "stopped_by": stopped, "train_minutes": (time.time() - start) / 60,
+    # a run resumed with more passes has the deeper curves from then on
+    plot_losses(run.history, out / "loss.png", "EAGLE head: cross-entropy against the target, per unrolled pass",
+                {f"ce{s}": f"ce{s}" for s in range(1, cfg.passes + 1)}, raw=False)
+    report.update({"steps": run.steps, "stopped_by": run.stopped_by, "train_minutes": run.minutes,
                    "after": trainer.evaluate(held, cfg.batch_size, hidden), "draft_vocab": int(vocab_ids.numel())})
     report["eval"] = {}
     for path in cfg.eval_data or []:

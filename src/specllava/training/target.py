@@ -23,7 +23,7 @@ import random
 import re
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,19 +31,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from specllava.training.common import (
-    Checkpoint,
     FeatureCache,
-    batches,
     collate,
     encode_record,
+    ensure_chat_template,
     image_seq_length,
     load_records,
-    optimizer_step,
-    plot_history,
     prompt_text,
-    smooth,
     with_images,
 )
+from specllava.training.loop import plot_losses, start_run, train_loop
 
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 
@@ -155,9 +152,12 @@ def pick_records(records: list[dict], per_source: dict | None, seed: int) -> lis
     return out
 
 
-def load_model(init: Path | None, dtype=torch.float32):
-    """(model, processor): ``init`` folder, or the assembled default target."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def load_model(init: Path | None, dtype=torch.float32, options=None):
+    """(model, processor): ``init`` folder (a LLaVA-family model: its class from its config), or the
+    assembled default target. ``options`` (a `specllava.models.options.LoadOptions`), when given,
+    decides dtype, device, device map and attention implementation instead of ``dtype``; the
+    processor's tokenizer gets the processor's chat template when it has none (`ensure_chat_template`)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import specllava.models  # noqa: F401  (registers the EfficientNet tower)
 
@@ -165,8 +165,17 @@ def load_model(init: Path | None, dtype=torch.float32):
         from specllava.models import assemble_default_models
 
         init = assemble_default_models().target_dir
-    model = LlavaForConditionalGeneration.from_pretrained(init, dtype=dtype).eval()
-    return model, AutoProcessor.from_pretrained(init)
+    kwargs = {"dtype": dtype}
+    if options is not None:
+        kwargs = {"dtype": options.torch_dtype}
+        if options.device_map is not None:
+            kwargs["device_map"] = options.device_map
+        if options.attn_implementation is not None:
+            kwargs["attn_implementation"] = options.attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(init, **kwargs).eval()
+    if options is not None and options.device_map is None:
+        model.to(options.resolved_device)
+    return model, ensure_chat_template(AutoProcessor.from_pretrained(init))
 
 
 def encode_all(records, tokenizer, seq_len, root, desc) -> list:
@@ -185,13 +194,6 @@ def lm_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def lr_at(step: int, cfg_lr: float, warmup: int, total: int) -> float:
-    if step < warmup:
-        return cfg_lr * (step + 1) / warmup
-    frac = (step - warmup) / max(total - warmup, 1)
-    return cfg_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-
 @torch.no_grad()
 def eval_loss(model, examples, cache, pad_id, batch_size) -> float:
     total, n = 0.0, 0
@@ -204,12 +206,7 @@ def eval_loss(model, examples, cache, pad_id, batch_size) -> float:
 
 
 def train_target(cfg: TargetTrainConfig, log=print) -> dict:
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, indent=1))
-
+    out = start_run(cfg, Path(cfg.out))
     model, processor = load_model(cfg.init)
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -251,59 +248,34 @@ def train_target(cfg: TargetTrainConfig, log=print) -> dict:
         cache.ensure(images, progress=bar)
     log(f"vision features: {len(cache.store)} images cached ({time.time() - t0:.0f}s)")
 
-    ckpt = Checkpoint(out)
-    step = ckpt.load(trainable, opt) if cfg.resume else 0
-    if step:
-        log(f"resumed from {ckpt.path} at step {step}")
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    start = time.time()
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train target", mininterval=15)
-    stopped = "steps"
-    while step < cfg.steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        idx = batches(train, cfg.batch_size, cfg.seed, epoch)[k]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, g["base_lr"], cfg.warmup, cfg.steps)
-        loss = lm_loss(model, collate([train[i] for i in idx], cache, pad_id))
-        optimizer_step(loss, opt, trainable.values())
-        step += 1
-        ckpt.history.append({"step": step, "loss": loss.item(), "time_s": time.time() - start})
-        bar.update()
-        bar.set_postfix(loss=f"{smooth([h['loss'] for h in ckpt.history if 'loss' in h])[-1]:.3f}")
+    def loss_fn(batch):
+        loss = lm_loss(model, collate(batch, cache, pad_id))
+        return loss, {"loss": loss.item()}
+
+    def evaluate(step, history):
         if held and (step % cfg.eval_every == 0 or step == cfg.steps):
             model.eval()
             ev = eval_loss(model, held, cache, pad_id, cfg.batch_size)
             model.train()
-            ckpt.history.append({"step": step, "eval_loss": ev})
+            history.append({"step": step, "eval_loss": ev})
             log(f"step {step}: held-out loss {ev:.4f}")
-        over = cfg.max_minutes is not None and (time.time() - start) / 60 > cfg.max_minutes
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over:
-            ckpt.save(step, trainable, opt)
-        if over:
-            stopped = "time budget"
-            break
-    bar.close()
+
+    model.train()
+    run = train_loop(train, trainable, opt, loss_fn, out, steps=cfg.steps, batch_size=cfg.batch_size, warmup=cfg.warmup,
+                     seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, max_minutes=cfg.max_minutes,
+                     resume=cfg.resume, desc="train target", after_step=evaluate, log=log)
     model.eval()
     tensors, meta = export_weights(model, lora, cfg.lora_alpha, max(cfg.lora_rank, 1))
     from safetensors.torch import save_file
 
     save_file(tensors, str(out / "target.safetensors"), metadata=meta)
-    (out / "history.json").write_text(json.dumps(ckpt.history))
-    plot_history(_smoothed(ckpt.history), out / "loss.png", "target training: cross-entropy on assistant tokens",
-                 ("loss per step", "loss (mean of 25)", "held-out loss"))
-    summary = {"steps": step, "stopped_by": stopped, "train_minutes": (time.time() - start) / 60,
-               "final_eval_loss": next((h["eval_loss"] for h in reversed(ckpt.history) if "eval_loss" in h), None)}
+    plot_losses(run.history, out / "loss.png", "target training: cross-entropy on assistant tokens", {"loss": "loss"},
+                markers={"eval_loss": "held-out loss"})
+    summary = {"steps": run.steps, "stopped_by": run.stopped_by, "train_minutes": run.minutes,
+               "final_eval_loss": next((h["eval_loss"] for h in reversed(run.history) if "eval_loss" in h), None)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"done: {summary}")
     return summary
-
-
-def _smoothed(history):
-    losses = [h for h in history if "loss" in h]
-    sm = smooth([h["loss"] for h in losses], 25)
-    return ([{"step": h["step"], "loss per step": h["loss"], "loss (mean of 25)": s} for h, s in zip(losses, sm)]
-            + [{"step": h["step"], "held-out loss": h["eval_loss"]} for h in history if "eval_loss" in h])
 
 
 # ---------------------------------------------------------------------------------------------------
