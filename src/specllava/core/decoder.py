@@ -448,7 +448,8 @@ def _check_model(model, role: str) -> None:
                          f"...ForConditionalGeneration), got {type(model).__name__}")
     if role == "target" and not hasattr(model, "generate"):
         raise ValueError(f"the target must be a generative Hugging Face model with generate(), got {type(model).__name__}")
-    if any(p.is_meta for p in model.parameters()):
+    # accelerate's offload keeps weights on the meta device until its hooks load them (hf_device_map)
+    if not getattr(model, "hf_device_map", None) and any(p.is_meta for p in model.parameters()):
         raise ValueError(f"the {role}'s weights are on the meta device (not loaded): load it with real weights, "
                          "e.g. from_pretrained() without device_map='meta', or move it with .to_empty() and load them")
 

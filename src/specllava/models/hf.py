@@ -128,7 +128,8 @@ def load_pair(target: str | None, draft: str | None, options: LoadOptions | torc
                              "not to the default pair")
         from . import load_default_models
 
-        m = load_default_models(dtype=options.dtype, draft=need_draft and draft is None, device=options.device)
+        where = {} if options.device is None else {"device": options.device}
+        m = load_default_models(dtype=options.dtype, draft=need_draft and draft is None, **where)
         info = {"target": "default", "draft": "default", "trained": dict(m.paths.trained)}
         if draft is None or not need_draft:
             return m.target, m.draft, m.processor, info
