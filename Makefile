@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo gpu-check clean
 
 EXAMPLE_IMAGE := src/specllava/assets/example.jpg
 
@@ -37,6 +37,14 @@ test-fast: setup
 # and the shipped weights) and describes the example photo with dynamic-tree speculative decoding.
 demo: setup
 	$(BIN)/specllava generate --image $(EXAMPLE_IMAGE) --prompt "Describe this image."
+
+# On a machine with a CUDA GPU: the CUDA exactness tests in float16 and bfloat16, then timings of a
+# LLaVA-1.5-7B-shaped target with random weights; JSON and plots under runs/gpu-check/ (under
+# 8 minutes on one GPU). It needs a Python whose torch is a CUDA build (`make setup` installs the
+# CPU wheel): GPU_PY=path/to/python. `tools/gpu_check.py --tiny` rehearses it on a CPU.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	PYTHONPATH=src $(GPU_PY) tools/gpu_check.py --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

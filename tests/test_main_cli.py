@@ -17,7 +17,7 @@ from specllava.models.hf import chat_inputs
 def pair(assembled_pair, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        models = load_models(assembled_pair)
+        models = load_models(assembled_pair, dtype=torch.float32)
     img = tmp_path_factory.mktemp("cli") / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(img)
     return assembled_pair, models, img
@@ -32,7 +32,7 @@ def run_cli(args, capsys):
 def test_generate_json_equals_target_generate(pair, capsys):
     paths, models, img = pair
     code, out, _ = run_cli(
-        ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+        ["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
          "--prompt", "Describe this image.", "--max-new-tokens", "12", "--json"],
         capsys,
     )
@@ -49,7 +49,7 @@ def test_generate_json_equals_target_generate(pair, capsys):
 def test_generate_streams_text_to_stdout_and_stats_to_stderr(pair, capsys):
     paths, _, img = pair
     code, out, err = run_cli(
-        ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+        ["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
          "--prompt", "Hi", "--max-new-tokens", "8", "--method", "chain"],
         capsys,
     )
@@ -61,12 +61,12 @@ def test_generate_streams_text_to_stdout_and_stats_to_stderr(pair, capsys):
 def test_generate_clear_errors(pair, capsys):
     paths, _, img = pair
     with pytest.raises(SystemExit) as exc:  # refused while parsing the arguments, before any loading
-        main(["generate", "--target", str(paths.target_dir), "--image", "missing.png", "--prompt", "x"])
+        main(["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--image", "missing.png", "--prompt", "x"])
     assert exc.value.code == 2 and "image file not found: missing.png" in capsys.readouterr().err
-    code, _, err = run_cli(["generate", "--target", str(paths.target_dir), "--image", str(img), "--prompt", "x"], capsys)
+    code, _, err = run_cli(["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--image", str(img), "--prompt", "x"], capsys)
     assert code == 2 and "--method dynamic (or use --method ar) needs --draft" in err
     with pytest.raises(SystemExit):
-        main(["generate", "--prompt", "x", "--tree-option", "node_budget"])
+        main(["generate", "--dtype", "float32", "--prompt", "x", "--tree-option", "node_budget"])
 
 
 def test_generate_budget_auto_calibrates_once_and_stays_exact(pair, capsys, tmp_path, monkeypatch):
@@ -74,7 +74,7 @@ def test_generate_budget_auto_calibrates_once_and_stays_exact(pair, capsys, tmp_
 
     monkeypatch.setattr(budget, "CACHE_DIR", tmp_path / "calibration")
     paths, models, img = pair
-    args = ["generate", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
+    args = ["generate", "--dtype", "float32", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir), "--image", str(img),
             "--prompt", "Describe this image.", "--max-new-tokens", "10", "--json", "--budget", "auto"]
     code, out, err = run_cli(args, capsys)
     assert code == 0 and "--budget auto: node_budget = " in err

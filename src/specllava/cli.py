@@ -60,7 +60,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=cli_args.non_negative_int, default=0, help="top-k filter when sampling (0 = off)")
     p.add_argument("--top-p", type=cli_args.probability, default=1.0, help="nucleus filter when sampling (1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    from .models.options import add_load_args  # imports torch: the parser is built only when a command runs
+
+    add_load_args(p)
     p.add_argument("--threads", type=cli_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--tree-option", type=cli_args.tree_option, action="append", default=[], metavar="NAME=VALUE",
@@ -90,11 +92,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .models.hf import load_pair, parse_dtype
+    from .models.hf import load_pair
+    from .models.options import LoadOptions
 
     need_draft = args.method != "ar"
     target, draft, processor, _ = load_pair(
-        args.target, args.draft, parse_dtype(args.dtype), need_draft, why=f"--method {args.method} (or use --method ar)"
+        args.target, args.draft, LoadOptions.from_args(args), need_draft, why=f"--method {args.method} (or use --method ar)"
     )
     return target, draft, processor
 
@@ -158,8 +161,7 @@ def run_generate(args) -> int:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
         out = decoder.generate(
-            input_ids=inputs["input_ids"],
-            pixel_values=inputs.get("pixel_values"),
+            **inputs,  # input_ids, pixel_values and whatever else the processor returned (image_sizes, ...)
             max_new_tokens=args.max_new_tokens,
             do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else 1.0,

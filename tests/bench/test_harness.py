@@ -15,7 +15,7 @@ from specllava.cli import main
 def test_bench_runs_end_to_end_and_writes_json_markdown_and_plots(assembled_pair, llava_json, tmp_path):
     target, draft = assembled_pair.target_dir, assembled_pair.draft_dir
     out = tmp_path / "out"
-    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json),
+    rc = main(["bench", "--dtype", "float32", "--target", str(target), "--draft", str(draft), "--data", str(llava_json),
                "--max-new-tokens", "10", "--temperature", "0", "1", "--threads", "1", "--repeats", "2",
                "--tree-option", "min_path_conf=0", "--draft-vocab", "64", "--out", str(out), "--no-progress",
                "--variant", "dyn-shallow=dynamic:max_depth=2,min_feed_mass=0.2,draft_vocab=32"])
@@ -126,7 +126,7 @@ def test_bench_measures_an_eagle_head_beside_the_draft(assembled_pair, llava_jso
     head = EagleHead.from_target(LlavaForConditionalGeneration.from_pretrained(target), token_ranking=list(range(50)))
     head_file = head.save(tmp_path / "head" / "eagle_head.safetensors")
     out = tmp_path / "out"
-    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods",
+    rc = main(["bench", "--dtype", "float32", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods",
                "hf,dynamic", "--max-new-tokens", "8", "--threads", "1", "--out", str(out), "--no-progress",
                "--eagle", str(head_file.parent), "--variant", "eagle=dynamic:draft=eagle"])
     assert rc == 0
@@ -135,13 +135,13 @@ def test_bench_measures_an_eagle_head_beside_the_draft(assembled_pair, llava_jso
     assert sec["exact_match"]["eagle"]["rate"] == 1.0 and res["models"]["eagle"] == str(head_file.parent)
     assert all(r["stats"]["draft_forwards"] > 0 for r in sec["records"] if r["method"] == "eagle")
     # the head as --draft serves every draft method, but cannot be transformers' assistant
-    assert main(["bench", "--target", str(target), "--draft", str(head_file), "--data", str(llava_json), "--methods",
+    assert main(["bench", "--dtype", "float32", "--target", str(target), "--draft", str(head_file), "--data", str(llava_json), "--methods",
                  "hf,chain", "--max-new-tokens", "4", "--threads", "1", "--out", str(tmp_path / "o2"), "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["bench", "--target", str(target), "--draft", str(head_file), "--data", str(llava_json), "--methods",
+    assert main(["bench", "--dtype", "float32", "--target", str(target), "--draft", str(head_file), "--data", str(llava_json), "--methods",
                  "hf,hf-assisted", "--max-new-tokens", "4", "--out", str(tmp_path / "o3"), "--no-progress"]) == 2
     assert "an EAGLE head cannot be transformers' assistant" in capsys.readouterr().err
-    assert main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods", "hf",
+    assert main(["bench", "--dtype", "float32", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods", "hf",
                  "--variant", "e=dynamic:draft=eagle", "--out", str(tmp_path / "o4"), "--no-progress"]) == 2
     assert "pass the head with --eagle" in capsys.readouterr().err
 
@@ -153,7 +153,7 @@ def test_bench_compares_a_second_draft_model_in_the_same_run(assembled_pair, lla
     noisy = tmp_path / "noisy"  # a second draft: the target with heavy noise, so it is seldom right
     perturbed_copy(LlavaForConditionalGeneration.from_pretrained(target), 2.0, seed=5).save_pretrained(noisy)
     out = tmp_path / "out"
-    rc = main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods",
+    rc = main(["bench", "--dtype", "float32", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods",
                "hf,dynamic", "--max-new-tokens", "32", "--threads", "1", "--out", str(out), "--no-progress",
                "--other-draft", str(noisy), "--variant", "noisy=dynamic:draft=other,draft_quant=none",
                # random tiny models are unsure of everything: grow the trees anyway
@@ -167,7 +167,7 @@ def test_bench_compares_a_second_draft_model_in_the_same_run(assembled_pair, lla
     summary = res["summary"]["set T=0"]
     assert summary["noisy"]["mean_accepted"] < summary["dynamic"]["mean_accepted"]
     capsys.readouterr()
-    assert main(["bench", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods", "hf",
+    assert main(["bench", "--dtype", "float32", "--target", str(target), "--draft", str(draft), "--data", str(llava_json), "--methods", "hf",
                  "--variant", "o=dynamic:draft=other", "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "--other-draft DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit):

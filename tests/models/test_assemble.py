@@ -24,7 +24,7 @@ def assemble(cache, assets, sources=None, **kwargs):
 def load(paths):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_models(paths)
+        return load_models(paths, dtype=torch.float32)  # the float32 weights these tests compare against
 
 
 def image(seed=0, size=(90, 140)):
@@ -159,7 +159,7 @@ def test_shipped_weights_are_applied(tmp_path, no_assets):
         warnings.simplefilter("error")  # nothing is missing any more
         paths = assemble_models(tmp_path / "trained", tiny_sources(), assets_dir=no_assets)
     assert paths.trained == {"target": True, "draft": True}
-    pair = load_models(paths)
+    pair = load_models(paths, dtype=torch.float32)
     state = pair.target.state_dict()
     for name, value in proj.items():
         torch.testing.assert_close(state[name], value)

@@ -113,7 +113,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     models.add_argument("--other-draft", type=cli_args.model_source, default=None, metavar="DIR",
                         help="a second draft model (e.g. a new train-draft run's draft/ folder) for variants with "
                         "draft=other, e.g. --variant new=dynamic:draft=other: two drafts compared in one interleaved run")
-    models.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+    from ..models.options import add_load_args  # imports torch
+
+    add_load_args(models)
     run = p.add_argument_group("measurement")
     run.add_argument("--methods", type=_methods, default=ALL_METHODS, metavar="M1,M2",
                      help=f"comma-separated methods (default: {','.join(ALL_METHODS)})")
@@ -158,11 +160,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_models(args):
-    from ..models.hf import load_pair, parse_dtype
+    from ..models.hf import load_pair
 
     needs_draft = any(m not in ("hf", "ar") for m in args.methods)
     why = f"methods {','.join(args.methods)} (only hf and ar run without a draft)"
-    return load_pair(args.target, args.draft, parse_dtype(args.dtype), needs_draft, why=why)
+    from ..models.options import LoadOptions
+
+    return load_pair(args.target, args.draft, LoadOptions.from_args(args), needs_draft, why=why)
 
 
 def _prompt_sets(args) -> dict:
@@ -250,9 +254,11 @@ def run(args) -> int:
         model_info["eagle"] = str(args.eagle)
     other = None
     if args.other_draft is not None:
-        from ..models.hf import load_model, parse_dtype
+        from ..models.hf import load_model
 
-        other = load_model(args.other_draft, parse_dtype(args.dtype))
+        from ..models.options import LoadOptions
+
+        other = load_model(args.other_draft, LoadOptions.from_args(args), role="draft")
         model_info["other_draft"] = str(args.other_draft)
     tree_options = dict(args.tree_option)
     out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")  # made when the first file is written
@@ -265,7 +271,9 @@ def run(args) -> int:
         from .report import plot_calibration
 
         first = next(iter(sets.values()))[: args.calibration_prompts]
-        inputs = [prepare_inputs(processor, p, target.dtype) for p in first]
+        from ..core.runner import input_device
+
+        inputs = [prepare_inputs(processor, p, target.dtype, input_device(target)) for p in first]
         vocab = args.draft_vocab or default_draft_vocab(draft, 0)  # calibrated at T=0
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
                                                max_new_tokens=args.max_new_tokens, draft_vocab=vocab,
@@ -301,7 +309,7 @@ def run(args) -> int:
         "command": " ".join(["specllava"] + sys.argv[1:]),
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "machine": machine_info(torch.get_num_threads()),
-        "models": {**model_info, "dtype": args.dtype},
+        "models": {**model_info, "dtype": str(target.dtype).removeprefix("torch."), "device": str(target.device)},
         "tree_options": tree_options,
         "draft_vocab": draft_vocabs,  # per section
         "draft_quant": args.draft_quant,

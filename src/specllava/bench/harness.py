@@ -61,8 +61,9 @@ class BenchSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
-def prepare_inputs(processor, prompt: BenchPrompt, dtype: torch.dtype) -> dict:
-    """Tokenised chat prompt (+ pixel_values in the model dtype), built before any timing."""
+def prepare_inputs(processor, prompt: BenchPrompt, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict:
+    """Tokenised chat prompt (+ pixel_values in the model dtype), on the target's input device,
+    built before any timing."""
     from PIL import Image
 
     from ..models.hf import chat_inputs
@@ -77,7 +78,9 @@ def prepare_inputs(processor, prompt: BenchPrompt, dtype: torch.dtype) -> dict:
         out["pixel_values"] = inputs["pixel_values"].to(dtype)
     if out["attention_mask"] is None:
         out["attention_mask"] = torch.ones_like(out["input_ids"])
-    return out
+    if inputs.get("image_sizes") is not None:  # LLaVA-NeXT
+        out["image_sizes"] = inputs["image_sizes"]
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def method_order(methods: tuple[str, ...], turn: int) -> list[str]:
@@ -118,7 +121,9 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
     """Run every method on every prompt; returns {"settings", "records", "exact_match", ...}."""
     from tqdm.auto import tqdm
 
-    inputs = [prepare_inputs(processor, p, target.dtype) for p in prompts]
+    from ..core.runner import input_device
+
+    inputs = [prepare_inputs(processor, p, target.dtype, input_device(target)) for p in prompts]
     runners = {}
     for m in settings.methods:
         base, extra = settings.variants.get(m, (m, {}))
@@ -223,9 +228,9 @@ def divergence(target, inputs: dict, hf_tokens: list[int], tokens: list[int]) ->
     out = {"position": j,
            "hf_token": hf_tokens[j] if j < len(hf_tokens) else None,
            "method_token": tokens[j] if j < len(tokens) else None}
-    prefix = torch.tensor([hf_tokens[:j]], dtype=torch.long)
+    prefix = torch.tensor([hf_tokens[:j]], dtype=torch.long, device=inputs["input_ids"].device)
     ids = torch.cat([inputs["input_ids"], prefix], dim=1)
-    kwargs = {"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else {}
+    kwargs = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
     logits = target(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **kwargs).logits[0, -1].float()
     top = logits.topk(2)
     out.update(top1=int(top.indices[0]), top2=int(top.indices[1]),

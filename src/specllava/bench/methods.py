@@ -124,7 +124,7 @@ class MethodRunner:
         t0, c0 = time.perf_counter(), time.process_time()
         if self.decoder is not None:
             out = self.decoder.generate(
-                input_ids=inputs["input_ids"], pixel_values=inputs.get("pixel_values"),
+                **inputs,  # input_ids, attention_mask, pixel_values, image_sizes (LLaVA-NeXT)
                 max_new_tokens=max_new_tokens, do_sample=sampling.do_sample,
                 temperature=sampling.temperature if sampling.do_sample else 1.0,
                 top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, streamer=streamer,

@@ -17,8 +17,21 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
 def new_cache(model) -> DynamicCache:
+    """An empty cache of full-attention layers for `model`. A sliding-window model (Mistral) gets
+    full layers too: every key is kept and the window is applied by the attention mask (the
+    model's own, or `tree.attention_bias(window=...)`), as transformers does for a cache that holds
+    more than the window; so compaction stays a gather, and positions stay cache indices."""
     config = model.config.get_text_config(decoder=True) if hasattr(model, "config") else None
+    if config is not None and _sliding(config):
+        return DynamicCache()  # lazily one DynamicLayer per layer
     return DynamicCache(config=config)
+
+
+def _sliding(config) -> bool:
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return any(kind != "full_attention" for kind in kinds)
+    return getattr(config, "sliding_window", None) is not None
 
 
 def _layers(cache) -> list:
@@ -108,10 +121,9 @@ def compact(cache, start: int, keep: torch.Tensor) -> None:
     """
     m = int(keep.numel())
     if isinstance(cache, KVBuffer):
-        src = keep.to(cache.keys[0].device) + start
         for store in (cache.keys, cache.values):
-            for t in store:
-                t[:, :, start : start + m] = t[:, :, : cache.length].index_select(-2, src)
+            for t in store:  # layer by layer, on each layer's device
+                t[:, :, start : start + m] = t[:, :, : cache.length].index_select(-2, keep.to(t.device) + start)
         cache.length = start + m
         return
     for layer in _layers(cache):

@@ -32,7 +32,8 @@ from .config import METHODS, TreeConfig
 from .drafting import Drafter
 from .eagle import EagleDrafter, EagleHead, HeadPath, HeadRunner
 from .quant import resolve_quant
-from .runner import DraftPath, ModelRunner, TargetPath, image_token_id, is_vlm, vocab_size
+from .runner import (CHECKS, DraftPath, ModelRunner, TargetPath, image_token_id, input_device, is_vlm,
+                     unsupported_attention, vocab_size)
 from .sampling import SamplingParams, processed_probs
 from .tree import ancestor_mask, attention_bias, position_ids, root_only
 from .verify import draw, verify_greedy, verify_sampling
@@ -97,6 +98,10 @@ class SpeculativeDecoder:
         _check_model(target, "target")
         if draft is not None:
             _check_model(draft, "draft")
+        with CHECKS.stamp_window():  # each model's weights fingerprinted once for the cached checks
+            self._build(target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options)
+
+    def _build(self, target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method != "ar" and draft is None:
@@ -116,6 +121,11 @@ class SpeculativeDecoder:
                 )
             if is_vlm(draft) and not is_vlm(target):
                 raise ValueError("a vision-language draft needs a vision-language target (the target is text-only)")
+        if method != "ar":  # anything a tree forward cannot take is refused here, not mid-generation
+            for role, model in (("target", target), ("draft", None if self.eagle else draft)):
+                why = model is not None and unsupported_attention(model)
+                if why:
+                    raise ValueError(f"the {role} ({type(model).__name__}) cannot verify token trees: {why}")
         self.target, self.draft, self.method = target, draft, method
         self.target_path = TargetPath.build(target) if target_lean else None
         sampled = draft_vocab
@@ -137,7 +147,8 @@ class SpeculativeDecoder:
                 raise ValueError(f"static tree choices use draft rank {rank}, but the draft proposes from {min(sizes)} "
                                  "tokens; use smaller ranks or a larger draft_vocab")
         # the draft's prefill reuses the target's vision features (identical vision towers)
-        self.shares_vision = method != "ar" and not self.eagle and shares_vision_tower(target, draft)
+        self.shares_vision = method != "ar" and not self.eagle and draft is not None and CHECKS.get(
+            target, ("shares_vision", id(draft)), lambda: shares_vision_tower(target, draft), draft)
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -155,9 +166,13 @@ class SpeculativeDecoder:
         seed: int | None = None,
         streamer=None,
         on_step=None,
+        **model_inputs,
     ) -> SpecOutput:
         """Decode up to `max_new_tokens` tokens after the prompt (batch size 1).
 
+        model_inputs: every other tensor the target's processor returns (LLaVA-NeXT's
+                  `image_sizes`, ...), passed on to the target's prefill as generate() takes them
+                  (and to a vision-language draft's). Call it as `generate(**processor(...))`.
         streamer: an HF-style streamer (`put`/`end`), fed the prompt then each step's tokens.
         on_step:  optional callback `on_step(tree, verdict)` after every verification step, with
                   the verified `Tree` (its tokens, parents, depth and draft scores) and the
@@ -168,28 +183,32 @@ class SpeculativeDecoder:
         _check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         params = SamplingParams(do_sample, temperature, top_k, top_p)
         eos = self._eos_set(eos_token_id)
+        # The verification's uniforms are drawn on the CPU on purpose (`verify._uniform`); the
+        # draft's Gumbel noise with a generator on the draft's device, seeded from the CPU one.
         gen = torch.Generator(device="cpu")
         if seed is not None:
             gen.manual_seed(mix_seed(int(seed)))
         else:
             gen.seed()
-        input_ids = input_ids.to(self.target.device)
+        target = ModelRunner(self.target, self.target_path, keep_hidden=self.eagle and self.method != "ar")
+        input_ids = input_ids.to(target.device)
         if pixel_values is not None:  # the processor gives float32; a bf16 model wants bf16
-            pixel_values = pixel_values.to(self.target.device, self.target.dtype)
+            pixel_values = pixel_values.to(target.device, self.target.dtype)
+        model_inputs = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in model_inputs.items()}
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
         t0 = time.perf_counter()
-        target = ModelRunner(self.target, self.target_path, keep_hidden=self.eagle and self.method != "ar")
         # 0. prefill: the first token comes from generate()'s own prefill logits. The draft then
         #    reuses the target's vision features when it has the same vision tower (core.vision).
         share = self.shares_vision and pixel_values is not None
         with capture_projector_input(self.target) if share else nullcontext([]) as seen:
-            first_logits = target.prefill_like_generate(input_ids, pixel_values, attention_mask)
+            first_logits = target.prefill_like_generate(input_ids, pixel_values, attention_mask, **model_inputs)
         if self.eagle:
             drafter = self._eagle_drafter(target, input_ids, params, gen)
         else:
-            drafter = self._prefill_draft(input_ids, pixel_values, params, gen, seen[0] if len(seen) == 1 else None)
+            drafter = self._prefill_draft(input_ids, pixel_values, params, self._draft_generator(gen),
+                                          seen[0] if len(seen) == 1 else None, model_inputs)
         root = self._choose(first_logits, params, gen)
         t_prefill = time.perf_counter() - t0
 
@@ -201,21 +220,26 @@ class SpeculativeDecoder:
         while not done:
             # 1. draft a tree rooted at the last emitted token (plain decoding: the root alone)
             t = time.perf_counter()
-            tree = drafter.draft(root) if drafter else root_only(root, device=input_ids.device)
+            tree = drafter.draft(root) if drafter else root_only(root, device=target.device)
             stats.t_draft += time.perf_counter() - t
             # 2. verify: one target forward over the whole tree, on top of the cached prefix
             t = time.perf_counter()
             prefix = target.length
-            anc = ancestor_mask(tree.parents)  # [N, N]
+            seen_tree = tree.to(target.device)  # drafted on the draft's device
+            anc = ancestor_mask(seen_tree.parents)  # [N, N]
+            positions = position_ids(seen_tree, prefix)  # [N]
             # A lone root needs no mask: the model's own causal path is the one generate() takes.
-            bias = attention_bias(anc, prefix, target.dtype) if len(tree) > 1 else None
-            logits = target.forward(tree.tokens, position_ids(tree, prefix), bias)
+            bias = None
+            if len(tree) > 1:
+                window = dict(window=target.window, query_pos=positions, key_pos=positions) if target.window else {}
+                bias = attention_bias(anc, prefix, target.dtype, **window)
+            logits = target.forward(seen_tree.tokens, positions, bias)  # [N, V], on the target's last device
             # 3. accept: the accepted path and the bonus token
             if params.do_sample:
-                drawn = _DraftQ(drafter, logits.shape[-1]) if drafter and drafter.sampled else None
-                verdict = verify_sampling(tree, _LazyProbs(logits, params), gen, drawn)
+                drawn = _DraftQ(drafter, logits.shape[-1], logits.device) if drafter and drafter.sampled else None
+                verdict = verify_sampling(seen_tree, _LazyProbs(logits, params), gen, drawn)
             else:
-                verdict = verify_greedy(tree, logits, anc)
+                verdict = verify_greedy(seen_tree.to(logits.device), logits, anc.to(logits.device))
             # 4. compact both caches to the accepted path
             compact(target.cache, prefix, torch.tensor(verdict.path, dtype=torch.long))
             if drafter:
@@ -247,23 +271,39 @@ class SpeculativeDecoder:
         )
 
     # ------------------------------------------------------------------------------------------
-    def _prefill_draft(self, input_ids, pixel_values, params, generator=None, vision=None) -> Drafter | None:
-        """vision: the target's selected vision features for this image, when the draft can reuse them."""
+    def _draft_generator(self, gen: torch.Generator) -> torch.Generator:
+        """The request's generator for the draft's draws: `gen` itself for a draft on the CPU, else
+        a generator on the draft's device seeded from `gen` (one CPU draw)."""
+        if self.draft is None or self.eagle:
+            return gen
+        device = input_device(self.draft)
+        if device.type == "cpu":
+            return gen
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _prefill_draft(self, input_ids, pixel_values, params, generator=None, vision=None,
+                       model_inputs=None) -> Drafter | None:
+        """vision: the target's selected vision features for this image, when the draft can reuse them.
+        model_inputs: the processor's other tensors, for a vision-language draft's prefill."""
         if self.method == "ar":
             return None
         runner = ModelRunner(self.draft, path=self.sampled_draft_path if params.do_sample else self.draft_path)
+        extra = {k: v.to(runner.device) if torch.is_tensor(v) else v for k, v in (model_inputs or {}).items()}
         if is_vlm(self.draft) and vision is not None:
-            runner.prefill(input_ids.to(self.draft.device), mm_encoder_outputs=draft_image_inputs(self.draft, vision))
+            image = draft_image_inputs(self.draft, vision, extra.pop("image_sizes", None))
+            runner.prefill(input_ids.to(runner.device), mm_encoder_outputs=image, **extra)
         elif is_vlm(self.draft) and pixel_values is not None:
-            runner.prefill(input_ids.to(self.draft.device), pixel_values=pixel_values.to(self.draft.device, self.draft.dtype))
+            runner.prefill(input_ids.to(runner.device), pixel_values=pixel_values.to(runner.device, self.draft.dtype),
+                           **extra)
         elif is_vlm(self.draft):  # a text-only prompt: the VLM draft reads it as its language model would
-            runner.prefill(input_ids.to(self.draft.device))
+            runner.prefill(input_ids.to(runner.device))
         else:
             ids = input_ids
             img = image_token_id(self.target) if is_vlm(self.target) else None
             if img is not None:  # a text-only draft reads the prompt without the image tokens
                 ids = ids[:, ids[0] != img]
-            runner.prefill(ids.to(self.draft.device))
+            runner.prefill(ids.to(runner.device))
         # The draft cache now holds the whole prompt; the first step feeds it the root.
         if not params.do_sample:
             return Drafter(runner, self.method, self.config)
@@ -288,8 +328,11 @@ class SpeculativeDecoder:
         quant = resolve_quant(draft_quant, self.draft.device)
         if quant is None and vocab is None:
             return None
+        # built once per draft, vocabulary and mode (int8 quantization takes seconds), then shared
+        # by every decoder on this draft, like the checks (`runner.CHECKS`)
+        key = ("draft_path", quant, lean, None if vocab is None else hash(vocab.cpu().numpy().tobytes()))
         try:
-            return DraftPath(self.draft, vocab, quant, lean=lean)
+            return CHECKS.get(self.draft, key, lambda: DraftPath(self.draft, vocab, quant, lean=lean))
         except ValueError:
             if draft_quant != "auto" or vocab is not None:
                 raise
@@ -304,7 +347,8 @@ class SpeculativeDecoder:
         ):  # a float would silently become one token id
             raise ValueError(f"draft_vocab must be 'auto', None, an int or a LongTensor of ids, got {draft_vocab!r}")
         if isinstance(draft_vocab, int):
-            ids = draft_vocab_ids(draft_vocab, size, draft_ranking(self.draft))
+            ids = CHECKS.get(self.draft, ("vocab", draft_vocab),
+                             lambda: draft_vocab_ids(draft_vocab, size, draft_ranking(self.draft)))
         else:
             ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten().unique()
             if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= size:
@@ -319,7 +363,7 @@ class SpeculativeDecoder:
         if not params.do_sample:
             return int(logits.argmax())
         p = processed_probs(logits[None], params)[0]
-        return draw(p.cpu(), gen)
+        return draw(p, gen)
 
     def _eos_set(self, eos_token_id) -> set[int]:
         if eos_token_id is None:
@@ -404,7 +448,8 @@ def _check_model(model, role: str) -> None:
                          f"...ForConditionalGeneration), got {type(model).__name__}")
     if role == "target" and not hasattr(model, "generate"):
         raise ValueError(f"the target must be a generative Hugging Face model with generate(), got {type(model).__name__}")
-    if any(p.is_meta for p in model.parameters()):
+    # accelerate's offload keeps weights on the meta device until its hooks load them (hf_device_map)
+    if not getattr(model, "hf_device_map", None) and any(p.is_meta for p in model.parameters()):
         raise ValueError(f"the {role}'s weights are on the meta device (not loaded): load it with real weights, "
                          "e.g. from_pretrained() without device_map='meta', or move it with .to_empty() and load them")
 
@@ -444,14 +489,14 @@ class _LazyProbs:
 class _DraftQ:
     """node -> the full-vocabulary draft row its children were drawn from (sampled drafting)."""
 
-    def __init__(self, drafter: Drafter, vocab: int):
-        self.drafter, self.vocab = drafter, vocab
+    def __init__(self, drafter: Drafter, vocab: int, device: torch.device):
+        self.drafter, self.vocab, self.device = drafter, vocab, device  # device: where p lives
 
     def __contains__(self, node: int) -> bool:
         return node in self.drafter.q
 
     def __getitem__(self, node: int) -> torch.Tensor:
-        return self.drafter.full_q(node, self.vocab)
+        return self.drafter.full_q(node, self.vocab).to(self.device)
 
 
 def _cut(tokens: list[int], eos: set[int], room: int) -> tuple[list[int], bool]:

@@ -55,7 +55,7 @@ class Drafter:
         self.pending: list[int] = []
         if policy in ("chain", "static"):
             choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
-            self.static = _StaticPlan(choices)
+            self.static = _StaticPlan(choices, runner.device)
 
     # -- one step --------------------------------------------------------------------------
     def draft(self, root: int) -> Tree:
@@ -81,7 +81,7 @@ class Drafter:
             if d == self._max_depth() or (self.sampled and score.numel() - 1 >= self.node_budget):
                 break
             frontier = self._next_frontier(first_new, score, d)
-            if frontier.numel() == 0 or self._cannot_improve(score, frontier) or self._not_worth_feeding(score, frontier):
+            if frontier.numel() == 0 or self._should_stop(score, frontier):
                 break
             logits = self._feed_frontier(frontier, tokens, parents, depth)
         tree = Tree(tokens, parents, depth, score)
@@ -89,7 +89,10 @@ class Drafter:
 
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the accepted fed nodes in the draft cache; the other emitted tokens become pending."""
-        fed_rank = {int(n): i for i, n in enumerate(self.fed.tolist())}
+        n_fed = self.fed.numel()
+        read = torch.cat([self.fed, tree.tokens.to(self.fed.device)]).tolist()  # one host sync
+        fed_rank = {int(n): i for i, n in enumerate(read[:n_fed])}
+        tokens = read[n_fed:]
         keep = []
         for node in path[1:]:
             if node not in fed_rank:
@@ -99,7 +102,7 @@ class Drafter:
         compact(self.runner.cache, start, torch.tensor(keep, dtype=torch.long))
         # Accepted but never fed (e.g. leaves) must still reach the draft cache; the bonus is
         # added by the next draft() call as its root.
-        self.pending = [int(t) for t in tree.tokens[path[1 + len(keep):]].tolist()]
+        self.pending = [int(tokens[i]) for i in path[1 + len(keep):]]
 
     # -- draft-model calls -----------------------------------------------------------------
     def _top(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +134,11 @@ class Drafter:
         anc = ancestor_mask(parents)  # [n, n]
         visible = anc[frontier][:, self.fed]  # [F, fed]: fed ancestors and the node itself
         committed = self.runner.length - (self.fed.numel() - frontier.numel())
-        bias = attention_bias(visible, committed, self.runner.dtype)
+        window = {}
+        if getattr(self.runner, "window", None):  # a sliding-window draft: positions of the queries and of the fed nodes
+            window = dict(window=self.runner.window, query_pos=self.root_pos + depth[frontier],
+                          key_pos=self.root_pos + depth[self.fed])
+        bias = attention_bias(visible, committed, self.runner.dtype, **window)
         # attention_bias lays the tree block right after `committed`; here that block is all fed
         # nodes so far (older fed nodes are already cached, the frontier is being fed now).
         return self.runner.forward(tokens[frontier], self.root_pos + depth[frontier], bias)
@@ -151,8 +158,8 @@ class Drafter:
         mass_before = vals.cumsum(-1) - vals  # probability of the better siblings
         sc = score[frontier][:, None] * vals  # [F, k]
         keep = (mass_before < cfg.child_mass) & (sc >= cfg.min_path_conf)
-        par = frontier[:, None].expand_as(toks)
-        return par[keep], toks[keep], sc[keep]
+        rows, cols = keep.nonzero(as_tuple=True)  # one host sync (the count); row-major as keep's mask order
+        return frontier[rows], toks[rows, cols], sc[rows, cols]
 
     def _expand_sampled(self, frontier, logits, score):
         """Sampled mode: up to `max_children` draws from q without replacement per frontier node
@@ -162,7 +169,7 @@ class Drafter:
         cfg = self.cfg
         scaled = logits.float() / self.temperature if self.temperature != 1.0 else logits.float()
         logq = torch.log_softmax(scaled, dim=-1)  # [F, K]
-        gumbel = -torch.empty_like(logq).exponential_(generator=self.generator).log()
+        gumbel = _gumbel(logq, self.generator)
         keys, cols = (logq + gumbel).topk(min(cfg.max_children, logq.shape[-1]), dim=-1)  # draw order
         vals = logq.gather(-1, cols).exp()  # [F, k] q of each draw
         toks = cols if self.runner.vocab_ids is None else self.runner.vocab_ids[cols]
@@ -192,7 +199,7 @@ class Drafter:
     def _next_frontier(self, first_new: int, score, d) -> torch.Tensor:
         """Nodes to feed next: static: those with children in the plan; dynamic: the most confident."""
         if self.policy != "dynamic":
-            return self.static.frontier(d)
+            return self.static.frontier(d).to(score.device)
         new = torch.arange(first_new, score.numel(), device=score.device)
         if self.sampled:  # prune by confidence here, where only the expansion depends on it
             new = new[score[new] >= self.cfg.min_path_conf]
@@ -201,20 +208,23 @@ class Drafter:
             new = new[top]
         return new
 
-    def _cannot_improve(self, score, frontier) -> bool:
-        """Dynamic only: stop once no descendant of the frontier can enter the final tree."""
-        budget = self.node_budget
-        if self.policy != "dynamic" or self.sampled or score.numel() - 1 <= budget:
-            return False
-        kth = score[1:].topk(budget).values[-1]
-        return bool(score[frontier].max() <= kth)
+    def _should_stop(self, score, frontier) -> bool:
+        """Dynamic only; both rules read back in one host sync.
 
-    def _not_worth_feeding(self, score, frontier) -> bool:
-        """Dynamic only: another draft forward adds children whose path confidences sum to at
-        most the frontier's; for a calibrated draft that sum is the expected number of extra
-        accepted tokens. Below `min_feed_mass` the forward costs more than it can return."""
-        floor = self.cfg.min_feed_mass
-        return self.policy == "dynamic" and floor > 0 and float(score[frontier].sum()) < floor
+        Cannot improve: no descendant of the frontier can enter the final tree (its best path
+        confidence is at most the budget's last one). Not worth feeding: another draft forward
+        adds children whose path confidences sum to at most the frontier's; for a calibrated draft
+        that sum is the expected number of extra accepted tokens, and below `min_feed_mass` the
+        forward costs more than it can return."""
+        if self.policy != "dynamic":
+            return False
+        flags = []
+        budget = self.node_budget
+        if not self.sampled and score.numel() - 1 > budget:
+            flags.append(score[frontier].max() <= score[1:].topk(budget).values[-1])
+        if self.cfg.min_feed_mass > 0:
+            flags.append(score[frontier].sum() < self.cfg.min_feed_mass)
+        return bool(torch.stack(flags).any()) if flags else False
 
     def _finalize(self, tree: Tree) -> Tree:
         if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= self.node_budget:
@@ -229,7 +239,7 @@ class Drafter:
 class _StaticPlan:
     """A static tree (chain included) as per-depth index tables over its choices."""
 
-    def __init__(self, choices: list[tuple[int, ...]]):
+    def __init__(self, choices: list[tuple[int, ...]], device: torch.device | str = "cpu"):
         index = {(): 0}
         for i, c in enumerate(choices, start=1):
             index[c] = i
@@ -240,9 +250,11 @@ class _StaticPlan:
         for d in range(1, self.max_depth + 1):
             level = [c for c in choices if len(c) == d]
             self.by_depth.append(
-                (torch.tensor([index[c[:-1]] for c in level]), torch.tensor([c[-1] for c in level]))
+                (torch.tensor([index[c[:-1]] for c in level], device=device),
+                 torch.tensor([c[-1] for c in level], device=device))
             )
-            self.frontiers.append(torch.tensor([index[c] for c in level if c in has_children], dtype=torch.long))
+            self.frontiers.append(torch.tensor([index[c] for c in level if c in has_children], dtype=torch.long,
+                                               device=device))
         self.max_rank = max(c[-1] for c in choices) + 1
 
     def expand(self, frontier, top, score, d):
@@ -256,3 +268,13 @@ class _StaticPlan:
 
     def frontier(self, d: int) -> torch.Tensor:
         return self.frontiers[d - 1]
+
+
+def _gumbel(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel noise shaped like `like` ([F, K]), drawn with `generator` on the generator's own
+    device (the decoder gives the draft a generator on the draft's device; a draft whose logits
+    land elsewhere gets noise drawn there and moved)."""
+    if generator is None or generator.device == like.device:
+        return -torch.empty_like(like).exponential_(generator=generator).log()
+    noise = torch.empty(like.shape, dtype=like.dtype, device=generator.device).exponential_(generator=generator)
+    return -noise.to(like.device).log()

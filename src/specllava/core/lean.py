@@ -145,7 +145,7 @@ class LeanDecoder:
             return self._exact(tokens, positions, bias, cache)
         n, past = tokens.numel(), cache.length
         x = self.embed(tokens).to(self.dtype)  # [n, hidden]
-        cos, sin = self._rope(positions)  # [1, n, head_dim] each
+        cos, sin = self._rope(positions, past + n)  # [1, n, head_dim] each
         mask = self._mask(bias, n, past, x.device)
         q_end = self.heads * self.head_dim
         k_end = q_end + self.kv_heads * self.head_dim
@@ -190,9 +190,12 @@ class LeanDecoder:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)  # as transformers' RMSNorm: back to the input's dtype
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, positions: torch.Tensor, need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """need: a bound on max(positions) + 1 known without reading positions back to the host
+        (a draft step's positions never pass its cache length + n: `Drafter` feeds each node at
+        the root's position plus its depth); None reads it."""
         cos, sin = self._table  # one read: requests in other threads may replace the table meanwhile
-        need = int(positions.max()) + 1
+        need = int(positions.max()) + 1 if need is None else need
         if need > cos.shape[0]:  # (re)build the table with the model's own rotary embedding
             size = max(need, 2 * cos.shape[0], 1024)
             pos = torch.arange(size, device=positions.device)[None]

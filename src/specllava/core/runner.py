@@ -13,7 +13,10 @@ The cache itself changes only through `cache.crop` and `cache.compact`.
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
+import weakref
+from contextlib import contextmanager
 
 import torch
 import transformers
@@ -43,6 +46,107 @@ def vocab_size(model) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
+def sliding_window(model) -> int | None:
+    """The language model's attention window (Mistral's `sliding_window`) when every layer uses
+    it, None for full attention. Models that mix windowed and full layers are refused by
+    `unsupported_attention`."""
+    cfg = model.config.get_text_config(decoder=True)
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    if kinds:
+        return int(cfg.sliding_window) if kinds == {"sliding_attention"} else None
+    window = getattr(cfg, "sliding_window", None)
+    return None if window is None else int(window)
+
+
+def unsupported_attention(model) -> str | None:
+    """Why a tree forward through `model` would not be exact, or None: flash-attention kernels
+    take no arbitrary 4D mask, and per-layer attention kinds would need one mask per kind."""
+    cfg = model.config.get_text_config(decoder=True)
+    impl = getattr(cfg, "_attn_implementation", None) or ""
+    if "flash" in impl:
+        return (f"attn_implementation {impl!r} does not honour the 4D tree attention mask; load the model with "
+                "attn_implementation='sdpa' (or 'eager')")
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    if len(kinds) > 1:
+        return f"layers of several attention kinds ({', '.join(sorted(kinds))}) are not supported"
+    if kinds - {"full_attention", "sliding_attention"}:
+        return f"attention kind {', '.join(sorted(kinds))} is not supported"
+    return None
+
+
+def is_dispatched(model) -> bool:
+    """True for a model that accelerate spread over several devices or offloaded (`hf_device_map`
+    with more than one entry, or weights left on the meta device until a hook loads them)."""
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) > 1 or "disk" in devices:
+        return True
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def input_device(model) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings (for an offloaded one, the
+    device accelerate runs it on), which for a model on one device is `model.device`."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    run_on = getattr(hook, "execution_device", None)
+    if run_on is not None:
+        return torch.device(f"cuda:{run_on}" if isinstance(run_on, int) else run_on)
+    device = emb.weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def _fingerprint(model) -> tuple:
+    """Changes when the model's weights are replaced, moved, cast or modified in place (weights made
+    under torch.inference_mode keep no version counter: for those, in-place edits go unseen)."""
+    impl = getattr(model.config.get_text_config(), "_attn_implementation", None)
+    return (impl, *((p.data_ptr(), None if p.is_inference() else p._version, p.dtype) for p in model.parameters()))
+
+
+class ModelCheckCache:
+    """Results of construction-time checks (and what they build), cached per model (weakly: they
+    go with the model) and recomputed when the model's weights change (`_fingerprint`): building a
+    decoder per request then repeats no check. A fingerprint is taken once per model per
+    `stamp_window()` (one decoder construction), since it walks every parameter."""
+
+    def __init__(self):
+        self._results = weakref.WeakKeyDictionary()
+        self._local = threading.local()
+
+    @contextmanager
+    def stamp_window(self):
+        """Within it, each model's fingerprint is taken once (its weights do not change meanwhile)."""
+        self._local.stamps = {}
+        try:
+            yield
+        finally:
+            self._local.stamps = None
+
+    def _stamp(self, model) -> tuple:
+        stamps = getattr(self._local, "stamps", None)
+        if stamps is None:
+            return _fingerprint(model)
+        if id(model) not in stamps:
+            stamps[id(model)] = _fingerprint(model)
+        return stamps[id(model)]
+
+    def get(self, model, key, compute, *others):
+        per_model = self._results.setdefault(model, {})
+        stamp = (self._stamp(model), *(id(o) for o in others), *(self._stamp(o) for o in others))
+        hit = per_model.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = compute()
+        per_model[key] = (stamp, value)
+        return value
+
+    def forget(self, model) -> None:
+        """Drop `model`'s cached results (a change the fingerprint cannot see, e.g. patched code)."""
+        self._results.pop(model, None)
+
+
+CHECKS = ModelCheckCache()
+
+
 def _cache_kwarg(model) -> str:
     """transformers >= 5.2x names the cache argument `cache`; earlier 5.x `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -69,7 +173,8 @@ class DraftPath:
         rows = rows.detach()
         if quant not in (None, "int8"):
             raise ValueError(f"unknown quant {quant!r}")
-        self.lean = LeanDecoder.build(model, quant) if lean else None
+        # one lean decoder per draft and quant, whatever the head's vocabulary (`CHECKS` caches it)
+        self.lean = CHECKS.get(model, ("lean", quant), lambda: LeanDecoder.build(model, quant)) if lean else None
         if quant == "int8":
             from .quant import Int8Linear, int8_decoder
 
@@ -99,9 +204,12 @@ class TargetPath:
     def build(cls, model) -> TargetPath | None:
         """The exact path for `model`, or None when it does not cover it or when its logits differ
         from transformers' on this model (a transformers version whose Llama forward changed):
-        `matches_transformers` runs once here, and a mismatch warns and keeps transformers' forward."""
-        if cls.unsupported(model) is not None:
-            return None
+        `matches_transformers` runs once per model (cached until its weights change), and a
+        mismatch warns and keeps transformers' forward."""
+        return CHECKS.get(model, "target_path", lambda: None if cls.unsupported(model) else cls._checked(model))
+
+    @classmethod
+    def _checked(cls, model) -> TargetPath | None:
         path = cls(model)
         if not path.matches_transformers(model):
             warnings.warn(f"specllava: the exact lean path's logits differ from transformers' forward for "
@@ -116,7 +224,7 @@ class TargetPath:
         through transformers' forward and this path; True when every logit is bitwise equal."""
         from .tree import attention_bias
 
-        device = model.device
+        device = input_device(model)
         avoid = image_token_id(model)
         text_ids = [i for i in range(min(model.get_input_embeddings().num_embeddings, 64)) if i != avoid]
         ids = [text_ids[(3 + k) % len(text_ids)] for k in range(8)]
@@ -139,6 +247,8 @@ class TargetPath:
         text = model.config.get_text_config()
         if head is None or getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", None):
             return "logits are not lm_head(hidden)"
+        if is_dispatched(model):  # its weights move in and out through accelerate's hooks
+            return "dispatched by accelerate (hf_device_map / offload)"
         return LeanDecoder.unsupported(model, exact=True)
 
 
@@ -170,6 +280,8 @@ class ModelRunner:
         self.forwards = 0  # model forward passes since the last prefill, prefill included
         self.path = path
         self.vocab_ids = None if path is None else path.vocab_ids
+        self.window = sliding_window(model)  # tree masks honour it (`tree.attention_bias`)
+        self._device = input_device(model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -180,15 +292,25 @@ class ModelRunner:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        """Where its inputs go (`input_device`); its logits may come out elsewhere (sharded)."""
+        return self._device
 
     @property
     def length(self) -> int:
         return cache_length(self.cache)
 
-    def prefill_like_generate(self, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
-        """Prefill through generate(max_new_tokens=1); returns the raw last-position logits [V]."""
-        kwargs = {} if pixel_values is None else {"pixel_values": pixel_values}
+    def prefill_like_generate(self, input_ids, pixel_values=None, attention_mask=None, **model_inputs) -> torch.Tensor:
+        """Prefill through generate(max_new_tokens=1); returns the raw last-position logits [V].
+
+        model_inputs: the processor's other tensors (LLaVA-NeXT's image_sizes, ...), passed on as
+        generate() takes them."""
+        kwargs = dict(model_inputs)
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values
+        if self.window is not None:  # full layers, the window in the mask (`cache.new_cache`)
+            from .cache import new_cache
+
+            kwargs[self._cache_kw] = new_cache(self.model)
         eos = self.model.generation_config.eos_token_id
         pad = self.model.generation_config.pad_token_id
         if pad is None:
@@ -212,16 +334,19 @@ class ModelRunner:
         self._adopt(out.cache if getattr(out, "cache", None) is not None else out.past_key_values)
         return out.logits[0][0]
 
-    def prefill(self, input_ids, pixel_values=None, mm_encoder_outputs=None) -> torch.Tensor:
+    def prefill(self, input_ids, pixel_values=None, mm_encoder_outputs=None, **model_inputs) -> torch.Tensor:
         """Plain forward over the prompt; returns the last-position logits [V].
 
-        mm_encoder_outputs: precomputed image features instead of pixel_values (`core.vision`)."""
+        mm_encoder_outputs: precomputed image features instead of pixel_values (`core.vision`).
+        model_inputs: other processor tensors for the model (image_sizes, ...)."""
         from .cache import new_cache
 
         self.cache = new_cache(self.model)
-        kwargs = {} if pixel_values is None else {"pixel_values": pixel_values}
+        kwargs = dict(model_inputs)
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values
         if mm_encoder_outputs is not None:
-            kwargs = {"mm_encoder_outputs": mm_encoder_outputs}
+            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
         out = self.model(
             input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache}, **kwargs
         )

@@ -48,6 +48,13 @@ class Tree:
         parents = torch.where(old_parents >= 0, remap[old_parents.clamp(min=0)], old_parents)
         return Tree(self.tokens[keep], parents, self.depth[keep], self.score[keep])
 
+    def to(self, device: torch.device | str) -> Tree:
+        """The same tree on `device` (itself when it is already there): a tree drafted on the
+        draft's device is verified on the target's."""
+        if self.tokens.device == torch.device(device):
+            return self
+        return Tree(*(t.to(device) for t in (self.tokens, self.parents, self.depth, self.score)))
+
 
 def root_only(token: int | torch.Tensor, device: torch.device | str = "cpu") -> Tree:
     """The trivial tree: just the root (plain autoregressive decoding verifies this)."""
@@ -63,8 +70,9 @@ def root_only(token: int | torch.Tensor, device: torch.device | str = "cpu") -> 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """Boolean [N, N] mask: row i is True at i and at every ancestor of i.
 
-    Built by pointer jumping one level per iteration (depth iterations of a few tensor ops)
-    rather than a Python walk over nodes, since it runs on every decoding step.
+    Built by doubling: `reach` starts as "self or parent" and is squared ceil(log2 N) times, each
+    squaring doubling the number of levels it spans. A fixed number of small matrix products and
+    no read-back to the host (the mask is built on every decoding step, on the model's device).
 
     Example, tree   0 ── 1 ── 3          parents = [-1, 0, 0, 1]
                      └── 2
@@ -75,15 +83,12 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """
     n = parents.shape[0]
     idx = torch.arange(n, device=parents.device)
-    mask = torch.zeros(n, n, dtype=torch.bool, device=parents.device)
-    mask[idx, idx] = True
-    up = parents  # [N]: the ancestor `level` steps up, -1 once past the root
-    while True:
-        live = up >= 0
-        if not bool(live.any()):
-            return mask
-        mask[idx[live], up[live]] = True
-        up = torch.where(live, parents[up.clamp(min=0)], up)
+    reach = torch.zeros(n, n, dtype=torch.float32, device=parents.device)  # float: matmul-able
+    reach[idx, idx] = 1.0
+    reach[idx, parents.clamp(min=0)] += (parents >= 0).float()  # the root has no parent
+    for _ in range(max(n - 1, 1).bit_length()):  # 2**k >= n - 1 levels after k squarings
+        reach = (reach @ reach).clamp_(max=1.0)
+    return reach > 0
 
 
 def position_ids(tree: Tree, prefix_len: int) -> torch.Tensor:
@@ -110,18 +115,31 @@ def path_to(tree: Tree, node: int) -> list[int]:
 
 
 def attention_bias(
-    tree_mask: torch.Tensor, prefix_len: int, dtype: torch.dtype
+    tree_mask: torch.Tensor,
+    prefix_len: int,
+    dtype: torch.dtype,
+    window: int | None = None,
+    query_pos: torch.Tensor | None = None,
+    key_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive 4D attention mask [1, 1, n, prefix_len + m] for a forward on a cached prefix.
 
     tree_mask: [n, m] bool, which of the m positions after the prefix each of the n queries sees
     (for a verification forward, the tree's [N, N] ancestor mask). Every query sees the whole
     prefix; masked entries get the dtype's most negative value, as transformers' own masks do.
+
+    window: a sliding-window model's `sliding_window` (Mistral). A query at position i then sees
+    only keys at positions j > i - window, as transformers' `sliding_window_overlay` does; the
+    prefix holds positions 0..prefix_len-1, query_pos [n] and key_pos [m] are the positions of
+    the queries and of the m keys after the prefix.
     """
     n = tree_mask.shape[0]
     visible = torch.cat(
         [torch.ones(n, prefix_len, dtype=torch.bool, device=tree_mask.device), tree_mask], dim=1
     )
+    if window is not None:
+        keys = torch.cat([torch.arange(prefix_len, device=tree_mask.device), key_pos.to(tree_mask.device)])
+        visible &= keys[None, :] > query_pos.to(tree_mask.device)[:, None] - window
     bias = torch.zeros(visible.shape, dtype=dtype, device=tree_mask.device)
     bias.masked_fill_(~visible, torch.finfo(dtype).min)
     return bias[None, None]  # [1, 1, N, prefix_len + N]

@@ -26,9 +26,12 @@ from .tree import Tree
 class Verdict:
     path: list[int]  # accepted node indices, root first (the root is always on it)
     bonus: int  # bonus token id
+    tokens: list[int] | None = None  # the path's tokens, root first, when the rule read them already
 
     def emitted(self, tree: Tree) -> list[int]:
         """Tokens this step emits: the accepted draft tokens, then the bonus token."""
+        if self.tokens is not None:
+            return self.tokens[1:] + [self.bonus]
         return [int(t) for t in tree.tokens[self.path[1:]].tolist()] + [self.bonus]
 
 
@@ -47,15 +50,19 @@ def verify_greedy(tree: Tree, logits: torch.Tensor, anc: torch.Tensor) -> Verdic
     match[0] = True  # the root is already emitted
     accepted = ~(anc & ~match[None, :]).any(dim=1)  # [N]: every node on the root path matches
     depth = torch.where(accepted, tree.depth, -1)
-    last = int(depth.argmax())
-    path = anc[last].nonzero().flatten().tolist()  # ancestors in index order = root first
-    return Verdict(path=path, bonus=int(argmax[last]))
+    last = depth.argmax()
+    # the one read-back of a greedy step: the bonus token, the accepted path's membership, the tokens
+    n = tree.tokens.shape[0]
+    row = torch.cat([argmax[last].view(1), anc[last].long(), tree.tokens]).tolist()
+    path = [i for i, on in enumerate(row[1 : 1 + n]) if on]  # ancestors in index order = root first
+    return Verdict(path=path, bonus=int(row[0]), tokens=[row[1 + n + i] for i in path])
 
 
 def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | None, q=None) -> Verdict:
     """Lossless multi-candidate rule. Two cases per node, both exact (docs/algorithms.md):
 
-    p: [N, V] processed target distribution at every node (rows are read lazily).
+    p: [N, V] processed target distribution at every node (rows are read lazily), on any device.
+    generator: a CPU generator (the uniforms are drawn on the CPU, see `_uniform`).
     q: optional; `q(node)` -> [V] the draft distribution the node's children were *drawn* from,
        without replacement, in tree order (sampled drafting). Nodes without it (q None, or a
        node whose children were chosen deterministically) use the first rule.
@@ -88,7 +95,7 @@ def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | No
         for child in children[node]:
             tok = tokens[child]
             total = residual.sum()
-            u = torch.rand((), generator=generator, dtype=torch.float64, device=residual.device)
+            u = _uniform(generator)
             if drawn:  # accept w.p. min(1, r(x)/q(x)), both normalised
                 accept = bool(u * qi[tok] * total < residual[tok] * qi.sum())
             else:  # accept w.p. r(x)
@@ -103,7 +110,7 @@ def verify_sampling(tree: Tree, p: torch.Tensor, generator: torch.Generator | No
             else:
                 residual[tok] = 0.0
         if not moved:
-            return Verdict(path=path, bonus=draw(residual, generator))
+            return Verdict(path=path, bonus=draw(residual, generator), tokens=[tokens[i] for i in path])
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -114,8 +121,15 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     instead: a random number for each of the ~49k vocabulary entries, every step.
     """
     cdf = torch.cumsum(weights.double(), dim=0)
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=cdf.device) * cdf[-1]
+    u = _uniform(generator) * cdf[-1]
     i = int(torch.searchsorted(cdf, u, right=True))
     if i >= cdf.numel():  # u rounded up to the total: the last entry that has weight
         i = int(torch.nonzero(weights).max())
     return i
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    """One uniform draw in [0, 1), made on the CPU on purpose: a handful per step, compared with
+    values the loop reads back anyway, and the same draws whatever device the models sit on
+    (a CPU generator; None = torch's default one)."""
+    return float(torch.rand((), generator=generator, dtype=torch.float64))

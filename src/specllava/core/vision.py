@@ -21,10 +21,13 @@ from contextlib import contextmanager
 import torch
 
 
+SHARING_TYPES = ("llava", "llava_next")  # LLaVA-1.5 and LLaVA-NeXT (anyres)
+
+
 def _llava_parts(model):
-    """(vision_tower, multi_modal_projector) of a plain LLaVA model that accepts precomputed
-    image features, else None. Checked once per decoder (`shares_vision_tower`)."""
-    if getattr(model.config, "model_type", None) != "llava":
+    """(vision_tower, multi_modal_projector) of a LLaVA or LLaVA-NeXT model that accepts
+    precomputed image features, else None. Checked once per model pair (`shares_vision_tower`)."""
+    if getattr(model.config, "model_type", None) not in SHARING_TYPES:
         return None
     inner = getattr(model, "model", None)
     tower = getattr(inner, "vision_tower", None)
@@ -46,9 +49,9 @@ def shares_vision_tower(target, draft) -> bool:
     if draft is None:
         return False
     t, d = _llava_parts(target), _llava_parts(draft)
-    if t is None or d is None:
+    if t is None or d is None or target.config.model_type != draft.config.model_type:
         return False
-    for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+    for name in ("vision_feature_layer", "vision_feature_select_strategy", "image_grid_pinpoints"):
         if getattr(target.config, name, None) != getattr(draft.config, name, None):
             return False
     if target.config.vision_config.to_dict() != draft.config.vision_config.to_dict():
@@ -56,8 +59,9 @@ def shares_vision_tower(target, draft) -> bool:
     ts, ds = t[0].state_dict(), d[0].state_dict()
     if ts.keys() != ds.keys():
         return False
-    return all(
-        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+    return all(  # weights that accelerate offloaded (on the meta device) cannot be compared: no sharing
+        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and a.device.type != "meta"
+        and torch.equal(a, b)
         for a, b in ((ts[k], ds[k]) for k in ts)
     )
 
@@ -81,9 +85,22 @@ def capture_projector_input(target):
         handle.remove()
 
 
-def draft_image_inputs(draft, selected: torch.Tensor) -> dict:
-    """The draft's `mm_encoder_outputs` for the target's selected vision features [images, tokens, width]."""
+def draft_image_inputs(draft, selected: torch.Tensor, image_sizes: torch.Tensor | None = None) -> dict:
+    """The draft's `mm_encoder_outputs` for the target's selected vision features
+    [images or patches, tokens, width]: through the draft's own projector, and for LLaVA-NeXT
+    through its own anyres packing (`pack_image_features` with its `image_newline`), as the
+    draft's `get_image_features` would do with the same features."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    feats = _projector(draft)(selected.to(draft.device, draft.dtype))  # [images, tokens, hidden]
-    return {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+    feats = _projector(draft)(selected.to(draft.device, draft.dtype))  # [images or patches, tokens, hidden]
+    if draft.config.model_type != "llava_next":
+        return {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = draft.config
+    patches = [image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
+                                         patch_size=cfg.vision_config.image_size) for size in image_sizes]
+    packed, _ = draft.model.pack_image_features(torch.split(feats, patches, dim=0), image_sizes,
+                                                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                                image_newline=draft.model.image_newline)
+    return {"image": BaseModelOutputWithPooling(pooler_output=packed)}

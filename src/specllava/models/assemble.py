@@ -18,7 +18,7 @@ Contract:
   the manifest matches the sources (pinned package versions, shipped-weight checksums, recipe) and every
   recorded file is present with its recorded size, it does nothing. Missing or corrupt sources raise
   `RuntimeError` naming the file and the command that fixes it.
-- `load_default_models(cache_dir=None, dtype=torch.float32)` assembles on first use and returns
+- `load_default_models(cache_dir=None, dtype="auto", device=None)` assembles on first use and returns
   `DefaultModels` with ``.target``, ``.draft`` and ``.processor``.
 
 Shipped trained weights (``src/specllava/assets/default/``, format in `shipped`) are applied when
@@ -355,22 +355,31 @@ def assemble_default_models(cache_dir: str | Path | None = None, force: bool = F
     return assemble_models(cache_dir or default_cache_dir(), default_sources(), force=force)
 
 
-def load_models(paths: AssembledModels, dtype: torch.dtype = torch.float32, draft: bool = True) -> DefaultModels:
-    """Load an assembled target/draft pair and its processor (draft=False: the target alone)."""
+def load_models(paths: AssembledModels, dtype: torch.dtype | str = "auto", draft: bool = True,
+                device: str | torch.device | None = None) -> DefaultModels:
+    """Load an assembled target/draft pair and its processor (draft=False: the target alone) on
+    `device` (None: CUDA when available, else the CPU) in `dtype` ("auto": the fastest
+    exact-enough dtype there, `models.options.auto_dtype`)."""
     from transformers import AutoProcessor
 
+    from .options import default_device, resolve_dtype
+
+    device = torch.device(device or default_device())
+    dtype = resolve_dtype(dtype, device)
     missing = [name for name, done in paths.trained.items() if not done]
     if missing:
         warnings.warn(f"the {' and '.join(missing)} in {paths.target_dir.parent} were assembled without trained weights", stacklevel=2)
 
-    target = LlavaForConditionalGeneration.from_pretrained(paths.target_dir, dtype=dtype).eval()
-    small = LlavaForConditionalGeneration.from_pretrained(paths.draft_dir, dtype=dtype).eval() if draft else None
+    target = LlavaForConditionalGeneration.from_pretrained(paths.target_dir, dtype=dtype).to(device).eval()
+    small = LlavaForConditionalGeneration.from_pretrained(paths.draft_dir, dtype=dtype).to(device).eval() if draft else None
     processor = AutoProcessor.from_pretrained(paths.target_dir)
     return DefaultModels(target=target, draft=small, processor=processor, paths=paths)
 
 
-def load_default_models(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                        draft: bool = True) -> DefaultModels:
+def load_default_models(cache_dir: str | Path | None = None, dtype: torch.dtype | str = "auto",
+                        draft: bool = True, device: str | torch.device | None = None) -> DefaultModels:
     """The default target, draft and processor, assembling them into the cache on first use
-    (draft=False: the target and processor alone)."""
-    return load_models(assemble_default_models(cache_dir), dtype=dtype, draft=draft)
+    (draft=False: the target and processor alone). dtype "auto" (default): bf16 on a CUDA GPU
+    or a CPU with native bf16, float32 elsewhere (`models.options.auto_dtype`); device None: CUDA
+    when available, else the CPU."""
+    return load_models(assemble_default_models(cache_dir), dtype=dtype, draft=draft, device=device)

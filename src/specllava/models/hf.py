@@ -7,9 +7,11 @@ default pair's EfficientNet vision tower, so its cached directories load here to
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .options import DTYPES, LoadOptions
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -19,20 +21,57 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+def load_model(path: str, options: LoadOptions | torch.dtype | str = "auto", role: str = "target"):
+    """A target or draft from a local directory or a hub id, loaded as `options` say: dtype
+    ("auto" picks the hardware's fastest exact-enough one), device, accelerate device_map (the
+    target only: a draft is small and goes on `device`) and attn_implementation. A hub id resolves
+    from the Hugging Face cache; with HF_HUB_OFFLINE=1 only from there."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise ValueError(
-            f"cannot load a model config from {path!r}: give a local model directory "
-            f"(with config.json) or a hub id reachable from this machine ({err})"
-        ) from err
+    options = _options(options)
+    config = _load_config(path)
     cls = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype)
+    kwargs = {"dtype": options.torch_dtype}
+    if options.attn_implementation is not None:
+        kwargs["attn_implementation"] = options.attn_implementation
+    device = torch.device(options.resolved_device)
+    if options.device_map is not None and role == "target":
+        kwargs["device_map"] = options.device_map
+    elif device.type != "cpu":
+        kwargs["device_map"] = {"": device}  # straight onto the device, no copy in host memory
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise ValueError(f"cannot load {path!r} with {kwargs}: {err}") from err
     model.eval()
     return model
+
+
+def _options(options) -> LoadOptions:
+    if isinstance(options, LoadOptions):
+        return options
+    if isinstance(options, torch.dtype):
+        name = next(k for k, v in DTYPES.items() if v == options)
+        return LoadOptions(dtype=name, device="cpu")  # a bare dtype: the CPU, as before options existed
+    return LoadOptions(dtype=options)
+
+
+def _load_config(path: str):
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(path):
+            raise ValueError(f"cannot load a model config from the directory {path!r} ({err})") from err
+        if constants.HF_HUB_OFFLINE:
+            where = (f"it is not a local directory, and HF_HUB_OFFLINE is set but the id is not in the Hugging Face "
+                     f"cache ({constants.HF_HUB_CACHE}); download it there first (huggingface-cli download {path})")
+        else:
+            where = ("it is not a local directory, and the hub could not be reached for it; "
+                     "set HF_HUB_OFFLINE=1 to load it from the local Hugging Face cache")
+        raise ValueError(f"cannot load a model from {path!r}: {where} ({type(err).__name__}: {err})") from err
 
 
 def load_processor(path: str):
@@ -45,43 +84,61 @@ def load_processor(path: str):
 
 
 def chat_inputs(processor, prompt: str, image=None) -> dict:
-    """Tokenised chat prompt (+ pixel_values) the way LLaVA-1.5 expects: the processor's chat
-    template with an image entry before the text, then the processor itself."""
+    """Tokenised chat prompt (+ pixel_values, and whatever else the processor returns, e.g.
+    LLaVA-NeXT's image_sizes) as the model card's usage builds it: the processor's chat template
+    with an image entry before the text, then the processor, keeping the tokenizer's special
+    tokens (llava-hf's template writes no `<s>`; the tokenizer adds it, `leading_special_ids`)."""
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     conversation = [{"role": "user", "content": content}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    tok = getattr(processor, "tokenizer", processor)
     if image is None:
-        tok = getattr(processor, "tokenizer", processor)
-        return dict(tok(text, return_tensors="pt", add_special_tokens=False))
-    return dict(processor(images=image, text=text, return_tensors="pt", add_special_tokens=False))
+        out = dict(tok(text, return_tensors="pt", add_special_tokens=False))
+    else:
+        out = dict(processor(images=image, text=text, return_tensors="pt", add_special_tokens=False))
+    prefix = leading_special_ids(tok, text)
+    if prefix:
+        n = out["input_ids"].shape[1]
+        for key, value in out.items():  # every per-token tensor gets the leading tokens' entries
+            if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == n:
+                lead = torch.tensor([prefix]) if key == "input_ids" else torch.full(
+                    (1, len(prefix)), 1 if key == "attention_mask" else 0)
+                out[key] = torch.cat([lead.to(value), value], dim=1)
+    return out
 
 
-def load_pair(target: str | None, draft: str | None, dtype: torch.dtype, need_draft: bool, why: str = ""):
-    """(target, draft, processor, info) for the CLI commands: both paths, or neither for the
-    embedded default pair; a draft path alone drafts for the default target. `need_draft` False
-    skips loading a draft; `why` names what needs one.
-    A draft path that holds an EAGLE head (`core.eagle`, from `train-eagle`) loads the head; it
-    goes with any target of its shape, the default one included."""
+def load_pair(target: str | None, draft: str | None, options: LoadOptions | torch.dtype | str, need_draft: bool,
+              why: str = ""):
+    """(target, draft, processor, info) for the CLI commands: both paths (local directories or hub
+    ids), or neither for the embedded default pair, loaded as `options` say (`LoadOptions`, or a
+    bare dtype). `need_draft` False skips loading a draft; `why` names what needs one. A draft
+    path that holds an EAGLE head (`core.eagle`, from `train-eagle`) loads the head; it goes with
+    any target of its shape, the default one included."""
     from ..core.eagle import EagleHead
 
+    options = _options(options)
     if draft is not None and EagleHead.is_head_file(draft):
         head = EagleHead.load(draft)
-        loaded, _, processor, info = load_pair(target, None, dtype, need_draft=False)
+        loaded, _, processor, info = load_pair(target, None, options, need_draft=False)
         head.check_target(loaded)
         return loaded, (head if need_draft else None), processor, {**info, "draft": str(draft), "draft_kind": "eagle-head"}
     if target is None:  # the default target; with the default draft unless one is given
+        if options.device_map is not None or options.attn_implementation is not None:
+            raise ValueError("--device-map and --attn-implementation apply to --target/--draft models, "
+                             "not to the default pair")
         from . import load_default_models
 
-        m = load_default_models(dtype=dtype, draft=need_draft and draft is None)
+        where = {} if options.device is None else {"device": options.device}
+        m = load_default_models(dtype=options.dtype, draft=need_draft and draft is None, **where)
         info = {"target": "default", "draft": "default", "trained": dict(m.paths.trained)}
         if draft is None or not need_draft:
             return m.target, m.draft, m.processor, info
-        return m.target, load_model(draft, dtype), m.processor, {**info, "draft": draft}
+        return m.target, load_model(draft, options, role="draft"), m.processor, {**info, "draft": draft}
     if need_draft and draft is None:
         raise ValueError(f"{why or 'this method'} needs --draft")
-    loaded_draft = load_model(draft, dtype) if need_draft else None
-    return load_model(target, dtype), loaded_draft, load_processor(target), {"target": target, "draft": draft}
-
+    loaded_target = load_model(target, options, role="target")
+    loaded_draft = load_model(draft, options, role="draft") if need_draft else None
+    return loaded_target, loaded_draft, load_processor(target), {"target": target, "draft": draft}
 
 
 def leading_special_ids(tokenizer, text: str) -> list[int]:

@@ -260,8 +260,7 @@ def measure_acceptance(target, draft, inputs: list[dict], tree_options: dict, co
     steps, rest = [], []
     for inp in inputs:
         dec = SpeculativeDecoder(target, draft, method="dynamic", **opts)
-        out = dec.generate(input_ids=inp["input_ids"], pixel_values=inp.get("pixel_values"),
-                           max_new_tokens=max_new_tokens, on_step=record_step(steps))
+        out = dec.generate(**inp, max_new_tokens=max_new_tokens, on_step=record_step(steps))
         st = out.stats
         if st["steps"]:
             # drafting and loop overhead per step, measured directly (not as the step time minus
