@@ -27,7 +27,7 @@ def test_shipped_pair_speculative_greedy_equals_generate():
 
     if not check_assets():
         pytest.skip("no trained default weights are shipped yet (src/specllava/assets/default)")
-    models = load_default_models()
+    models = load_default_models(dtype="float32")  # token identity is the float32 contract
     assert models.paths.trained == {"target": True, "draft": True}
     images = sorted((ASSETS / "eval" / "images").glob("*.png")) or sorted(ASSETS.glob("*.jpg"))
     image = Image.open(images[0]).convert("RGB") if images else Image.new("RGB", (224, 224), "white")

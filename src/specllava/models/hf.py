@@ -85,11 +85,16 @@ def load_processor(path: str):
 
 def chat_inputs(processor, prompt: str, image=None) -> dict:
     """Tokenised chat prompt (+ pixel_values, and whatever else the processor returns, e.g.
-    LLaVA-NeXT's image_sizes) as the model card's usage builds it: the processor's chat template
-    with an image entry before the text, then the processor, keeping the tokenizer's special
-    tokens (llava-hf's template writes no `<s>`; the tokenizer adds it, `leading_special_ids`)."""
+    LLaVA-NeXT's image_sizes) for one user message, the image entry before the text."""
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-    conversation = [{"role": "user", "content": content}]
+    return encode_conversation(processor, [{"role": "user", "content": content}], image)
+
+
+def encode_conversation(processor, conversation: list[dict], image=None) -> dict:
+    """A conversation's prompt tensors as the model card's usage builds them: the processor's chat
+    template with the generation prompt, then the processor (its tokenizer for a text-only prompt),
+    keeping the tokenizer's special tokens (llava-hf's template writes no `<s>`; the tokenizer adds
+    it, `leading_special_ids`)."""
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     tok = getattr(processor, "tokenizer", processor)
     if image is None:

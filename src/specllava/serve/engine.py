@@ -182,11 +182,8 @@ class Engine:
         tracker = _Tracker(job, self.tokenizer, self.eos, self.method)
         try:
             # what else the processor gave (LLaVA-NeXT's image_sizes, ...) goes on, as in generate()
-            extra = {k: v for k, v in job.inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
             decoder.generate(
-                input_ids=job.inputs["input_ids"],
-                pixel_values=job.inputs.get("pixel_values"),
-                **extra,
+                **job.inputs,
                 max_new_tokens=job.max_new_tokens,
                 do_sample=req.temperature > 0,
                 temperature=req.temperature if req.temperature > 0 else 1.0,
@@ -333,31 +330,14 @@ class _Tracker:
 
 # ----------------------------------------------------------------------------------------------
 def encode_chat(processor, conversation: list[dict], image=None) -> dict:
-    """A conversation's prompt tensors exactly as `models.hf.chat_inputs` encodes a single user
-    message: the processor's chat template with the generation prompt (a text-only model's tokenizer
-    gets each message's text as a string), then the processor (or its tokenizer for a text-only
-    prompt) without adding special tokens, after any leading special
-    token the tokenizer adds that the template did not write (`models.hf.leading_special_ids`)."""
-    from ..models.hf import leading_special_ids
+    """A conversation's prompt tensors, encoded as `specllava generate` encodes its prompt (a
+    text-only model's tokenizer gets each message's text as a string: its template reads strings)."""
+    from ..models.hf import encode_conversation
 
-    if not hasattr(processor, "image_processor"):  # a text-only model's tokenizer: its template reads strings
+    if not hasattr(processor, "image_processor"):
         conversation = [{**m, "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
                         for m in conversation]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    tok = getattr(processor, "tokenizer", processor)
-    if image is None:
-        inputs = dict(tok(text, return_tensors="pt", add_special_tokens=False))
-    else:
-        inputs = dict(processor(images=image, text=text, return_tensors="pt", add_special_tokens=False))
-    prefix = leading_special_ids(tok, text)
-    if prefix:
-        n = inputs["input_ids"].shape[1]
-        for key, value in inputs.items():  # every per-token tensor gets the leading tokens' entries
-            if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == n:
-                lead = torch.tensor([prefix]) if key == "input_ids" else torch.full(
-                    (1, len(prefix)), 1 if key == "attention_mask" else 0)
-                inputs[key] = torch.cat([lead.to(value), value], dim=1)
-    return inputs
+    return encode_conversation(processor, conversation, image)
 
 
 def _context_length(model) -> int:
