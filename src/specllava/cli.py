@@ -126,6 +126,7 @@ def run_generate(args) -> int:
     import torch
 
     from .core.decoder import SpeculativeDecoder
+    from .core.sampling import sampling_args
     from .core.vocab import default_draft_vocab
     from .models.hf import chat_inputs
 
@@ -163,10 +164,7 @@ def run_generate(args) -> int:
         out = decoder.generate(
             **inputs,  # input_ids, pixel_values and whatever else the processor returned (image_sizes, ...)
             max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature if args.temperature > 0 else 1.0,
-            top_k=args.top_k,
-            top_p=args.top_p,
+            **sampling_args(args.temperature, args.top_k, args.top_p),
             seed=args.seed,
             streamer=streamer,
         )

@@ -45,6 +45,13 @@ class SamplingParams:
         return out
 
 
+def sampling_args(temperature: float, top_k: int = 0, top_p: float = 1.0) -> dict:
+    """`generate()`'s sampling arguments for a command-line style temperature, where 0 means greedy
+    (the CLI's and the server's convention)."""
+    sampled = temperature > 0
+    return dict(do_sample=sampled, temperature=temperature if sampled else 1.0, top_k=top_k, top_p=top_p)
+
+
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Rows of `logits` [N, V] -> the distributions generate() would sample from, [N, V] float32."""
     scores = logits.float()

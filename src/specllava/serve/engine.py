@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from ..core.runner import is_vlm
+from ..core.sampling import sampling_args
 from .protocol import APIError, ChatRequest
 
 
@@ -185,10 +186,7 @@ class Engine:
             decoder.generate(
                 **job.inputs,
                 max_new_tokens=job.max_new_tokens,
-                do_sample=req.temperature > 0,
-                temperature=req.temperature if req.temperature > 0 else 1.0,
-                top_k=req.top_k,
-                top_p=req.top_p,
+                **sampling_args(req.temperature, req.top_k, req.top_p),
                 seed=req.seed,
                 streamer=tracker,
                 on_step=tracker.on_step,
