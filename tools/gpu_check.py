@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from specllava import SpeculativeDecoder  # noqa: E402
 from specllava.core.cache import crop  # noqa: E402
-from specllava.core.runner import ModelRunner, TargetPath  # noqa: E402
+from specllava.core.backends import exact_backend  # noqa: E402
+from specllava.core.runner import ModelRunner  # noqa: E402
 from specllava.core.tree import ancestor_mask, attention_bias  # noqa: E402
 
 IMAGE_TOKEN = 32000
@@ -115,9 +116,9 @@ def timed(fn, device: str, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def forward_costs(model, inputs, sizes, device: str, repeats: int, path=None) -> dict:
+def forward_costs(model, inputs, sizes, device: str, repeats: int, backend=None) -> dict:
     """ms of one forward over n tree nodes (a random tree) on top of the prefilled prompt."""
-    runner = ModelRunner(model, path)
+    runner = ModelRunner(model, backend)
     runner.prefill(inputs["input_ids"], pixel_values=inputs["pixel_values"])
     prefix = runner.length
     g = torch.Generator().manual_seed(0)
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
                         "draft": sum(p.numel() for p in draft.parameters())}
     inputs = [prompt(target, seed, device) for seed in range(2)]
     result["prompt_tokens"] = int(inputs[0]["input_ids"].shape[1])
-    path = TargetPath.build(target)
+    path = exact_backend(target)
     result["target_lean_path"] = path is not None
     print(f"   target {result['params']['target'] / 1e9:.2f} B params, draft {result['params']['draft'] / 1e6:.0f} M, "
           f"prompt {result['prompt_tokens']} tokens, lean path {path is not None} ({result['build_s']:.0f} s)", flush=True)

@@ -9,7 +9,7 @@ Default pair and the shipped example image. Prints (1) the decoder's own time sp
 of target and draft (1 and 8 tokens on the same cached prompt; the target through transformers'
 forward and through its exact lean path; the draft as given, with the reduced vocabulary, and
 with the reduced vocabulary in int8, each through transformers' decoder and through the lean path
-of `specllava.core.lean`), (3) torch.profiler's op table
+of `specllava.core.backends.lean`), (3) torch.profiler's op table
 (self CPU time) over the whole decode. The run is repeated once untimed first (warm-up).
 """
 
@@ -26,7 +26,9 @@ from specllava import SpeculativeDecoder
 from specllava.cli import raw_tree_option
 from specllava.core.cache import crop
 from specllava.core.quant import QUANT_CHOICES, resolve_quant
-from specllava.core.runner import DraftPath, ModelRunner, TargetPath, vocab_size
+from specllava.core.backends import draft_backend, exact_backend
+from specllava.core.model_info import vocab_size
+from specllava.core.runner import ModelRunner
 from specllava.core.tree import attention_bias
 from specllava.core.vocab import draft_ranking, draft_vocab_ids
 from specllava.models.hf import chat_inputs, load_pair, parse_dtype
@@ -88,17 +90,18 @@ def main() -> None:
         ids = inputs["input_ids"]
         vocab = draft_vocab_ids(args.draft_vocab, vocab_size(draft), draft_ranking(draft)) if args.draft_vocab else None
         runners = [("target, transformers' forward", ModelRunner(target))]
-        if TargetPath.build(target) is not None:
-            runners.append(("target, exact lean path", ModelRunner(target, TargetPath(target))))
+        exact = exact_backend(target)
+        if exact is not None:
+            runners.append(("target, exact lean path", ModelRunner(target, exact)))
         runners.append(("draft", ModelRunner(draft)))
         quants = [None] + (["int8"] if resolve_quant("auto", draft.device) else [])
         for quant in quants:
             if quant is None and vocab is None:
                 continue
-            for lean in (False, True):  # transformers' decoder, then core.lean's lean path
+            for lean in (False, True):  # transformers' decoder, then the lean path
                 label = ", ".join(x for x in ("draft", quant, f"draft_vocab {args.draft_vocab}" if vocab is not None else "",
                                               "lean path" if lean else "transformers' decoder") if x)
-                runners.append((label, ModelRunner(draft, path=DraftPath(draft, vocab, quant, lean=lean))))
+                runners.append((label, ModelRunner(draft, draft_backend(draft, vocab, quant, lean=lean))))
         for name, runner in runners:
             runner.prefill(torch.randint(10, 8000, ids.shape))  # text tokens: the cost depends on the length only
             print(f"one forward, {name}: 1 token {forward_ms(runner, 1):.1f} ms, 8 tokens {forward_ms(runner, 8):.1f} ms")

@@ -25,7 +25,7 @@ import torch
 from specllava.bench.harness import prepare_inputs
 from specllava.bench.prompts import builtin_set
 from specllava.core.eagle import EagleHead
-from specllava.core.runner import vocab_size
+from specllava.core.model_info import vocab_size
 from specllava.core.vocab import draft_ranking, draft_vocab_ids
 from specllava.models import load_default_models
 from specllava.models.hf import load_model

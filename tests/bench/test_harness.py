@@ -112,9 +112,9 @@ def test_method_runner_passes_draft_quant_to_the_decoder():
     from specllava.bench.methods import MethodRunner
 
     target, draft = tiny_llava(0), tiny_llava(1)
-    assert MethodRunner("dynamic", target, draft, {}, None, "none").decoder.draft_path is None
-    assert MethodRunner("chain", target, draft, {}, 32, "none").decoder.draft_path.quant is None
-    assert MethodRunner("dynamic", target, draft, {}, None, "int8").decoder.draft_path.quant == "int8"
+    assert MethodRunner("dynamic", target, draft, {}, None, "none").decoder.draft_backend.kind == "transformers"
+    assert MethodRunner("chain", target, draft, {}, 32, "none").decoder.draft_backend.quant is None
+    assert MethodRunner("dynamic", target, draft, {}, None, "int8").decoder.draft_backend.quant == "int8"
 
 
 def test_bench_measures_an_eagle_head_beside_the_draft(assembled_pair, llava_json, tmp_path, capsys):

@@ -20,7 +20,9 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 from random_models import IMAGE_TOKEN, N_IMAGE_TOKENS, VOCAB, _finish, llama_config, perturbed_copy, text_prompt, tiny_lm
 from specllava import SpeculativeDecoder
-from specllava.core.runner import ModelRunner, TargetPath, is_dispatched
+from specllava.core.backends import exact_backend, unsupported_exact
+from specllava.core.model_info import is_dispatched
+from specllava.core.runner import ModelRunner
 from specllava.core.vision import capture_projector_input, draft_image_inputs, shares_vision_tower
 
 PINPOINTS = [[16, 32], [32, 16], [32, 32]]
@@ -215,10 +217,10 @@ def test_offloaded_target_equals_generate(tmp_path, method):
     ids, px = llava_prompt(3)
     expected = reference(plain, {"input_ids": ids, "pixel_values": px}, 16)
     target = _offloaded(plain, tmp_path)
-    assert is_dispatched(target) and "accelerate" in TargetPath.unsupported(target)
-    assert TargetPath.build(target) is None  # refused up front, the self-check never runs
+    assert is_dispatched(target) and "accelerate" in unsupported_exact(target)
+    assert exact_backend(target) is None  # refused up front, the self-check never runs
     dec = SpeculativeDecoder(target, draft, method=method)
-    assert dec.target_path is None
+    assert dec.target_backend.kind == "transformers"
     out = dec.generate(ids, px, max_new_tokens=16)
     assert torch.equal(out.sequences, expected)
     assert torch.equal(out.sequences, reference(target, {"input_ids": ids, "pixel_values": px}, 16))

@@ -9,10 +9,11 @@ import torch
 
 from random_models import IMAGE_TOKEN, llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
 from specllava import SpeculativeDecoder
+from specllava.core import backends
 from specllava.core import decoder as decoder_module
+from specllava.core.checks import CHECKS
 from specllava.core.config import TreeConfig
 from specllava.core.drafting import _StaticPlan
-from specllava.core.runner import CHECKS, TargetPath
 from specllava.core.tree import Tree, ancestor_mask, attention_bias
 
 CUDA = torch.cuda.is_available()
@@ -62,22 +63,23 @@ def test_construction_checks_run_once_per_model(monkeypatch):
     draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
     CHECKS.forget(target)
     calls = {"lean": 0, "vision": 0}
-    lean_check, vision_check = TargetPath.matches_transformers, decoder_module.shares_vision_tower
+    lean_check, vision_check = backends.lean.matches_transformers, decoder_module.shares_vision_tower
 
-    def counted_lean(self, model):
+    def counted_lean(model, backend):
         calls["lean"] += 1
-        return lean_check(self, model)
+        return lean_check(model, backend)
 
     def counted_vision(t, d):
         calls["vision"] += 1
         return vision_check(t, d)
 
-    monkeypatch.setattr(TargetPath, "matches_transformers", counted_lean)
+    monkeypatch.setattr(backends.lean, "matches_transformers", counted_lean)
     monkeypatch.setattr(decoder_module, "shares_vision_tower", counted_vision)
     first = SpeculativeDecoder(target, draft, method="dynamic")
     second = SpeculativeDecoder(target, draft, method="chain")
     assert calls == {"lean": 1, "vision": 1}
-    assert first.target_path is second.target_path is not None and first.shares_vision and second.shares_vision
+    assert first.target_backend is second.target_backend and first.target_backend.kind == "exact"
+    assert first.shares_vision and second.shares_vision
     with torch.no_grad():  # new weights: the checks run again
         target.model.language_model.layers[0].mlp.up_proj.weight.mul_(1.5)
     SpeculativeDecoder(target, draft, method="dynamic")
@@ -181,7 +183,7 @@ def test_cuda_target_split_over_gpu_and_cpu_equals_generate(mark):
                                                f"{lm}.norm": "cpu", f"{lm}.rotary_emb": 0, "lm_head": "cpu"})
     for method in METHODS:
         dec = SpeculativeDecoder(target, draft, method=method)
-        assert dec.target_path is None
+        assert dec.target_backend.kind == "transformers"
         assert torch.equal(dec.generate(ids, px, max_new_tokens=16).sequences.cpu(), ref)
 
 

@@ -1,4 +1,4 @@
-"""The draft's lean decode path (specllava.core.lean): the model's own numbers step after step
+"""The lean decode paths (specllava.core.backends.lean): the model's own numbers step after step
 (float32), a faithful KV buffer, the architectures it takes and those it leaves to transformers."""
 
 import pytest
@@ -8,8 +8,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCau
 from random_models import feed_tree, llava_prompt, perturbed_copy, text_prompt, tiny_lm, tiny_llava
 from specllava import SpeculativeDecoder
 from specllava.core.cache import KVBuffer, compact, crop
-from specllava.core.lean import LeanDecoder
-from specllava.core.runner import CHECKS, DraftPath, ModelRunner, TargetPath
+from specllava.core import backends
+from specllava.core.backends import LeanBackend, LeanDecoder, draft_backend, exact_backend, target_backend, unsupported_exact
+from specllava.core.checks import CHECKS
+from specllava.core.runner import ModelRunner
 
 DEEP = dict(min_path_conf=0.0, min_feed_mass=0.0, node_budget=24, max_depth=5, frontier=6)
 
@@ -26,8 +28,8 @@ def tiny_qwen2(seed=0):
     return model
 
 
-def _tree_logits(model, path, ids, px=None):
-    runner = ModelRunner(model, path=path)
+def _tree_logits(model, backend, ids, px=None):
+    runner = ModelRunner(model, backend)
     with torch.inference_mode():
         runner.prefill(ids, pixel_values=px)
         first, prefix = feed_tree(runner)
@@ -41,9 +43,10 @@ def _tree_logits(model, path, ids, px=None):
 def test_lean_path_gives_the_models_logits(kind):
     model = tiny_llava(0) if kind == "llava" else tiny_qwen2()
     ids, px = llava_prompt(2) if kind == "llava" else (text_prompt(2, length=12), None)
-    ref, _ = _tree_logits(model, DraftPath(model, lean=False), ids, px)
-    out, runner = _tree_logits(model, DraftPath(model, lean=True), ids, px)
-    assert runner.path.lean is not None and isinstance(runner.cache, KVBuffer)
+    ref, _ = _tree_logits(model, draft_backend(model, lean=False), ids, px)
+    lean = LeanBackend(LeanDecoder(model), model.get_output_embeddings(), model.device)  # the full head
+    out, runner = _tree_logits(model, lean, ids, px)
+    assert runner.backend.kind == "lean" and isinstance(runner.cache, KVBuffer)
     assert runner.length == ids.shape[1] + 4
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -58,7 +61,7 @@ def test_lean_draft_grows_the_same_trees_and_stays_exact(tiny_pair):
     trees = {}
     for lean in (False, True):
         dec = SpeculativeDecoder(target, draft, method="dynamic", draft_quant="none", draft_vocab=90, **DEEP)
-        dec.draft_path = DraftPath(draft, dec.draft_vocab, None, lean=lean)
+        dec.draft_backend = draft_backend(draft, dec.draft_vocab, None, lean=lean)
         seen = []
         out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=48,
                            on_step=lambda tree, verdict: seen.append((tree.tokens.tolist(), tree.parents.tolist())))
@@ -70,7 +73,7 @@ def test_lean_draft_grows_the_same_trees_and_stays_exact(tiny_pair):
 def test_default_int8_path_is_lean_and_exact():
     target = tiny_llava(0)
     dec = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="dynamic", draft_quant="int8", **DEEP)
-    assert dec.draft_path.lean is not None and dec.draft_path.body is None  # no int8 copy of the HF decoder
+    assert dec.draft_backend.kind == "lean" and not hasattr(dec.draft_backend, "body")  # no int8 copy of the HF decoder
     ids, px = llava_prompt(5)
     with torch.inference_mode():
         ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=40, do_sample=False)
@@ -83,8 +86,8 @@ def test_unsupported_drafts_keep_transformers_path():
     qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=12)).eval()
     assert "model_type 'qwen3'" in LeanDecoder.unsupported(qwen3)
-    path = DraftPath(qwen3, quant="int8")
-    assert path.lean is None and path.body is not None
+    backend = draft_backend(qwen3, quant="int8")
+    assert backend.kind == "decoder" and backend.body is not None
     with pytest.raises(ValueError, match="no lean path"):
         LeanDecoder(qwen3)
     assert LeanDecoder.unsupported(tiny_lm(0)) is None
@@ -109,11 +112,11 @@ def test_rotary_table_grows_and_matches_the_models_rotary_embedding():
     model = tiny_lm(0)
     lean = LeanDecoder(model)
     for positions in (torch.tensor([3, 9]), torch.tensor([2500, 7])):  # the second outgrows the first table
-        cos, sin = lean._rope(positions)
+        cos, sin = lean.rope(positions)
         ref_cos, ref_sin = model.model.rotary_emb(torch.zeros(1), positions[None])
         torch.testing.assert_close(cos, ref_cos)
         torch.testing.assert_close(sin, ref_sin)
-    assert lean._table[0].shape[0] >= 2501
+    assert lean.rope.size >= 2501
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,13 +128,13 @@ def test_exact_target_path_gives_transformers_logits_bit_for_bit(kind, dtype):
     ids, px = llava_prompt(2) if kind == "llava" else (text_prompt(2, length=12), None)
     px = None if px is None else px.to(dtype)
     outs = []
-    for path in (None, TargetPath(model)):
-        logits, runner = _tree_logits(model, path, ids, px)
+    for backend in (None, LeanBackend.exact(model)):
+        logits, runner = _tree_logits(model, backend, ids, px)
         with torch.inference_mode():
             for token in (31, 37, 41):  # single tokens, no mask: generate()'s own decode step
                 logits = torch.cat([logits, runner.forward(torch.tensor([token]), torch.tensor([runner.length]), None)])
         outs.append(logits)
-    assert isinstance(runner.cache, KVBuffer) and runner.path.lean.exact
+    assert isinstance(runner.cache, KVBuffer) and runner.backend.kind == "exact"
     assert outs[0].dtype == dtype and torch.equal(outs[0], outs[1])
 
 
@@ -148,26 +151,27 @@ def test_exact_target_path_through_decodes():
             ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=40, do_sample=False)
         for method in methods:
             dec = SpeculativeDecoder(target, perturbed_copy(target, 0.05, seed=1), method=method, **DEEP)
-            assert dec.target_path is not None and dec.target_path.lean.exact
+            assert dec.target_backend.kind == "exact"
             assert dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=40).sequences.tolist() == ref.tolist()
-    assert SpeculativeDecoder(target, method="ar", target_lean=False).target_path is None
+    assert SpeculativeDecoder(target, method="ar", target_lean=False).target_backend.kind == "transformers"
 
 
 def test_exact_target_path_needs_sdpa():
     model = tiny_lm(0)
     model.config._attn_implementation = "eager"
-    assert "sdpa" in TargetPath.unsupported(model) and TargetPath.build(model) is None
+    assert "sdpa" in unsupported_exact(model) and exact_backend(model) is None
+    assert target_backend(model).kind == "transformers"
     with pytest.raises(ValueError, match="quant must be None"):
         LeanDecoder(tiny_lm(0), quant="int8", exact=True)
 
 
 def test_exact_target_path_checks_itself_against_transformers(monkeypatch):
-    """TargetPath.build compares the path with transformers' forward on the model itself and keeps
-    transformers' forward (with a warning) when a single logit differs."""
+    """target_backend compares the exact path with transformers' forward on the model itself and
+    keeps transformers' forward (with a warning) when a single logit differs."""
     model = tiny_llava(0).to(torch.bfloat16)
-    assert TargetPath.build(model) is not None
-    rms = LeanDecoder._norm
-    monkeypatch.setattr(LeanDecoder, "_norm", lambda self, x, w: rms(self, x, w) * (1 + 2**-7))  # one bf16 ulp off
+    assert target_backend(model).kind == "exact"
+    rms = backends.lean.rms_norm
+    monkeypatch.setattr(backends.lean, "rms_norm", lambda x, w, eps: rms(x, w, eps) * (1 + 2**-7))  # one bf16 ulp off
     CHECKS.forget(model)  # the check is cached per model's weights; the code changed, not the weights
     with pytest.warns(UserWarning, match="keeps transformers' own forward"):
-        assert TargetPath.build(model) is None
+        assert target_backend(model).kind == "transformers"

@@ -53,7 +53,7 @@ def test_int8_draft_is_exact_and_accepts_like_the_float_draft(method):
         opts = dict(min_path_conf=0.0, min_feed_mass=0.0, node_budget=24, max_depth=5, frontier=6) if method == "dynamic" else {}
         dec = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method=method,
                                  draft_quant=quant, **opts)
-        assert (dec.draft_path is not None) == (quant == "int8")
+        assert (dec.draft_backend.kind != "transformers") == (quant == "int8")
         out = dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=40)
         assert torch.equal(out.sequences, ref), quant
         stats[quant] = out.stats["mean_accepted"]
@@ -67,7 +67,7 @@ def test_int8_with_a_reduced_vocabulary_is_exact(tiny_pair):
     with torch.inference_mode():
         ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=32, do_sample=False)
     dec = SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=60, draft_quant="int8")
-    assert dec.draft_path.quant == "int8" and dec.draft_path.vocab_ids.numel() < 60 + 1
+    assert dec.draft_backend.quant == "int8" and dec.draft_backend.vocab_ids.numel() < 60 + 1
     assert torch.equal(dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=32).sequences, ref)
 
 
@@ -82,15 +82,15 @@ def test_quant_choices_and_errors():
     target = tiny_llava(0)
     with pytest.raises(ValueError, match="unknown draft_quant"):
         SpeculativeDecoder(target, tiny_llava(1), draft_quant="fp8")
-    assert SpeculativeDecoder(target, None, method="ar").draft_path is None
+    assert SpeculativeDecoder(target, None, method="ar").draft_backend is None
 
 
-def _tree_logits(model, path, vocab_ids=None):
-    """Logits of a 5-node tree fed on top of a prefilled prompt, through `path` (None: the model)."""
+def _tree_logits(model, backend, vocab_ids=None):
+    """Logits of a 5-node tree fed on top of a prefilled prompt, through `backend` (None: the model's forward)."""
     from specllava.core.runner import ModelRunner
 
     ids, px = llava_prompt(2)
-    runner = ModelRunner(model, path=path)
+    runner = ModelRunner(model, backend)
     with torch.inference_mode():
         runner.prefill(ids, pixel_values=px)
     logits, _ = feed_tree(runner)
@@ -101,16 +101,17 @@ def test_draft_paths_compute_the_models_tree_logits():
     """Fed the same tree with the same mask, the float path gives the model's own logits (exactly
     with the full head) and the int8 path gives them to within quantisation error, columns of a reduced vocabulary
     included."""
-    from specllava.core.runner import DraftPath
+    from specllava.core.backends import DecoderBackend, draft_backend
 
     model = tiny_llava(0)
     ref = _tree_logits(model, None)
-    assert torch.equal(_tree_logits(model, DraftPath(model, lean=False)), ref)
+    full = draft_backend(model, vocab_ids=torch.arange(model.get_output_embeddings().weight.shape[0]), lean=False)
+    assert isinstance(full, DecoderBackend) and torch.equal(_tree_logits(model, full), ref)
     sub = torch.tensor([3, 7, 40, 60])
     for lean in (False, True):
         # (a K-row matmul may round differently from the full one in the last bit; the lean path
         # adds and multiplies in another order)
-        assert torch.allclose(_tree_logits(model, DraftPath(model, sub, lean=lean)), ref[:, sub], rtol=1e-5, atol=1e-5)
-        q = _tree_logits(model, DraftPath(model, quant="int8", lean=lean))
+        assert torch.allclose(_tree_logits(model, draft_backend(model, sub, lean=lean)), ref[:, sub], rtol=1e-5, atol=1e-5)
+        q = _tree_logits(model, draft_backend(model, quant="int8", lean=lean))
         assert (q - ref).norm() / ref.norm() < 0.05
         assert (q.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8

@@ -56,7 +56,7 @@ def test_api_auto_vocabulary_uses_one_path_per_temperature(tiny_pair):
     draft.config.token_ranking = list(range(3, 23))  # 20 ids: 32 greedy, 64 sampled
     dec = SpeculativeDecoder(target, draft, method="dynamic")  # draft_vocab="auto" is the default
     assert dec.draft_vocab.numel() == 32 and dec.sampled_draft_vocab.numel() == 64
-    assert dec.draft_path.vocab_ids.numel() == 32 and dec.sampled_draft_path.vocab_ids.numel() == 64
+    assert dec.draft_backend.vocab_ids.numel() == 32 and dec.sampled_draft_backend.vocab_ids.numel() == 64
     seen = []
     with torch.inference_mode():
         ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=24, do_sample=False)

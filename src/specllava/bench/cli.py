@@ -271,7 +271,7 @@ def run(args) -> int:
         from .report import plot_calibration
 
         first = next(iter(sets.values()))[: args.calibration_prompts]
-        from ..core.runner import input_device
+        from ..core.model_info import input_device
 
         inputs = [prepare_inputs(processor, p, target.dtype, input_device(target)) for p in first]
         vocab = args.draft_vocab or default_draft_vocab(draft, 0)  # calibrated at T=0

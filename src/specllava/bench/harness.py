@@ -121,7 +121,7 @@ def run_benchmark(target, draft, processor, prompts: list[BenchPrompt], settings
     """Run every method on every prompt; returns {"settings", "records", "exact_match", ...}."""
     from tqdm.auto import tqdm
 
-    from ..core.runner import input_device
+    from ..core.model_info import input_device
 
     inputs = [prepare_inputs(processor, p, target.dtype, input_device(target)) for p in prompts]
     runners = {}

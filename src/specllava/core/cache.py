@@ -5,7 +5,7 @@ cache.
 Supports transformers' `DynamicCache` (full-attention `DynamicLayer`s: keys/values tensors of
 shape [batch, heads, seq, head_dim]); anything else is refused with a clear error rather than
 silently corrupted, since a cache that is not trimmed corrupts every later step. `KVBuffer` is the
-cache of the lean paths (`core.lean`, the draft's and the target's): preallocated per layer,
+cache of the lean paths (`core.backends.lean`, the draft's and the target's): preallocated per layer,
 appended in place.
 """
 
@@ -51,7 +51,7 @@ class KVBuffer:
     """Keys and values of every layer in preallocated [1, kv_heads, capacity, head_dim] tensors,
     valid up to `length`. A forward writes its n new positions in place (`write`, then `advance`
     once all layers have), instead of concatenating a new tensor per layer and step; the capacity
-    doubles when it runs out. For `core.lean`'s paths (the draft's and the target's)."""
+    doubles when it runs out. For the lean paths (the draft's and the target's) and the EAGLE head."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int):
         self.keys, self.values, self.length = keys, values, int(length)

@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backends import Backend, draft_backend, head_backend, target_backend
 from .cache import compact
+from .checks import CHECKS
 from .config import METHODS, TreeConfig
 from .drafting import Drafter
-from .eagle import EagleDrafter, EagleHead, HeadPath, HeadRunner
+from .eagle import EagleDrafter, EagleHead
+from .model_info import image_token_id, input_device, is_vlm, unsupported_attention, vocab_size
 from .quant import resolve_quant
-from .runner import (CHECKS, DraftPath, ModelRunner, TargetPath, image_token_id, input_device, is_vlm,
-                     unsupported_attention, vocab_size)
+from .runner import ModelRunner
 from .sampling import SamplingParams, processed_probs
 from .tree import ancestor_mask, attention_bias, position_ids, root_only
 from .verify import draw, verify_greedy, verify_sampling
@@ -71,16 +73,19 @@ class SpeculativeDecoder:
             insists on it, "none" keeps the draft as given. Lossless either way, like draft_vocab:
             the draft's numerics change only what is proposed, never what is emitted.
     draft_lean: with a reduced vocabulary or int8, run a Llama-style draft's decode steps on
-            `core.lean`'s lean path (default: a small draft's step is mostly transformers'
+            the lean path, `backends.LeanBackend` (default: a small draft's step is mostly transformers'
             per-forward overhead, docs/benchmarks.md) rather than through transformers'
             decoder. Lossless too.
-    target_lean: run the target's decode steps on `core.lean`'s exact path (default): the same
+    target_lean: run the target's decode steps on the exact lean path (default): the same
             operations as transformers' forward, so the same logits bit for bit (tested), minus
             its per-forward overhead (module stack, mask building, a cache concatenated per layer
             and step). Llama-style targets with sdpa attention, checked bitwise against
-            transformers' forward on the target itself once, here (`TargetPath.build`); any other
+            transformers' forward on the target itself once (`backends.target_backend`); any other
             keeps its own forward (a failed check warns), as does target_lean=False. The prefill
             always runs through generate() itself.
+
+    Each model's backend (`core.backends`) is chosen here, once: `target_backend`,
+    `draft_backend` (and `sampled_draft_backend` when sampled requests use another vocabulary).
     """
 
     def __init__(
@@ -127,7 +132,7 @@ class SpeculativeDecoder:
                 if why:
                     raise ValueError(f"the {role} ({type(model).__name__}) cannot verify token trees: {why}")
         self.target, self.draft, self.method = target, draft, method
-        self.target_path = TargetPath.build(target) if target_lean else None
+        self.target_backend = target_backend(target, lean=target_lean)
         sampled = draft_vocab
         if isinstance(draft_vocab, str):
             if draft_vocab != "auto":
@@ -135,11 +140,11 @@ class SpeculativeDecoder:
             # from the draft's token ranking, one K per kind of request (None: a draft without one)
             draft_vocab, sampled = default_draft_vocab(draft, 0.0), default_draft_vocab(draft, 1.0)
         self.draft_vocab = self._draft_vocab_ids(draft_vocab)
-        self.draft_path = self._draft_path(draft_quant, draft_lean, self.draft_vocab)
-        self.sampled_draft_vocab, self.sampled_draft_path = self.draft_vocab, self.draft_path
+        self.draft_backend = self._draft_backend(draft_quant, draft_lean, self.draft_vocab)
+        self.sampled_draft_vocab, self.sampled_draft_backend = self.draft_vocab, self.draft_backend
         if isinstance(sampled, int) and sampled != draft_vocab:  # only "auto" gives two sizes
             self.sampled_draft_vocab = self._draft_vocab_ids(sampled)
-            self.sampled_draft_path = self._draft_path(draft_quant, draft_lean, self.sampled_draft_vocab)
+            self.sampled_draft_backend = self._draft_backend(draft_quant, draft_lean, self.sampled_draft_vocab)
         if method == "static":  # a rank the draft cannot propose would fail only mid-decode
             rank = max(max(c) for c in self.config.choices)
             sizes = [vocab_size(target) if v is None else len(v) for v in (self.draft_vocab, self.sampled_draft_vocab)]
@@ -190,7 +195,7 @@ class SpeculativeDecoder:
             gen.manual_seed(mix_seed(int(seed)))
         else:
             gen.seed()
-        target = ModelRunner(self.target, self.target_path, keep_hidden=self.eagle and self.method != "ar")
+        target = ModelRunner(self.target, self.target_backend, keep_hidden=self.eagle and self.method != "ar")
         input_ids = input_ids.to(target.device)
         if pixel_values is not None:  # the processor gives float32; a bf16 model wants bf16
             pixel_values = pixel_values.to(target.device, self.target.dtype)
@@ -288,7 +293,7 @@ class SpeculativeDecoder:
         model_inputs: the processor's other tensors, for a vision-language draft's prefill."""
         if self.method == "ar":
             return None
-        runner = ModelRunner(self.draft, path=self.sampled_draft_path if params.do_sample else self.draft_path)
+        runner = ModelRunner(self.draft, self.sampled_draft_backend if params.do_sample else self.draft_backend)
         extra = {k: v.to(runner.device) if torch.is_tensor(v) else v for k, v in (model_inputs or {}).items()}
         if is_vlm(self.draft) and vision is not None:
             image = draft_image_inputs(self.draft, vision, extra.pop("image_sizes", None))
@@ -314,29 +319,25 @@ class SpeculativeDecoder:
         """The head reads the prompt with the target's prefill features at its first draft()."""
         if self.method == "ar":
             return None
-        path = self.sampled_draft_path if params.do_sample else self.draft_path
-        runner = HeadRunner(path, self.target.device)
+        runner = ModelRunner(self.draft, self.sampled_draft_backend if params.do_sample else self.draft_backend,
+                             keep_hidden=True)
+        runner.start()
         sampled = dict(temperature=params.temperature, generator=generator) if params.do_sample else {}
         return EagleDrafter(runner, target, self.method, self.config, input_ids[0].tolist(), target.hidden, **sampled)
 
-    def _draft_path(self, draft_quant, lean: bool, vocab: torch.Tensor | None) -> DraftPath | None:
-        """How the draft's decode steps run (None: the draft model's own forward)."""
+    def _draft_backend(self, draft_quant, lean: bool, vocab: torch.Tensor | None) -> Backend | None:
+        """How the draft's decode steps run (`core.backends`); None for "ar" (no draft)."""
         if self.draft is None or self.method == "ar":
             return None
         if self.eagle:
-            return HeadPath(self.draft, self.target, vocab, resolve_quant(draft_quant, self.target.device))
+            return head_backend(self.draft, self.target, vocab, resolve_quant(draft_quant, self.target.device))
         quant = resolve_quant(draft_quant, self.draft.device)
-        if quant is None and vocab is None:
-            return None
-        # built once per draft, vocabulary and mode (int8 quantization takes seconds), then shared
-        # by every decoder on this draft, like the checks (`runner.CHECKS`)
-        key = ("draft_path", quant, lean, None if vocab is None else hash(vocab.cpu().numpy().tobytes()))
         try:
-            return CHECKS.get(self.draft, key, lambda: DraftPath(self.draft, vocab, quant, lean=lean))
+            return draft_backend(self.draft, vocab, quant, lean)
         except ValueError:
             if draft_quant != "auto" or vocab is not None:
                 raise
-            return None  # "auto" on a draft whose head does not allow it: run it as given
+            return draft_backend(self.draft)  # "auto" on a draft whose head does not allow it: run it as given
 
     def _draft_vocab_ids(self, draft_vocab) -> torch.Tensor | None:
         if draft_vocab is None or self.draft is None:

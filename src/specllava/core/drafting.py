@@ -123,7 +123,8 @@ class Drafter:
         dev = self.runner.device
         tokens = torch.tensor(self.pending, dtype=torch.long, device=dev)
         # A causal chain on top of the cache: the model's own causal mask is exactly right (None).
-        logits = self.runner.forward(tokens, torch.arange(start, start + n, device=dev), None, logits_to_keep=1)
+        logits = self.runner.forward(tokens, torch.arange(start, start + n, device=dev), None, logits_to_keep=1,
+                                     features=self._pending_features())
         self.pending = []
         self.root_pos = start + n - 1
         return logits[-1:]  # [1, V]
@@ -135,13 +136,22 @@ class Drafter:
         visible = anc[frontier][:, self.fed]  # [F, fed]: fed ancestors and the node itself
         committed = self.runner.length - (self.fed.numel() - frontier.numel())
         window = {}
-        if getattr(self.runner, "window", None):  # a sliding-window draft: positions of the queries and of the fed nodes
+        if self.runner.window:  # a sliding-window draft: positions of the queries and of the fed nodes
             window = dict(window=self.runner.window, query_pos=self.root_pos + depth[frontier],
                           key_pos=self.root_pos + depth[self.fed])
         bias = attention_bias(visible, committed, self.runner.dtype, **window)
         # attention_bias lays the tree block right after `committed`; here that block is all fed
         # nodes so far (older fed nodes are already cached, the frontier is being fed now).
-        return self.runner.forward(tokens[frontier], self.root_pos + depth[frontier], bias)
+        return self.runner.forward(tokens[frontier], self.root_pos + depth[frontier], bias,
+                                   features=self._frontier_features(frontier, parents))
+
+    def _pending_features(self) -> torch.Tensor | None:
+        """Input features of the pending tokens, for a draft that reads them (`core.eagle`)."""
+        return None
+
+    def _frontier_features(self, frontier, parents) -> torch.Tensor | None:
+        """Input features of the frontier nodes, for a draft that reads them (`core.eagle`)."""
+        return None
 
     # -- policies ----------------------------------------------------------------------------
     def _max_depth(self) -> int:

@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVBuffer, crop
+from .backends.lean import LeanDecoder
+from .backends.llama import apply_rotary, rms_norm
+from .cache import crop
 from .config import TreeConfig
 from .drafting import Drafter
-from .lean import LeanDecoder, apply_rotary, make_linear
+from .runner import ModelRunner
 from .tree import Tree
 
 HEAD_KIND = "eagle-head"
@@ -74,7 +76,7 @@ class EagleHead(nn.Module):
         self.post_norm = nn.Parameter(torch.ones(h))
         self.norm = nn.Parameter(torch.ones(h))
 
-    # what `core.vocab` and `core.runner.vocab_size` read from a draft model
+    # what `core.vocab` and `core.model_info.vocab_size` read from a draft model
     @property
     def config(self):
         return self
@@ -160,8 +162,7 @@ class EagleHead(nn.Module):
 
     # -- training ---------------------------------------------------------------------------------
     def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.eps)).to(x.dtype)
+        return rms_norm(x, weight, self.shape.eps)
 
     def unrolled(self, emb: torch.Tensor, feats_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  passes: int) -> list[torch.Tensor]:
@@ -211,110 +212,17 @@ def unroll_mask(T: int, p: int, device=None) -> torch.Tensor:
     return torch.cat(blocks, dim=1)
 
 
-class HeadPath:
-    """The head's decode steps for one target: linears in `dtype` (or int8), the target's rows of
-    its LM head for the draft vocabulary, keys and values in a `KVBuffer`."""
-
-    def __init__(self, head: EagleHead, target, vocab_ids: torch.Tensor | None, quant: str | None = None):
-        head.check_target(target)
-        s = head.shape
-        self.shape = s
-        self.dtype = torch.float32 if quant == "int8" else target.dtype
-        self.embed = target.get_input_embeddings()
-        self.rotary = target.get_decoder().rotary_emb
-        self.vocab_ids = None if vocab_ids is None else vocab_ids.to(target.device)
-        weight = target.get_output_embeddings().weight.detach()
-        rows = weight if self.vocab_ids is None else weight.index_select(0, self.vocab_ids)
-
-        def lin(m: nn.Linear | torch.Tensor):
-            w = m.weight.detach() if isinstance(m, nn.Linear) else m
-            b = m.bias.detach() if isinstance(m, nn.Linear) and m.bias is not None else None
-            return make_linear(w.to(target.device), None if b is None else b.to(target.device), quant, self.dtype)
-
-        self.fc = lin(head.fc)
-        self.qkv = lin(torch.cat([head.q_proj.weight, head.k_proj.weight, head.v_proj.weight]).detach())
-        self.o = lin(head.o_proj)
-        self.gate_up = lin(torch.cat([head.gate_proj.weight, head.up_proj.weight]).detach())
-        self.down = lin(head.down_proj)
-        self.lm = lin(rows)
-        self.norms = [n.detach().to(target.device, self.dtype) for n in (head.input_norm, head.post_norm, head.norm)]
-        self.eps = s.eps
-        self.lean = self  # ModelRunner.dtype reads path.lean.dtype
-
-    def new_cache(self, device, room: int = 1024) -> KVBuffer:
-        shape = (1, self.shape.kv_heads, room, self.shape.head_dim)
-        return KVBuffer([torch.empty(shape, dtype=self.dtype, device=device)],
-                        [torch.empty(shape, dtype=self.dtype, device=device)], 0)
-
-    def _norm(self, x, w):
-        h = x.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype) * w
-
-    def __call__(self, tokens, feats, positions, bias, cache: KVBuffer) -> torch.Tensor:
-        """tokens, positions: [n]; feats: [n, hidden] (the feature before each token); bias: [1, 1,
-        n, length + n] additive or None (causal). Appends to `cache`; returns predicted features [n, hidden]."""
-        s, n = self.shape, tokens.numel()
-        x = self.fc(torch.cat([self.embed(tokens).to(self.dtype), feats.to(self.dtype)], -1))
-        cos, sin = self.rotary(x[None], positions[None])  # [1, n, head_dim]
-        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
-        q_end, k_end = s.heads * s.head_dim, (s.heads + s.kv_heads) * s.head_dim
-        qkv = self.qkv(self._norm(x, self.norms[0]))
-        q = qkv[:, :q_end].view(n, s.heads, s.head_dim).transpose(0, 1)
-        k = qkv[:, q_end:k_end].view(n, s.kv_heads, s.head_dim).transpose(0, 1)
-        v = qkv[:, k_end:].view(n, s.kv_heads, s.head_dim).transpose(0, 1)
-        keys, values = cache.write(0, apply_rotary(k, cos, sin)[None], v[None])
-        if bias is not None:
-            mask = bias.to(self.dtype)
-        elif n > 1:
-            mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=x.device).tril(cache.length)[None, None]
-        else:
-            mask = None
-        att = F.scaled_dot_product_attention(apply_rotary(q, cos, sin)[None], keys, values, attn_mask=mask,
-                                             enable_gqa=s.heads != s.kv_heads)
-        x = x + self.o(att[0].transpose(0, 1).reshape(n, q_end))
-        gate_up = self.gate_up(self._norm(x, self.norms[1]))
-        x = x + self.down(F.silu(gate_up[:, : s.intermediate]) * gate_up[:, s.intermediate:])
-        cache.advance(n)
-        return self._norm(x, self.norms[2])
-
-
-class HeadRunner:
-    """The `ModelRunner` surface `Drafter` uses (forward, length, cache, dtype, ...) for a head.
-    `forward` takes its input features from `feed` (set by `EagleDrafter` before each call) and
-    leaves the predicted features in `out`."""
-
-    def __init__(self, path: HeadPath, device):
-        self.path = path
-        self.cache = path.new_cache(device)
-        self.forwards = 0
-        self.vocab_ids = path.vocab_ids
-        self.dtype = path.dtype
-        self.device = device
-        self.feed: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
-
-    def forward(self, tokens, positions, bias, logits_to_keep: int = 0) -> torch.Tensor:
-        if self.feed is None or self.feed.shape[0] != tokens.numel():
-            raise RuntimeError("EAGLE head fed without one input feature per token")
-        self.forwards += 1
-        self.out = self.path(tokens, self.feed, positions, bias, self.cache)
-        self.feed = None
-        hidden = self.out[-logits_to_keep:] if logits_to_keep else self.out
-        return self.path.lm(hidden)
-
-
 class EagleDrafter(Drafter):
     """`Drafter` with the head: the same trees (chain, static, dynamic; greedy or sampled), but
     every head forward gets one input feature per token. The pending chain reads the target's
     features (the prompt's after the prefill, the accepted path's after each verification);
     a tree node reads its parent's predicted feature. After verification the head's cache drops
-    every tree node and the accepted tokens are fed again with the target's real features."""
+    every tree node and the accepted tokens are fed again with the target's real features.
 
-    def __init__(self, runner: HeadRunner, target, policy: str, cfg: TreeConfig, prompt_ids: list[int],
+    runner: a `ModelRunner` on the head's backend (`backends.HeadBackend`) with keep_hidden=True,
+    started (`ModelRunner.start`): after each forward its `hidden` holds the predicted features."""
+
+    def __init__(self, runner: ModelRunner, target, policy: str, cfg: TreeConfig, prompt_ids: list[int],
                  prompt_feats: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None):
         super().__init__(runner, policy, cfg, temperature, generator)
         self.target = target  # the target's ModelRunner: its `hidden` after each verification
@@ -322,18 +230,22 @@ class EagleDrafter(Drafter):
         # token j reads the feature at j-1; the first token none (zeros); the last row is the root's
         self.pending_feats = torch.cat([prompt_feats.new_zeros(1, prompt_feats.shape[-1]), prompt_feats])
 
+    def _pending_features(self) -> torch.Tensor:
+        return self.pending_feats
+
+    def _frontier_features(self, frontier, parents) -> torch.Tensor:
+        return self.node_feats[[self.node_row[p] for p in parents[frontier].tolist()]]
+
     def _feed_pending(self) -> torch.Tensor:
-        self.runner.feed = self.pending_feats
         logits = super()._feed_pending()
-        self.node_feats = self.runner.out[-1:]  # the root's predicted feature
+        self.node_feats = self.runner.hidden[-1:]  # the root's predicted feature
         self.node_row = {0: 0}
         return logits
 
     def _feed_frontier(self, frontier, tokens, parents, depth) -> torch.Tensor:
-        self.runner.feed = self.node_feats[[self.node_row[p] for p in parents[frontier].tolist()]]
         logits = super()._feed_frontier(frontier, tokens, parents, depth)
         base = self.node_feats.shape[0]
-        self.node_feats = torch.cat([self.node_feats, self.runner.out])
+        self.node_feats = torch.cat([self.node_feats, self.runner.hidden])
         for j, node in enumerate(frontier.tolist()):
             self.node_row[node] = base + j
         return logits

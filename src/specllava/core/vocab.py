@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .runner import vocab_size
+from .model_info import vocab_size
 
 RANKING_ATTR = "token_ranking"  # on the draft's (top-level) config; saved in config.json
 

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from ..core.runner import is_vlm
+from ..core.model_info import is_vlm
 from ..core.sampling import sampling_args
 from .protocol import APIError, ChatRequest
 

@@ -46,7 +46,8 @@ import torch
 from ..core.cache import crop
 from ..core.config import TreeConfig
 from ..core.decoder import SpeculativeDecoder
-from ..core.runner import ModelRunner, TargetPath
+from ..core.backends import target_backend, unsupported_exact
+from ..core.runner import ModelRunner
 from ..core.tree import attention_bias
 
 CACHE_DIR = Path.home() / ".cache" / "specllava" / "calibration"
@@ -162,7 +163,7 @@ def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int
     """
     g = torch.Generator().manual_seed(seed)
     vocab = target.get_output_embeddings().weight.shape[0]
-    runner = ModelRunner(target, TargetPath.build(target))  # the path SpeculativeDecoder takes by default
+    runner = ModelRunner(target, target_backend(target))  # the backend SpeculativeDecoder takes by default
     runner.prefill(torch.randint(3, vocab, (1, prefix_len), generator=g))
     inputs = []
     for n in sizes:
@@ -186,7 +187,7 @@ def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int =
                       cache_dir: Path | None = None, refresh: bool = False) -> CostCurve:
     """The cached cost curve for this (architecture, machine); measured on a cache miss."""
     key = {"arch": architecture_fingerprint(target), **machine_key(target.dtype),
-           "sizes": list(sizes), "prefix_len": prefix_len, "target_path": "transformers" if TargetPath.unsupported(target) else "lean"}
+           "sizes": list(sizes), "prefix_len": prefix_len, "target_path": "transformers" if unsupported_exact(target) else "lean"}
     path = _cache_file("verify", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
     if cached is not None:

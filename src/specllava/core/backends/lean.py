@@ -1,4 +1,5 @@
-"""Lean decode paths: a model's decoder layers as a few tensor ops each, on a `KVBuffer`.
+"""Lean decode paths: a model's decoder layers as a few tensor ops each, on a `KVBuffer`; and
+`LeanBackend`, the backend that runs them with an output head.
 
 Two modes. The draft's (default) takes shortcuts that change its numerics slightly; the target's
 (`exact=True`) takes none and computes the very numbers transformers' forward computes.
@@ -28,18 +29,24 @@ positions, the same RMSNorm, and attention through transformers' own `sdpa_atten
 (same GQA handling, scaling and mask). Only the bookkeeping differs: keys and values go into a
 `KVBuffer` instead of being concatenated per layer and step, and no module hooks, mask building or
 output objects run. tests/core/test_lean.py checks its logits equal transformers' bit for bit, in
-float32 and bfloat16, for one token and for a tree under a mask, and `core.runner.TargetPath`
-checks it once more on the model itself before using it. Needs the model loaded with
+float32 and bfloat16, for one token and for a tree under a mask, and `exact_backend` checks it once
+more on the model itself before using it (`matches_transformers`, cached per model). Needs the model loaded with
 attn_implementation "sdpa" (transformers' default); otherwise the target keeps its own forward.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .cache import KVBuffer
+from ..cache import KVBuffer
+from ..model_info import image_token_id, input_device, is_dispatched
+from .base import Step, no_features
+from .llama import FusedLayer, RotaryTable, apply_rotary, causal_mask, rms_norm, step_mask
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -62,13 +69,12 @@ class LeanDecoder:
         self.dtype = torch.float32 if quant == "int8" else model.dtype
         self.embed = body.get_input_embeddings()
         self.rotary = body.rotary_emb
+        self.rope = RotaryTable(body.rotary_emb, self.dtype)
         self.eps = float(body.norm.variance_epsilon)
         self.final_norm = body.norm.weight if exact else body.norm.weight.detach().to(self.dtype)
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.inter = cfg.intermediate_size
-        self.layers = [self._exact_layer(layer) if exact else self._layer(layer, quant) for layer in body.layers]
-        self._table = (torch.empty(0), torch.empty(0))  # rotary (cos, sin) per position, grown on demand
+        self.layers = [self._exact_layer(layer) if exact else FusedLayer.of(layer, cfg, quant, self.dtype, self.eps)
+                       for layer in body.layers]
 
     @staticmethod
     def unsupported(model, exact: bool = False) -> str | None:
@@ -113,29 +119,6 @@ class LeanDecoder:
         out["norm2"] = layer.post_attention_layernorm.weight
         return out
 
-    def _layer(self, layer, quant) -> dict:
-        attn, mlp = layer.self_attn, layer.mlp
-
-        def fused(*linears):
-            w = torch.cat([lin.weight.detach() for lin in linears])
-            biases = [lin.bias for lin in linears]
-            b = None if all(x is None for x in biases) else torch.cat(
-                [x.detach() if x is not None else w.new_zeros(lin.out_features) for x, lin in zip(biases, linears)])
-            return make_linear(w, b, quant, self.dtype)
-
-        return {
-            "norm1": layer.input_layernorm.weight.detach().to(self.dtype),
-            "norm2": layer.post_attention_layernorm.weight.detach().to(self.dtype),
-            "qkv": fused(attn.q_proj, attn.k_proj, attn.v_proj),
-            "o": fused(attn.o_proj),
-            "gate_up": fused(mlp.gate_proj, mlp.up_proj),
-            "down": fused(mlp.down_proj),
-        }
-
-    def new_cache(self, cache) -> KVBuffer:
-        """The draft's cache after its prefill (a DynamicCache), as this path's `KVBuffer`."""
-        return KVBuffer.from_cache(cache, self.dtype)
-
     # ------------------------------------------------------------------------------------------
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None,
                  cache: KVBuffer) -> torch.Tensor:
@@ -145,34 +128,23 @@ class LeanDecoder:
             return self._exact(tokens, positions, bias, cache)
         n, past = tokens.numel(), cache.length
         x = self.embed(tokens).to(self.dtype)  # [n, hidden]
-        cos, sin = self._rope(positions, past + n)  # [1, n, head_dim] each
-        mask = self._mask(bias, n, past, x.device)
-        q_end = self.heads * self.head_dim
-        k_end = q_end + self.kv_heads * self.head_dim
-        for i, p in enumerate(self.layers):
-            qkv = p["qkv"](self._norm(x, p["norm1"]))
-            q = qkv[:, :q_end].view(n, self.heads, self.head_dim).transpose(0, 1)
-            k = qkv[:, q_end:k_end].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            v = qkv[:, k_end:].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            keys, values = cache.write(i, apply_rotary(k, cos, sin)[None], v[None])
-            att = F.scaled_dot_product_attention(apply_rotary(q, cos, sin)[None], keys, values, attn_mask=mask,
-                                                 enable_gqa=self.heads != self.kv_heads)
-            x = x + p["o"](att[0].transpose(0, 1).reshape(n, q_end))
-            gate_up = p["gate_up"](self._norm(x, p["norm2"]))
-            x = x + p["down"](F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+        cos, sin = self.rope(positions, past + n)  # [1, n, head_dim] each
+        mask = step_mask(bias, n, past, self.dtype, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
         cache.advance(n)
-        return self._norm(x, self.final_norm)
+        return rms_norm(x, self.final_norm, self.eps)
 
     def _exact(self, tokens, positions, bias, cache: KVBuffer) -> torch.Tensor:
         """transformers' Llama decoder forward, op for op (batch 1), on a KVBuffer."""
         n = tokens.numel()
         if bias is None and n > 1:  # as transformers' sdpa mask: boolean causal after the cache
-            bias = self._mask(None, n, cache.length, tokens.device)
+            bias = causal_mask(n, cache.length, tokens.device)
         x = self.embed(tokens[None])  # [1, n, hidden]
         cos, sin = self.rotary(x, positions[None])  # [1, n, head_dim], in x's dtype
         cos, sin = cos[:, None], sin[:, None]
         for i, p in enumerate(self.layers):
-            h = self._norm(x, p["norm1"])
+            h = rms_norm(x, p["norm1"], self.eps)
             q = F.linear(h, *p["q"]).view(1, n, -1, self.head_dim).transpose(1, 2)
             k = F.linear(h, *p["k"]).view(1, n, -1, self.head_dim).transpose(1, 2)
             v = F.linear(h, *p["v"]).view(1, n, -1, self.head_dim).transpose(1, 2)
@@ -180,53 +152,91 @@ class LeanDecoder:
             att, _ = sdpa_attention_forward(p["attn"], apply_rotary(q, cos, sin), keys, values, bias,
                                             dropout=0.0, scaling=p["attn"].scaling)
             x = x + F.linear(att.reshape(1, n, -1).contiguous(), *p["o"])
-            h = self._norm(x, p["norm2"])
+            h = rms_norm(x, p["norm2"], self.eps)
             x = x + F.linear(F.silu(F.linear(h, *p["gate"])) * F.linear(h, *p["up"]), *p["down"])
         cache.advance(n)
-        return self._norm(x, self.final_norm)[0]
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)  # as transformers' RMSNorm: back to the input's dtype
-
-    def _rope(self, positions: torch.Tensor, need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """need: a bound on max(positions) + 1 known without reading positions back to the host
-        (a draft step's positions never pass its cache length + n: `Drafter` feeds each node at
-        the root's position plus its depth); None reads it."""
-        cos, sin = self._table  # one read: requests in other threads may replace the table meanwhile
-        need = int(positions.max()) + 1 if need is None else need
-        if need > cos.shape[0]:  # (re)build the table with the model's own rotary embedding
-            size = max(need, 2 * cos.shape[0], 1024)
-            pos = torch.arange(size, device=positions.device)[None]
-            probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
-            cos, sin = self.rotary(probe, pos)
-            cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
-            self._table = (cos, sin)
-        return cos[positions][None], sin[positions][None]
-
-    def _mask(self, bias, n, past, device) -> torch.Tensor | None:
-        if bias is not None:  # [1, 1, n, past + n] additive, built in this path's dtype (ModelRunner.dtype)
-            return bias.to(self.dtype)
-        if n == 1:
-            return None
-        causal = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
-        return causal[None, None]
+        return rms_norm(x, self.final_norm, self.eps)[0]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, rotate-half convention (as transformers' Llama)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+class LeanBackend:
+    """A `LeanDecoder` then an output head, on a `KVBuffer` taken over from the prefill's cache.
+
+    The target's exact backend (`exact_backend`): the exact decoder and the model's own lm_head
+    module. A draft's fast backend (`backends.draft_backend`): the fused decoder (int8 or in the
+    model's dtype) and a head over the draft vocabulary's rows (`vocab_ids`)."""
+
+    window = None  # the lean paths refuse sliding windows (`LeanDecoder.unsupported`)
+
+    def __init__(self, decoder: LeanDecoder, head, device: torch.device, vocab_ids: torch.Tensor | None = None,
+                 quant: str | None = None):
+        self.decoder, self.head, self.device, self.vocab_ids, self.quant = decoder, head, device, vocab_ids, quant
+        self.dtype = decoder.dtype
+        self.kind = "exact" if decoder.exact else "lean"
+
+    @classmethod
+    def exact(cls, model) -> LeanBackend:
+        """The target's exact backend, unchecked (`exact_backend` checks it on the model)."""
+        return cls(LeanDecoder(model, exact=True), model.get_output_embeddings(), input_device(model))
+
+    def start(self, cache=None) -> KVBuffer:
+        if cache is None:
+            raise ValueError("a lean backend continues a prefill: it needs the prefill's cache")
+        return KVBuffer.from_cache(cache, self.dtype)
+
+    def forward(self, tokens, positions, bias, cache, *, features=None, logits_to_keep=0, hidden=False) -> Step:
+        no_features(self, features)
+        h = self.decoder(tokens, positions, bias, cache)  # [n, hidden]
+        logits = self.head(h[-logits_to_keep:] if logits_to_keep else h)
+        return Step(logits, h if hidden else None)
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str | None, dtype: torch.dtype):
-    """`x -> x @ weight.T + bias` as a callable: int8 weights (float32 in and out) when quant is
-    "int8", else the weights cast once to `dtype`. Shared by the lean paths and the EAGLE head."""
-    if quant == "int8":
-        from .quant import Int8Linear
+def exact_backend(model) -> LeanBackend | None:
+    """The target's exact lean backend, or None when the exact path does not cover `model` or its
+    logits differ from transformers' on this model (a transformers version whose Llama forward
+    changed): then a warning, and the target keeps transformers' forward."""
+    if unsupported_exact(model):
+        return None
+    backend = LeanBackend.exact(model)
+    if not matches_transformers(model, backend):
+        warnings.warn(f"specllava: the exact lean path's logits differ from transformers' forward for "
+                      f"{type(model).__name__} (transformers {transformers.__version__}); the target keeps "
+                      "transformers' own forward", stacklevel=3)
+        return None
+    return backend
 
-        return Int8Linear(weight, bias)
-    w = weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
-    return lambda x: F.linear(x, w, b)
+
+def unsupported_exact(model) -> str | None:
+    """Why the target's exact backend does not cover `model`, or None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    text = model.config.get_text_config()
+    if head is None or getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", None):
+        return "logits are not lm_head(hidden)"
+    if is_dispatched(model):  # its weights move in and out through accelerate's hooks
+        return "dispatched by accelerate (hf_device_map / offload)"
+    return LeanDecoder.unsupported(model, exact=True)
+
+
+@torch.inference_mode()
+def matches_transformers(model, backend) -> bool:
+    """Feed the same short text (a chain, then a 3-node tree under its mask, then one token)
+    through transformers' forward and `backend`; True when every logit is bitwise equal."""
+    from ..cache import compact
+    from ..runner import ModelRunner
+    from ..tree import attention_bias
+
+    device = input_device(model)
+    avoid = image_token_id(model)
+    text_ids = [i for i in range(min(model.get_input_embeddings().num_embeddings, 64)) if i != avoid]
+    ids = [text_ids[(3 + k) % len(text_ids)] for k in range(8)]
+    prompt = torch.tensor([ids[:4]], device=device)
+    tree = torch.tensor(ids[4:7], device=device)
+    tree_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool, device=device)
+    outs = []
+    for candidate in (None, backend):
+        runner = ModelRunner(model, candidate)
+        runner.prefill(prompt)
+        logits = runner.forward(tree, torch.tensor([4, 5, 5], device=device), attention_bias(tree_mask, 4, runner.dtype))
+        compact(runner.cache, 4, torch.tensor([0, 2], device=device))
+        step = runner.forward(torch.tensor(ids[7:8], device=device), torch.tensor([6], device=device), None)
+        outs.append(torch.cat([logits, step]))
+    return bool(torch.equal(outs[0], outs[1]))
