@@ -183,10 +183,20 @@ def add_parser(subparsers) -> None:
 
 
 def _setup_logging(out: Path):
+    """Training's log lines to <out>/train.log and stdout, on the `specllava.training` logger only
+    (the root logger, and other libraries' logging, stay as the caller set them)."""
     out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        handlers=[logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stdout)], force=True)
-    return logging.getLogger("specllava.training").info
+    logger = logging.getLogger("specllava.training")
+    for old in list(logger.handlers):  # a previous run's, in the same process
+        logger.removeHandler(old)
+        old.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s")
+    for handler in (logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stdout)):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger.info
 
 
 def run_target(args: argparse.Namespace) -> int:
