@@ -11,13 +11,13 @@ def tiny_paths(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tiny_paths):
+def served_models(tiny_paths):
     """(target, draft, processor)"""
     return load_tiny(tiny_paths)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_pair):
+def server(served_models):
     """(base URL, engine, app) of a server on the tiny pair: one worker, dynamic trees."""
-    with running_server(*tiny_pair) as live:
+    with running_server(*served_models) as live:
         yield live

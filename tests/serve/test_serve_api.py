@@ -22,9 +22,9 @@ def client(url) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def reference(tiny_pair, messages, max_tokens) -> tuple[str, int]:
+def reference(served_models, messages, max_tokens) -> tuple[str, int]:
     """(text, tokens) of the target's own greedy generate() for the request."""
-    target, _, processor = tiny_pair
+    target, _, processor = served_models
     req = parse_request({"messages": messages}, Limits())
     inputs = encode_chat(processor, req.conversation, req.image)
     with torch.inference_mode():
@@ -54,11 +54,11 @@ def metric(url, name) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
-def test_greedy_answer_equals_target_generate(server, tiny_pair):
+def test_greedy_answer_equals_target_generate(server, served_models):
     url, _, _ = server
     messages = user("Describe this image.", image_bytes(0))
     r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=24)
-    text, n = reference(tiny_pair, messages, 24)
+    text, n = reference(served_models, messages, 24)
     assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason == "length" and r.object == "chat.completion" and r.model == "specllava"
     assert r.usage.completion_tokens == n == 24 and r.usage.total_tokens == r.usage.prompt_tokens + n
@@ -69,25 +69,25 @@ def test_greedy_answer_equals_target_generate(server, tiny_pair):
     assert stats["draft_tokens_accepted"] == sum(k * c for k, c in enumerate(stats["accept_hist"])) <= stats["draft_tokens_proposed"]
 
 
-def test_multi_turn_answer_equals_target_generate(server, tiny_pair):
+def test_multi_turn_answer_equals_target_generate(server, served_models):
     url, _, _ = server
     messages = [{"role": "system", "content": "Be brief."}, *user("Hi", image_bytes(2)),
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is it?"}]
     r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=16)
-    assert r.choices[0].message.content == reference(tiny_pair, messages, 16)[0]
+    assert r.choices[0].message.content == reference(served_models, messages, 16)[0]
 
 
-def test_text_only_answer_equals_target_generate(server, tiny_pair):
+def test_text_only_answer_equals_target_generate(server, served_models):
     url, _, _ = server
     messages = user("Name three colours.")
     r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=16)
-    assert r.choices[0].message.content == reference(tiny_pair, messages, 16)[0]
+    assert r.choices[0].message.content == reference(served_models, messages, 16)[0]
 
 
-def test_stats_equal_the_decoders_own(server, tiny_pair):
+def test_stats_equal_the_decoders_own(server, served_models):
     """The response's statistics are those `SpeculativeDecoder.generate` reports for the request."""
     url, engine, _ = server
-    target, _, processor = tiny_pair
+    target, _, processor = served_models
     messages = user("What is in the picture?", image_bytes(3))
     r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=30)
     req = parse_request({"messages": messages}, Limits())
@@ -99,12 +99,12 @@ def test_stats_equal_the_decoders_own(server, tiny_pair):
     assert s["draft_tokens_proposed"] == round(out.stats["tree_nodes_mean"] * out.stats["steps"])
 
 
-def test_streaming_equals_the_whole_answer_and_marks_draft_tokens(server, tiny_pair):
+def test_streaming_equals_the_whole_answer_and_marks_draft_tokens(server, served_models):
     url, _, _ = server
     messages = user("Describe this image.", image_bytes(0))
     chunks = list(client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=24, stream=True,
                                                       stream_options={"include_usage": True}))
-    text, n = reference(tiny_pair, messages, 24)
+    text, n = reference(served_models, messages, 24)
     assert chunks[0].choices[0].delta.role == "assistant"
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(deltas) == text
@@ -128,10 +128,10 @@ def test_stream_ends_with_done(server):
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
 
 
-def test_stop_sequence_cuts_text_and_generation(server, tiny_pair):
+def test_stop_sequence_cuts_text_and_generation(server, served_models):
     url, _, _ = server
     messages = user("Describe this image.", image_bytes(0))
-    full, _ = reference(tiny_pair, messages, 40)
+    full, _ = reference(served_models, messages, 40)
     stop = full[10:12]
     assert stop and full.find(stop) >= 3
     c = client(url)
@@ -199,9 +199,9 @@ BAD_HTTP = {
 
 
 @pytest.fixture(scope="module")
-def capped_server(tiny_pair):
+def capped_server(served_models):
     """Small caps, so that over-cap inputs are cheap to send."""
-    with running_server(*tiny_pair, max_tokens=500, max_image_pixels=100 * 100, max_image_bytes=50_000) as live:
+    with running_server(*served_models, max_tokens=500, max_image_pixels=100 * 100, max_image_bytes=50_000) as live:
         yield live
 
 
@@ -226,9 +226,9 @@ def test_openai_client_raises_on_errors(server):
 
 
 @pytest.fixture(scope="module")
-def slow_server(tiny_pair):
+def slow_server(served_models):
     """One worker whose decoder sleeps 20 ms a step, a queue of 1 and a 1.5 s time limit."""
-    target, draft, processor = tiny_pair
+    target, draft, processor = served_models
     with running_server(target, draft, processor, max_queue=1, max_tokens=300, request_timeout_s=1.5,
                         make_decoder=lambda: SlowDecoder(target, draft, method="dynamic", delay_s=0.02)) as live:
         yield live
@@ -297,8 +297,8 @@ def test_disconnect_cancels_a_non_streaming_request(slow_server):
         time.sleep(0.05)
 
 
-def test_requests_are_served_first_come_first_served(tiny_pair):
-    target, draft, processor = tiny_pair
+def test_requests_are_served_first_come_first_served(served_models):
+    target, draft, processor = served_models
     done = []
     with running_server(target, draft, processor, make_decoder=lambda: SlowDecoder(target, draft, delay_s=0.02)) as (url, _, _):
 

@@ -42,16 +42,16 @@ def ask(url, kw) -> tuple[str, int]:
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_pair):
+def alone(served_models):
     """Each request's answer when it is the only one on the server."""
-    with running_server(*tiny_pair) as (url, _, _):
+    with running_server(*served_models) as (url, _, _):
         return [ask(url, kw) for kw in requests()]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_concurrent_clients_get_their_alone_answers(tiny_pair, alone, workers):
+def test_concurrent_clients_get_their_alone_answers(served_models, alone, workers):
     todo = requests()
-    with running_server(*tiny_pair, workers=workers) as (url, engine, _):
+    with running_server(*served_models, workers=workers) as (url, engine, _):
         t = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:  # one thread per client, each sending its requests in turn
             per_client = list(pool.map(lambda k: [ask(url, kw) for kw in todo[k::CLIENTS]], range(CLIENTS)))

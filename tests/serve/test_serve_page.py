@@ -27,9 +27,9 @@ def browser():
         b.close()
 
 
-def test_page_streams_an_answer_with_marked_draft_tokens(tiny_pair, browser, tmp_path):
+def test_page_streams_an_answer_with_marked_draft_tokens(served_models, browser, tmp_path):
     # The target drafting for itself: every proposal it makes is accepted, so marks must appear.
-    target, _, processor = tiny_pair
+    target, _, processor = served_models
     img = tmp_path / "photo.png"
     img.write_bytes(image_bytes(4))
     with running_server(target, target, processor) as (url, _, _):

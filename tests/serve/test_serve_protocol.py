@@ -44,9 +44,9 @@ def test_image_goes_before_the_text_of_its_message():
     ]
 
 
-def test_encoding_equals_specllava_generate(tiny_pair):
+def test_encoding_equals_specllava_generate(served_models):
     """One user message with an image encodes exactly as `specllava generate --prompt --image` does."""
-    _, _, processor = tiny_pair
+    _, _, processor = served_models
     img = Image.open(__import__("io").BytesIO(image_bytes())).convert("RGB")
     req = parse_request({"messages": user("Describe this image.", image_bytes())}, LIMITS)
     ours, theirs = encode_chat(processor, req.conversation, req.image), chat_inputs(processor, "Describe this image.", img)

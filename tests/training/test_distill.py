@@ -62,14 +62,14 @@ def _trained(out):
     return torch.load(out / "checkpoint.pt", weights_only=False)["tensors"]
 
 
-def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_pair):
+def test_resume_continues_exactly_where_it_stopped(tmp_path, assembled_pair):
     data = make_dataset(tmp_path / "d", n=4)
     quiet = lambda *a: None  # noqa: E731
-    train_draft(_config(tmp_path, tiny_pair.target_dir, data, tmp_path / "full"), log=quiet)
-    train_draft(_config(tmp_path, tiny_pair.target_dir, data, tmp_path / "part", steps=2), log=quiet)
+    train_draft(_config(tmp_path, assembled_pair.target_dir, data, tmp_path / "full"), log=quiet)
+    train_draft(_config(tmp_path, assembled_pair.target_dir, data, tmp_path / "part", steps=2), log=quiet)
     history = json.loads((tmp_path / "part" / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2]
-    train_draft(_config(tmp_path, tiny_pair.target_dir, data, tmp_path / "part", resume=True), log=quiet)
+    train_draft(_config(tmp_path, assembled_pair.target_dir, data, tmp_path / "part", resume=True), log=quiet)
     full, part = _trained(tmp_path / "full"), _trained(tmp_path / "part")
     assert full.keys() == part.keys()
     for name in full:
@@ -77,12 +77,12 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_pair):
     assert [h["step"] for h in json.loads((tmp_path / "part" / "history.json").read_text())] == [1, 2, 3, 4]
 
 
-def test_train_draft_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
+def test_train_draft_cli_end_to_end(tmp_path, assembled_pair, tiny_models):
     from specllava.training.cli import main
 
     data = make_dataset(tmp_path / "d", n=2, answered=False)
     out = tmp_path / "run"
-    rc = main(["train-draft", "--target", str(tiny_pair.target_dir), "--data", str(data), "--out", str(out),
+    rc = main(["train-draft", "--target", str(assembled_pair.target_dir), "--data", str(data), "--out", str(out),
                "--regenerate", "--regenerate-max-new-tokens", "6", "--draft-layers", "2", "--exits", "1",
                "--steps", "2", "--batch-size", "1", "--eval-data", str(data), "--eval-prompts", "2",
                "--eval-max-new-tokens", "6", "--no-bf16"])
@@ -103,7 +103,7 @@ def test_train_draft_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
 
     saved = LlavaForConditionalGeneration.from_pretrained(out / "draft")
     # both carry the token ranking of the answers it was trained on (for draft_vocab=K)
-    tok = AutoTokenizer.from_pretrained(tiny_pair.target_dir)
+    tok = AutoTokenizer.from_pretrained(assembled_pair.target_dir)
     answer_ids = {t for a in answers for t in tok(a["answer"], add_special_tokens=False).input_ids}
     assert draft.config.token_ranking == saved.config.token_ranking
     assert answer_ids <= set(draft.config.token_ranking)
@@ -114,18 +114,18 @@ def test_train_draft_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
         want = value.to(torch.bfloat16).float() if name in shipped else value
         torch.testing.assert_close(draft.state_dict()[name], want, msg=name)
     # a second run reuses the cached answers instead of generating again
-    main(["train-draft", "--target", str(tiny_pair.target_dir), "--data", str(data), "--out", str(out),
+    main(["train-draft", "--target", str(assembled_pair.target_dir), "--data", str(data), "--out", str(out),
           "--regenerate", "--steps", "1", "--batch-size", "1", "--eval-data", str(data), "--eval-prompts", "1",
           "--eval-max-new-tokens", "2", "--no-bf16"])
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2
 
 
-def test_train_draft_adds_sampled_answers_but_ranks_only_the_greedy_ones(tmp_path, tiny_pair, tiny_models):
+def test_train_draft_adds_sampled_answers_but_ranks_only_the_greedy_ones(tmp_path, assembled_pair, tiny_models):
     from specllava.training.cli import main
 
     data = make_dataset(tmp_path / "d", n=3, answered=False)
     out = tmp_path / "run"
-    args = ["train-draft", "--target", str(tiny_pair.target_dir), "--data", str(data), "--out", str(out),
+    args = ["train-draft", "--target", str(assembled_pair.target_dir), "--data", str(data), "--out", str(out),
             "--regenerate", "--regenerate-max-new-tokens", "8", "--sampled-answers", "2", "--draft-layers", "1",
             "--steps", "1", "--batch-size", "1", "--eval-data", str(data), "--eval-prompts", "1",
             "--eval-max-new-tokens", "2", "--no-bf16"]
@@ -135,7 +135,7 @@ def test_train_draft_adds_sampled_answers_but_ranks_only_the_greedy_ones(tmp_pat
     assert len(greedy) == 3 and len(sampled) == 2 and {a["id"] for a in sampled} <= {a["id"] for a in greedy}
     # trained on both: 3 greedy + 2 sampled examples (the log line of the run)
     assert "5 training examples (2 sampled answers)" in (out / "train.log").read_text()
-    tok = AutoTokenizer.from_pretrained(tiny_pair.target_dir)
+    tok = AutoTokenizer.from_pretrained(assembled_pair.target_dir)
     ids = lambda answers: {t for a in answers for t in tok(a["answer"], add_special_tokens=False).input_ids}  # noqa: E731
     ranking = set(LlavaForConditionalGeneration.from_pretrained(out / "draft").config.token_ranking)
     assert ids(greedy) <= ranking

@@ -36,12 +36,12 @@ def test_training_steps_lower_the_loss(tmp_path, tiny_models):
     assert set(parts) == {"ce1", "ce2"}
 
 
-def test_train_eagle_cli_end_to_end(tmp_path, tiny_pair, tiny_models):
+def test_train_eagle_cli_end_to_end(tmp_path, assembled_pair, tiny_models):
     from specllava.training.cli import main
 
     data = make_dataset(tmp_path / "d", n=3, answered=False)
     out = tmp_path / "run"
-    rc = main(["train-eagle", "--target", str(tiny_pair.target_dir), "--data", str(data), "--out", str(out),
+    rc = main(["train-eagle", "--target", str(assembled_pair.target_dir), "--data", str(data), "--out", str(out),
                "--regenerate", "--sampled-answers", "2", "--max-new-tokens", "6", "--steps", "3", "--batch-size", "2",
                "--eval-data", str(data), "--eval-prompts", "2", "--eval-max-new-tokens", "6", "--no-bf16",
                "--held-out-fraction", "0.4"])

@@ -84,7 +84,7 @@ def test_presets_have_the_published_shapes_and_the_targets_vocabulary(tiny_model
         preset_config(target, "llava-7b")
 
 
-def test_the_target_teaches_in_its_own_dtype_without_a_copy(tmp_path, tiny_pair, monkeypatch):
+def test_the_target_teaches_in_its_own_dtype_without_a_copy(tmp_path, assembled_pair, monkeypatch):
     import copy
 
     import specllava.training.distill as distill
@@ -95,7 +95,7 @@ def test_the_target_teaches_in_its_own_dtype_without_a_copy(tmp_path, tiny_pair,
     monkeypatch.setattr(copy, "deepcopy", lambda obj, *a: copied.append(id(obj)) or deepcopy(obj, *a))
     monkeypatch.setattr(distill, "distill_step", lambda teacher, *a, **k: teachers.append(teacher) or step(teacher, *a, **k))
     data = make_dataset(tmp_path / "d", n=3)
-    cfg = DistillConfig(target=tiny_pair.target_dir, data=data, out=tmp_path / "run", draft_layers=1, steps=2,
+    cfg = DistillConfig(target=assembled_pair.target_dir, data=data, out=tmp_path / "run", draft_layers=1, steps=2,
                         batch_size=2, warmup=1, eval_prompts=0, dtype="bfloat16")
     distill.train_draft(cfg, log=lambda *a: None)
     target = loaded[0][0]
@@ -175,10 +175,10 @@ def test_train_draft_llava_68m_for_a_llava_1_5_7b_shaped_target(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is visible)")
-def test_train_draft_on_cuda_keeps_the_target_as_teacher_in_its_dtype(tmp_path, tiny_pair):
+def test_train_draft_on_cuda_keeps_the_target_as_teacher_in_its_dtype(tmp_path, assembled_pair):
     data = make_dataset(tmp_path / "d", n=3)
     out = tmp_path / "run"
-    _run(["--target", tiny_pair.target_dir, "--data", data, "--out", out, "--draft-layers", "1", "--steps", "2",
+    _run(["--target", assembled_pair.target_dir, "--data", data, "--out", out, "--draft-layers", "1", "--steps", "2",
           "--batch-size", "2", "--eval-data", data, "--eval-prompts", 1, "--eval-max-new-tokens", 4,
           "--device", "cuda", "--dtype", "bfloat16"])
     log = (out / "train.log").read_text()
