@@ -244,3 +244,20 @@ def test_mixed_attention_kinds_are_refused_at_construction():
     target.config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(ValueError, match="several attention kinds"):
         SpeculativeDecoder(target, tiny_lm(1, hidden=32, layers=1), method="dynamic")
+
+
+def test_offloaded_target_with_an_eagle_head_equals_generate(tmp_path):
+    """The EAGLE head reads a dispatched target's features (from its last layer, wherever that sits)."""
+    from random_models import llava_prompt, tiny_llava
+
+    from specllava.core.eagle import EagleHead
+
+    plain = tiny_llava(0)
+    head = EagleHead.from_target(plain, token_ranking=list(range(40)))
+    ids, px = llava_prompt(3)
+    expected = reference(plain, {"input_ids": ids, "pixel_values": px}, 16)
+    target = _offloaded(plain, tmp_path)
+    dec = SpeculativeDecoder(target, head, method="dynamic")
+    assert dec.target_backend.kind == "transformers" and dec.draft_backend.kind == "eagle-head"
+    out = dec.generate(ids, px, max_new_tokens=16)
+    assert torch.equal(out.sequences, expected) and out.stats["mean_accepted"] > 1

@@ -29,7 +29,7 @@ class HeadBackend:
         self.device = input_device(target)
         self.embed = target.get_input_embeddings()
         self.rope = RotaryTable(target.get_decoder().rotary_emb, self.dtype)
-        dev = target.device
+        dev = self.device  # the head's weights and cache sit with the target's input embeddings
         self.vocab_ids = None if vocab_ids is None else vocab_ids.to(dev)
         weight = target.get_output_embeddings().weight.detach()
         rows = weight if self.vocab_ids is None else weight.index_select(0, self.vocab_ids)
@@ -59,7 +59,8 @@ class HeadBackend:
         if features is None or features.shape[0] != tokens.numel():
             raise ValueError("an EAGLE head needs one input feature per token (features [n, hidden])")
         n, past = tokens.numel(), cache.length
-        x = self.fc(torch.cat([self.embed(tokens).to(self.dtype), features.to(self.dtype)], -1))
+        # the features come from the target's last layer, which a dispatched target may hold elsewhere
+        x = self.fc(torch.cat([self.embed(tokens).to(self.dtype), features.to(self.device, self.dtype)], -1))
         cos, sin = self.rope(positions, past + n)  # `Drafter`'s positions stay below past + n
         x = self.layer(x, cos, sin, step_mask(bias, n, past, self.dtype, x.device), cache, 0)
         cache.advance(n)
