@@ -35,6 +35,33 @@ def test_bad_flags_are_refused(flag, capsys):
     assert flag.split("=")[0] in capsys.readouterr().err
 
 
+def test_tree_options_and_budget_reach_every_decoder(tiny_paths, monkeypatch):
+    from specllava.serve.cli import build
+
+    args = build_parser().parse_args(["serve", "--target", str(tiny_paths.target_dir), "--draft", str(tiny_paths.draft_dir),
+                                      "--dtype", "float32", "--max-concurrency", "2", "--tree-option", "max_depth=3",
+                                      "--tree-option", "node_budget=40", "--budget", "7"])
+    _, engine = build(args)
+    try:
+        assert [(d.config.max_depth, d.config.node_budget) for d in engine.decoders] == [(3, 7), (3, 7)]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("argv, message", [(["--method", "chain", "--budget", "auto"], "--budget auto calibrates the dynamic tree"),
+                                           (["--tree-option", "max_depth=0"], "max_depth")])
+def test_bad_tree_settings_exit_2_before_loading(argv, message, capsys):
+    from specllava.cli import main
+
+    try:
+        code = main(["serve", *argv])
+    except SystemExit as stop:  # argparse's own refusals
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "loading" not in err
+
+
 @pytest.mark.slow  # a fresh Python process importing torch and transformers: 10-20 s here
 def test_serve_process_answers_and_says_what_it_loads(tiny_paths, tmp_path):
     port = free_port()

@@ -10,8 +10,8 @@ import argparse
 import sys
 import time
 
-from ..cli import METHODS, QUANT_CHOICES
-from ..cli_args import draft_source, model_source, positive_float, positive_int
+from ..cli import METHODS, QUANT_CHOICES, TREE_FIELDS
+from ..cli_args import budget, draft_source, model_source, positive_float, positive_int, tree_option
 from ..models.options import LoadOptions, add_load_args
 from .protocol import Limits
 
@@ -40,6 +40,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                    help="the draft's decode steps with int8 linears (as in specllava generate; default: auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tree-option", type=tree_option, action="append", default=[], metavar="NAME=VALUE",
+                   help=f"a TreeConfig field for every request, repeatable (e.g. node_budget=48); fields: {', '.join(TREE_FIELDS)}")
+    p.add_argument("--budget", type=budget, default=None, metavar="auto|N",
+                   help="dynamic tree node budget: N, or 'auto' = the budget that maximises expected speed on this "
+                   "machine, calibrated at startup on the example photo (measured once, then read "
+                   "from ~/.cache/specllava/calibration). Overrides --tree-option node_budget")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=d.model_name,
@@ -80,8 +86,41 @@ def load_models(args):
     return target, draft, processor
 
 
+def check_args(args) -> None:
+    """Checks that involve several arguments, before anything loads (ValueError: exit 2)."""
+    from ..cli import check_generate_args
+
+    check_generate_args(args)
+
+
+def tree_options(args, target, draft, processor) -> dict:
+    """--tree-option, with --budget's node budget (auto: calibrated on the shipped example photo)."""
+    options = dict(args.tree_option)
+    if args.budget == "auto" and args.method == "dynamic":
+        from pathlib import Path
+
+        from PIL import Image
+
+        from ..core.vocab import default_draft_vocab
+        from ..models.hf import chat_inputs
+        from ..tuning.budget import auto_node_budget
+
+        t = time.perf_counter()
+        with Image.open(Path(__file__).parents[1] / "assets" / "example.jpg") as img:
+            inputs = chat_inputs(processor, "Describe this image.", img.convert("RGB"))
+        inputs = {k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
+        options["node_budget"], _ = auto_node_budget(target, draft, [inputs], options,
+                                                     draft_vocab=default_draft_vocab(draft, 0.0), draft_quant=args.draft_quant)
+        print(f"specllava serve: --budget auto: node_budget = {options['node_budget']} ({time.perf_counter() - t:.1f} s)",
+              file=sys.stderr, flush=True)
+    elif args.budget is not None and args.budget != "auto":
+        options["node_budget"] = args.budget
+    return options
+
+
 def build(args):
     """(app, engine) from parsed arguments: models loaded, workers started."""
+    check_args(args)
     import torch
 
     from .. import SpeculativeDecoder
@@ -94,11 +133,12 @@ def build(args):
     print(f"specllava serve: loading {where} ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
     target, draft, processor = load_models(args)
+    options = tree_options(args, target, draft, processor) if args.method != "ar" else {}
     print(f"specllava serve: models loaded in {time.perf_counter() - t:.1f} s; preparing "
           f"{args.max_concurrency} decoder(s) ({args.method}) ...", file=sys.stderr, flush=True)
     engine = Engine(
         target, draft, processor,
-        lambda: SpeculativeDecoder(target, draft, method=args.method, draft_quant=args.draft_quant),
+        lambda: SpeculativeDecoder(target, draft, method=args.method, draft_quant=args.draft_quant, **options),
         workers=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout, method=args.method,
     )  # fmt: skip
