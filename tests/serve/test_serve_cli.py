@@ -48,6 +48,26 @@ def test_tree_options_and_budget_reach_every_decoder(tiny_paths, monkeypatch):
         engine.close()
 
 
+def test_serve_loads_models_as_generate_does(tiny_paths, monkeypatch):
+    """The same load options as generate (`models.options`), --device-map included, and real loads."""
+    import torch
+
+    import specllava.models.hf as hf
+    from specllava.models.options import LoadOptions
+    from specllava.serve.cli import load_models
+
+    flags = ["--target", str(tiny_paths.target_dir), "--draft", str(tiny_paths.draft_dir), "--dtype", "bfloat16",
+             "--attn-implementation", "eager"]
+    target, draft, _ = load_models(build_parser().parse_args(["serve", *flags]))
+    assert target.dtype == draft.dtype == torch.bfloat16
+    assert target.config.get_text_config()._attn_implementation == "eager"
+    seen = []
+    monkeypatch.setattr(hf, "load_pair", lambda *a, **k: seen.append(a) or (None, None, None, {}))
+    load_models(build_parser().parse_args(["serve", *flags, "--device-map", "auto"]))
+    gen = build_parser().parse_args(["generate", "--prompt", "x", *flags, "--device-map", "auto"])
+    assert seen[0][2] == LoadOptions.from_args(gen) and seen[0][2].device_map == "auto"
+
+
 @pytest.mark.parametrize("argv, message", [(["--method", "chain", "--budget", "auto"], "--budget auto calibrates the dynamic tree"),
                                            (["--tree-option", "max_depth=0"], "max_depth")])
 def test_bad_tree_settings_exit_2_before_loading(argv, message, capsys):

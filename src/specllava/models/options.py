@@ -84,8 +84,8 @@ class LoadOptions:
         return resolve_dtype(self.dtype, self.resolved_device)
 
 
-def add_load_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, device_map: bool = True) -> None:
-    """`--dtype`, `--device`, `--device-map` (unless device_map=False) and `--attn-implementation`."""
+def add_load_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--dtype`, `--device`, `--device-map` and `--attn-implementation`."""
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPE_CHOICES,
         help="model dtype; auto (default) = bfloat16 on a CUDA GPU that supports it (float16 on older ones) "
@@ -93,9 +93,8 @@ def add_load_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, dev
     )
     parser.add_argument("--device", default=None, help="device to load the models on: cpu, cuda, cuda:1, ... "
                         "(default: cuda when available, else cpu)")
-    if device_map:
-        parser.add_argument("--device-map", default=None, metavar="MAP",
-                            help="accelerate device map for the target, e.g. auto to shard it over the visible GPUs "
-                            "(and offload what does not fit); default: the whole target on --device")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="accelerate device map for the target, e.g. auto to shard it over the visible GPUs "
+                        "(and offload what does not fit); default: the whole target on --device")
     parser.add_argument("--attn-implementation", default=None, choices=ATTN_CHOICES,
                         help="transformers' attention implementation (default: the model's own, sdpa for most)")

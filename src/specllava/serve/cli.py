@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", type=model_source, help="target model directory or hub id (default: the embedded default target)")
     p.add_argument("--draft", type=draft_source, help="draft model directory or hub id, or an EAGLE head (default: the embedded default draft)")
     p.add_argument("--method", choices=METHODS, default="dynamic", help="decoding method (default: dynamic)")
-    add_load_args(p, device_map=False)
+    add_load_args(p)
     p.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
                    help="the draft's decode steps with int8 linears (as in specllava generate; default: auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -71,18 +71,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_models(args):
-    """(target, draft, processor) as `specllava generate` loads them, plus --device / --attn-implementation."""
+    """(target, draft, processor) as `specllava generate` loads them (`models.hf.load_pair` with the
+    load options: --dtype, --device, --device-map, --attn-implementation)."""
     from ..models.hf import load_pair
 
-    opts = LoadOptions.from_args(args)
-    target, draft, processor, _ = load_pair(args.target, args.draft, opts.torch_dtype, args.method != "ar",
+    target, draft, processor, _ = load_pair(args.target, args.draft, LoadOptions.from_args(args), args.method != "ar",
                                             why=f"--method {args.method} (or use --method ar)")
-    for model in (target, draft):
-        if model is None or not hasattr(model, "to"):
-            continue
-        if opts.attn_implementation:
-            model.set_attn_implementation(opts.attn_implementation)
-        model.to(opts.resolved_device)
     return target, draft, processor
 
 
