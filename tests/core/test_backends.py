@@ -71,3 +71,18 @@ def test_features_go_only_to_the_head():
         runner.prefill(text_prompt(1, length=6))
         with pytest.raises(TypeError, match="takes no input features"):
             runner.forward(tokens, positions + 6, None, features=torch.zeros(3, 48))
+
+
+def test_backends_are_built_once_per_model():
+    """Decoders on the same models share their backends (int8 quantization and the exact path's
+    check run once); new weights build new ones."""
+    from specllava import SpeculativeDecoder
+
+    target = tiny_llava(0)
+    head = EagleHead.from_target(target, token_ranking=list(range(40)))
+    first, second = (SpeculativeDecoder(target, head, method="dynamic", draft_quant="int8") for _ in range(2))
+    assert first.draft_backend is second.draft_backend and first.draft_backend.kind == "eagle-head"
+    assert first.target_backend is second.target_backend
+    with torch.no_grad():
+        head.fc.weight.mul_(2.0)
+    assert SpeculativeDecoder(target, head, method="dynamic", draft_quant="int8").draft_backend is not first.draft_backend

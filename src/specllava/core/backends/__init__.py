@@ -51,7 +51,7 @@ def draft_backend(model, vocab_ids: torch.Tensor | None = None, quant: str | Non
         raise ValueError(f"unknown quant {quant!r}")
     if quant is None and vocab_ids is None:
         return TransformersBackend(model)
-    key = ("draft_backend", quant, lean, None if vocab_ids is None else hash(vocab_ids.cpu().numpy().tobytes()))
+    key = ("draft_backend", quant, lean, _ids_key(vocab_ids))
     return CHECKS.get(model, key, lambda: _reduced_draft(model, vocab_ids, quant, lean))
 
 
@@ -75,8 +75,14 @@ def _reduced_draft(model, vocab_ids, quant, lean) -> Backend:
 
 
 def head_backend(head, target, vocab_ids: torch.Tensor | None = None, quant: str | None = None) -> HeadBackend:
-    """An EAGLE head's backend for `target` (its rows of the target's LM head: `vocab_ids`)."""
-    return HeadBackend(head, target, vocab_ids, quant)
+    """An EAGLE head's backend for `target` (its rows of the target's LM head: `vocab_ids`), built
+    once per head, target, vocabulary and mode (until either's weights change)."""
+    key = ("head_backend", id(head), quant, _ids_key(vocab_ids))
+    return CHECKS.get(target, key, lambda: HeadBackend(head, target, vocab_ids, quant), head)
+
+
+def _ids_key(vocab_ids: torch.Tensor | None):
+    return None if vocab_ids is None else hash(vocab_ids.cpu().numpy().tobytes())
 
 
 def _check_plain_head(model) -> None:
