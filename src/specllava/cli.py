@@ -112,8 +112,9 @@ def _open_image(path: str | None):
         return img.convert("RGB")
 
 
-def check_generate_args(args) -> None:
-    """Checks that involve several arguments, before anything loads (ValueError: exit 2)."""
+def check_tree_args(args) -> None:
+    """--method, --budget and --tree-option together (`generate`, `serve`), before anything loads
+    (ValueError: exit 2)."""
     if args.budget == "auto" and args.method != "dynamic":
         raise ValueError(f"--budget auto calibrates the dynamic tree; --method {args.method} has no node budget to choose")
     from .core.config import TreeConfig
@@ -121,8 +122,28 @@ def check_generate_args(args) -> None:
     TreeConfig.from_options(**dict(args.tree_option))  # the options together (each is checked alone at parse time)
 
 
+def resolve_tree_options(args, target, draft, inputs: dict, draft_vocab, prefix: str = "") -> dict:
+    """--tree-option with --budget's node budget: N, or auto = calibrated (`tuning.budget`, cached)
+    on `inputs` (the processor's tensors) with this draft vocabulary; says what it chose on stderr."""
+    options = dict(args.tree_option)
+    if args.budget == "auto" and args.method == "dynamic":
+        import time
+
+        from .tuning.budget import auto_node_budget
+
+        t = time.perf_counter()
+        inp = {k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
+        options["node_budget"], _ = auto_node_budget(target, draft, [inp], options, draft_vocab=draft_vocab,
+                                                     draft_quant=args.draft_quant)
+        print(f"{prefix}--budget auto: node_budget = {options['node_budget']} ({time.perf_counter() - t:.1f} s)",
+              file=sys.stderr, flush=True)
+    elif args.budget is not None and args.budget != "auto":
+        options["node_budget"] = args.budget
+    return options
+
+
 def run_generate(args) -> int:
-    check_generate_args(args)
+    check_tree_args(args)
     import torch
 
     from .core.decoder import SpeculativeDecoder
@@ -139,19 +160,7 @@ def run_generate(args) -> int:
     draft_vocab = args.draft_vocab
     if draft_vocab is None:
         draft_vocab = default_draft_vocab(draft, args.temperature)
-    tree_options = dict(args.tree_option)
-    if args.budget == "auto" and args.method == "dynamic":
-        import time
-
-        from .tuning.budget import auto_node_budget
-
-        t = time.perf_counter()
-        inp = {k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
-        tree_options["node_budget"], _ = auto_node_budget(target, draft, [inp], tree_options, draft_vocab=draft_vocab,
-                                                          draft_quant=args.draft_quant)
-        print(f"--budget auto: node_budget = {tree_options['node_budget']} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
-    elif args.budget is not None and args.budget != "auto":
-        tree_options["node_budget"] = args.budget
+    tree_options = resolve_tree_options(args, target, draft, inputs, draft_vocab)
     decoder = SpeculativeDecoder(target, draft, method=args.method, draft_vocab=draft_vocab,
                                  draft_quant=args.draft_quant, **tree_options)
 

@@ -80,41 +80,28 @@ def load_models(args):
     return target, draft, processor
 
 
-def check_args(args) -> None:
-    """Checks that involve several arguments, before anything loads (ValueError: exit 2)."""
-    from ..cli import check_generate_args
-
-    check_generate_args(args)
-
-
 def tree_options(args, target, draft, processor) -> dict:
-    """--tree-option, with --budget's node budget (auto: calibrated on the shipped example photo)."""
-    options = dict(args.tree_option)
-    if args.budget == "auto" and args.method == "dynamic":
-        from pathlib import Path
+    """--tree-option and --budget as `generate` takes them; auto calibrates on the shipped example photo."""
+    from pathlib import Path
 
-        from PIL import Image
+    from PIL import Image
 
-        from ..core.vocab import default_draft_vocab
-        from ..models.hf import chat_inputs
-        from ..tuning.budget import auto_node_budget
+    from ..cli import resolve_tree_options
+    from ..core.vocab import default_draft_vocab
+    from ..models.hf import chat_inputs
 
-        t = time.perf_counter()
+    inputs = {}
+    if args.budget == "auto":
         with Image.open(Path(__file__).parents[1] / "assets" / "example.jpg") as img:
             inputs = chat_inputs(processor, "Describe this image.", img.convert("RGB"))
-        inputs = {k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
-        options["node_budget"], _ = auto_node_budget(target, draft, [inputs], options,
-                                                     draft_vocab=default_draft_vocab(draft, 0.0), draft_quant=args.draft_quant)
-        print(f"specllava serve: --budget auto: node_budget = {options['node_budget']} ({time.perf_counter() - t:.1f} s)",
-              file=sys.stderr, flush=True)
-    elif args.budget is not None and args.budget != "auto":
-        options["node_budget"] = args.budget
-    return options
+    return resolve_tree_options(args, target, draft, inputs, default_draft_vocab(draft, 0.0), prefix="specllava serve: ")
 
 
 def build(args):
     """(app, engine) from parsed arguments: models loaded, workers started."""
-    check_args(args)
+    from ..cli import check_tree_args
+
+    check_tree_args(args)
     import torch
 
     from .. import SpeculativeDecoder
