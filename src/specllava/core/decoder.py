@@ -241,7 +241,7 @@ class SpeculativeDecoder:
             logits = target.forward(seen_tree.tokens, positions, bias)  # [N, V], on the target's last device
             # 3. accept: the accepted path and the bonus token
             if params.do_sample:
-                drawn = _DraftQ(drafter, logits.shape[-1], logits.device) if drafter and drafter.sampled else None
+                drawn = _DraftQ(drafter) if drafter and drafter.sampled else None
                 verdict = verify_sampling(seen_tree, _LazyProbs(logits, params), gen, drawn)
             else:
                 verdict = verify_greedy(seen_tree.to(logits.device), logits, anc.to(logits.device))
@@ -488,16 +488,16 @@ class _LazyProbs:
 
 
 class _DraftQ:
-    """node -> the full-vocabulary draft row its children were drawn from (sampled drafting)."""
+    """node -> the draft row its children were drawn from (sampled drafting; `Drafter.q_row`)."""
 
-    def __init__(self, drafter: Drafter, vocab: int, device: torch.device):
-        self.drafter, self.vocab, self.device = drafter, vocab, device  # device: where p lives
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
 
     def __contains__(self, node: int) -> bool:
         return node in self.drafter.q
 
-    def __getitem__(self, node: int) -> torch.Tensor:
-        return self.drafter.full_q(node, self.vocab).to(self.device)
+    def __getitem__(self, node: int):
+        return self.drafter.q_row(node)
 
 
 def _cut(tokens: list[int], eos: set[int], room: int) -> tuple[list[int], bool]:

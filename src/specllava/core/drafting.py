@@ -192,19 +192,18 @@ class Drafter:
         keep = torch.empty_like(keep)
         keep[order] = ranked
         for j, node in enumerate(frontier.tolist()):
-            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (full_q)
+            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (q_row)
         sc = score[frontier][:, None] * vals
         par = frontier[:, None].expand_as(toks)
         return par[keep], toks[keep], sc[keep]
 
-    def full_q(self, node: int, vocab: int) -> torch.Tensor:
-        """Sampled mode: the q row that drew `node`'s children, over the full vocabulary [vocab]."""
+    def q_row(self, node: int):
+        """Sampled mode: the q row that drew `node`'s children, as `verify_sampling` takes it: the
+        [V] row, or (ids, values) over a reduced draft vocabulary's ascending token ids."""
         row = self.q[node].exp()
         if self.runner.vocab_ids is None:
             return row
-        full = torch.zeros(vocab, dtype=row.dtype, device=row.device)
-        full[self.runner.vocab_ids] = row
-        return full
+        return self.runner.vocab_ids, row
 
     def _next_frontier(self, first_new: int, score, d) -> torch.Tensor:
         """Nodes to feed next: static: those with children in the plan; dynamic: the most confident."""
