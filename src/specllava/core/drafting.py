@@ -288,3 +288,18 @@ def _gumbel(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
         return -torch.empty_like(like).exponential_(generator=generator).log()
     noise = torch.empty(like.shape, dtype=like.dtype, device=generator.device).exponential_(generator=generator)
     return -noise.to(like.device).log()
+
+
+class DraftQ:
+    """q at the tree's nodes as sampled verification reads it: `node in q` when the node's
+    children were drawn from q, `q[node]` -> the full-vocabulary draft row [vocab] they were
+    drawn from, on `device` (where p lives)."""
+
+    def __init__(self, drafter: Drafter, vocab: int, device: torch.device):
+        self.drafter, self.vocab, self.device = drafter, vocab, device
+
+    def __contains__(self, node: int) -> bool:
+        return node in self.drafter.q
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        return self.drafter.full_q(node, self.vocab).to(self.device)
