@@ -481,8 +481,9 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
         examples += pool
         base = len(examples) - len(pool)
     log(f"draft: {n_layers} layers, exits {exits}, {sum(p.numel() for p in params.values())} trainable params; "
-        f"{len(examples)} training examples ({len(sampled)} sampled answers, {cfg.on_policy} on-policy), "
-        f"{sum(sum(e.loss_mask) for e in examples)} assistant tokens; loss {cfg.loss}"
+        f"{len(examples)} training examples ({len(sampled)} sampled answers"
+        + (f", {cfg.on_policy} on-policy" if cfg.on_policy else "") + "), "
+        + f"{sum(sum(e.loss_mask) for e in examples)} assistant tokens; loss {cfg.loss}"
         + (f" ({cfg.loss_mix:g} TVD)" if cfg.loss == "mix" else "")
         + (f", TVD over {len(vocab)} ranked ids" if vocab is not None and cfg.loss != "kl" else "")
         + f"; target {next(target.parameters()).dtype} on {input_device(target)}, draft on {input_device(draft)}"
