@@ -55,7 +55,7 @@ def check_max_new_tokens(max_new_tokens) -> int:
 def check_input_ids(target, input_ids) -> None:
     """A 2-D integer tensor of in-range token ids (any batch size)."""
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a LongTensor of shape [batch, prompt_len]")
+        raise ValueError("input_ids must be a LongTensor of shape [1, prompt_len] (a batch: [batch, prompt_len])")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids (a LongTensor), got dtype {input_ids.dtype}")
     if input_ids.shape[0] == 0:
