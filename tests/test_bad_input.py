@@ -189,6 +189,10 @@ def files(tmp_path_factory):
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text("{}")
     (root / "data.json").write_text("[]")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "fifo.png")  # nothing ever writes to it: reading it would block forever
+    (root / "loop.png").symlink_to(root / "loop2.png")
+    (root / "loop2.png").symlink_to(root / "loop.png")
     return root
 
 
@@ -255,6 +259,13 @@ PARSE_CASES = {  # argv (with {d} = the files folder) -> what the one line says
     "image truncated": (G + ["--image", "{d}/truncated.jpg"], "cannot decode image file .*truncated"),
     "image not an image": (G + ["--image", "{d}/notes.txt"], "not an image file PIL can read"),
     "image 14000x14000": (G + ["--image", "{d}/bomb.png"], "over the cap of 89,478,485 pixels .*MAX_IMAGE_PIXELS"),
+    "image is a FIFO": (G + ["--image", "{d}/fifo.png"], "fifo.png is not a regular file"),
+    "image symlink loop": (G + ["--image", "{d}/loop.png"], "cannot open image file .*loop.png: Too many levels of symbolic links"),
+    "image empty path": (G + ["--image", ""], "argument --image: the image file path is empty"),
+    "target empty path": (G + ["--target", ""], "argument --target: the model path is empty"),
+    "bench data is a FIFO": (["bench", "--data", "{d}/fifo.png"], "is not a regular file"),
+    "prompt invalid UTF-8": (["generate", "--prompt", "caf\udcc3 \udcff"], "the prompt is not valid UTF-8 .byte 0xc3 at character 3"),
+    "seed 2**64": (G + ["--seed", str(2**64)], r"argument --seed: must be an integer in \[0, 2\*\*64\)"),
     "target is a file": (G + ["--target", "{d}/notes.txt"], "is a file; give the model's folder"),
     "target folder without config": (G + ["--target", "{d}/adir"], "has no config.json"),
     "target path missing": (G + ["--target", "{d}/nowhere"], "model folder not found"),
@@ -495,3 +506,126 @@ def test_assemble_print_dir_prints_only_the_folder(capsys, monkeypatch, tmp_path
     monkeypatch.setattr(assemble, "assemble_default_models", lambda cache_dir=None, force=False: paths)
     assert main(["assemble", "--print-dir"]) == 0
     assert capsys.readouterr().out == f"{tmp_path}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# images: one loader (specllava.images) for generate, bench and the server
+
+def _exif_rotated(tmp_path):
+    """A 30x20 JPEG stored as 20x30 with the EXIF orientation 'rotate 90 CW to view' (6): its left
+    half dark, once upright."""
+    upright = np.zeros((20, 30, 3), dtype=np.uint8)
+    upright[:, 15:] = 255
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    return path
+
+
+def _loaders():
+    from specllava.images import open_image
+    from specllava.serve.protocol import Limits, decode_image
+
+    return {"cli/bench": open_image, "server": lambda path: decode_image(path.read_bytes(), Limits())}
+
+
+@pytest.mark.parametrize("loader", ["cli/bench", "server"])
+def test_images_high_bit_depth_exif_and_alpha(tmp_path, loader):
+    load = _loaders()[loader]
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # fully transparent black
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    for name in ("grey16.png", "float.tif"):  # a ramp from black to white, as it looks
+        img = np.asarray(load(tmp_path / name), dtype=np.float64)
+        assert img.shape == (32, 32, 3) and abs(img.mean() - 127.5) < 2, (name, img.mean())
+        assert img[0, 0, 0] == 0 and img[-1, -1, 0] == 255
+    upright = np.asarray(load(_exif_rotated(tmp_path)))
+    assert upright.shape == (20, 30, 3)  # EXIF orientation applied
+    assert upright[:, :10].mean() < 40 and upright[:, 20:].mean() > 215
+    assert np.asarray(load(tmp_path / "clear.png")).min() == 255  # transparency on white
+
+
+def test_generate_and_bench_use_the_shared_loader(monkeypatch, tmp_path):
+    import specllava.images as images
+    from specllava import cli
+    from specllava.bench import harness
+    from specllava.bench.prompts import BenchPrompt
+
+    seen = []
+    monkeypatch.setattr(images, "open_image", lambda path: seen.append(path) or Image.new("RGB", (4, 4)))
+    assert cli._open_image("a.png").size == (4, 4)
+    monkeypatch.setattr("specllava.models.hf.chat_inputs", lambda proc, text, image: {"input_ids": torch.ones(1, 3).long()})
+    harness.prepare_inputs(None, BenchPrompt(id="p", prompt="x", image=tmp_path / "b.png"), torch.float32, "cpu")
+    assert seen == ["a.png", tmp_path / "b.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# standard output that cannot take the answer; Ctrl-C at any moment
+
+def _env():
+    import sys
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def test_closed_stdout_is_refused_before_loading():
+    import subprocess
+    import sys
+
+    out = subprocess.run(["sh", "-c", f"exec '{sys.executable}' -m specllava generate --prompt Hi >&-"],
+                         capture_output=False, stderr=subprocess.PIPE, text=True, env=_env(), timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == ("specllava generate: error: standard output is closed: the output would be lost; "
+                                  "redirect it (e.g. > out.txt or > /dev/null)")
+
+
+def test_output_that_cannot_be_written_is_an_error(monkeypatch, capsys):
+    from specllava.cli import run_guarded
+
+    class ClosedPipe:
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert run_guarded("specllava generate", lambda: print("the answer")) == 1
+    assert "standard output was closed before all the output was written" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "Hi"], ["train-eagle", "--data", "x.json"]])
+def test_ctrl_c_while_starting_is_exit_130_without_a_traceback(argv, tmp_path):
+    """Ctrl-C while a command imports torch (its first seconds): one line, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "x.json").write_text("[]")
+    proc = subprocess.Popen([sys.executable, "-m", "specllava", *argv], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:  # wait until torch's library is being loaded
+        try:
+            if "libtorch" in open(f"/proc/{proc.pid}/maps").read():
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().endswith("interrupted"), err
+
+
+def test_prompt_with_the_image_placeholder_is_refused(pair, capsys):
+    paths, _ = pair
+    code = main(["generate", "--target", str(paths.target_dir), "--method", "ar", "--prompt", "<image> What is it?"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("specllava generate: error: the prompt contains '<image>'"), last

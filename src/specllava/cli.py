@@ -66,13 +66,12 @@ def load_models(opts: DecodingOptions, load: LoadOptions):
 
 
 def _open_image(path: str | None):
-    """The --image file (already checked by cli_args.image_file) as RGB."""
+    """The --image file (already checked by cli_args.image_file) as RGB (`images.open_image`)."""
     if path is None:
         return None
-    from PIL import Image
+    from .images import open_image
 
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    return open_image(path)
 
 
 def check_tree_args(args) -> None:
@@ -202,18 +201,30 @@ def _command_in(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done; 2 bad arguments or input (one line, nothing loaded when
-    the arguments alone show it); 1 a failure while running (one line); 130 interrupted (Ctrl-C).
+    the arguments alone show it); 1 a failure while running (one line); 130 interrupted (Ctrl-C, at
+    any moment: building the parser imports a command's module, which takes seconds).
     --debug (anywhere) shows the traceback instead of the one line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    parser = build_parser(_command_in(argv) or "")  # "": no command named, no module imported
-    args = parser.parse_args(argv)
-    return run_guarded(f"specllava {args.command}", lambda: args._handlers[args.command](args), debug)
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
+        parser = build_parser(_command_in(argv) or "")  # "": no command named, no module imported
+        args = parser.parse_args(argv)
+        prog = f"specllava {args.command}"
+        if sys.stdout is None and args.command != "serve":  # started with stdout closed (`>&-`)
+            print(f"{prog}: error: standard output is closed: the output would be lost; redirect it "
+                  "(e.g. > out.txt or > /dev/null)", file=sys.stderr)
+            return 2
+        return run_guarded(prog, lambda: args._handlers[args.command](args), debug)
+    except KeyboardInterrupt:
+        print("\nspecllava: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_guarded(prog: str, work, debug: bool = False) -> int:
-    """Run `work()` and turn what it raises into one line on stderr and an exit status (see main)."""
+    """Run `work()` and turn what it raises into one line on stderr and an exit status (see main).
+    Standard output is flushed inside, so output that could not be written (a closed pipe, a full
+    disk) is an error too, not an exit 0 with the answer lost."""
     import warnings
 
     def one_line(message, category, filename, lineno, file=None, line=None):
@@ -224,21 +235,52 @@ def run_guarded(prog: str, work, debug: bool = False) -> int:
             if not debug:  # one line per warning, without the source line that raised it
                 warnings.showwarning = one_line
             result = work()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except KeyboardInterrupt:
-        sys.stdout.flush()
+        _flush_stdout()
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        print(f"{prog}: error: standard output was closed before all the output was written (broken pipe)",
+              file=sys.stderr)
+        return 1
     except (ValueError, argparse.ArgumentTypeError) as err:
         if debug:
             raise
+        _flush_stdout()
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001  (any failure becomes one line; --debug shows it all)
         if debug:
             raise
+        _flush_stdout()
         print(f"{prog}: error: {_describe(err)}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
+
+
+def _flush_stdout() -> None:
+    """Flush what a failed command printed; if that fails too (the output's pipe or disk is the
+    failure), stop trying."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not print a second
+    error about the same closed pipe (the recipe of Python's `signal` documentation)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):  # no real file descriptor (e.g. captured by a test)
+        pass
 
 
 def _describe(err: Exception) -> str:
