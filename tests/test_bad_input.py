@@ -365,17 +365,37 @@ def test_cli_ctrl_c_before_decoding(capsys, monkeypatch):
     assert "specllava generate: interrupted" in err and "Traceback" not in err
 
 
-def test_top_level_help_imports_nothing_heavy():
-    """`specllava --help` lists every command without importing torch (measured: docs/inputs.md)."""
+@pytest.mark.parametrize("command", ["", "generate", "assemble", "build-data", "train-target", "eval-target",
+                                     "ship-default", "train-draft", "train-eagle", "bench", "serve"])
+def test_help_imports_nothing_heavy(command):
+    """`specllava --help` and every `specllava COMMAND --help` without importing torch or
+    transformers (measured: docs/inputs.md)."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom specllava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    argv = [command, "--help"] if command else ["--help"]
+    code = (f"import sys\nfrom specllava.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, f'imported {heavy}'\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "train-eagle" in out.stdout and "bench" in out.stdout
+    assert ("train-eagle" in out.stdout and "bench" in out.stdout) if not command else f"specllava {command}" in out.stdout
+
+
+def test_training_help_defaults_are_the_configs():
+    """The training commands read their defaults from the config classes' source (for a fast
+    --help): each value read equals the imported class's."""
+    import dataclasses
+
+    from specllava.training import distill, eagle, target
+    from specllava.training.cli import source_defaults
+
+    for module, cls in ((distill, distill.DistillConfig), (eagle, eagle.EagleConfig), (target, target.TargetTrainConfig)):
+        read = vars(source_defaults(module.__name__, cls.__name__))
+        real = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        assert read == real
+    assert source_defaults(distill.__name__, "DRAFT_PRESETS") == distill.DRAFT_PRESETS
 
 
 def test_command_table_matches_the_modules():
@@ -629,3 +649,95 @@ def test_prompt_with_the_image_placeholder_is_refused(pair, capsys):
     code = main(["generate", "--target", str(paths.target_dir), "--method", "ar", "--prompt", "<image> What is it?"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("specllava generate: error: the prompt contains '<image>'"), last
+
+
+# ---------------------------------------------------------------------------------------------
+# results that would be overwritten; training data that cannot be used
+
+def test_bench_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys, no_loading):
+    from specllava.bench import cli as bench_cli
+    from specllava.cli import build_parser
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    code = main(["bench", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {out} is not empty" in err and "--overwrite" in err
+    bench_cli.check_args(build_parser("bench").parse_args(["bench", "--out", str(out), "--overwrite"]))  # accepted
+
+
+def test_train_eagle_refuses_earlier_results_unless_resume_or_overwrite(tmp_path, capsys, files, monkeypatch):
+    import specllava.training.eagle as eagle
+
+    monkeypatch.setattr(eagle, "train_eagle", lambda cfg, log: {"after": {}, "eval": {}})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "eagle_head.safetensors").write_bytes(b"")
+    argv = ["train-eagle", "--data", str(files / "data.json"), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds the results of an earlier run (eagle_head.safetensors)" in err and "--overwrite" in err
+    assert main(argv + ["--overwrite"]) == 0 and main(argv + ["--resume"]) == 0
+
+
+def _llava_json(folder, n=2, answered=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        conv = [{"from": "human", "value": "<image>\nDescribe."}] + ([{"from": "gpt", "value": f"Dots {i}."}] if answered else [])
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": conv})
+    (folder / "data.json").write_text(json.dumps(records))
+    return folder / "data.json"
+
+
+def test_train_eagle_features_follow_the_data(pair, tmp_path):
+    """A features.pt of other data is computed again, a foreign one is refused by name, and data
+    without a single answer is refused before training (not a ZeroDivisionError)."""
+    from specllava.training.common import load_records
+    from specllava.training.eagle import extract_features
+
+    paths, models = pair
+    cache = tmp_path / "features.pt"
+    first, root1 = load_records(_llava_json(tmp_path / "a", n=2))
+    second, root2 = load_records(_llava_json(tmp_path / "b", n=3))
+    a = extract_features(models.target, models.processor, [(r, root1) for r in first], cache)
+    b = extract_features(models.target, models.processor, [(r, root2) for r in second], cache, log=lambda m: None)
+    assert (len(a), len(b)) == (2, 3)
+    again = extract_features(models.target, models.processor, [(r, root2) for r in second], cache)
+    assert [torch.equal(x["feats"], y["feats"]) for x, y in zip(again, b)] == [True] * 3  # reused
+    import pickle
+
+    cache.write_bytes(pickle.dumps(object()))
+    with pytest.raises(ValueError, match="features.pt is not a features file written by train-eagle .*delete it"):
+        extract_features(models.target, models.processor, [(r, root2) for r in second], cache)
+
+
+def test_train_eagle_on_unusable_data_names_the_data(pair, tmp_path, capsys):
+    from specllava.training.cli import main as training_main
+
+    paths, _ = pair
+    data = _llava_json(tmp_path / "d", n=2)
+    for png in (tmp_path / "d").glob("*.png"):
+        png.unlink()  # every record's image is missing
+    code = training_main(["train-eagle", "--target", str(paths.target_dir), "--data", str(data), "--out",
+                          str(tmp_path / "run"), "--steps", "1", "--no-bf16"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"specllava train-eagle: error: no usable training records in {data}"), last
+
+
+@pytest.mark.parametrize("command", ["train-draft", "train-eagle"])
+def test_training_data_that_is_not_json_is_named(command, tmp_path, capsys, monkeypatch):
+    import specllava.training.target as target_mod
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": 1,')
+    monkeypatch.setattr(target_mod, "load_model", lambda *a, **k: (torch.nn.Linear(1, 1), None))
+    import specllava.training.distill as distill
+
+    monkeypatch.setattr(distill, "load_target", lambda *a, **k: (None, None), raising=False)
+    code = main([command, "--data", str(broken), "--out", str(tmp_path / "run")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"{broken} is not valid JSON" in last, last

