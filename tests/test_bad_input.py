@@ -90,6 +90,21 @@ API_CASES = {
     "float top_k": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, top_k=2.5),
                     "top_k must be an integer, got 2.5"),
     "string seed": (lambda ids, px: dict(input_ids=ids, pixel_values=px, seed="x"), "seed must be an integer or None"),
+    "seed 2**64": (lambda ids, px: dict(input_ids=ids, pixel_values=px, seed=2**64), r"seed must be an integer in \[0, 2\*\*64\)"),
+    "negative seed": (lambda ids, px: dict(input_ids=ids, pixel_values=px, seed=-1), r"seed must be an integer in \[0, 2\*\*64\)"),
+    "string eos_token_id": (lambda ids, px: dict(input_ids=ids, pixel_values=px, eos_token_id="x"),
+                            "eos_token_id must be a token id .int., a list of them or None, got 'x'"),
+    "float eos_token_id in a list": (lambda ids, px: dict(input_ids=ids, pixel_values=px, eos_token_id=[2, 1.5]),
+                                     "eos_token_id must be a token id"),
+    "attention_mask of another length": (lambda ids, px: dict(input_ids=ids, pixel_values=px,
+                                                              attention_mask=torch.ones(1, ids.shape[1] - 1, dtype=torch.long)),
+                                         r"attention_mask must be a tensor of input_ids' shape \(1, \d+\), got \(1, \d+\)"),
+    "meta input_ids": (lambda ids, px: dict(input_ids=ids.to("meta"), pixel_values=px), "input_ids is on the meta device"),
+    "meta pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=px.to("meta")), "pixel_values is on the meta device"),
+    "NaN pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=px.clone().fill_(float("nan"))),
+                         "pixel_values holds NaN or infinite values"),
+    "inf pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=torch.where(px > 0, float("inf"), px)),
+                         "pixel_values holds NaN or infinite values"),
 }
 
 
