@@ -756,3 +756,29 @@ def test_training_data_that_is_not_json_is_named(command, tmp_path, capsys, monk
     code = main([command, "--data", str(broken), "--out", str(tmp_path / "run")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and f"{broken} is not valid JSON" in last, last
+
+
+# ---------------------------------------------------------------------------------------------
+# models that cannot load: one line, at once
+
+def test_unknown_model_type_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    code = main(["generate", "--target", str(tmp_path), "--method", "ar", "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "has model_type 'no-such-architecture', which transformers" in err and "upgrade transformers" in err
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(monkeypatch, capsys):
+    import time
+
+    import specllava.models.hf as hf
+
+    monkeypatch.setattr(hf, "hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    t = time.perf_counter()
+    code = main(["generate", "--target", "nobody/no-such-model", "--method", "ar", "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Retrying" not in err, err
+    assert "the hub cannot be reached (huggingface.co: Name or service not known)" in err
+    assert "huggingface-cli download nobody/no-such-model" in err
+    assert time.perf_counter() - t < 10  # no retries (about 30 s of them otherwise)
