@@ -171,6 +171,7 @@ class SpeculativeDecoder:
         seed: int | None = None,
         streamer=None,
         on_step=None,
+        on_logits=None,
         **model_inputs,
     ) -> SpecOutput:
         """Decode up to `max_new_tokens` tokens after the prompt (batch size 1).
@@ -183,6 +184,11 @@ class SpeculativeDecoder:
                   the verified `Tree` (its tokens, parents, depth and draft scores) and the
                   `Verdict` (accepted path of node indices, bonus token). For profiling and
                   calibration; it must not modify them.
+        on_logits: optional callback `on_logits(logits)` with the target's raw logits [k, V] behind
+                  the tokens about to be emitted, row i for the i-th: [1, V] after the prefill (the
+                  first token), then the accepted path's rows after each step (its accepted draft
+                  tokens, then the bonus token). Rows past an EOS or max_new_tokens are not emitted.
+                  For the server's logprobs; it must not modify them.
         """
         max_new_tokens = self._check_inputs(input_ids, pixel_values, attention_mask, max_new_tokens)
         _check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -216,6 +222,8 @@ class SpeculativeDecoder:
                                           seen[0] if len(seen) == 1 else None, model_inputs)
         root = self._choose(first_logits, params, gen)
         t_prefill = time.perf_counter() - t0
+        if on_logits is not None:
+            on_logits(first_logits.reshape(1, -1))
 
         out_tokens = [root]
         stats = _Stats()
@@ -253,6 +261,8 @@ class SpeculativeDecoder:
             stats.record(tree, verdict)
             if on_step is not None:
                 on_step(tree, verdict)
+            if on_logits is not None:
+                on_logits(logits[torch.tensor(verdict.path, device=logits.device)])
             # 5. emit, cutting exactly where generate() stops (EOS or max_new_tokens)
             new, done = _cut(verdict.emitted(tree), eos, max_new_tokens - len(out_tokens))
             out_tokens += new
