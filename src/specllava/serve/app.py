@@ -301,10 +301,12 @@ class _CompletionFormat(_ChatFormat):
 
 
 def _legacy_logprobs(entries: list[dict]) -> dict:
-    offsets, at = [], 0
+    """The completions API's shape; text_offset counts characters of the answer, a token that ends
+    inside a character counted where that character starts."""
+    offsets, raw = [], b""
     for e in entries:
-        offsets.append(at)
-        at += len(e["token"])
+        offsets.append(len(raw.decode("utf-8", "ignore")))
+        raw += bytes(e["bytes"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
             "text_offset": offsets}

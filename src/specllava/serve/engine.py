@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import queue
 import threading
@@ -171,6 +172,9 @@ class Engine:
         deadline, events = time.monotonic() + self.request_timeout_s, asyncio.Queue()
         jobs = [Job(request, inputs, max_new, loop, deadline=deadline, events=events, index=i,
                     seed=None if request.seed is None else request.seed + i) for i in range(request.n)]
+        if len(jobs) > self.queue.maxsize:
+            raise APIError(f"n={len(jobs)}: each choice takes a place in the queue, which holds {self.queue.maxsize} "
+                           "(specllava serve --max-queue)", param="n", code="unsupported_parameter")
         with self._lock:  # only this (the event loop's) thread adds to the queue; workers only take
             if self.queue.maxsize - self.queue.qsize() < len(jobs):
                 raise QueueFull
@@ -336,8 +340,12 @@ class _Tracker:
         return out
 
     def _token_entry(self, tok: int, logprob: float) -> dict:
-        text = self.tokenizer.decode([tok])
-        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8", "replace"))}
+        raw = token_bytes(self.tokenizer, tok)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: named by its bytes, as OpenAI does
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(raw)}
 
     def _decode(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -440,6 +448,33 @@ def encode_chat(processor, conversation: list[dict], image=None) -> dict:
 def _context_length(model) -> int:
     cfg = getattr(model.config, "text_config", None) or model.config
     return int(getattr(cfg, "max_position_embeddings", None) or 2048)
+
+
+@functools.lru_cache(maxsize=4)
+def _byte_decoder(tokenizer) -> dict[str, int] | None:
+    """char -> byte for a byte-level BPE vocabulary (GPT-2's mapping), None for any other."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ != "ByteLevel":
+        return None
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer, tok: int) -> bytes:
+    """The bytes one token stands for (a byte-level token may hold part of a UTF-8 character, which
+    decode() would turn into U+FFFD); a special token as its name."""
+    piece = tokenizer.convert_ids_to_tokens(tok)
+    if piece is None:
+        return b""
+    if tok in tokenizer.all_special_ids:
+        return piece.encode("utf-8")
+    table = _byte_decoder(tokenizer)
+    if table is not None and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        return bytes([int(piece[3:5], 16)])
+    return tokenizer.decode([tok]).encode("utf-8")
 
 
 def _longest_token_chars(tokenizer) -> int:
