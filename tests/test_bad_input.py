@@ -271,7 +271,7 @@ PARSE_CASES = {  # argv (with {d} = the files folder) -> what the one line says
     "build-data clipart-root missing": (["build-data", "--clipart-root", "{d}/nowhere"], "folder not found"),
     "train-draft data missing": (["train-draft", "--data", "{d}/missing.json"], "argument --data: file not found"),
     "train-draft target is a file": (["train-draft", "--data", "{d}/data.json", "--target", "{d}/notes.txt"],
-                                     "is a file, not a folder"),
+                                     "is a file; give the model.s folder"),
     "train-eagle data missing": (["train-eagle", "--data", "{d}/missing.json"], "argument --data: file not found"),
     "train-target threads 0": (["train-target", "--threads", "0"], "argument --threads: must be >= 1"),
     "train-target checkpoint-every 0": (["train-target", "--checkpoint-every", "0"], "must be >= 1, got 0"),
@@ -382,6 +382,10 @@ def test_command_table_matches_the_modules():
     assert helps == {name: help_line for name, (_, help_line) in cli.COMMANDS.items()}
     assert cli.METHODS == METHODS and cli.QUANT_CHOICES == QUANT_CHOICES
     assert cli.TREE_FIELDS == tuple(TreeConfig.__dataclass_fields__) and bench_cli.ALL_METHODS == ALL_METHODS
+    from specllava import options
+    from specllava.models.options import DTYPES
+
+    assert options.DTYPE_CHOICES == ("auto", *DTYPES)
 
 
 # ---------------------------------------------------------------------------------------------

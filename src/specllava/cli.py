@@ -15,16 +15,14 @@ one line, and `--debug` anywhere shows the traceback instead (docs/inputs.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from . import cli_args
 from .cli_args import budget as budget_arg  # noqa: F401  (a name other modules import from here)
 
-METHODS = ("ar", "chain", "static", "dynamic")  # core.config.METHODS, without importing torch for --help
-QUANT_CHOICES = ("auto", "int8", "none")  # core.quant.QUANT_CHOICES, likewise
-TREE_FIELDS = ("max_depth", "node_budget", "max_children", "child_mass", "min_path_conf", "frontier",
-               "min_feed_mass", "score_temperature", "chain_length", "choices")  # TreeConfig's, likewise
+from .options import METHODS, QUANT_CHOICES, TREE_FIELDS, DecodingOptions, LoadOptions  # noqa: F401  (imported from here)
 
 
 def raw_tree_option(text: str) -> tuple[str, object]:
@@ -48,57 +46,22 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "(greedy at --temperature 0, the target's distribution otherwise). Without --target/--draft the "
         "embedded default pair is assembled (first use) and used.",
     )
-    p.add_argument("--target", type=cli_args.model_source, help="target model directory or hub id (default: the embedded default target)")
-    p.add_argument("--draft", type=cli_args.draft_source, help="draft model directory or hub id (default: the embedded "
-                   "default draft; given alone, it drafts for the default target); or an EAGLE head (train-eagle's "
-                   "eagle_head.safetensors or its folder)")
     p.add_argument("--image", type=cli_args.image_file, help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", type=cli_args.prompt_text, required=True, help="user message; goes through the processor's chat template")
-    p.add_argument("--method", choices=METHODS, default="dynamic", help="decoding method (default: dynamic)")
-    p.add_argument("--max-new-tokens", type=cli_args.positive_int, default=128, help="most tokens to generate (default: 128)")
-    p.add_argument("--temperature", type=cli_args.non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=cli_args.non_negative_int, default=0, help="top-k filter when sampling (0 = off)")
-    p.add_argument("--top-p", type=cli_args.probability, default=1.0, help="nucleus filter when sampling (1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    from .models.options import add_load_args  # imports torch: the parser is built only when a command runs
-
-    add_load_args(p)
+    DecodingOptions.add_args(p)
+    LoadOptions.add_args(p)
     p.add_argument("--threads", type=cli_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument(
-        "--tree-option", type=cli_args.tree_option, action="append", default=[], metavar="NAME=VALUE",
-        help=f"a TreeConfig field, repeatable (e.g. node_budget=48); fields: {', '.join(TREE_FIELDS)}",
-    )
-    p.add_argument(
-        "--draft-vocab", type=cli_args.positive_int, default=None, metavar="K",
-        help="let the draft propose only K token ids: its token ranking (the ids of its training answers, most "
-        "frequent first) if it has one, then the lowest ids (a much cheaper draft head; lossless). "
-        "Default: for a draft with a token ranking (the default draft, any train-draft output) the ranking's "
-        "length rounded up to a power of two at temperature 0 (2048 for the default pair), twice that when "
-        "sampling; the full vocabulary for a draft without one",
-    )
-    p.add_argument(
-        "--draft-quant", choices=QUANT_CHOICES, default="auto",
-        help="the draft's decode steps with int8 linears: auto (default) = on a CPU with torch's quantized "
-        "kernels, where it about halves the draft's cost; int8; none. Lossless: it changes only what is proposed",
-    )
-    p.add_argument(
-        "--budget", type=cli_args.budget, default=None, metavar="auto|N",
-        help="dynamic tree node budget: N, or 'auto' = the budget that maximises expected speed on this "
-        "machine (first run: times the target's verification cost and profiles acceptance on this prompt, "
-        "about a minute; then read from ~/.cache/specllava/calibration). Overrides --tree-option node_budget",
-    )
     p.add_argument("--json", action="store_true", help="print one JSON object (text, stats) instead of streaming")
     return p
 
 
-def _load(args):
+def load_models(opts: DecodingOptions, load: LoadOptions):
+    """(target, draft, processor) as the options say: `models.hf.load_pair` (the draft only for a
+    method that drafts). `generate` and `serve` load through this."""
     from .models.hf import load_pair
-    from .models.options import LoadOptions
 
-    need_draft = args.method != "ar"
-    target, draft, processor, _ = load_pair(
-        args.target, args.draft, LoadOptions.from_args(args), need_draft, why=f"--method {args.method} (or use --method ar)"
-    )
+    target, draft, processor, _ = load_pair(opts.target, opts.draft, load, opts.needs_draft,
+                                            why=f"--method {opts.method} (or use --method ar)")
     return target, draft, processor
 
 
@@ -113,56 +76,35 @@ def _open_image(path: str | None):
 
 
 def check_tree_args(args) -> None:
-    """--method, --budget and --tree-option together (`generate`, `serve`), before anything loads
-    (ValueError: exit 2)."""
-    if args.budget == "auto" and args.method != "dynamic":
-        raise ValueError(f"--budget auto calibrates the dynamic tree; --method {args.method} has no node budget to choose")
-    from .core.config import TreeConfig
-
-    TreeConfig.from_options(**dict(args.tree_option))  # the options together (each is checked alone at parse time)
+    """`DecodingOptions.check` on parsed arguments."""
+    DecodingOptions.from_args(args).check()
 
 
-def resolve_tree_options(args, target, draft, inputs: dict, draft_vocab, prefix: str = "") -> dict:
-    """--tree-option with --budget's node budget: N, or auto = calibrated (`tuning.budget`, cached)
-    on `inputs` (the processor's tensors) with this draft vocabulary; says what it chose on stderr."""
-    options = dict(args.tree_option)
-    if args.budget == "auto" and args.method == "dynamic":
-        import time
-
-        from .tuning.budget import auto_node_budget
-
-        t = time.perf_counter()
-        inp = {k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
-        options["node_budget"], _ = auto_node_budget(target, draft, [inp], options, draft_vocab=draft_vocab,
-                                                     draft_quant=args.draft_quant)
-        print(f"{prefix}--budget auto: node_budget = {options['node_budget']} ({time.perf_counter() - t:.1f} s)",
-              file=sys.stderr, flush=True)
-    elif args.budget is not None and args.budget != "auto":
-        options["node_budget"] = args.budget
-    return options
+def resolve_tree_options(args, target, draft, inputs: dict, draft_vocab=None, prefix: str = "") -> dict:
+    """`DecodingOptions.resolve_tree_options` on parsed arguments and one prompt's `inputs`."""
+    opts = DecodingOptions.from_args(args)
+    if draft_vocab is not None:
+        opts = dataclasses.replace(opts, draft_vocab=draft_vocab)
+    return opts.resolve_tree_options(target, draft, [inputs] if inputs else [], prefix=prefix)
 
 
 def run_generate(args) -> int:
-    check_tree_args(args)
+    opts = DecodingOptions.from_args(args)
+    opts.check()
     import torch
 
     from .core.decoder import SpeculativeDecoder
     from .core.sampling import sampling_args
-    from .core.vocab import default_draft_vocab
     from .models.hf import chat_inputs
 
     if args.threads:
         torch.set_num_threads(args.threads)
     image = _open_image(args.image)
-    target, draft, processor = _load(args)
+    target, draft, processor = load_models(opts, LoadOptions.from_args(args))
     inputs = chat_inputs(processor, args.prompt, image)
     tokenizer = getattr(processor, "tokenizer", processor)
-    draft_vocab = args.draft_vocab
-    if draft_vocab is None:
-        draft_vocab = default_draft_vocab(draft, args.temperature)
-    tree_options = resolve_tree_options(args, target, draft, inputs, draft_vocab)
-    decoder = SpeculativeDecoder(target, draft, method=args.method, draft_vocab=draft_vocab,
-                                 draft_quant=args.draft_quant, **tree_options)
+    tree_options = opts.resolve_tree_options(target, draft, [inputs])
+    decoder = SpeculativeDecoder(target, draft, **opts.decoder_kwargs(draft), **tree_options)
 
     streamer = None
     if not args.json:
@@ -172,9 +114,9 @@ def run_generate(args) -> int:
     try:
         out = decoder.generate(
             **inputs,  # input_ids, pixel_values and whatever else the processor returned (image_sizes, ...)
-            max_new_tokens=args.max_new_tokens,
-            **sampling_args(args.temperature, args.top_k, args.top_p),
-            seed=args.seed,
+            max_new_tokens=opts.max_new_tokens,
+            **sampling_args(opts.temperature, opts.top_k, opts.top_p),
+            seed=opts.seed,
             streamer=streamer,
         )
     except KeyboardInterrupt:

@@ -58,6 +58,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+SEED_LIMIT = 2**64  # seeds are mixed as 64-bit integers (core.decoder.mix_seed): larger ones would collide
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**64)."""
+    value = _int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise Error(f"must be an integer in [0, 2**64), got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (temperature: 0 = greedy)."""
     value = _float(text)

@@ -13,9 +13,8 @@ import sys
 import threading
 import time
 
-from ..cli import METHODS, QUANT_CHOICES, TREE_FIELDS
-from ..cli_args import budget, draft_source, model_source, positive_float, positive_int, tree_option
-from ..models.options import LoadOptions, add_load_args
+from ..cli_args import positive_float, positive_int
+from ..options import DecodingOptions, LoadOptions
 from .protocol import Limits
 
 
@@ -36,19 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "tokens as they stream. Without --target/--draft the embedded default pair is served. Decoding is "
         "lossless: every answer is the target's own.",
     )
-    p.add_argument("--target", type=model_source, help="target model directory or hub id (default: the embedded default target)")
-    p.add_argument("--draft", type=draft_source, help="draft model directory or hub id, or an EAGLE head (default: the embedded default draft)")
-    p.add_argument("--method", choices=METHODS, default="dynamic", help="decoding method (default: dynamic)")
-    add_load_args(p)
-    p.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
-                   help="the draft's decode steps with int8 linears (as in specllava generate; default: auto)")
+    DecodingOptions.add_args(p, sampling=False, budget_calibrates_on="the shipped example photo, at start-up")
+    LoadOptions.add_args(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--tree-option", type=tree_option, action="append", default=[], metavar="NAME=VALUE",
-                   help=f"a TreeConfig field for every request, repeatable (e.g. node_budget=48); fields: {', '.join(TREE_FIELDS)}")
-    p.add_argument("--budget", type=budget, default=None, metavar="auto|N",
-                   help="dynamic tree node budget: N, or 'auto' = the budget that maximises expected speed on this "
-                   "machine, calibrated at startup on the example photo (measured once, then read "
-                   "from ~/.cache/specllava/calibration). Overrides --tree-option node_budget")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=d.model_name,
@@ -105,44 +94,41 @@ def limits_from_args(args) -> Limits:
 
 
 def load_models(args):
-    """(target, draft, processor) as `specllava generate` loads them (`models.hf.load_pair` with the
-    load options: --dtype, --device, --device-map, --attn-implementation)."""
-    from ..models.hf import load_pair
+    """(target, draft, processor) as `specllava generate` loads them (`cli.load_models`: the
+    load options --dtype, --device, --device-map, --attn-implementation)."""
+    from ..cli import load_models as load
 
-    target, draft, processor, _ = load_pair(args.target, args.draft, LoadOptions.from_args(args), args.method != "ar",
-                                            why=f"--method {args.method} (or use --method ar)")
-    return target, draft, processor
+    return load(DecodingOptions.from_args(args), LoadOptions.from_args(args))
 
 
 def tree_options(args, target, draft, processor) -> dict:
     """--tree-option and --budget as `generate` takes them; auto calibrates on the shipped example photo."""
-    from pathlib import Path
+    opts = DecodingOptions.from_args(args)
+    inputs = []
+    if opts.budget == "auto":
+        from pathlib import Path
 
-    from PIL import Image
+        from PIL import Image
 
-    from ..cli import resolve_tree_options
-    from ..core.vocab import default_draft_vocab
-    from ..models.hf import chat_inputs
+        from ..models.hf import chat_inputs
 
-    inputs = {}
-    if args.budget == "auto":
         with Image.open(Path(__file__).parents[1] / "assets" / "example.jpg") as img:
-            inputs = chat_inputs(processor, "Describe this image.", img.convert("RGB"))
-    return resolve_tree_options(args, target, draft, inputs, default_draft_vocab(draft, 0.0), prefix="specllava serve: ")
+            inputs = [chat_inputs(processor, "Describe this image.", img.convert("RGB"))]
+    return opts.resolve_tree_options(target, draft, inputs, prefix="specllava serve: ")
 
 
 def build(args):
     """(app, engine) from parsed arguments: models loaded, workers started."""
-    from ..cli import check_tree_args
     from .app import create_app
 
-    check_tree_args(args)
+    DecodingOptions.from_args(args).check()
     engine = build_engine(args)
     return create_app(engine, limits_from_args(args), security_from_args(args)), engine
 
 
 def build_engine(args):
-    """The `Engine` from parsed arguments: models loaded, workers started."""
+    """The `Engine` from parsed arguments (checked already): models loaded, workers started."""
+    opts = DecodingOptions.from_args(args)
     import torch
 
     from .. import SpeculativeDecoder
@@ -159,7 +145,7 @@ def build_engine(args):
           f"{args.max_concurrency} decoder(s) ({args.method}) ...", file=sys.stderr, flush=True)
     engine = Engine(
         target, draft, processor,
-        lambda: SpeculativeDecoder(target, draft, method=args.method, draft_quant=args.draft_quant, **options),
+        lambda: SpeculativeDecoder(target, draft, **opts.decoder_kwargs(), **options),
         workers=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout, method=args.method,
     )  # fmt: skip
@@ -193,11 +179,10 @@ def run(args) -> int:
     SIGINT/SIGTERM answer 503 (shutting down) to new requests while the running ones finish."""
     import uvicorn
 
-    from ..cli import check_tree_args
     from .app import attach, create_app
     from .security import exposure_warning
 
-    check_tree_args(args)
+    DecodingOptions.from_args(args).check()
     security = security_from_args(args)
     try:
         sock = bind(args.host, args.port)

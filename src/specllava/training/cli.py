@@ -27,14 +27,9 @@ def _per_source(text: str | None) -> dict | None:
     return out
 
 
-def _folder_or_hub_id(text: str):
-    """A model folder, or a hub id (`owner/name`) when no such path exists."""
-    return cli_args.existing_dir(text) if Path(text).expanduser().exists() else cli_args.model_source(text)
-
-
 def add_parser(subparsers) -> None:
     """Register the training commands on an argparse subparsers object."""
-    from specllava.models.options import add_load_args
+    from specllava.options import add_load_args
     from specllava.training.distill import DRAFT_PRESETS, DistillConfig
     from specllava.training.target import TargetTrainConfig
 
@@ -98,7 +93,7 @@ def add_parser(subparsers) -> None:
                     "after regenerating the answers with the target. Ends with the mean accepted length "
                     "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
     d = DistillConfig()
-    s.add_argument("--target", type=_folder_or_hub_id, default=None,
+    s.add_argument("--target", type=cli_args.model_source, default=None,
                    help="target model folder or hub id (default: the assembled default target)")
     s.add_argument("--data", type=cli_args.existing_file, required=True, help="training LLaVA JSON (llava_v1_5_mix665k format)")
     s.add_argument("--eval-data", type=cli_args.existing_file, action="append", default=None,
