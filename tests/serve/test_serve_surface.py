@@ -228,3 +228,19 @@ def test_a_slow_tokenization_does_not_hold_up_other_requests(server, monkeypatch
     assert post(url, {"messages": user("fast"), "max_tokens": 2})[0] == 200
     assert time.monotonic() - t < 2.0
     slow.join()
+
+
+def test_grafana_dashboard_reads_only_exported_metrics(server):
+    """docs/grafana-dashboard.json: valid JSON whose every metric is one this server exports."""
+    import re
+    from pathlib import Path
+
+    url, _, _ = server
+    client(url).chat.completions.create(model="specllava", messages=user("Hi"), max_tokens=3)
+    post(url, {"messages": user("hi"), "max_tokens": 0})
+    _, _, text = get(url, "/metrics")
+    exported = {line.split("{")[0].split()[0] for line in text.splitlines() if line and not line.startswith("#")}
+    dash = json.loads((Path(__file__).parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    names = {m for e in exprs for m in re.findall(r"\b((?:specllava|process|python)_[a-z_]+)\b", e)}
+    assert len(exprs) >= 10 and names and names <= exported, names - exported
