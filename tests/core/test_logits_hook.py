@@ -20,7 +20,7 @@ def test_logits_rows_are_the_targets_own_per_emitted_token(method):
     with torch.inference_mode():
         ref = target.generate(input_ids=ids, pixel_values=px, max_new_tokens=15, do_sample=False, output_logits=True,
                               return_dict_in_generate=True)
-    got = torch.cat(rows)[: len(new)]  # rows past max_new_tokens are computed but not emitted
+    got = torch.cat(rows)  # one row per emitted token
     assert out.stats["mean_accepted"] > 1 or method == "ar"
     assert got.argmax(-1).tolist() == new.tolist()
     torch.testing.assert_close(got.float(), torch.cat(ref.logits).float(), atol=1e-4, rtol=1e-4)
