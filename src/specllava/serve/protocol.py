@@ -352,6 +352,8 @@ def _fetch(url: str, limits: Limits) -> bytes:
 def decode_image(data: bytes, limits: Limits):
     from PIL import Image, UnidentifiedImageError
 
+    from ..images import to_rgb
+
     if len(data) > limits.max_image_bytes:
         raise APIError(f"the image is over the byte cap of {limits.max_image_bytes} bytes", param="image_url",
                        code="image_too_large")
@@ -361,7 +363,7 @@ def decode_image(data: bytes, limits: Limits):
         if w * h > limits.max_image_pixels:
             raise APIError(f"the image is {w}x{h} = {w * h} pixels, over the cap of {limits.max_image_pixels}",
                            param="image_url", code="image_too_large")
-        return img.convert("RGB")
+        return to_rgb(img)  # the loader of the CLI and bench: EXIF orientation, 16-bit and float pixels
     except APIError:
         raise
     except Image.DecompressionBombError as err:  # PIL's own guard: more pixels than it will decode

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from specllava.core.vocab import RANKING_ATTR, draft_ranking, draft_vocab_ids, rank_tokens, ranked_vocab_size
-from specllava.models.options import LoadOptions
+from specllava.options import LoadOptions
 from specllava.training.answers import (  # noqa: F401  (answers_ranking, first_question: this module's API too)
     answers_ranking,
     first_question,
