@@ -230,13 +230,17 @@ def _parallel_step(loss_fn, local: list, optimizer, params: dict, scaler, procs:
         (scaled if scaler is None else scaler.scale(scaled)).backward()
     tensors = list(params.values())
     # one all-reduce of all gradients (a flat copy): the draft's forward is not its `forward`, so
-    # DistributedDataParallel's hooks would not see it; the sum is what DDP computes.
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in tensors])
-    procs.sum_(flat)
+    # DistributedDataParallel's hooks would not see it; the sum is what DDP computes. The last
+    # len(tensors) entries count the processes that gave each tensor a gradient: one no process
+    # reached (the projector in a batch without images) keeps no gradient, so the optimizer leaves
+    # it alone as it does in one process.
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in tensors]
+    reached = torch.tensor([float(p.grad is not None) for p in tensors], device=grads[0].device)
+    flat = procs.sum_(torch.cat([*grads, reached]))
     offset = 0
-    for p in tensors:
+    for p, hit in zip(tensors, flat[-len(tensors) :].tolist()):
         n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype) if hit else None
         offset += n
     optimizer_step(None, optimizer, tensors, scaler=scaler)
     keys = {k for _, r in shares for k in r}
