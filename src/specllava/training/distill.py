@@ -163,17 +163,6 @@ FROZEN_PREFIXES = ("model.vision_tower.",)
 SHARED_ROW_PREFIXES = ("model.language_model.embed_tokens.", "lm_head.")
 
 
-def _set_tensor(model, name: str, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` in ``model`` as the parameter or buffer ``name`` (a parameter is wrapped in a
-    new `Parameter`, so ``.data`` and ``requires_grad`` stay the draft's own)."""
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
-    if leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(tensor.detach(), requires_grad=tensor.is_floating_point())
-    else:
-        module._buffers[leaf] = tensor
-
-
 def _tensors(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by name, tied ones under each of their names."""
     return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
@@ -182,18 +171,29 @@ def _tensors(model) -> dict[str, torch.Tensor]:
 def _fill(model, source: dict[str, torch.Tensor], fresh) -> None:
     """Give every tensor of ``model`` (built on the meta device) its value: ``fresh(name, meta, src)``
     (``src = source.get(name)``) returns a new tensor, or None to take ``src`` as it is (shared
-    storage, no copy). Tied tensors stay tied."""
+    storage, no copy). A parameter becomes a new `Parameter` (so ``.data`` and ``requires_grad``
+    stay the model's own) marked ``shared_storage`` when its storage is ``source``'s
+    (`specllava.training.memory` counts it there); tied tensors stay one `Parameter`."""
     made: dict[int, torch.Tensor] = {}
+    missing = []
     for name, meta in _tensors(model).items():
         key = id(meta)
         if key not in made:
             src = source.get(name)
             new = fresh(name, meta, src)
-            made[key] = new if new is not None else src
-        _set_tensor(model, name, made[key])
-    left = [n for n, t in _tensors(model).items() if t.is_meta]
-    if left:
-        raise RuntimeError(f"draft tensors left without a value: {left[:3]}")
+            value = new if new is not None else src
+            if value is not None and isinstance(meta, torch.nn.Parameter):
+                value, shared = torch.nn.Parameter(value.detach(), requires_grad=value.is_floating_point()), value is src
+                value.shared_storage = shared
+            made[key] = value
+        if made[key] is None:
+            missing.append(name)
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        (module._parameters if leaf in module._parameters else module._buffers)[leaf] = made[key]
+    if missing:
+        raise RuntimeError(f"draft tensors left without a value: {missing[:3]}")
 
 
 def draft_from_target(model, num_layers: int, trained_device: torch.device | str | None = None):
