@@ -236,8 +236,8 @@ class EagleDrafter(Drafter):
     def _frontier_features(self, frontier, parents) -> torch.Tensor:
         return self.node_feats[[self.node_row[p] for p in parents[frontier].tolist()]]
 
-    def _feed_pending(self) -> torch.Tensor:
-        logits = super()._feed_pending()
+    def _feed_pending(self, pending: list[int]) -> torch.Tensor:
+        logits = super()._feed_pending(pending)
         self.node_feats = self.runner.hidden[-1:]  # the root's predicted feature
         self.node_row = {0: 0}
         return logits

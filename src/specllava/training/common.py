@@ -110,7 +110,7 @@ def _scan_json_array(path: Path, chunk_chars: int = 1 << 22):
             if pos >= len(buf):
                 if more():
                     continue
-                raise ValueError(f"{path}: the JSON list is not closed (a truncated file?)")
+                raise ValueError(f"{path} is not valid JSON: the list is not closed (a truncated file?)")
             if not started:
                 if buf[pos] != "[":
                     raise ValueError(f"{path}: expected a JSON list of LLaVA records")
@@ -123,7 +123,7 @@ def _scan_json_array(path: Path, chunk_chars: int = 1 << 22):
             except json.JSONDecodeError as err:
                 if not eof and more():  # the record runs past the buffer: read on
                     continue
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
             if end == len(buf) and not eof and more():  # a number or literal may go on in the next chunk
                 continue
             size = len(buf[pos:end].encode("utf-8"))
@@ -198,7 +198,10 @@ def load_records(path: str | Path) -> tuple[Records, Path]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a LLaVA conversation JSON file (a list of records)")
-    return Records.scan(path), path.parent
+    try:
+        return Records.scan(path), path.parent
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: not UTF-8 text ({err})") from None
 
 
 def record_image(records, i: int) -> str | None:
@@ -408,6 +411,7 @@ class Examples(Sequence):
 
     def __init__(self, parts: list, tokenizer, image_tokens):
         self.parts, self.tokenizer, self.image_tokens = [p for p in parts if len(p[0])], tokenizer, image_tokens
+        self.tail: list[Example] = []  # examples encoded elsewhere, after the parts (`set_tail`)
         n_image = image_tokens if isinstance(image_tokens, int) else 0  # anyres: the count needs the image
         lengths = []
         for records, _ in self.parts:
@@ -418,22 +422,33 @@ class Examples(Sequence):
                     chars = sum(len(t["value"]) for t in records[i]["conversations"])
                     has_image = records[i].get("image") is not None
                 lengths.append(chars // self.CHARS_PER_TOKEN + n_image * has_image)
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.head_lengths = np.asarray(lengths, dtype=np.int64)
+        self.lengths = self.head_lengths
+
+    def set_tail(self, examples: list[Example]) -> None:
+        """Replace the encoded examples after the parts (e.g. answers regenerated during training)."""
+        self.tail = list(examples)
+        self.lengths = np.concatenate([self.head_lengths, np.asarray([len(e.input_ids) for e in self.tail], dtype=np.int64)])
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> Example:
+        if i < 0:
+            i += len(self)
         for records, root in self.parts:
-            if i < len(records):
+            if 0 <= i < len(records):
                 return encode_record(records[i], self.tokenizer, self.image_tokens, root, i)
             i -= len(records)
+        if 0 <= i < len(self.tail):
+            return self.tail[i]
         raise IndexError(i)
 
     def __iter__(self):
         for records, root in self.parts:
             for i in range(len(records)):
                 yield encode_record(records[i], self.tokenizer, self.image_tokens, root, i)
+        yield from self.tail
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -152,8 +153,9 @@ def train_loop(
         ``record`` (plain floats) goes into the step's history entry; ``terms``, the number of terms
         the loss averages (default: the batch size), weighs each process's loss and record in a
         data-parallel run. ``postfix`` names the record field shown, smoothed, on the progress bar.
-    lengths: each example's (estimated) length for the batches' length buckets; default
-        ``length(example)`` for every example.
+    lengths: each example's (estimated) length for the batches' length buckets, or a function
+        returning them now (examples that change during the run); default ``length(example)`` for
+        every example, read at every step. The batches are those of the current lengths.
     processes: the data-parallel processes (`Processes`); default one.
     after_step(step, history): e.g. a held-out evaluation; it may append to the history, and runs
         before the step's checkpoint is written, so the checkpoint holds it.
@@ -170,16 +172,18 @@ def train_loop(
     step = ckpt.load(params, optimizer) if resume else 0
     if step:
         quiet(f"resumed from {ckpt.path} at step {step}")
-    lengths = [length(e) for e in examples] if lengths is None else lengths
-    steps_per_epoch = math.ceil(len(lengths) / batch_size)
+    if lengths is None:
+        lengths = lambda: [length(e) for e in examples]  # noqa: E731
+    current = lengths if callable(lengths) else (lambda: lengths)
     start, stopped = time.time(), "steps"
     bar = tqdm(total=steps, initial=step, desc=desc, mininterval=15, disable=not procs.main)
-    order: tuple[int, list] | None = None  # (epoch, its batches): computed once per epoch
+    order = None  # (epoch, the lengths, their batches): computed again only when one changes
     while step < steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        if order is None or order[0] != epoch:
-            order = (epoch, batches(lengths, batch_size, seed, epoch))
-        idx = order[1][k]
+        now = np.asarray(current())
+        epoch, k = divmod(step, math.ceil(len(now) / batch_size))
+        if order is None or order[0] != epoch or not np.array_equal(order[1], now):
+            order = (epoch, now, batches(now, batch_size, seed, epoch))
+        idx = order[2][k]
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr_at(step, base, warmup, steps)
         if procs.count == 1:
