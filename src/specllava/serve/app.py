@@ -48,7 +48,7 @@ def create_app(engine: Engine | None, limits: Limits, security: Security | None 
                   docs_url=None, redoc_url=None)  # their pages load scripts from a CDN; /openapi.json stays
     security = security or Security()
     st = app.state
-    st.engine, st.limits, st.security, st.closing = None, limits, security, False
+    st.engine, st.limits, st.security, st.closing, st.replica = None, limits, security, False, None
     st.metrics = metrics = Metrics(lambda: st.engine.queue_length() if st.engine else 0,
                                    lambda: st.engine.running if st.engine else 0)
     if engine is not None:
@@ -199,6 +199,9 @@ class _Guard:
                 err = APIError("the server is shutting down", status=503, type="server_error", code="shutting_down")
             headers = {"Retry-After": "5"} if err else {}
         endpoint = _ENDPOINTS.get(path)
+        replica = getattr(st, "replica", None)
+        if replica is not None:  # a Ray Serve replica (`serve.ray`) says which one answered
+            send = _with_header(send, b"x-specllava-replica", str(replica).encode())
         if err is not None:
             st.metrics.error(err.code, err.type)
             if endpoint:
@@ -215,6 +218,15 @@ class _Guard:
             await send(message)
 
         return await self.app(scope, receive, counting_send)
+
+
+def _with_header(send, name: bytes, value: bytes):
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return sending
 
 
 def _parse_json(body: bytes):

@@ -68,6 +68,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", type=_names, default=(), metavar="ORIGIN,...",
                    help="web origins whose pages may call the API from a browser (CORS), e.g. https://app.example.com "
                    "(default: none, CORS off)")
+    ray = p.add_argument_group("replicas on Ray Serve (needs Ray: pip install 'specllava[ray]'; docs/serving.md)")
+    ray.add_argument("--replicas", type=positive_int, default=None, metavar="N",
+                     help="run N replicas of this server on Ray Serve behind Ray's HTTP proxy on --host/--port, each "
+                     "loading the models (default: one server, no Ray)")
+    ray.add_argument("--max-replicas", type=positive_int, default=None, metavar="M",
+                     help="let Ray's autoscaler run between --replicas and M replicas, from the requests in flight "
+                     "per replica (default: exactly --replicas)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="the Ray cluster to run on ('auto': the one `ray start` began on this machine; default: "
+                     "a local Ray started for this command)")
+    ray.add_argument("--replica-cpus", type=positive_float, default=1.0, metavar="CPUS",
+                     help="CPUs Ray reserves for each replica (default: 1)")
     return p
 
 
@@ -184,6 +196,8 @@ def run(args) -> int:
 
     DecodingOptions.from_args(args).check()
     security = security_from_args(args)
+    if args.replicas is None and (args.max_replicas or args.ray_address):
+        raise ValueError("--max-replicas and --ray-address go with --replicas N (replicas on Ray Serve)")
     try:
         sock = bind(args.host, args.port)
     except OSError as err:
@@ -191,6 +205,13 @@ def run(args) -> int:
         return 1
     if (warning := exposure_warning(args.host, security)) is not None:
         print(f"specllava serve: {warning}", file=sys.stderr, flush=True)
+    if args.replicas is not None:
+        sock.close()  # Ray's proxy listens there
+        try:
+            from . import ray as on_ray
+        except ImportError as err:
+            raise ValueError(f"--replicas needs Ray Serve ({err}): pip install 'specllava[ray]'") from None
+        return on_ray.run(args)
     app = create_app(None, limits_from_args(args), security)
 
     class Server(uvicorn.Server):
