@@ -74,3 +74,25 @@ def test_train_draft_on_the_published_format(tmp_path, assembled_pair):
     assert "records whose image is missing" in text and "text-only (trained without an image)" in text
     assert any((tmp_path / "run" / "features").glob("*.pt"))  # the disk cache, capped at 1 GB
     assert all(r["prompts"] == 1 for r in report["eval"].values())  # held-out prompts with an image
+
+
+def test_train_eagle_and_train_target_take_the_load_flags_and_the_published_format(tmp_path, assembled_pair):
+    import json
+
+    from specllava.training.cli import main
+
+    data = make_mix665k(tmp_path / "d")  # text-only records and a missing image included
+    load = ["--dtype", "float32", "--device", "cpu", "--attn-implementation", "eager"]
+    out = tmp_path / "eagle"
+    assert main(["train-eagle", "--target", str(assembled_pair.target_dir), "--data", str(data), "--out", str(out),
+                 "--steps", "2", "--batch-size", "2", "--held-out-fraction", "0.3", *load]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dtype"], config["device"], config["attn_implementation"]) == ("float32", "cpu", "eager")
+    examples = torch.load(out / "features.pt", weights_only=False)["examples"]
+    assert sum(e["image"] is None for e in examples) == 2 and len(examples) == 8  # answered, image found or none
+    out = tmp_path / "target"
+    assert main(["train-target", "--init", str(assembled_pair.target_dir), "--data", str(data), "--eval-data", str(data),
+                 "--out", str(out), "--steps", "2", "--batch-size", "2", "--eval-every", "2", *load,
+                 "--feature-cache-gb", "0.5"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert (out / "target.safetensors").is_file() and any((out / "features").glob("*.pt"))
