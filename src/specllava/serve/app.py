@@ -145,7 +145,7 @@ def create_app(engine: Engine | None, limits: Limits, security: Security | None 
         if engine is None or st.closing:
             return JSONResponse({"status": "starting" if engine is None else "shutting_down"}, status_code=503,
                                 headers={"Retry-After": "5"})
-        return {"status": "ok", "model": st.limits.model_name, "method": engine.method, "workers": len(engine.threads),
+        return {"status": "ok", "model": st.limits.model_name, "method": engine.method, "max_batch": engine.max_batch,
                 "queue_length": engine.queue_length(), "running": engine.running, "max_tokens": st.limits.max_tokens,
                 "auth": bool(security.api_keys)}
 
@@ -175,6 +175,7 @@ def attach(app: FastAPI, engine: Engine) -> None:
     engine.on_finish = lambda job, result: metrics.finish(job.prompt_tokens, result, time.monotonic() - job.created)
     engine.on_start = lambda job: metrics.started(job.started - job.created)
     engine.on_step = lambda job, emitted: metrics.step(emitted)
+    engine.on_batch = metrics.batch
     st.engine = engine
 
 

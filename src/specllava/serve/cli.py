@@ -42,9 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=d.model_name,
                    help=f"the model name clients send and /v1/models lists (default: {d.model_name})")
-    p.add_argument("--max-concurrency", type=positive_int, default=1,
-                   help="requests decoded at once, each by its own worker and decoder (default: 1; more rarely pays "
-                   "on a CPU, whose cores one decode already uses)")
+    p.add_argument("--max-batch", type=positive_int, default=1,
+                   help="requests decoded together, step by step (continuous batching: a waiting request joins "
+                   "between two steps, in arrival order; default: 1)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests that may wait for a worker; beyond that the server answers 429 (default: 64)")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens,
@@ -130,7 +130,7 @@ def tree_options(args, target, draft, processor) -> dict:
 
 
 def build(args):
-    """(app, engine) from parsed arguments: models loaded, workers started."""
+    """(app, engine) from parsed arguments: models loaded, the scheduler started."""
     from .app import create_app
 
     DecodingOptions.from_args(args).check()
@@ -139,7 +139,7 @@ def build(args):
 
 
 def build_engine(args):
-    """The `Engine` from parsed arguments (checked already): models loaded, workers started."""
+    """The `Engine` from parsed arguments (checked already): models loaded, the scheduler started."""
     opts = DecodingOptions.from_args(args)
     import torch
 
@@ -154,11 +154,11 @@ def build_engine(args):
     target, draft, processor = load_models(args)
     options = tree_options(args, target, draft, processor) if args.method != "ar" else {}
     print(f"specllava serve: models loaded in {time.perf_counter() - t:.1f} s; preparing "
-          f"{args.max_concurrency} decoder(s) ({args.method}) ...", file=sys.stderr, flush=True)
+          f"the decoder ({args.method}, batches of up to {args.max_batch}) ...", file=sys.stderr, flush=True)
     engine = Engine(
         target, draft, processor,
         lambda: SpeculativeDecoder(target, draft, **opts.decoder_kwargs(), **options),
-        workers=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout, method=args.method,
     )  # fmt: skip
     return engine

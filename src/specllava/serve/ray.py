@@ -8,7 +8,7 @@ Each replica (`Replica`, a Ray Serve deployment with the app as its ASGI ingress
 and runs its own engine, queue and metrics, exactly as `specllava serve` does; Ray's proxy spreads
 requests over the replicas (least-loaded of two picked at random) and Ray's autoscaler adds
 replicas between --replicas and --max-replicas from the requests in flight. Ray lets each replica
-take up to --max-concurrency + --max-queue requests, so a replica's own queue bound (429) and time
+take up to --max-batch + --max-queue requests, so a replica's own queue bound (429) and time
 limits apply as on one server. Every response says which replica answered (`X-Specllava-Replica`).
 
 Ray is an optional dependency (`pip install 'specllava[ray]'`, which `make setup` installs): only
@@ -43,9 +43,9 @@ class Replica:
         return self.asgi
 
     def check_health(self) -> None:
-        """Ray restarts a replica whose workers died."""
-        if not all(t.is_alive() for t in self.engine.threads):
-            raise RuntimeError("a decoding worker of this replica has stopped")
+        """Ray restarts a replica whose scheduler died."""
+        if not self.engine.thread.is_alive():
+            raise RuntimeError("the scheduler of this replica has stopped")
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -60,12 +60,12 @@ def deployment(flags: dict):
     if most < n:
         raise ValueError(f"--max-replicas ({most}) must be at least --replicas ({n})")
     options = dict(
-        max_ongoing_requests=flags["max_concurrency"] + flags["max_queue"],
+        max_ongoing_requests=flags["max_batch"] + flags["max_queue"],
         ray_actor_options={"num_cpus": flags.get("replica_cpus") or 1},
     )
     if most > n:
         options["autoscaling_config"] = {"min_replicas": n, "max_replicas": most, "initial_replicas": n,
-                                         "target_ongoing_requests": flags["max_concurrency"]}
+                                         "target_ongoing_requests": flags["max_batch"]}
     else:
         options["num_replicas"] = n
     return Replica.options(**options)
