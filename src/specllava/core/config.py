@@ -68,11 +68,19 @@ class TreeConfig:
                      Greedy verification never reads q, so the output does not depend on it.
                      When sampling, q is the draft's distribution at the sampling temperature
                      and this knob is not used.
+      calibrate      read the draft's confidences through the acceptance measured so far in
+                     this generation (`core.calibration`): per depth, sibling rank and
+                     confidence bucket, so a confidently wrong draft gets small trees and an
+                     underconfidently right one deep trees; the node budget then maximises
+                     expected tokens per cost (capped by `node_budget`), and steps where
+                     drafting does not pay verify the root alone (plain decoding), with
+                     periodic probes. Default True; False uses the draft's q as it is.
     When sampling (T>0) the dynamic tree draws each node's children from the draft instead of
     taking its top ranks, fills `node_budget` while growing (most confident parents first) and
     uses `min_path_conf` to choose which nodes to expand, never to prune a drawn child: the
     conditions under which recursive rejection sampling is exact (docs/algorithms.md).
-    Chain (method="chain"): `chain_length` guesses in a row, each the draft's top token.
+    Chain (method="chain"): `chain_length` guesses in a row, each the draft's top token (at T=0)
+    or one draw from q (when sampling, as standard speculative sampling does).
     Static tree (method="static"): `choices`, paths of draft ranks (Medusa notation).
     """
 
@@ -84,6 +92,7 @@ class TreeConfig:
     frontier: int = 8
     min_feed_mass: float = 0.3
     score_temperature: float = 1.0
+    calibrate: bool = True
     chain_length: int = 5
     choices: tuple[tuple[int, ...], ...] = field(default=DEFAULT_STATIC_CHOICES)
 
@@ -103,6 +112,8 @@ class TreeConfig:
                 raise ValueError(f"TreeConfig.{name} must be a number {rule}, got {value!r}")
             if not ok(float(value)):  # NaN fails every range
                 raise ValueError(f"TreeConfig.{name} must be {rule}, got {value}")
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"TreeConfig.calibrate must be true or false, got {self.calibrate!r}")
         from .tree import validate_choices
 
         try:

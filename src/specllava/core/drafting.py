@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .cache import compact
+from .calibration import Calibrator
 from .config import TreeConfig
 from .runner import ModelRunner
 from .tree import Tree, ancestor_mask, attention_bias, chain_choices, validate_choices
@@ -47,8 +48,13 @@ class Drafter:
         # q's temperature: the sampling temperature when sampling; at T=0 the tree's scores use
         # `score_temperature` (only the tree's shape depends on it, never what is emitted)
         self.temperature = temperature if generator is not None else cfg.score_temperature
-        # sampled mode: dynamic children are draws from q (see the module docstring)
-        self.sampled = generator is not None and policy == "dynamic"
+        # sampled mode: dynamic and chain children are draws from q (see the module docstring)
+        self.sampled = generator is not None and policy in ("dynamic", "chain")
+        # dynamic: the draft's confidences read through this sequence's measured acceptance
+        self.calib = Calibrator(cfg.max_depth) if policy == "dynamic" and cfg.calibrate else None
+        # a draft that reads features of its pending tokens (EAGLE) cannot leave them pending
+        self.can_skip = self.calib is not None and type(self)._pending_features is Drafter._pending_features
+        self.skip = False  # this step verifies the root alone (drafting does not pay, `Calibrator.draft_pays`)
         self.node_budget = cfg.budget(self.sampled)  # dynamic: most nodes per tree, root excluded
         self.generator = generator
         self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> log q row over the draft's columns
@@ -59,7 +65,10 @@ class Drafter:
 
     # -- one step (one sequence: the policy below, fed through this drafter's own runner) -------
     def draft(self, root: int) -> Tree:
-        logits = self._feed_pending(self.begin(root))  # [1, V] draft logits at the root
+        pending = self.begin(root)
+        if not pending:  # a plain step: nothing to feed
+            return self.tree()
+        logits = self._feed_pending(pending)  # [1, V] draft logits at the root
         frontier = self.grow(logits)
         while frontier is not None:
             logits = self._feed_frontier(frontier, self.tokens, self.parents, self.depth)
@@ -69,6 +78,8 @@ class Drafter:
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the accepted fed nodes in the draft cache; the other emitted tokens become pending."""
         keep = self.accepted_fed(tree, path)
+        if self.skip:
+            return
         start = self.runner.length - self.fed.numel()  # committed part of the draft cache
         compact(self.runner.cache, start, torch.tensor(keep, dtype=torch.long))
 
@@ -79,14 +90,31 @@ class Drafter:
     # after verification `accepted_fed` says which fed nodes the draft cache keeps. `draft` runs
     # this on the drafter's own runner, `core.batch` for many drafters in one forward.
     def begin(self, root: int) -> list[int]:
-        """Start a step at `root`; returns the pending tokens to feed (a causal chain, root last)."""
+        """Start a step at `root`; returns the pending tokens to feed (a causal chain, root last),
+        or [] for a plain step (drafting does not pay: the tree is the root alone, `tree()`, and
+        the pending tokens wait for the next drafted step)."""
         self.pending.append(root)
-        pending, self.pending = self.pending, []
         self.d = 0
         self.q = {}
         self.tokens = None
         self.root = root
+        self.kept = None
+        self.forwards = 1
+        self.skip = self.can_skip and not self.calib.draft_pays()
+        if self.skip:
+            self._start_tree(self.runner.device)
+            return []
+        pending, self.pending = self.pending, []
         return pending
+
+    def _start_tree(self, dev) -> None:
+        self.tokens = torch.tensor([self.root], dtype=torch.long, device=dev)
+        self.parents = torch.tensor([-1], dtype=torch.long, device=dev)
+        self.depth = torch.zeros(1, dtype=torch.long, device=dev)
+        self.score = torch.ones(1, dtype=torch.float32, device=dev)
+        self.rawq = torch.ones(1, dtype=torch.float32, device=dev)  # the draft's q of each node's token
+        self.fed = torch.empty(0, dtype=torch.long, device=dev)  # tree nodes in draft-cache order
+        self.frontier = torch.zeros(1, dtype=torch.long, device=dev)
 
     def grow(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Given the draft's logits [F, V] at the current frontier (the root's at depth 0), add one
@@ -94,16 +122,11 @@ class Drafter:
         None when the tree is done."""
         dev = logits.device
         if self.tokens is None:  # the root
-            self.tokens = torch.tensor([self.root], dtype=torch.long, device=dev)
-            self.parents = torch.tensor([-1], dtype=torch.long, device=dev)
-            self.depth = torch.zeros(1, dtype=torch.long, device=dev)
-            self.score = torch.ones(1, dtype=torch.float32, device=dev)
-            self.fed = torch.empty(0, dtype=torch.long, device=dev)  # tree nodes in draft-cache order
-            self.frontier = torch.zeros(1, dtype=torch.long, device=dev)
+            self._start_tree(dev)
         else:
             self.fed = torch.cat([self.fed, self.frontier])
         self.d = d = self.d + 1
-        par, tok, sc = self._expand(self.frontier, logits, self.score, d)  # [C] each
+        par, tok, sc, *raw = self._expand(self.frontier, logits, self.score, d)  # [C] each
         if par.numel() == 0:
             return None
         first_new = self.tokens.numel()
@@ -111,12 +134,15 @@ class Drafter:
         self.parents = torch.cat([self.parents, par])
         self.depth = torch.cat([self.depth, torch.full_like(tok, d)])
         self.score = torch.cat([self.score, sc])
-        if d == self._max_depth() or (self.sampled and self.score.numel() - 1 >= self.node_budget):
+        self.rawq = torch.cat([self.rawq, raw[0] if raw else sc])
+        full = self.policy == "dynamic" and self.sampled and self.score.numel() - 1 >= self.node_budget
+        if d == self._max_depth() or full:
             return None
         frontier = self._next_frontier(first_new, self.score, d)
         if frontier.numel() == 0 or self._should_stop(self.score, frontier):
             return None
         self.frontier = frontier
+        self.forwards += 1
         return frontier
 
     def tree(self) -> Tree:
@@ -127,15 +153,24 @@ class Drafter:
         """After verification: the fed nodes to keep in the draft cache, as offsets into the fed
         order (the accepted path's fed prefix); the rest of the accepted tokens become pending
         (the bonus is added by the next `begin` as its root)."""
+        if self.skip:  # the root stays pending with the earlier ones; the bonus joins them next step
+            return []
+        if self.calib is not None:
+            q = self.rawq if self.kept is None else self.rawq[self.kept]
+            self.calib.observe_tree(tree, q, path, self.forwards)
         n_fed = self.fed.numel()
-        read = torch.cat([self.fed, tree.tokens.to(self.fed.device)]).tolist()  # one host sync
+        parts = [self.fed, tree.tokens.to(self.fed.device)]
+        if self.kept is not None:  # the final tree is a selection: its node i is grown node kept[i]
+            parts.append(self.kept.to(self.fed.device))
+        read = torch.cat(parts).tolist()  # one host sync
         fed_rank = {int(n): i for i, n in enumerate(read[:n_fed])}
-        tokens = read[n_fed:]
+        tokens = read[n_fed : n_fed + len(tree)]
+        grown = read[n_fed + len(tree):] if self.kept is not None else range(len(tree))
         keep = []
         for node in path[1:]:
-            if node not in fed_rank:
+            if grown[node] not in fed_rank:
                 break
-            keep.append(fed_rank[node])
+            keep.append(fed_rank[grown[node]])
         # Accepted but never fed (e.g. leaves) must still reach the draft cache.
         self.pending = [int(tokens[i]) for i in path[1 + len(keep):]]
         return keep
@@ -194,19 +229,39 @@ class Drafter:
 
     def _expand(self, frontier, logits, score, d):
         """Children of the frontier nodes: (parent index, token, path confidence), each [C]."""
+        if self.policy == "chain" and self.sampled:
+            return self._expand_chain_sampled(frontier, logits, score)
         if self.policy != "dynamic":
             return self.static.expand(frontier, self._top(logits, self.static.max_rank), score, d)
         cfg = self.cfg
         if self.sampled:
-            return self._expand_sampled(frontier, logits, score)
+            return self._expand_sampled(frontier, logits, score, d)
         vals, toks = self._top(logits, cfg.max_children)  # [F, k] q and ids, best first
-        mass_before = vals.cumsum(-1) - vals  # probability of the better siblings
-        sc = score[frontier][:, None] * vals  # [F, k]
+        local = self._local(d, vals)  # P(accepted | parent accepted), calibrated
+        mass_before = local.cumsum(-1) - local  # of the better siblings
+        sc = score[frontier][:, None] * local  # [F, k]
         keep = (mass_before < cfg.child_mass) & (sc >= cfg.min_path_conf)
         rows, cols = keep.nonzero(as_tuple=True)  # one host sync (the count); row-major as keep's mask order
-        return frontier[rows], toks[rows, cols], sc[rows, cols]
+        return frontier[rows], toks[rows, cols], sc[rows, cols], vals[rows, cols]
 
-    def _expand_sampled(self, frontier, logits, score):
+    def _local(self, d: int, vals: torch.Tensor) -> torch.Tensor:
+        """The children's acceptance once their parent is accepted: the draft's q read through the
+        calibrator (q itself without one, or before anything is measured)."""
+        return vals if self.calib is None else self.calib.local(d, vals)
+
+    def _expand_chain_sampled(self, frontier, logits, score):
+        """Chain when sampling: one draw from q per level, as standard speculative sampling does
+        (verification then accepts it with min(1, p/q))."""
+        scaled = logits.float() / self.temperature if self.temperature != 1.0 else logits.float()
+        logq = torch.log_softmax(scaled, dim=-1)  # [1, K]
+        col = (logq + _gumbel(logq, self.generator)).argmax(dim=-1)  # [1]
+        val = logq.gather(-1, col[:, None])[:, 0].exp()
+        tok = col if self.runner.vocab_ids is None else self.runner.vocab_ids[col]
+        for j, node in enumerate(frontier.tolist()):
+            self.q[node] = logq[j]
+        return frontier, tok, score[frontier] * val, val
+
+    def _expand_sampled(self, frontier, logits, score, d):
         """Sampled mode: up to `max_children` draws from q without replacement per frontier node
         (Gumbel-top-k: the order of the perturbed keys is the order of sequential draws), kept
         while the better-drawn siblings' mass is below `child_mass`, then cut to the node budget
@@ -218,7 +273,8 @@ class Drafter:
         keys, cols = (logq + gumbel).topk(min(cfg.max_children, logq.shape[-1]), dim=-1)  # draw order
         vals = logq.gather(-1, cols).exp()  # [F, k] q of each draw
         toks = cols if self.runner.vocab_ids is None else self.runner.vocab_ids[cols]
-        mass_before = vals.cumsum(-1) - vals
+        local = self._local(d, vals)  # calibrated: each draw's value reads only its own and earlier draws
+        mass_before = local.cumsum(-1) - local
         keep = (mass_before < cfg.child_mass) & torch.isfinite(keys)  # a prefix of each row's draws
         room = self.node_budget - (score.numel() - 1)
         order = torch.sort(-score[frontier], stable=True).indices  # the most confident parents first
@@ -228,9 +284,9 @@ class Drafter:
         keep[order] = ranked
         for j, node in enumerate(frontier.tolist()):
             self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (q_row)
-        sc = score[frontier][:, None] * vals
+        sc = score[frontier][:, None] * local
         par = frontier[:, None].expand_as(toks)
-        return par[keep], toks[keep], sc[keep]
+        return par[keep], toks[keep], sc[keep], vals[keep]
 
     def q_row(self, node: int):
         """Sampled mode: the q row that drew `node`'s children, as `verify_sampling` takes it: the
@@ -271,12 +327,18 @@ class Drafter:
         return bool(torch.stack(flags).any()) if flags else False
 
     def _finalize(self, tree: Tree) -> Tree:
-        if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= self.node_budget:
+        if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= 1:
+            return tree
+        budget = self.node_budget
+        if self.calib is not None:  # the size that maximises expected tokens per cost
+            budget = self.calib.budget(tree.score[1:], self.forwards, budget)
+        if len(tree) - 1 <= budget:
             return tree
         # Path confidence only falls along a path, and a stable sort keeps parents (earlier
         # indices) ahead of equally scored children: the top of the order is ancestor-closed.
-        order = torch.sort(-tree.score[1:], stable=True).indices[: self.node_budget] + 1
+        order = torch.sort(-tree.score[1:], stable=True).indices[:budget] + 1
         keep = torch.cat([torch.zeros(1, dtype=torch.long, device=order.device), order]).sort().values
+        self.kept = keep
         return tree.select(keep)
 
 

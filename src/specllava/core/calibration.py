@@ -1,0 +1,205 @@
+"""The draft's confidence calibrated online against the acceptance measured in this generation.
+
+A draft's probabilities are not acceptance probabilities: a draft distilled on a flat target is
+right far more often than its top probability says, a perturbed or weak draft can be confidently
+wrong. The dynamic tree's shape (children per node, pruning, which nodes enter the budget, how deep
+it grows) rests on these numbers, so it reads them through a `Calibrator` that has watched every
+verified step of this sequence.
+
+What is measured. A draft node is *tried* when its parent was accepted and every earlier sibling
+(in draft order: rank at T=0, draw order when sampling) was rejected; a tried node is then
+accepted or not. Both verification rules try siblings in this order, so the conditional
+acceptance c = P(accepted | tried) is observed without bias for every tried node, at T=0 and at
+T>0 alike. Nodes never tried (under a rejected parent, after an accepted sibling) tell nothing
+and are skipped.
+
+The estimator. Observations are binned by (depth, sibling rank, draft probability bucket), the
+draft probability being the node's own q (not the path product). Each cell's estimate is shrunk
+towards its pool over depths, that towards its rank's pool over depths and buckets, and that
+towards prior(r), the draft's own mean conditional probability there (q over the mass its better
+siblings left); with `strength` pseudo-observations at each level,
+
+    rank(r)        = (accepted(r)       + m * prior(r))     / (tried(r)       + m)
+    pooled(r, b)   = (accepted(r, b)    + m * rank(r))      / (tried(r, b)    + m)
+    cell(d, r, b)  = (accepted(d, r, b) + m * pooled(r, b)) / (tried(d, r, b) + m)
+
+so a fresh calibrator answers the draft's own numbers, and a few dozen steps make them the
+measured ones. The unconditional probability that a node is accepted once its parent is, the
+quantity path confidences multiply, is c_r * prod_{j < r} (1 - c_j) over its better siblings j.
+
+Decisions (`Drafter` asks): `local(depth, q)` turns a frontier's draft probabilities [F, k] (best
+or first-drawn first) into calibrated unconditional ones; `budget(scores)` picks how many of the
+best nodes to verify from the expected accepted length and a cost model; `draft_pays()` says
+whether drafting at all beats plain decoding, from the measured accepted length per step and the
+same cost model (when it does not, the decoder verifies the root alone and probes again after a
+growing number of steps).
+
+Cost model (relative to one target forward of a single token): a step with N tree nodes and F
+draft forwards costs 1 + node_cost * N + draft_cost * F. The defaults are the default pair's on a
+2-core CPU (`tools/profile_decode.py`: 1 and 8 tree tokens through the target, one draft forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# bucket edges over the draft's probability of the node's token
+EDGES = torch.tensor([0.005, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 0.95])
+N_BUCKETS = len(EDGES) + 1
+MAX_RANK = 4  # ranks 0..3 apart, 4 and beyond pooled
+DECAY = 0.8  # weight of a drafted step's tokens and cost at each later drafted step (draft_pays)
+MAX_PLAIN_RUN = 32
+
+
+@dataclass
+class CostModel:
+    """A step's cost relative to a one-token target forward (see the module docstring)."""
+
+    node_cost: float = 0.03
+    draft_cost: float = 0.05
+
+    def step(self, nodes: float, draft_forwards: float) -> float:
+        return 1.0 + self.node_cost * nodes + self.draft_cost * draft_forwards
+
+
+class Calibrator:
+    """Per-sequence acceptance statistics and the tree decisions made from them.
+
+    max_depth: the deepest tree level observed separately (deeper levels share the last cell).
+    strength:  pseudo-observations behind each level's prior (see the module docstring).
+    """
+
+    def __init__(self, max_depth: int = 8, strength: float = 2.0, cost: CostModel | None = None):
+        self.max_depth = max_depth
+        self.m = float(strength)
+        self.cost = cost or CostModel()
+        shape = (max_depth + 1, MAX_RANK + 1, N_BUCKETS)
+        self.tried = torch.zeros(shape, dtype=torch.float64)
+        self.accepted = torch.zeros(shape, dtype=torch.float64)
+        self.prior_sum = torch.zeros(shape, dtype=torch.float64)  # sum of the draft's conditional q of tried nodes
+        # drafted steps: how many, tokens emitted and cost spent, for draft_pays()
+        self.drafted = 0
+        self.tokens = 0.0
+        self.spent = 0.0
+        self.skip_until = 0  # plain steps left before the next probe
+        self.skip_run = 0  # length of the last plain run
+        self.probe_due = False
+        self._table = None  # cached calibrated table, rebuilt after each observation
+
+    # -- observations ---------------------------------------------------------------------------
+    def observe(self, parents: list[int], depth: list[int], q: list[float], path: list[int],
+                draft_forwards: int = 0) -> None:
+        """One verified step. parents/depth/q per tree node (q: the draft's probability of the
+        node's token at its parent, any value at the root); `path`: the accepted nodes, root
+        first. Siblings are taken in tree order (the order verification tries them)."""
+        on_path = set(path)
+        children: dict[int, list[int]] = {}
+        for i, par in enumerate(parents):
+            if par >= 0:
+                children.setdefault(par, []).append(i)
+        idx, acc, prior = [], [], []
+        for node in path:
+            left = 1.0  # draft mass not taken by the better siblings
+            for rank, child in enumerate(children.get(node, [])):
+                qc = min(max(q[child], 0.0), 1.0)
+                idx.append((min(depth[child], self.max_depth), min(rank, MAX_RANK), _bucket(qc)))
+                acc.append(1.0 if child in on_path else 0.0)
+                prior.append(min(qc / left, 1.0) if left > 1e-9 else 1.0)
+                if child in on_path:
+                    break
+                left = max(left - qc, 0.0)
+        if idx:
+            where = torch.tensor(idx, dtype=torch.long).T
+            flat = (where[0] * (MAX_RANK + 1) + where[1]) * N_BUCKETS + where[2]
+            self.tried.view(-1).index_add_(0, flat, torch.ones(len(idx), dtype=torch.float64))
+            self.accepted.view(-1).index_add_(0, flat, torch.tensor(acc, dtype=torch.float64))
+            self.prior_sum.view(-1).index_add_(0, flat, torch.tensor(prior, dtype=torch.float64))
+            self._table = None
+        n_nodes = len(parents) - 1
+        self.drafted += 1
+        # moving sums (each step weighs DECAY of the one after it): recent steps decide
+        self.tokens = DECAY * self.tokens + len(path)  # accepted draft tokens + the bonus
+        self.spent = DECAY * self.spent + self.cost.step(n_nodes, draft_forwards)
+
+    def observe_tree(self, tree, q: torch.Tensor, path: list[int], draft_forwards: int = 0) -> None:
+        """`observe` from a `Tree` and its nodes' draft probabilities q [N]."""
+        rows = torch.stack([tree.parents.cpu().double(), tree.depth.cpu().double(), q.cpu().double()]).tolist()
+        self.observe([int(x) for x in rows[0]], [int(x) for x in rows[1]], rows[2], path, draft_forwards)
+
+    # -- estimates ------------------------------------------------------------------------------
+    def table(self) -> torch.Tensor:
+        """Calibrated conditional acceptance c[depth, rank, bucket] (float32); cells never observed
+        hold NaN where nothing of their rank was observed (`conditional` uses q there)."""
+        if self._table is None:
+            m = self.m
+            # rank r pooled over depths and buckets, shrunk to the draft's mean conditional q there
+            tried_r, acc_r, prior_r = (x.sum((0, 2)) for x in (self.tried, self.accepted, self.prior_sum))
+            by_rank = torch.where(tried_r > 0, (acc_r + m * prior_r / tried_r.clamp(min=1)) / (tried_r + m), torch.nan)
+            # (rank, bucket) pooled over depths, shrunk to the rank's pool
+            tried_p, acc_p = self.tried.sum(0), self.accepted.sum(0)  # [R, B]
+            pooled = (acc_p + m * by_rank[:, None]) / (tried_p + m)
+            cell = (self.accepted + m * pooled) / (self.tried + m)
+            self._table = cell.float()
+        return self._table
+
+    def conditional(self, depth: int, q: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(accepted | tried) for a frontier's children at `depth`: q [F, k] the draft's
+        probabilities of each parent's children in draft order -> [F, k]."""
+        q = q.float()
+        left = (1.0 - (q.cumsum(-1) - q)).clamp(min=1e-6)
+        prior = (q / left).clamp(max=1.0)  # the draft's own conditional probability
+        k = q.shape[-1]
+        ranks = torch.arange(k, device=q.device).clamp(max=MAX_RANK)
+        buckets = torch.bucketize(q.cpu(), EDGES).to(q.device)
+        tab = self.table()[min(depth, self.max_depth)].to(q.device)  # [R, B]
+        est = tab[ranks[None, :].expand_as(buckets), buckets]
+        # NaN: nothing of this rank observed yet; the draft's own conditional probability
+        return torch.where(torch.isnan(est), prior, est)
+
+    def local(self, depth: int, q: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(accepted | parent accepted) of each child, [F, k]: c_r * prod_{j<r} (1 - c_j)."""
+        c = self.conditional(depth, q)
+        survive = torch.cumprod(1.0 - c, dim=-1)
+        before = torch.cat([torch.ones_like(c[:, :1]), survive[:, :-1]], dim=-1)
+        return c * before
+
+    # -- decisions ------------------------------------------------------------------------------
+    def budget(self, scores: torch.Tensor, draft_forwards: int, most: int) -> int:
+        """How many nodes to verify: the n <= most that maximises expected tokens per cost,
+        (1 + sum of the n best path scores) / cost(n, draft_forwards). scores: the calibrated path
+        confidences of the grown nodes (root excluded)."""
+        if scores.numel() == 0:
+            return 0
+        best = scores.float().sort(descending=True).values[:most].cpu()
+        n = torch.arange(1, best.numel() + 1, dtype=torch.float32)
+        rate = (1.0 + best.cumsum(0)) / (1.0 + self.cost.node_cost * n + self.cost.draft_cost * draft_forwards)
+        return int(rate.argmax()) + 1
+
+    def draft_pays(self, window: int = 6) -> bool:
+        """Whether the next step should draft. Yes until `window` drafted steps are measured, then
+        while their tokens per cost (the cost model's units: a plain step is 1 token for 1)
+        reach plain decoding's 1 (moving sums, recent steps weigh most). When they do not, 1, 2,
+        4, ... up to 32 plain steps follow, each run ended by one probing drafted step, which
+        can bring drafting back.
+
+        Deterministic: it reads the accepted counts and the cost model, never a clock, so a seeded
+        sampled generation stays reproducible."""
+        if self.skip_until > 0:
+            self.skip_until -= 1
+            return False
+        if self.probe_due:  # the end of a plain run
+            self.probe_due = False
+            return True
+        if self.drafted < window or self.tokens >= self.spent:
+            self.skip_run = 0
+            return True
+        self.skip_run = min(max(2 * self.skip_run, 1), MAX_PLAIN_RUN)
+        self.skip_until = self.skip_run - 1  # this step is the run's first
+        self.probe_due = True
+        return False
+
+
+def _bucket(q: float) -> int:
+    return int(torch.bucketize(torch.tensor(q), EDGES))
