@@ -267,6 +267,10 @@ def tree_option(text: str) -> tuple[str, object]:
             parsed = int(value)
         except ValueError:
             raise Error(f"tree option {name} takes an integer, got {value!r}") from None
+    elif name == "calibrate":
+        if value.lower() not in ("true", "false"):
+            raise Error(f"tree option calibrate takes true or false, got {value!r}")
+        parsed = value.lower() == "true"
     elif name in FLOAT_RANGES:
         try:
             parsed = float(value)

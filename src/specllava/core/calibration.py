@@ -36,7 +36,8 @@ growing number of steps).
 
 Cost model (relative to one target forward of a single token): a step with N tree nodes and F
 draft forwards costs 1 + node_cost * N + draft_cost * F. The defaults are the default pair's on a
-2-core CPU (`tools/profile_decode.py`: 1 and 8 tree tokens through the target, one draft forward).
+2-core CPU (docs/benchmarks.md, "Where the time goes": about 1.2 ms per verified node and 2-3 ms
+per draft forward with its loop work, against a 41 ms plain step).
 """
 
 from __future__ import annotations
