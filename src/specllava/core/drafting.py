@@ -99,7 +99,7 @@ class Drafter:
                 break
             keep.append(fed_rank[node])
         start = self.runner.length - self.fed.numel()  # committed part of the draft cache
-        compact(self.runner.cache, start, torch.tensor(keep, dtype=torch.long))
+        compact(self.runner.cache, start, keep)
         # Accepted but never fed (e.g. leaves) must still reach the draft cache; the bonus is
         # added by the next draft() call as its root.
         self.pending = [int(tokens[i]) for i in path[1 + len(keep):]]

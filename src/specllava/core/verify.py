@@ -132,4 +132,5 @@ def _uniform(generator: torch.Generator | None) -> float:
     """One uniform draw in [0, 1), made on the CPU on purpose: a handful per step, compared with
     values the loop reads back anyway, and the same draws whatever device the models sit on
     (a CPU generator; None = torch's default one)."""
-    return float(torch.rand((), generator=generator, dtype=torch.float64))
+    device = generator.device if generator is not None else "cpu"  # never the default device
+    return float(torch.rand((), generator=generator, dtype=torch.float64, device=device))
