@@ -246,7 +246,7 @@ class SpeculativeDecoder:
             else:
                 verdict = verify_greedy(seen_tree.to(logits.device), logits, anc.to(logits.device))
             # 4. compact both caches to the accepted path
-            compact(target.cache, prefix, verdict.path)
+            compact(target.cache, prefix, verdict.path, verdict.index)
             if drafter:
                 drafter.commit(tree, verdict.path)
             stats.t_verify += time.perf_counter() - t

@@ -38,16 +38,21 @@ _READS = {
     _T.equal: "equal", torch.is_nonzero: "bool", torch.allclose: "allclose", _T.allclose: "allclose",
 }
 _UPLOADS = {torch.tensor: "upload", torch.as_tensor: "upload", _T.new_tensor: "upload"}
-_INDEXING = {_T.__getitem__: "bool index", _T.__setitem__: "bool index", _T.index_put_: "bool index",
-             _T.index_put: "bool index"}
+_INDEXING = {_T.__getitem__, _T.__setitem__, _T.index_put_, _T.index_put}
 _REPEATS = {torch.repeat_interleave: "repeat_interleave", _T.repeat_interleave: "repeat_interleave"}
 _HERE = os.path.abspath(__file__)
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 
 
-def _has_bool_index(index) -> bool:
-    items = index if isinstance(index, (tuple, list)) else (index,)
-    return any(torch.is_tensor(i) and i.dtype == torch.bool and i.dim() > 0 for i in items)
+def _index_kind(index) -> str | None:
+    """A boolean mask in an index reads the mask (its output size); a Python list of ints is
+    uploaded as an index tensor."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(torch.is_tensor(i) and i.dtype == torch.bool and i.dim() > 0 for i in items):
+        return "bool index"
+    if any(isinstance(i, list) for i in items):
+        return "list index (upload)"
+    return None
 
 
 def _kind(func, args, kwargs) -> str | None:
@@ -58,7 +63,7 @@ def _kind(func, args, kwargs) -> str | None:
         data = args[0] if args else kwargs.get("data")
         return None if torch.is_tensor(data) else _UPLOADS[func]  # a tensor is already on a device
     if func in _INDEXING:
-        return _INDEXING[func] if len(args) > 1 and _has_bool_index(args[1]) else None
+        return _index_kind(args[1]) if len(args) > 1 else None
     if func in _REPEATS:
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         return _REPEATS[func] if torch.is_tensor(repeats) and kwargs.get("output_size") is None else None
