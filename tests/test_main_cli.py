@@ -85,3 +85,70 @@ def test_generate_budget_auto_calibrates_once_and_stays_exact(pair, capsys, tmp_
     assert json.loads(out)["tokens"] == ref[0, inputs["input_ids"].shape[1]:].tolist()
     code, _, err = run_cli(args[:-2] + ["--method", "chain", "--budget", "auto"], capsys)
     assert code == 2 and "--budget auto calibrates the dynamic tree" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# one set of decoding options (specllava.options) for generate, serve and bench
+
+def _flags(command: str) -> dict:
+    from specllava.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.option_strings[0]: a for a in sub._actions if a.option_strings}
+
+
+SHARED = ["--target", "--draft", "--draft-vocab", "--draft-quant", "--tree-option", "--budget",
+          "--dtype", "--device", "--device-map", "--attn-implementation"]
+
+
+@pytest.mark.parametrize("command, flags", [("serve", SHARED + ["--method"]),
+                                            ("bench", SHARED + ["--max-new-tokens", "--top-k", "--top-p"])])
+def test_decoding_flags_are_declared_once(command, flags):
+    """generate, serve and bench declare the shared flags through specllava.options: the same check
+    (type), default and choices, so they cannot drift (serve has --draft-vocab, every --target is
+    checked by cli_args.model_source)."""
+    gen, other = _flags("generate"), _flags(command)
+    for flag in flags:
+        a, b = gen[flag], other[flag]
+        assert (a.type, a.default, a.choices, a.nargs) == (b.type, b.default, b.choices, b.nargs), flag
+    assert _flags("train-draft")["--target"].type is gen["--target"].type
+
+
+def test_options_round_trip_and_reach_the_decoder(pair):
+    from specllava.cli import build_parser
+    from specllava.options import DecodingOptions
+
+    paths, _, img = pair
+    args = build_parser("generate").parse_args(
+        ["generate", "--prompt", "x", "--method", "chain", "--draft-vocab", "16", "--draft-quant", "none",
+         "--tree-option", "chain_length=3", "--budget", "9", "--temperature", "0.5", "--seed", "7"])
+    opts = DecodingOptions.from_args(args)
+    assert opts == DecodingOptions(method="chain", draft_vocab=16, draft_quant="none", tree_options=(("chain_length", 3),),
+                                   budget=9, temperature=0.5, seed=7)
+    assert opts.decoder_kwargs() == {"method": "chain", "draft_vocab": 16, "draft_quant": "none"}
+    assert DecodingOptions().decoder_kwargs()["draft_vocab"] == "auto"  # a server's decoder: greedy and sampled
+
+
+def test_serve_takes_draft_vocab(pair):
+    from specllava.cli import build_parser
+    from specllava.serve.cli import build
+
+    paths, _, _ = pair
+    args = build_parser("serve").parse_args(["serve", "--target", str(paths.target_dir), "--draft", str(paths.draft_dir),
+                                             "--dtype", "float32", "--draft-vocab", "16"])
+    _, engine = build(args)
+    try:
+        (decoder,) = engine.decoders
+        assert decoder.draft_vocab is not None and len(decoder.draft_vocab) <= 16  # 16 ids, less the image token
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("seed", [str(2**64), "-1", "1.5"])
+def test_seed_out_of_range_is_refused(seed, capsys):
+    """Seeds are mixed as 64-bit integers: 2**64 would be seed 0 again, -1 would be 2**64 - 1."""
+    for argv in (["generate", "--prompt", "x"], ["bench"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, f"--seed={seed}"])
+        assert exc.value.code == 2 and "argument --seed: " in capsys.readouterr().err

@@ -14,11 +14,18 @@ other drafts for the default target (a draft folder, e.g. runs/draft5/draft from
 an EAGLE head from `train-eagle`, e.g. runs/eagle), measured on the same sampled answers. A head's
 q here is its first-level prediction (it reads the target's features of the same text), the one a
 tree's root children are drawn from; a draft model's q likewise reads the true text.
+
+Per level: with a = sum min(p, q) at each position (draft temperature 1), level k's chain
+acceptance is the mean over start positions t of a_t * ... * a_{t+k-1} (positions of one answer),
+the probability that k single draft samples in a row are all accepted, estimated along the
+target's sampled text; "conditional" divides by level k-1's. `--out FILE` writes all of it as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 
@@ -41,6 +48,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draft", nargs="+", action="extend", default=[],
                     help="other draft folders (or EAGLE heads) to measure against the default target; repeatable")
+    ap.add_argument("--levels", type=int, default=5, help="chain depths reported (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -75,10 +84,32 @@ def main(argv=None) -> None:
                 full[name].append(torch.minimum(p, d.softmax(-1)).sum(-1))
     n = sum(x.numel() for x in full["default draft"])
     print(f"{len(prompts)} prompts, {n} sampled answer positions; draft vocabulary {args.draft_vocab or size} (ranked)")
+    result = {"prompts": len(prompts), "positions": n, "draft_vocab": args.draft_vocab or size, "drafts": {}}
     for name in drafts:
+        row = result["drafts"][name] = {"overlap": {}, "full_vocabulary": torch.cat(full[name]).mean().item()}
         for tau in args.draft_temperature:
-            print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {torch.cat(overlap[name, tau]).mean():.3f}")
-        print(f"{name}, full vocabulary, draft temperature 1: {torch.cat(full[name]).mean():.3f}")
+            row["overlap"][f"{tau:g}"] = torch.cat(overlap[name, tau]).mean().item()
+            print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {row['overlap'][f'{tau:g}']:.3f}")
+        print(f"{name}, full vocabulary, draft temperature 1: {row['full_vocabulary']:.3f}")
+        if 1.0 in args.draft_temperature:
+            chain = chain_acceptance(overlap[name, 1.0], args.levels)
+            row["chain"] = chain
+            print(f"{name}, per level (draft temperature 1): chain acceptance "
+                  + " ".join(f"{c:.3f}" for c in chain["all_accepted"]) + "; conditional "
+                  + " ".join(f"{c:.3f}" for c in chain["conditional"]))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def chain_acceptance(per_answer: list[torch.Tensor], levels: int) -> dict:
+    """For k = 1..levels: the mean over start positions of the product of k consecutive overlaps of one
+    answer ("all_accepted"), and its ratio to level k-1's ("conditional"; level 1: the mean overlap)."""
+    all_accepted = []
+    for k in range(1, levels + 1):
+        prods = [a.unfold(0, k, 1).prod(-1) for a in per_answer if a.numel() >= k]
+        all_accepted.append(torch.cat(prods).mean().item() if prods else float("nan"))
+    conditional = [all_accepted[0]] + [b / a if a else float("nan") for a, b in zip(all_accepted, all_accepted[1:])]
+    return {"all_accepted": all_accepted, "conditional": conditional}
 
 
 if __name__ == "__main__":

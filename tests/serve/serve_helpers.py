@@ -86,13 +86,13 @@ class SlowDecoder(SpeculativeDecoder):
 
 @contextmanager
 def running_server(target, draft, processor, *, method="dynamic", workers=1, max_queue=64, max_tokens=64,
-                   request_timeout_s=60.0, make_decoder=None, **limits):
+                   request_timeout_s=60.0, make_decoder=None, security=None, **limits):
     """(base URL, engine, app) of a live server; it stops (and its workers end) on exit."""
     make_decoder = make_decoder or (lambda: SpeculativeDecoder(target, draft, method=method))
     engine = Engine(target, draft, processor, make_decoder,
                     workers=workers, max_queue=max_queue, max_tokens=max_tokens,
                     request_timeout_s=request_timeout_s, method=method)
-    app = create_app(engine, Limits(max_tokens=max_tokens, **limits))
+    app = create_app(engine, Limits(max_tokens=max_tokens, **limits), security)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

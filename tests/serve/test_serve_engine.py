@@ -20,7 +20,7 @@ class _Events(list):
 
 def tracker(stop=(), deadline=1e18):
     loop = types.SimpleNamespace(call_soon_threadsafe=lambda f, *a: f(*a))
-    req = ChatRequest(conversation=[], image=None, max_tokens=None, temperature=0, top_p=1, top_k=0, seed=None,
+    req = ChatRequest(conversation=[], max_tokens=None, temperature=0, top_p=1, top_k=0, seed=None,
                       stop=list(stop))
     job = Job(req, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, 50, loop, deadline, events=_Events())
     return _Tracker(job, TOK, {TOK.convert_tokens_to_ids("<|im_end|>")}, "dynamic"), job

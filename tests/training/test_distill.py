@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 from tiny_data import make_dataset
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
@@ -172,3 +174,73 @@ def test_answers_ranking_ranks_the_regenerated_answers(tmp_path, tiny_models):
                tok("c", add_special_tokens=False).input_ids[0])
     assert answers_ranking(path, tok) == [b, a, c]  # b three times, a twice, c once
     assert answers_ranking(tmp_path / "missing.jsonl", tok) is None
+
+
+def test_tvd_loss_is_one_minus_the_overlap_on_a_hand_made_example():
+    from specllava.training.distill import distill_loss, tvd_loss
+
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.2, 0.3, 0.1, 0.4], [1.0, 0.0, 0.0, 0.0]])
+    # sum min(p, q): 0.2 + 0.3 + 0.1 + 0 = 0.6, and 0.25: TVD 0.4 and 0.75, mean 0.575
+    tiny = torch.finfo(torch.float32).tiny
+    lp, lq = p.clamp_min(tiny).log(), q.clamp_min(tiny).log()
+    torch.testing.assert_close(tvd_loss(lp, lq), torch.tensor(0.575))
+    torch.testing.assert_close(tvd_loss(lp, lq), 0.5 * (p - q).abs().sum(-1).mean())
+    # over a reduced vocabulary {0, 1}, q renormalised there: q = (0.4, 0.6) and (1, 0); overlap 0.7 and 0.25
+    torch.testing.assert_close(tvd_loss(lp, lq, torch.tensor([0, 1])), torch.tensor(1 - (0.7 + 0.25) / 2))
+    value, record = distill_loss(lp, lq, "mix", 0.25)
+    kl = torch.where(p > 0, p * (lp - lq), 0.0).sum(-1).mean()
+    assert record["tvd"] == pytest.approx(0.575, rel=1e-5) and record["kl"] == pytest.approx(kl.item(), rel=1e-4)
+    assert value.item() == pytest.approx(0.75 * record["kl"] + 0.25 * record["tvd"], rel=1e-5)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        distill_loss(lp, lq, "l2")
+
+
+def test_a_tvd_step_raises_the_overlap(tmp_path, tiny_models):
+    from specllava.training.distill import distill_loss
+
+    target, processor = tiny_models
+    torch.manual_seed(0)
+    draft = build_draft_from_target(target, num_layers=1).float()
+    with torch.no_grad():  # away from the target's early exit, as above
+        for p in draft.model.language_model.layers.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = trainable_parameters(draft, embeddings_frozen=True)
+    batch = _batch(tmp_path, target, processor)
+    opt = torch.optim.SGD(params.values(), lr=0.5)
+    before = {}
+    distill_step(target, draft, batch, [1], loss="tvd", record=before).backward()
+    opt.step()
+    after = {}
+    with torch.no_grad():
+        distill_step(target, draft, batch, [1], loss="tvd", record=after)
+    assert after["tvd"] < before["tvd"] - 1e-4
+    assert distill_loss  # imported: the module's API
+
+
+def test_train_draft_with_tvd_and_on_policy_answers_end_to_end(tmp_path, assembled_pair):
+    """--loss tvd with on-policy data only: the draft's own sampled answers, one set per refresh, cached;
+    the history records both KL and TVD; a resumed run reads the cached sets and ends where a whole run does."""
+    from specllava.training.cli import main
+
+    data = make_dataset(tmp_path / "d", n=3, answered=False)
+
+    def args(out, steps, *extra):
+        return ["train-draft", "--target", str(assembled_pair.target_dir), "--data", str(data), "--out", str(out),
+                "--on-policy", "2", "--on-policy-every", "2", "--regenerate-max-new-tokens", "5", "--loss", "tvd",
+                "--draft-layers", "1", "--steps", str(steps), "--batch-size", "1", "--lr", "1e-2", "--warmup", "1",
+                "--checkpoint-every", "1", "--eval-data", str(data), "--eval-prompts", "0", "--no-bf16", *extra]
+
+    assert main(args(tmp_path / "full", 4)) == 0
+    full = tmp_path / "full"
+    assert sorted(p.name for p in (full / "on_policy").iterdir()) == ["00000.jsonl", "00001.jsonl"]
+    assert all(len(p.read_text().splitlines()) == 2 for p in (full / "on_policy").iterdir())
+    assert "2 on-policy" in (full / "train.log").read_text() and "loss tvd" in (full / "train.log").read_text()
+    history = json.loads((full / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert all(0 <= h["tvd"] <= 1 and h["kl"] >= 0 and h["loss"] == h["tvd"] for h in history)
+    part = tmp_path / "part"
+    assert main(args(part, 2)) == 0  # stops at a refresh: the resumed run generates set 1 with its draft
+    assert main(args(part, 4, "--resume")) == 0
+    for name, value in _trained(full).items():
+        torch.testing.assert_close(_trained(part)[name], value, msg=name)

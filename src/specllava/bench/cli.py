@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .. import cli_args
-from ..cli import QUANT_CHOICES, TREE_FIELDS
+from ..options import QUANT_CHOICES, TREE_FIELDS, DecodingOptions, LoadOptions
 
 # bench.methods.ALL_METHODS, without importing torch to build the parser (a test checks they agree)
 ALL_METHODS = ("hf", "hf-assisted", "ar", "chain", "static", "dynamic")
@@ -103,48 +103,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--data", type=cli_args.existing_file, help="a LLaVA conversation JSON file instead of the built-in sets")
     src.add_argument("--image-root", type=cli_args.existing_dir, help="folder the --data image paths are relative to (default: the file's folder)")
     src.add_argument("--limit", type=cli_args.positive_int, default=None, help="use the first N prompts of each set")
+    decoding = p.add_argument_group("decoding (every method; --seed is the base seed, the same per prompt for every "
+                                    "method; --draft-vocab, --draft-quant, --tree-option and --budget: chain, static, dynamic)")
+    DecodingOptions.add_args(decoding, method=False, several_temperatures=True, seed=0,
+                             budget_calibrates_on="the first prompts of the first set (--calibration-prompts)")
     models = p.add_argument_group("models")
-    models.add_argument("--target", type=cli_args.model_source, help="target model directory or hub id (default: the embedded default target)")
-    models.add_argument("--draft", type=cli_args.draft_source, help="draft model directory or hub id (default: the embedded default draft); an "
-                        "EAGLE head file drafts for every draft method (then without hf-assisted)")
     models.add_argument("--eagle", type=cli_args.draft_source, default=None, metavar="PATH",
                         help="an EAGLE head (train-eagle's eagle_head.safetensors or its folder) for variants with "
                         "draft=eagle, e.g. --variant eagle=dynamic:draft=eagle")
     models.add_argument("--other-draft", type=cli_args.model_source, default=None, metavar="DIR",
                         help="a second draft model (e.g. a new train-draft run's draft/ folder) for variants with "
                         "draft=other, e.g. --variant new=dynamic:draft=other: two drafts compared in one interleaved run")
-    from ..models.options import add_load_args  # imports torch
-
-    add_load_args(models)
+    LoadOptions.add_args(models)
     run = p.add_argument_group("measurement")
     run.add_argument("--methods", type=_methods, default=ALL_METHODS, metavar="M1,M2",
                      help=f"comma-separated methods (default: {','.join(ALL_METHODS)})")
-    run.add_argument("--temperature", type=cli_args.non_negative_float, nargs="+", default=[0.0], help="0 = greedy; several values run one section each")
-    run.add_argument("--top-k", type=cli_args.non_negative_int, default=0, help="top-k filter when sampling, for every method (0 = off)")
-    run.add_argument("--top-p", type=cli_args.probability, default=1.0, help="nucleus filter when sampling, for every method (1 = off)")
-    run.add_argument("--max-new-tokens", type=cli_args.positive_int, default=128, help="tokens per generation (default: 128)")
     run.add_argument("--repeats", type=cli_args.positive_int, default=1, help="timed runs per (prompt, method); medians are reported")
     run.add_argument("--warmup", type=cli_args.non_negative_int, default=1, help="untimed runs of every method before timing (default: 1)")
     run.add_argument("--threads", type=cli_args.positive_int, default=2, help="torch CPU threads, fixed for the whole run (default: 2)")
-    run.add_argument("--seed", type=int, default=0, help="base seed for sampling (same per prompt for every method)")
-    run.add_argument("--budget", type=cli_args.budget, default=None, metavar="auto|N",
-                     help="dynamic tree node_budget: N, or 'auto' to calibrate it on this machine (cached)")
-    run.add_argument("--draft-vocab", type=cli_args.positive_int, default=None, metavar="K",
-                     help="chain/static/dynamic: the draft proposes only K token ids, its token ranking first, then the "
-                          "lowest ids (cheaper draft head; "
-                          "lossless). Default (as `specllava generate`): for a draft with a token ranking, its length "
-                          "rounded up to a power of two at T=0 (2048 for the default pair), twice that when sampling; "
-                          "the full vocabulary for a draft without one")
-    run.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
-                     help="chain/static/dynamic: the draft's decode steps with int8 linears (auto = on a CPU "
-                     "with torch's quantized kernels; lossless: only what is proposed changes)")
     run.add_argument("--recalibrate", action="store_true", help="with --budget auto: ignore the calibration cache")
     run.add_argument("--calibration-prompts", type=cli_args.positive_int, default=6, metavar="N",
                      help="with --budget auto: profile acceptance on the first N prompts of the first set (default: 6)")
-    run.add_argument(
-        "--tree-option", type=cli_args.tree_option, action="append", default=[], metavar="NAME=VALUE",
-        help=f"a TreeConfig field for chain/static/dynamic, repeatable; fields: {', '.join(TREE_FIELDS)}",
-    )
     run.add_argument(
         "--variant", type=_variant, action="append", default=[], metavar="NAME=METHOD[:opt=val,...]",
         help="an extra method measured alongside the others: chain/static/dynamic with its own tree options "
@@ -154,7 +133,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "ar-hf=ar:target_lean=false; draft=eagle drafts with the --eagle head and draft=other with the "
         "--other-draft model instead of the draft model",
     )
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>); one that "
+                   "is not empty is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -164,8 +145,6 @@ def _load_models(args):
 
     needs_draft = any(m not in ("hf", "ar") for m in args.methods)
     why = f"methods {','.join(args.methods)} (only hf and ar run without a draft)"
-    from ..models.options import LoadOptions
-
     return load_pair(args.target, args.draft, LoadOptions.from_args(args), needs_draft, why=why)
 
 
@@ -224,21 +203,22 @@ def check_args(args) -> None:
         raise ValueError("a variant has draft=other: pass the second draft model with --other-draft DIR")
     if args.out is not None and args.out.is_file():
         raise ValueError(f"--out {args.out} is a file; give a folder")
-    from ..core.config import TreeConfig
-
-    TreeConfig.from_options(**dict(args.tree_option))  # the options together (each is checked alone at parse time)
+    if args.out is not None and args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {args.out} is not empty (an earlier run's results?); pass --overwrite to replace "
+                         "them, or give another folder")
+    # the tree options together (each is checked alone at parse time); --budget auto is for the dynamic method
+    DecodingOptions.from_args(args, temperature=0.0).check()
 
 
 def run(args) -> int:
     check_args(args)
+    opts = DecodingOptions.from_args(args, temperature=0.0)  # one section's temperature: see below
     import torch
     from transformers.utils import logging as hf_logging
 
     from .harness import BenchSettings, prepare_inputs, run_benchmark
     from .methods import Sampling
     from .report import render, summarize, write_json
-
-    from ..core.vocab import default_draft_vocab
 
     torch.set_num_threads(args.threads)
     load_at_start = _loadavg()
@@ -256,11 +236,9 @@ def run(args) -> int:
     if args.other_draft is not None:
         from ..models.hf import load_model
 
-        from ..models.options import LoadOptions
-
         other = load_model(args.other_draft, LoadOptions.from_args(args), role="draft")
         model_info["other_draft"] = str(args.other_draft)
-    tree_options = dict(args.tree_option)
+    tree_options = dict(opts.tree_options)
     out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")  # made when the first file is written
 
     calibration = None
@@ -274,10 +252,10 @@ def run(args) -> int:
         from ..core.model_info import input_device
 
         inputs = [prepare_inputs(processor, p, target.dtype, input_device(target)) for p in first]
-        vocab = args.draft_vocab or default_draft_vocab(draft, 0)  # calibrated at T=0
+        vocab = opts.draft_vocab_for(draft, 0.0)  # calibrated at T=0
         budget, calibration = auto_node_budget(target, draft, inputs, tree_options, refresh=args.recalibrate,
                                                max_new_tokens=args.max_new_tokens, draft_vocab=vocab,
-                                               draft_quant=args.draft_quant)
+                                               draft_quant=opts.draft_quant)
         calibration["profiled_on"] = [p.id for p in first]
         tree_options["node_budget"] = budget
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,13 +270,13 @@ def run(args) -> int:
             name = f"{set_name} T={temp:g}"
             variants = dict(args.variant)
             # as `specllava generate` runs it: the default vocabulary depends on the draft and T
-            vocab = args.draft_vocab or default_draft_vocab(draft, temp)
+            vocab = opts.draft_vocab_for(draft, temp)
             draft_vocabs[name] = vocab
             settings = BenchSettings(
                 methods=tuple(args.methods) + tuple(variants), variants=variants, max_new_tokens=args.max_new_tokens,
                 sampling=Sampling(temp, args.top_k, args.top_p), repeats=args.repeats,
                 warmup=args.warmup, seed=args.seed, tree_options=tree_options, draft_vocab=vocab,
-                draft_quant=args.draft_quant, eagle=eagle, other_draft=other,
+                draft_quant=opts.draft_quant, eagle=eagle, other_draft=other,
             )
             sections[name] = run_benchmark(target, draft, processor, prompts, settings,
                                            progress=not args.no_progress, label=name)
@@ -312,7 +290,7 @@ def run(args) -> int:
         "models": {**model_info, "dtype": str(target.dtype).removeprefix("torch."), "device": str(target.device)},
         "tree_options": tree_options,
         "draft_vocab": draft_vocabs,  # per section
-        "draft_quant": args.draft_quant,
+        "draft_quant": opts.draft_quant,
         "calibration": calibration,
         "summary": summaries,
         "sections": sections,

@@ -236,8 +236,8 @@ class EagleDrafter(Drafter):
     def _frontier_features(self, frontier, parents) -> torch.Tensor:
         return self.node_feats[self.node_row[parents[frontier]]]  # each node reads its parent's
 
-    def _feed_pending(self) -> torch.Tensor:
-        logits = super()._feed_pending()
+    def _feed_pending(self, pending: list[int]) -> torch.Tensor:
+        logits = super()._feed_pending(pending)
         self.node_feats = self.runner.hidden[-1:]  # the root's predicted feature
         # node_row[i]: the row of node_feats holding fed node i's predicted feature, on the device
         # (no read back per depth); node 0, the root, is row 0

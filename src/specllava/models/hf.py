@@ -85,7 +85,13 @@ def load_processor(path: str):
 
 def chat_inputs(processor, prompt: str, image=None) -> dict:
     """Tokenised chat prompt (+ pixel_values, and whatever else the processor returns, e.g.
-    LLaVA-NeXT's image_sizes) for one user message, the image entry before the text."""
+    LLaVA-NeXT's image_sizes) for one user message, the image entry before the text. The text
+    may not hold the processor's image placeholder (`<image>`): the template puts it where the
+    image goes, and a second one would ask for an image that is not there."""
+    token = getattr(processor, "image_token", None)
+    if isinstance(token, str) and token and token in prompt:
+        raise ValueError(f"the prompt contains {token!r}, the placeholder the processor puts where the image goes; "
+                         "remove it from the text (an image, when given, is placed before the text)")
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     return encode_conversation(processor, [{"role": "user", "content": content}], image)
 

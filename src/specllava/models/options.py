@@ -1,20 +1,17 @@
-"""Where and how models load: the options every command shares (`--dtype`, `--device`,
-`--device-map`, `--attn-implementation`) and the choice of the default dtype for the hardware.
+"""Where and how models load: the choice of the default dtype and device for the hardware.
 
-Commands add the flags with `add_load_args(parser)` and read them back with
-`LoadOptions.from_args(args)`; the Python API takes a `LoadOptions` (or its fields) directly.
+The options themselves, `LoadOptions` (`--dtype`, `--device`, `--device-map`,
+`--attn-implementation`), are declared in `specllava.options` (cheap to import, for --help) and
+re-exported here; the Python API takes a `LoadOptions` (or its fields) directly.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
-
 import torch
 
+from ..options import ATTN_CHOICES, DTYPE_CHOICES, LoadOptions, add_load_args  # noqa: F401  (this module's API too)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
-ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2")
 
 
 def default_device() -> str:
@@ -53,48 +50,3 @@ def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device | N
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}") from None
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to load a model: dtype ("auto" or a name), device ("cpu", "cuda", "cuda:1", ...; None =
-    `default_device()`), an accelerate `device_map` for the target ("auto", "balanced", ...; None =
-    the whole model on `device`), and transformers' `attn_implementation` (None = its default)."""
-
-    dtype: str = "auto"
-    device: str | None = None
-    device_map: str | None = None
-    attn_implementation: str | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "LoadOptions":
-        return cls(
-            dtype=getattr(args, "dtype", "auto") or "auto",
-            device=getattr(args, "device", None),
-            device_map=getattr(args, "device_map", None),
-            attn_implementation=getattr(args, "attn_implementation", None),
-        )
-
-    @property
-    def resolved_device(self) -> str:
-        return self.device or default_device()
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype, self.resolved_device)
-
-
-def add_load_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """`--dtype`, `--device`, `--device-map` and `--attn-implementation`."""
-    parser.add_argument(
-        "--dtype", default="auto", choices=DTYPE_CHOICES,
-        help="model dtype; auto (default) = bfloat16 on a CUDA GPU that supports it (float16 on older ones) "
-        "and on a CPU with native bf16 (avx512_bf16 / AMX), float32 elsewhere",
-    )
-    parser.add_argument("--device", default=None, help="device to load the models on: cpu, cuda, cuda:1, ... "
-                        "(default: cuda when available, else cpu)")
-    parser.add_argument("--device-map", default=None, metavar="MAP",
-                        help="accelerate device map for the target, e.g. auto to shard it over the visible GPUs "
-                        "(and offload what does not fit); default: the whole target on --device")
-    parser.add_argument("--attn-implementation", default=None, choices=ATTN_CHOICES,
-                        help="transformers' attention implementation (default: the model's own, sdpa for most)")

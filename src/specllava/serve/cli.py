@@ -7,12 +7,14 @@ The main CLI wires this in with `add_parser(subparsers)` and calls `run(args)`.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
+import threading
 import time
 
-from ..cli import METHODS, QUANT_CHOICES, TREE_FIELDS
-from ..cli_args import budget, draft_source, model_source, positive_float, positive_int, tree_option
-from ..models.options import LoadOptions, add_load_args
+from ..cli_args import positive_float, positive_int
+from ..options import DecodingOptions, LoadOptions
 from .protocol import Limits
 
 
@@ -33,19 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "tokens as they stream. Without --target/--draft the embedded default pair is served. Decoding is "
         "lossless: every answer is the target's own.",
     )
-    p.add_argument("--target", type=model_source, help="target model directory or hub id (default: the embedded default target)")
-    p.add_argument("--draft", type=draft_source, help="draft model directory or hub id, or an EAGLE head (default: the embedded default draft)")
-    p.add_argument("--method", choices=METHODS, default="dynamic", help="decoding method (default: dynamic)")
-    add_load_args(p)
-    p.add_argument("--draft-quant", choices=QUANT_CHOICES, default="auto",
-                   help="the draft's decode steps with int8 linears (as in specllava generate; default: auto)")
+    DecodingOptions.add_args(p, sampling=False, budget_calibrates_on="the shipped example photo, at start-up")
+    LoadOptions.add_args(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--tree-option", type=tree_option, action="append", default=[], metavar="NAME=VALUE",
-                   help=f"a TreeConfig field for every request, repeatable (e.g. node_budget=48); fields: {', '.join(TREE_FIELDS)}")
-    p.add_argument("--budget", type=budget, default=None, metavar="auto|N",
-                   help="dynamic tree node budget: N, or 'auto' = the budget that maximises expected speed on this "
-                   "machine, calibrated at startup on the example photo (measured once, then read "
-                   "from ~/.cache/specllava/calibration). Overrides --tree-option node_budget")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=d.model_name,
@@ -67,45 +59,79 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"largest image accepted, in pixels (default: {d.max_image_pixels})")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="also accept http(s) image URLs, which the server then downloads (default: data: URLs only)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="an API key clients must send as 'Authorization: Bearer KEY' on /v1/* (repeatable; default: "
+                   "the comma-separated keys of $SPECLLAVA_API_KEY, else none: no key needed)")
+    p.add_argument("--allowed-hosts", type=_names, default=None, metavar="HOST,...",
+                   help="Host header values the server answers to (DNS-rebinding protection; '*' = any; default: "
+                   "localhost, 127.0.0.1 and [::1] when listening on a loopback address, else any)")
+    p.add_argument("--allowed-origins", type=_names, default=(), metavar="ORIGIN,...",
+                   help="web origins whose pages may call the API from a browser (CORS), e.g. https://app.example.com "
+                   "(default: none, CORS off)")
     return p
 
 
-def load_models(args):
-    """(target, draft, processor) as `specllava generate` loads them (`models.hf.load_pair` with the
-    load options: --dtype, --device, --device-map, --attn-implementation)."""
-    from ..models.hf import load_pair
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give one or more comma-separated names")
+    return names
 
-    target, draft, processor, _ = load_pair(args.target, args.draft, LoadOptions.from_args(args), args.method != "ar",
-                                            why=f"--method {args.method} (or use --method ar)")
-    return target, draft, processor
+
+def security_from_args(args):
+    """`Security` from --api-key (or $SPECLLAVA_API_KEY), --allowed-hosts and --allowed-origins."""
+    from .security import Security, default_allowed_hosts
+
+    keys = args.api_key if args.api_key else [k for k in os.environ.get("SPECLLAVA_API_KEY", "").split(",")]
+    keys = tuple(k.strip() for k in keys if k.strip())
+    hosts = args.allowed_hosts or default_allowed_hosts(args.host)
+    return Security(api_keys=keys, allowed_hosts=tuple(h.lower() for h in hosts), allowed_origins=args.allowed_origins)
+
+
+def limits_from_args(args) -> Limits:
+    return Limits(model_name=args.served_model_name, max_tokens=args.max_tokens, max_image_bytes=args.max_image_bytes,
+                  max_image_pixels=args.max_image_pixels, allow_remote_images=args.allow_remote_images)
+
+
+def load_models(args):
+    """(target, draft, processor) as `specllava generate` loads them (`cli.load_models`: the
+    load options --dtype, --device, --device-map, --attn-implementation)."""
+    from ..cli import load_models as load
+
+    return load(DecodingOptions.from_args(args), LoadOptions.from_args(args))
 
 
 def tree_options(args, target, draft, processor) -> dict:
     """--tree-option and --budget as `generate` takes them; auto calibrates on the shipped example photo."""
-    from pathlib import Path
+    opts = DecodingOptions.from_args(args)
+    inputs = []
+    if opts.budget == "auto":
+        from pathlib import Path
 
-    from PIL import Image
+        from PIL import Image
 
-    from ..cli import resolve_tree_options
-    from ..core.vocab import default_draft_vocab
-    from ..models.hf import chat_inputs
+        from ..models.hf import chat_inputs
 
-    inputs = {}
-    if args.budget == "auto":
         with Image.open(Path(__file__).parents[1] / "assets" / "example.jpg") as img:
-            inputs = chat_inputs(processor, "Describe this image.", img.convert("RGB"))
-    return resolve_tree_options(args, target, draft, inputs, default_draft_vocab(draft, 0.0), prefix="specllava serve: ")
+            inputs = [chat_inputs(processor, "Describe this image.", img.convert("RGB"))]
+    return opts.resolve_tree_options(target, draft, inputs, prefix="specllava serve: ")
 
 
 def build(args):
     """(app, engine) from parsed arguments: models loaded, workers started."""
-    from ..cli import check_tree_args
+    from .app import create_app
 
-    check_tree_args(args)
+    DecodingOptions.from_args(args).check()
+    engine = build_engine(args)
+    return create_app(engine, limits_from_args(args), security_from_args(args)), engine
+
+
+def build_engine(args):
+    """The `Engine` from parsed arguments (checked already): models loaded, workers started."""
+    opts = DecodingOptions.from_args(args)
     import torch
 
     from .. import SpeculativeDecoder
-    from .app import create_app
     from .engine import Engine
 
     if args.threads:
@@ -119,23 +145,84 @@ def build(args):
           f"{args.max_concurrency} decoder(s) ({args.method}) ...", file=sys.stderr, flush=True)
     engine = Engine(
         target, draft, processor,
-        lambda: SpeculativeDecoder(target, draft, method=args.method, draft_quant=args.draft_quant, **options),
+        lambda: SpeculativeDecoder(target, draft, **opts.decoder_kwargs(), **options),
         workers=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout, method=args.method,
     )  # fmt: skip
-    limits = Limits(model_name=args.served_model_name, max_tokens=args.max_tokens, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels, allow_remote_images=args.allow_remote_images)
-    return create_app(engine, limits), engine
+    return engine
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, made before any model loads, so that a port in use or a
+    host that is not this machine's fails at once. Raises OSError naming the cause."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {host}:{port}: {host!r} is not an address or a name this machine resolves "
+                      f"({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may reuse the port
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        why = "the port is in use by another program" if err.errno == 98 else (err.strerror or str(err))
+        raise OSError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def run(args) -> int:
+    """Listen at once, answer 503 (starting) while the models load in a thread, then serve; on
+    SIGINT/SIGTERM answer 503 (shutting down) to new requests while the running ones finish."""
     import uvicorn
 
-    app, engine = build(args)
-    print(f"specllava serve: ready at http://{args.host}:{args.port}/ (model {args.served_model_name!r})",
-          file=sys.stderr, flush=True)
+    from .app import attach, create_app
+    from .security import exposure_warning
+
+    DecodingOptions.from_args(args).check()
+    security = security_from_args(args)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        sock = bind(args.host, args.port)
+    except OSError as err:
+        print(f"specllava serve: {err}", file=sys.stderr)
+        return 1
+    if (warning := exposure_warning(args.host, security)) is not None:
+        print(f"specllava serve: {warning}", file=sys.stderr, flush=True)
+    app = create_app(None, limits_from_args(args), security)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.closing = True
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30))
+    failed: list[BaseException] = []
+
+    def load():
+        try:
+            engine = build_engine(args)
+        except BaseException as err:  # noqa: BLE001  (said below, in the main thread)
+            failed.append(err)
+            server.should_exit = True
+            return
+        attach(app, engine)
+        print(f"specllava serve: ready at http://{args.host}:{args.port}/ (model {args.served_model_name!r})",
+              file=sys.stderr, flush=True)
+
+    print(f"specllava serve: listening on http://{args.host}:{args.port}/ (503 until the models are loaded)",
+          file=sys.stderr, flush=True)
+    loader = threading.Thread(target=load, name="specllava-load", daemon=True)
+    loader.start()
+    try:
+        server.run(sockets=[sock])
     finally:
-        engine.close()
+        app.state.closing = True
+        if app.state.engine is not None:
+            app.state.engine.close()
+        sock.close()
+    if failed:
+        raise failed[0]
     return 0

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from specllava import cli_args
 
@@ -27,23 +28,53 @@ def _per_source(text: str | None) -> dict | None:
     return out
 
 
-def _folder_or_hub_id(text: str):
-    """A model folder, or a hub id (`owner/name`) when no such path exists."""
-    return cli_args.existing_dir(text) if Path(text).expanduser().exists() else cli_args.model_source(text)
+def source_defaults(module: str, name: str) -> SimpleNamespace:
+    """The defaults of the dataclass (or the value of the constant) `name` in `module`, read from
+    the module's source rather than imported: the training modules import torch and transformers
+    (seconds), and `--help` should not wait for them. A default that is a literal or `Path(...)` of
+    literals is read; any other is left out (the flag then gets no default from here). A test checks
+    each value read against the imported class."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            fields = {}
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                    try:
+                        fields[item.target.id] = _literal(item.value)
+                    except ValueError:
+                        pass
+            return SimpleNamespace(**fields)
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return _literal(node.value)
+    raise LookupError(f"{module} defines no {name}")
+
+
+def _literal(node):
+    """A literal, or Path(<literals>)."""
+    import ast
+
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Path" and not node.keywords:
+        return Path(*[ast.literal_eval(a) for a in node.args])
+    return ast.literal_eval(node)
 
 
 def add_parser(subparsers) -> None:
     """Register the training commands on an argparse subparsers object."""
-    from specllava.models.options import add_load_args
-    from specllava.training.distill import DRAFT_PRESETS, DistillConfig
-    from specllava.training.target import TargetTrainConfig
+    from specllava.options import add_load_args
+
+    DRAFT_PRESETS = source_defaults("specllava.training.distill", "DRAFT_PRESETS")
 
     t = subparsers.add_parser(
         "train-target", help="train the default target's projector (and optional LoRA) on LLaVA JSON",
         description="Train a LLaVA target's projector (optionally LoRA on its LM) with cross-entropy on the "
                     "assistant tokens of LLaVA conversation JSON; vision features are cached once. Writes "
                     "<out>/target.safetensors (the shipped format), checkpoints, history.json and loss.png.")
-    d = TargetTrainConfig()
+    d = source_defaults("specllava.training.target", "TargetTrainConfig")
     t.add_argument("--data", type=cli_args.existing_file, default=d.data, help="training LLaVA JSON (default: %(default)s)")
     t.add_argument("--eval-data", type=cli_args.existing_file, default=d.eval_data, help="held-out LLaVA JSON for the loss curve and grounding eval")
     t.add_argument("--out", type=Path, default=d.out, help="run folder (default: %(default)s)")
@@ -97,8 +128,8 @@ def add_parser(subparsers) -> None:
                     "distributions along the answers of LLaVA conversation JSON (teacher forcing), optionally "
                     "after regenerating the answers with the target. Ends with the mean accepted length "
                     "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
-    d = DistillConfig()
-    s.add_argument("--target", type=_folder_or_hub_id, default=None,
+    d = source_defaults("specllava.training.distill", "DistillConfig")
+    s.add_argument("--target", type=cli_args.model_source, default=None,
                    help="target model folder or hub id (default: the assembled default target)")
     s.add_argument("--data", type=cli_args.existing_file, required=True, help="training LLaVA JSON (llava_v1_5_mix665k format)")
     s.add_argument("--eval-data", type=cli_args.existing_file, action="append", default=None,
@@ -122,6 +153,21 @@ def add_parser(subparsers) -> None:
     s.add_argument("--sampled-answers", type=cli_args.non_negative_int, default=0, metavar="N",
                    help="also train on N answers the target samples at T=1 to a seeded choice of the records "
                         "(cached in <out>/sampled_answers.jsonl, resumable): the text a draft continues when sampling")
+    s.add_argument("--on-policy", type=cli_args.non_negative_int, default=d.on_policy, metavar="N",
+                   help="also train on N answers the draft itself samples at T=1, scored by the target (on-policy "
+                        "data, as DistillSpec), regenerated by the current draft every --on-policy-every steps "
+                        "(cached in <out>/on_policy/)")
+    s.add_argument("--on-policy-every", type=cli_args.positive_int, default=d.on_policy_every, metavar="STEPS")
+    s.add_argument("--loss", choices=("kl", "tvd", "mix"), default=d.loss,
+                   help="objective: kl = KL(target || draft); tvd = total variation 1 - sum min(p, q), the "
+                        "probability that a sampled draft token is rejected; mix = (1 - w) KL + w TVD, w = "
+                        "--loss-mix (default: %(default)s)")
+    s.add_argument("--loss-mix", type=cli_args.fraction, default=d.loss_mix, metavar="W",
+                   help="TVD weight of --loss mix (default: %(default)s)")
+    s.add_argument("--loss-vocab", type=cli_args.non_negative_int, default=d.loss_vocab, metavar="K",
+                   help="the TVD term compares p with the draft renormalised over its first K ranked ids, as the "
+                        "decoder samples it (0: the full vocabulary; default: the decoder's sampled draft "
+                        "vocabulary for the draft's token ranking)")
     s.add_argument("--limit", type=cli_args.positive_int, default=None, help="use at most this many training records (seeded choice)")
     s.add_argument("--held-out-fraction", type=cli_args.fraction, default=d.held_out_fraction)
     s.add_argument("--steps", type=cli_args.positive_int, default=d.steps)
@@ -142,15 +188,13 @@ def add_parser(subparsers) -> None:
                                        "to the target's dtype)"))
     s.set_defaults(func=run_draft)
 
-    from specllava.training.eagle import EagleConfig
-
     e = subparsers.add_parser(
         "train-eagle", help="train an EAGLE-style draft head that reads the target's hidden states",
         description="Train a one-layer draft head (specllava.core.eagle) for a Llama-style LLaVA target: it reads "
                     "the target's final hidden states and predicts the next ones, unrolled over several tree depths, "
                     "with cross-entropy against the target's token distributions. Writes <out>/eagle_head.safetensors "
                     "(use it as --draft, or in bench with --eagle), history.json, loss.png and report.json.")
-    c = EagleConfig()
+    c = source_defaults("specllava.training.eagle", "EagleConfig")
     e.add_argument("--target", type=cli_args.existing_dir, default=None, help="target model folder (default: the assembled default target)")
     e.add_argument("--data", type=cli_args.existing_file, action="append", required=True,
                    help="training LLaVA JSON (repeatable; --regenerate and --sampled-answers apply to the first)")
@@ -176,6 +220,9 @@ def add_parser(subparsers) -> None:
     e.add_argument("--checkpoint-every", type=cli_args.positive_int, default=c.checkpoint_every)
     e.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     e.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (without it, and without --resume, such a "
+                   "folder is refused)")
     e.add_argument("--eval-prompts", type=cli_args.positive_int, default=c.eval_prompts)
     e.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=c.eval_max_new_tokens)
     e.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the target in fp32")
@@ -273,14 +320,26 @@ def run_draft(args: argparse.Namespace) -> int:
         threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         resume=args.resume, eval_prompts=args.eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,
         bf16=args.bf16, draft_preset=args.draft_preset, dtype=args.dtype, device=args.device,
-        device_map=args.device_map, attn_implementation=args.attn_implementation)
+        device_map=args.device_map, attn_implementation=args.attn_implementation, loss=args.loss,
+        loss_mix=args.loss_mix, loss_vocab=args.loss_vocab, on_policy=args.on_policy, on_policy_every=args.on_policy_every)
     log = _setup_logging(cfg.out)
     report = train_draft(cfg, log=log)
     print(json.dumps(report["eval"], indent=1))
     return 0
 
 
+def refuse_earlier_results(out: Path, results: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+    """A run folder holding an earlier run's results is refused (ValueError: exit 2) unless the
+    command continues it (--resume) or replaces it (--overwrite)."""
+    found = [name for name in results if (out / name).exists()]
+    if found and not (resume or overwrite):
+        raise ValueError(f"--out {out} holds the results of an earlier run ({', '.join(found)}); pass --overwrite to "
+                         "replace them, --resume to continue that run, or another --out")
+
+
 def run_eagle(args: argparse.Namespace) -> int:
+    refuse_earlier_results(args.out, ("eagle_head.safetensors", "report.json", "checkpoint.pt"), args.resume,
+                           args.overwrite)
     from specllava.training.eagle import EagleConfig, train_eagle
 
     fields = ("target", "data", "eval_data", "out", "regenerate", "sampled_answers", "max_new_tokens", "limit", "passes",

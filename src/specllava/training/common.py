@@ -60,7 +60,10 @@ def load_records(path: str | Path) -> tuple[list[dict], Path]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a LLaVA conversation JSON file (a list of records)")
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of LLaVA records, got {type(records).__name__}")
     for i, rec in enumerate(records):

@@ -9,7 +9,8 @@ Contract:
   `specllava.training.distill`): the head learns the text it will be asked to predict, greedy and
   sampled.
 - Features: the target (bf16) reads every record once; its final hidden states (post-norm, the
-  LM head's input) are cached in ``<out>/features.pt`` with the token ids.
+  LM head's input) are cached in ``<out>/features.pt`` with the token ids, keyed by the records,
+  their images and the target (other data recomputes them).
 - Loss, at every position whose next token is an assistant token and for every unrolled pass
   (`EagleHead.unrolled`: pass 1 reads the target's features, pass s its own pass s-1 predictions,
   as a draft tree at depth s-1 does): cross-entropy of the head's draft distribution over the
@@ -108,9 +109,14 @@ def _records(cfg: EagleConfig, target, processor, log) -> list[tuple[dict, Path]
 @torch.no_grad()
 def extract_features(target, processor, records, path: Path, batch_size: int = 8, log=print) -> list[dict]:
     """Per record: ids [T] (long), mask [T] (bool, assistant tokens) and the target's final hidden
-    states [T, hidden] (bf16). Cached in ``path``."""
+    states [T, hidden] (bf16). Cached in ``path`` with a key of the records, their image files and
+    the target: a cache of other data or another target is recomputed, not reused."""
+    key = _features_key(target, records)
     if path.is_file():
-        return torch.load(path)
+        cached = _load_features(path)
+        if cached.get("key") == key:
+            return cached["examples"]
+        log(f"{path} holds the features of other data or another target: computing them again")
     tok = processor.tokenizer
     seq = image_seq_length(target)
     examples = [encode_record(r, tok, seq, root, i) for i, (r, root) in enumerate(records)]
@@ -134,9 +140,43 @@ def extract_features(target, processor, records, path: Path, batch_size: int = 8
             n = len(e.input_ids)
             out.append({"id": e.id, "image": str(e.image), "ids": ids[b, :n].clone(),
                         "mask": torch.tensor(e.loss_mask, dtype=torch.bool), "feats": hidden[b, :n].to(torch.bfloat16).clone()})
-    torch.save(out, path)
+    torch.save({"format": FEATURES_FORMAT, "key": key, "examples": out}, path)
     log(f"target features of {len(out)} records -> {path}")
     return out
+
+
+FEATURES_FORMAT = "specllava train-eagle features"
+
+
+def _features_key(target, records) -> str:
+    """A digest of what the features depend on: the records (answers included), their image files
+    (path, size, modification time) and the target (name, dtype)."""
+    import hashlib
+    import os
+
+    parts = []
+    for rec, root in records:
+        image = Path(root) / rec["image"]
+        st = os.stat(image) if image.is_file() else None
+        parts.append([rec, str(image), st and (st.st_size, st.st_mtime_ns)])
+    parts.append([str(getattr(target.config, "_name_or_path", "")), str(target.dtype)])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_features(path: Path) -> dict:
+    """The features cache at ``path`` ({} for a cache of an older layout); a file that is not one
+    (torch.load refuses it) is a ValueError naming it, rather than torch's advice to unpickle it."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            cached = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a features file written by train-eagle ({type(err).__name__}); "
+                         "delete it, or give another --out") from None
+    return cached if isinstance(cached, dict) and cached.get("format") == FEATURES_FORMAT else {}
 
 
 def collate(batch: list[dict], hidden: int):
@@ -225,6 +265,9 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     target, processor = load_model(cfg.target, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     records = _records(cfg, target, processor, log)
     examples = extract_features(target, processor, records, out / "features.pt", cfg.generate_batch, log)
+    if not any(bool(e["mask"].any()) for e in examples):
+        raise ValueError(f"no usable training records in {', '.join(map(str, cfg.data))}: {len(examples)} records with "
+                         "an existing image, none with an assistant answer to learn from")
     train, held = split_held_out(examples, cfg.held_out_fraction, cfg.seed)
     if not train or not held:  # too few images for a split: evaluate on (some of) the training records
         log(f"only {len({e['image'] for e in examples})} images: the held-out report reads training records too")
