@@ -90,6 +90,19 @@ API_CASES = {
     "float top_k": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, top_k=2.5),
                     "top_k must be an integer, got 2.5"),
     "string seed": (lambda ids, px: dict(input_ids=ids, pixel_values=px, seed="x"), "seed must be an integer or None"),
+    "string eos_token_id": (lambda ids, px: dict(input_ids=ids, pixel_values=px, eos_token_id="x"),
+                            "eos_token_id must be a token id .int., a list of them or None, got 'x'"),
+    "float eos_token_id in a list": (lambda ids, px: dict(input_ids=ids, pixel_values=px, eos_token_id=[2, 1.5]),
+                                     "eos_token_id must be a token id"),
+    "attention_mask of another length": (lambda ids, px: dict(input_ids=ids, pixel_values=px,
+                                                              attention_mask=torch.ones(1, ids.shape[1] - 1, dtype=torch.long)),
+                                         r"attention_mask must be a tensor of input_ids' shape \(1, \d+\), got \(1, \d+\)"),
+    "meta input_ids": (lambda ids, px: dict(input_ids=ids.to("meta"), pixel_values=px), "input_ids is on the meta device"),
+    "meta pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=px.to("meta")), "pixel_values is on the meta device"),
+    "NaN pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=px.clone().fill_(float("nan"))),
+                         "pixel_values holds NaN or infinite values"),
+    "inf pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=torch.where(px > 0, float("inf"), px)),
+                         "pixel_values holds NaN or infinite values"),
 }
 
 
@@ -265,7 +278,9 @@ PARSE_CASES = {  # argv (with {d} = the files folder) -> what the one line says
     "target empty path": (G + ["--target", ""], "argument --target: the model path is empty"),
     "bench data is a FIFO": (["bench", "--data", "{d}/fifo.png"], "is not a regular file"),
     "prompt invalid UTF-8": (["generate", "--prompt", "caf\udcc3 \udcff"], "the prompt is not valid UTF-8 .byte 0xc3 at character 3"),
-    "seed 2**64": (G + ["--seed", str(2**64)], r"argument --seed: must be an integer in \[0, 2\*\*64\)"),
+    "seed 1.5": (G + ["--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
+    "train-eagle seed 2**64": (["train-eagle", "--data", "{d}/data.json", "--seed", str(2**64)],
+                               r"argument --seed: must be an integer in \[0, 2\*\*64\)"),
     "target is a file": (G + ["--target", "{d}/notes.txt"], "is a file; give the model's folder"),
     "target folder without config": (G + ["--target", "{d}/adir"], "has no config.json"),
     "target path missing": (G + ["--target", "{d}/nowhere"], "model folder not found"),
@@ -741,3 +756,29 @@ def test_training_data_that_is_not_json_is_named(command, tmp_path, capsys, monk
     code = main([command, "--data", str(broken), "--out", str(tmp_path / "run")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and f"{broken} is not valid JSON" in last, last
+
+
+# ---------------------------------------------------------------------------------------------
+# models that cannot load: one line, at once
+
+def test_unknown_model_type_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    code = main(["generate", "--target", str(tmp_path), "--method", "ar", "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "has model_type 'no-such-architecture', which transformers" in err and "upgrade transformers" in err
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(monkeypatch, capsys):
+    import time
+
+    import specllava.models.hf as hf
+
+    monkeypatch.setattr(hf, "hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    t = time.perf_counter()
+    code = main(["generate", "--target", "nobody/no-such-model", "--method", "ar", "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Retrying" not in err, err
+    assert "the hub cannot be reached (huggingface.co: Name or service not known)" in err
+    assert "huggingface-cli download nobody/no-such-model" in err
+    assert time.perf_counter() - t < 10  # no retries (about 30 s of them otherwise)

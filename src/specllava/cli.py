@@ -285,7 +285,7 @@ def run_guarded(prog: str, work, debug: bool = False) -> int:
         if debug:
             raise
         _flush_stdout()
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001  (any failure becomes one line; --debug shows it all)
         if debug:

@@ -59,13 +59,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-SEED_LIMIT = 2**64  # seeds are mixed as 64-bit integers (core.decoder.mix_seed): larger ones would collide
-
-
 def seed(text: str) -> int:
-    """A random seed: an integer in [0, 2**64)."""
+    """A decoding seed: any integer (`core.sampling.mix_seed` mixes it whole, so 2**64 is not seed 0)."""
+    return _int(text)
+
+
+def torch_seed(text: str) -> int:
+    """A seed for `torch.manual_seed` (the training commands): an integer in [0, 2**64)."""
     value = _int(text)
-    if not 0 <= value < SEED_LIMIT:
+    if not 0 <= value < 2**64:
         raise Error(f"must be an integer in [0, 2**64), got {text}")
     return value
 

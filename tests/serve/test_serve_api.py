@@ -92,7 +92,7 @@ def test_stats_equal_the_decoders_own(server, served_models):
     r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=30)
     req = parse_request({"messages": messages}, Limits())
     inputs = encode_chat(processor, req.conversation, req.image)
-    out = engine.decoders[0].generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=30)
+    out = engine.decoder.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=30)
     s = r.model_extra["specllava"]
     assert s["target_forwards"] == out.stats["target_forwards"] and s["accept_hist"] == out.stats["accept_hist"]
     assert s["mean_accepted_length"] == pytest.approx(out.stats["mean_accepted"])

@@ -192,6 +192,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         max_new_tokens = check_inputs(self.target, input_ids, pixel_values, attention_mask, max_new_tokens)
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        eos = eos_set(self.target, eos_token_id)  # checked before any forward
         if max_time is not None and not (isinstance(max_time, numbers.Real) and max_time > 0):
             raise ValueError(f"max_time must be a number of seconds > 0, got {max_time!r}")
         params = SamplingParams(do_sample, temperature, top_k, top_p)
@@ -210,7 +211,7 @@ class SpeculativeDecoder:
             target=target, input_ids=input_ids, pixel_values=pixel_values, params=params, generator=gen,
             backend=self.sampled_draft_backend if params.do_sample else self.draft_backend,
             vision=seen[0] if len(seen) == 1 else None, model_inputs=model_inputs)
-        seq = Sequence(input_ids, params, max_new_tokens, eos_set(self.target, eos_token_id), gen, target, drafter,
+        seq = Sequence(input_ids, params, max_new_tokens, eos, gen, target, drafter,
                        deadline=None if max_time is None else time.monotonic() + max_time, t_start=t0,
                        keep_logits=keep_logits, first_logits=first_logits.reshape(1, -1) if keep_logits else None)
         seq.emit([_choose(first_logits, params, gen)])

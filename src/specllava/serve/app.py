@@ -48,7 +48,7 @@ def create_app(engine: Engine | None, limits: Limits, security: Security | None 
                   docs_url=None, redoc_url=None)  # their pages load scripts from a CDN; /openapi.json stays
     security = security or Security()
     st = app.state
-    st.engine, st.limits, st.security, st.closing = None, limits, security, False
+    st.engine, st.limits, st.security, st.closing, st.replica = None, limits, security, False, None
     st.metrics = metrics = Metrics(lambda: st.engine.queue_length() if st.engine else 0,
                                    lambda: st.engine.running if st.engine else 0)
     if engine is not None:
@@ -145,7 +145,7 @@ def create_app(engine: Engine | None, limits: Limits, security: Security | None 
         if engine is None or st.closing:
             return JSONResponse({"status": "starting" if engine is None else "shutting_down"}, status_code=503,
                                 headers={"Retry-After": "5"})
-        return {"status": "ok", "model": st.limits.model_name, "method": engine.method, "workers": len(engine.threads),
+        return {"status": "ok", "model": st.limits.model_name, "method": engine.method, "max_batch": engine.max_batch,
                 "queue_length": engine.queue_length(), "running": engine.running, "max_tokens": st.limits.max_tokens,
                 "auth": bool(security.api_keys)}
 
@@ -175,6 +175,7 @@ def attach(app: FastAPI, engine: Engine) -> None:
     engine.on_finish = lambda job, result: metrics.finish(job.prompt_tokens, result, time.monotonic() - job.created)
     engine.on_start = lambda job: metrics.started(job.started - job.created)
     engine.on_step = lambda job, emitted: metrics.step(emitted)
+    engine.on_batch = metrics.batch
     st.engine = engine
 
 
@@ -199,6 +200,9 @@ class _Guard:
                 err = APIError("the server is shutting down", status=503, type="server_error", code="shutting_down")
             headers = {"Retry-After": "5"} if err else {}
         endpoint = _ENDPOINTS.get(path)
+        replica = getattr(st, "replica", None)
+        if replica is not None:  # a Ray Serve replica (`serve.ray`) says which one answered
+            send = _with_header(send, b"x-specllava-replica", str(replica).encode())
         if err is not None:
             st.metrics.error(err.code, err.type)
             if endpoint:
@@ -215,6 +219,15 @@ class _Guard:
             await send(message)
 
         return await self.app(scope, receive, counting_send)
+
+
+def _with_header(send, name: bytes, value: bytes):
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return sending
 
 
 def _parse_json(body: bytes):

@@ -42,9 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=d.model_name,
                    help=f"the model name clients send and /v1/models lists (default: {d.model_name})")
-    p.add_argument("--max-concurrency", type=positive_int, default=1,
-                   help="requests decoded at once, each by its own worker and decoder (default: 1; more rarely pays "
-                   "on a CPU, whose cores one decode already uses)")
+    p.add_argument("--max-batch", type=positive_int, default=1,
+                   help="requests decoded together, step by step (continuous batching: a waiting request joins "
+                   "between two steps, in arrival order; default: 1)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests that may wait for a worker; beyond that the server answers 429 (default: 64)")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens,
@@ -68,6 +68,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", type=_names, default=(), metavar="ORIGIN,...",
                    help="web origins whose pages may call the API from a browser (CORS), e.g. https://app.example.com "
                    "(default: none, CORS off)")
+    ray = p.add_argument_group("replicas on Ray Serve (needs Ray: pip install 'specllava[ray]'; docs/serving.md)")
+    ray.add_argument("--replicas", type=positive_int, default=None, metavar="N",
+                     help="run N replicas of this server on Ray Serve behind Ray's HTTP proxy on --host/--port, each "
+                     "loading the models (default: one server, no Ray)")
+    ray.add_argument("--max-replicas", type=positive_int, default=None, metavar="M",
+                     help="let Ray's autoscaler run between --replicas and M replicas, from the requests in flight "
+                     "per replica (default: exactly --replicas)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="the Ray cluster to run on ('auto': the one `ray start` began on this machine; default: "
+                     "a local Ray started for this command)")
+    ray.add_argument("--replica-cpus", type=positive_float, default=1.0, metavar="CPUS",
+                     help="CPUs Ray reserves for each replica (default: 1)")
     return p
 
 
@@ -118,7 +130,7 @@ def tree_options(args, target, draft, processor) -> dict:
 
 
 def build(args):
-    """(app, engine) from parsed arguments: models loaded, workers started."""
+    """(app, engine) from parsed arguments: models loaded, the scheduler started."""
     from .app import create_app
 
     DecodingOptions.from_args(args).check()
@@ -127,7 +139,7 @@ def build(args):
 
 
 def build_engine(args):
-    """The `Engine` from parsed arguments (checked already): models loaded, workers started."""
+    """The `Engine` from parsed arguments (checked already): models loaded, the scheduler started."""
     opts = DecodingOptions.from_args(args)
     import torch
 
@@ -142,11 +154,11 @@ def build_engine(args):
     target, draft, processor = load_models(args)
     options = tree_options(args, target, draft, processor) if args.method != "ar" else {}
     print(f"specllava serve: models loaded in {time.perf_counter() - t:.1f} s; preparing "
-          f"{args.max_concurrency} decoder(s) ({args.method}) ...", file=sys.stderr, flush=True)
+          f"the decoder ({args.method}, batches of up to {args.max_batch}) ...", file=sys.stderr, flush=True)
     engine = Engine(
         target, draft, processor,
         lambda: SpeculativeDecoder(target, draft, **opts.decoder_kwargs(), **options),
-        workers=args.max_concurrency, max_queue=args.max_queue, max_tokens=args.max_tokens,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout, method=args.method,
     )  # fmt: skip
     return engine
@@ -184,6 +196,8 @@ def run(args) -> int:
 
     DecodingOptions.from_args(args).check()
     security = security_from_args(args)
+    if args.replicas is None and (args.max_replicas or args.ray_address):
+        raise ValueError("--max-replicas and --ray-address go with --replicas N (replicas on Ray Serve)")
     try:
         sock = bind(args.host, args.port)
     except OSError as err:
@@ -191,6 +205,13 @@ def run(args) -> int:
         return 1
     if (warning := exposure_warning(args.host, security)) is not None:
         print(f"specllava serve: {warning}", file=sys.stderr, flush=True)
+    if args.replicas is not None:
+        sock.close()  # Ray's proxy listens there
+        try:
+            from . import ray as on_ray
+        except ImportError as err:
+            raise ValueError(f"--replicas needs Ray Serve ({err}): pip install 'specllava[ray]'") from None
+        return on_ray.run(args)
     app = create_app(None, limits_from_args(args), security)
 
     class Server(uvicorn.Server):

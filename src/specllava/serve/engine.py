@@ -1,21 +1,24 @@
-"""The generation scheduler: a bounded first-come-first-served queue and worker threads that decode.
+"""The generation scheduler: a bounded first-come-first-served queue and one scheduler thread
+that decodes up to N requests together, step by step (continuous batching).
 
-`Engine(target, draft, processor, make_decoder, workers=N, max_queue=Q)` starts N worker threads,
-each with its own `SpeculativeDecoder` from `make_decoder()` (a decoder keeps per-instance state,
-e.g. the lean paths' rotary tables, so two decodes at once never share one). Requests wait in one
-FIFO queue of at most Q; `submit` raises `QueueFull` beyond that (the app answers 429).
+`Engine(target, draft, processor, make_decoder, max_batch=N, max_queue=Q)` runs one thread over
+one `SpeculativeDecoder` (from `make_decoder()`) and its step API (`core.decoder`): between two
+steps it admits waiting requests in arrival order while fewer than N decode (`decoder.start`: the
+prefill and the first token), then calls `decoder.step` on all of them, and hands each request
+its new tokens. Requests wait in one FIFO queue of at most Q; `submit` raises `QueueFull` beyond
+that (the app answers 429).
 
-A request's state lives in its own `Job` and in the decoder's `generate()` call (caches, image,
-sampling generator): nothing survives from one request to the next, so at temperature 0 an answer
-is the same alone or under load, and a seeded sampled request too (its generator is seeded from
-the request alone).
+A request's state lives in its own `Job` and its decoder `Sequence` (caches, image, sampling
+generator): nothing is shared with another request, and a step is the same for a sequence alone
+or in a batch (`core.decoder`'s contract), so at temperature 0 an answer is the same alone or
+under load, and a seeded sampled request too (its generator is seeded from the request alone).
 
-While a job decodes, `_Tracker` is both the decoder's streamer and its `on_step` callback. After
-each verification step it turns the new tokens into text, marks which came from accepted draft
-proposals (the step's first `len(path) - 1` tokens) and which from the target (the step's last,
-its bonus token, and the prefill's first token), holds back text that may be the start of a stop
-sequence, and hands the job an event. It ends generation at the next step by raising when the
-client went away, a stop sequence appeared or the request's time ran out.
+`_Tracker` follows one request: after each step it turns the new tokens into text, marks which
+came from accepted draft proposals (the step's first `len(path) - 1` tokens) and which from the
+target (the step's last, its bonus token, and the prefill's first token), holds back text that
+may be the start of a stop sequence, and hands the job an event. Between steps the scheduler ends
+a request (`Sequence.finish`) whose client went away, whose stop sequence appeared or whose time
+ran out; the others go on.
 """
 
 from __future__ import annotations
@@ -43,14 +46,6 @@ log = logging.getLogger("specllava.serve")
 
 class QueueFull(Exception):
     """The waiting queue is at its bound (answered with 429)."""
-
-
-class _Stop(Exception):
-    """Raised from the streamer to end a generation early (stop sequence, time limit, cancel)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason  # "stop" | "time_limit" | "cancelled"
 
 
 @dataclass(eq=False)  # compared and hashed by identity (the engine keeps a set of running jobs)
@@ -86,11 +81,11 @@ class Job:
 class Engine:
     """Owns the models, the queue and the workers; `encode` and `submit` are its public face."""
 
-    def __init__(self, target, draft, processor, make_decoder: Callable[[], object], *, workers: int = 1,
+    def __init__(self, target, draft, processor, make_decoder: Callable[[], object], *, max_batch: int = 1,
                  max_queue: int = 64, max_tokens: int = 512, request_timeout_s: float = 300.0, method: str = "dynamic",
                  on_finish: Callable[[Job, dict], None] | None = None, encode_threads: int = 2):
-        if workers < 1:
-            raise ValueError(f"--max-concurrency must be >= 1, got {workers}")
+        if max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
         self.target, self.draft, self.processor = target, draft, processor
@@ -105,21 +100,20 @@ class Engine:
         self.eos = _eos_ids(target)
         self.on_finish = on_finish
         self.on_start: Callable[[Job], None] | None = None
-        self.on_step: Callable[[Job, int], None] | None = None
+        self.on_step: Callable[[Job, int], None] | None = None  # (job, tokens its step emitted)
+        self.on_batch: Callable[[int], None] | None = None  # sequences decoded by one step
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.running = 0
         self._lock = threading.Lock()
         # Prompts are encoded off the event loop and off the workers, by a few threads each with its
         # own copy of the processor: a fast tokenizer refuses concurrent calls on one instance
         # ("Already borrowed"), and one shared lock would make every request wait for the longest.
         self._local = threading.local()
         self._encoder = ThreadPoolExecutor(max_workers=encode_threads, thread_name_prefix="specllava-encode")
-        self._active: set[Job] = set()  # jobs decoding now
-        self.decoders = [make_decoder() for _ in range(workers)]
-        self.threads = [threading.Thread(target=self._work, args=(d,), name=f"specllava-worker-{i}", daemon=True)
-                        for i, d in enumerate(self.decoders)]
-        for t in self.threads:
-            t.start()
+        self.max_batch = max_batch
+        self._active: list[_Running] = []  # decoding now, in arrival order (the scheduler's own)
+        self.decoder = make_decoder()
+        self.thread = threading.Thread(target=self._schedule, name="specllava-scheduler", daemon=True)
+        self.thread.start()
 
     # ------------------------------------------------------------------------------------------
     async def encode_async(self, request: ChatRequest) -> dict:
@@ -186,13 +180,13 @@ class Engine:
         """A guess at when the queue has room again, for 429's Retry-After: the queue's work over
         the workers, from the recent request latency; between 1 and 60 s."""
         per_request = recent_latency_s or 1.0
-        return int(min(60, max(1, round(per_request * (self.queue_length() + 1) / len(self.threads)))))
+        return int(min(60, max(1, round(per_request * (self.queue_length() + 1) / self.max_batch))))
 
     def queue_length(self) -> int:
         return self.queue.qsize()
 
     def close(self) -> None:
-        """Stop the workers: queued requests are dropped, running ones end at their next step."""
+        """Stop the scheduler: queued requests are dropped, running ones end at the next step."""
         while True:
             try:
                 job = self.queue.get_nowait()
@@ -201,17 +195,59 @@ class Engine:
             if job is not None:
                 job.cancelled.set()
         with self._lock:
-            for job in self._active:
-                job.cancelled.set()
-        for _ in self.threads:
-            self.queue.put(None)
-        for t in self.threads:
-            t.join(timeout=30)
+            for run in self._active:
+                run.job.cancelled.set()
+        self.queue.put(None)
+        self.thread.join(timeout=30)
         self._encoder.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------
-    def _work(self, decoder) -> None:
-        while (job := self.queue.get()) is not None:
+    def _schedule(self) -> None:
+        """Admit (FCFS, up to max_batch), end what must end, step the rest; until close()."""
+        while True:
+            if not self._admit():
+                return
+            for run in list(self._active):  # between steps: cancel, stop sequence, time limit
+                if (reason := run.tracker.stop_reason()) is not None:
+                    run.seq.finish(reason)  # "stop", "cancelled" or "time_limit": core's reasons too
+                    run.tracker.stopped = reason
+            self._retire()
+            live = list(self._active)
+            if not live:
+                continue
+            try:
+                results = self.decoder.step([run.seq for run in live])
+            except Exception as err:  # noqa: BLE001  (the failed step's requests fail; the server goes on)
+                log.exception("a decoding step failed")
+                for run in live:
+                    self._fail(run.job, err)
+                with self._lock:
+                    self._active = [run for run in self._active if run not in live]
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(results))
+            by_seq = {id(r.sequence): r for r in results}
+            for run in live:
+                result = by_seq.get(id(run.seq))
+                if result is not None:
+                    run.tracker.on_step(result.tree, result.verdict)
+                    run.tracker.add(result.tokens, result.logits)
+            self._retire()
+
+    def _admit(self) -> bool:
+        """Start waiting requests while fewer than max_batch decode: block for one when none
+        does. False once close() was called."""
+        while len(self._active) < self.max_batch:
+            try:
+                job = self.queue.get(block=not self._active)
+            except queue.Empty:
+                return True
+            if job is None:
+                for run in self._active:
+                    run.seq.finish("cancelled")
+                    run.tracker.stopped = "cancelled"
+                self._retire()
+                return False
             if job.cancelled.is_set():
                 continue
             if time.monotonic() > job.deadline:
@@ -219,49 +255,62 @@ class Engine:
                     f"the request waited its whole time limit ({self.request_timeout_s:g} s) in the queue; retry later",
                     status=503, type="timeout", code="queue_timeout")})
                 continue
-            with self._lock:
-                self.running += 1
-                self._active.add(job)
             job.started = time.monotonic()
             if self.on_start is not None:
                 self.on_start(job)
             try:
-                result = self._run(decoder, job)
-                event = {"type": "done", **result}
-            except Exception as err:  # noqa: BLE001  (a failed request must not stop the worker)
-                log.exception("generation failed")
-                result, event = None, {"type": "error", "error": APIError(
-                    f"generation failed: {type(err).__name__}: {err}", status=500, type="server_error")}
-            finally:
-                with self._lock:
-                    self.running -= 1
-                    self._active.discard(job)
-            # counted before the client hears of it, so what it reads next (/metrics, /health) includes it
-            if result is not None and self.on_finish is not None:
-                self.on_finish(job, result)
-            job.emit(event)
+                run = self._start(job)
+            except Exception as err:  # noqa: BLE001  (a failed request must not stop the scheduler)
+                log.exception("starting a generation failed")
+                self._fail(job, err)
+                continue
+            with self._lock:
+                self._active.append(run)
+        return True
 
-    def _run(self, decoder, job: Job) -> dict:
+    def _start(self, job: Job) -> "_Running":
+        """The request's prefill and first token (`decoder.start`)."""
         req = job.request
         tracker = _Tracker(job, self.tokenizer, self.eos, self.method, self.on_step)
-        try:
-            # what else the processor gave (LLaVA-NeXT's image_sizes, ...) goes on, as in generate()
-            decoder.generate(
-                **job.inputs,
-                max_new_tokens=job.max_new_tokens,
-                **sampling_args(req.temperature, req.top_k, req.top_p),
-                seed=job.seed,
-                streamer=tracker,
-                on_step=tracker.on_step,
-                **({"on_logits": tracker.on_logits} if req.logprobs else {}),
-            )
-        except _Stop as stop:
-            tracker.stopped = stop.reason
-        return tracker.finish()
+        # what else the processor gave (LLaVA-NeXT's image_sizes, ...) goes on, as in generate()
+        seq = self.decoder.start(**job.inputs, max_new_tokens=job.max_new_tokens,
+                                 **sampling_args(req.temperature, req.top_k, req.top_p), seed=job.seed,
+                                 keep_logits=req.logprobs)
+        tracker.add(seq.tokens, seq.first_logits)
+        return _Running(job, seq, tracker)
+
+    def _retire(self) -> None:
+        """Finish the requests whose sequence has ended: their last text, stats and event."""
+        done = [run for run in self._active if run.seq.finished]
+        if not done:
+            return
+        with self._lock:
+            self._active = [run for run in self._active if not run.seq.finished]
+        for run in done:
+            result = run.tracker.finish()
+            # counted before the client hears of it, so what it reads next (/metrics, /health) includes it
+            if self.on_finish is not None:
+                self.on_finish(run.job, result)
+            run.job.emit({"type": "done", **result})
+
+    def _fail(self, job: Job, err: Exception) -> None:
+        job.emit({"type": "error", "error": APIError(f"generation failed: {type(err).__name__}: {err}", status=500,
+                                                     type="server_error")})
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    seq: object  # core.sequence.Sequence
+    tracker: "_Tracker"
 
 
 class _Tracker:
-    """The decoder's streamer and on_step callback for one job (see the module docstring)."""
+    """One request's text, marks, logprobs and stats as its steps come (see the module docstring)."""
 
     def __init__(self, job: Job, tokenizer, eos: set[int], method: str, on_step=None):
         self.job, self.tokenizer, self.eos, self.method, self.step_hook = job, tokenizer, eos, method, on_step
@@ -271,18 +320,16 @@ class _Tracker:
         self.kinds: list[tuple[bool, int]] = []  # (from an accepted draft proposal, step) per token
         self.text, self.sent = "", 0
         self.cut: int | None = None  # where a stop sequence starts
-        self.seen_prompt = False
         self.pending_accepted = 0
         self.steps = self.accepted = self.drafted = 0
         self.hist: list[int] = []
         self.stopped: str | None = None
         self.t_first: float | None = None
         self.top = job.request.top_logprobs
-        self.pending_logits: torch.Tensor | None = None  # [k, V] behind the next put's tokens
         self.logprobs: list[dict] = []  # per token, with logprobs on (OpenAI's chat shape)
         self.lp_sent = 0  # logprobs entries already sent with a delta
 
-    # the decoder calls these: on_step, then put with the step's tokens; end at the end ----------
+    # the scheduler calls these after each step: on_step, then add with the step's tokens ---------
     def on_step(self, tree, verdict) -> None:
         k = len(verdict.path) - 1  # accepted draft tokens this step; the step's last token is the bonus
         self.pending_accepted = k
@@ -294,35 +341,31 @@ class _Tracker:
         if self.step_hook is not None:
             self.step_hook(self.job, k + 1)
 
-    def on_logits(self, logits: torch.Tensor) -> None:
-        self.pending_logits = logits
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.seen_prompt:  # the prompt comes first
-            self.seen_prompt = True
-            return
+    def add(self, new: list[int], logits: torch.Tensor | None = None) -> None:
+        """The tokens a step (or the prefill) emitted, with the target's logits behind them when
+        the request wants logprobs."""
         if self.t_first is None:
             self.t_first = time.monotonic()
-        new = [int(t) for t in value.reshape(-1).tolist()]
         k, self.pending_accepted = self.pending_accepted, 0
-        if self.pending_logits is not None:
-            self.logprobs += self._logprobs(self.pending_logits[: len(new)], new)
-            self.pending_logits = None
+        if logits is not None and new:
+            self.logprobs += self._logprobs(logits[: len(new)], new)
         for i, tok in enumerate(new):
-            self.tokens.append(tok)
+            self.tokens.append(int(tok))
             self.kinds.append((i < k, self.steps))
             self.ends.append(len(self._decode(self.tokens)))
         self.text = self._decode(self.tokens)
         self._emit_text(final=False)
-        if self.cut is not None:
-            raise _Stop("stop")
-        if self.job.cancelled.is_set():
-            raise _Stop("cancelled")
-        if time.monotonic() > self.job.deadline:
-            raise _Stop("time_limit")
 
-    def end(self) -> None:
-        pass
+    def stop_reason(self) -> str | None:
+        """Why the request must end now (checked between steps): "stop" (a stop sequence
+        appeared), "cancelled" (the client went away), "time_limit", or None."""
+        if self.cut is not None:
+            return "stop"
+        if self.job.cancelled.is_set():
+            return "cancelled"
+        if time.monotonic() > self.job.deadline:
+            return "time_limit"
+        return None
 
     # ------------------------------------------------------------------------------------------
     def _logprobs(self, logits: torch.Tensor, tokens: list[int]) -> list[dict]:

@@ -16,6 +16,7 @@ prometheus_client's process, platform and garbage-collector collectors.
   specllava_step_accepted_length                   histogram: tokens emitted by each verification
                                                    step (accepted draft tokens + the bonus token)
   specllava_queue_wait_seconds                     histogram: queued to picked up for decoding
+  specllava_batch_size                             histogram: requests decoded together by each step
   specllava_queue_length                           requests waiting for a worker
   specllava_running_requests                       requests decoding now
   specllava_request_latency_seconds                histogram: queued (after its checks) to last token
@@ -38,6 +39,7 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _TAU_BUCKETS = (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 8)
 _STEP_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 # `_created` series double every counter and histogram for a timestamp Prometheus does not use
 prometheus_client.disable_created_metrics()
@@ -65,6 +67,8 @@ class Metrics:
                                        buckets=_STEP_BUCKETS, registry=r)
         self.queue_wait = Histogram("specllava_queue_wait_seconds", "From queueing to being picked up for decoding",
                                     buckets=_WAIT_BUCKETS, registry=r)
+        self.batch_size = Histogram("specllava_batch_size", "Requests decoded together by each decoding step",
+                                    buckets=_BATCH_BUCKETS, registry=r)
         Gauge("specllava_queue_length", "Requests waiting for a worker", registry=r).set_function(queue_length)
         Gauge("specllava_running_requests", "Requests decoding now", registry=r).set_function(running)
         self.latency = Histogram("specllava_request_latency_seconds", "From queueing (after the checks) to the last token",
@@ -80,6 +84,10 @@ class Metrics:
     def step(self, emitted: int) -> None:
         """Record one verification step that emitted `emitted` tokens (from a worker thread)."""
         self.step_accepted.observe(emitted)
+
+    def batch(self, size: int) -> None:
+        """Record one decoding step over `size` requests (from the scheduler thread)."""
+        self.batch_size.observe(size)
 
     def started(self, waited_s: float) -> None:
         self.queue_wait.observe(waited_s)

@@ -87,15 +87,19 @@ def add_parser(subparsers) -> None:
     t.add_argument("--warmup", type=cli_args.non_negative_int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--lora-rank", type=cli_args.non_negative_int, default=d.lora_rank, help="LoRA rank on the LM (0 = projector only)")
     t.add_argument("--lora-lr", type=cli_args.positive_float, default=d.lora_lr)
-    t.add_argument("--no-bf16", dest="bf16", action="store_false", help="keep the frozen LM in fp32 (slower here)")
+    t.add_argument("--no-bf16", dest="bf16", action="store_false", help="load the model in fp32 (the same as --dtype float32)")
+    t.add_argument("--feature-cache-gb", type=cli_args.non_negative_float, default=d.feature_cache_gb, metavar="GB",
+                   help="keep the frozen tower's image features on disk in <out>/features/, up to this many GB "
+                        "(default: %(default)s = recompute them for every batch)")
     t.add_argument("--threads", type=cli_args.positive_int, default=d.threads)
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=cli_args.torch_seed, default=d.seed)
     t.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
     t.add_argument("--eval-every", type=cli_args.positive_int, default=d.eval_every)
     t.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     t.add_argument("--grounding-eval", action="store_true",
                    help="afterwards, compare easy-vqa accuracy / keyword recall with the real vs a blank image")
+    add_load_args(t.add_argument_group("model loading (the projector and LoRA pairs train in float32 on --device)"))
     t.set_defaults(func=run_target)
 
     g = subparsers.add_parser(
@@ -109,7 +113,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--descriptions", type=cli_args.non_negative_int, default=20, help="drawings to describe")
     g.add_argument("--max-new-tokens", type=cli_args.positive_int, default=64)
     g.add_argument("--threads", type=cli_args.positive_int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=cli_args.torch_seed, default=0)
     g.add_argument("--out", type=Path, required=True, help="JSON file for the result")
     g.set_defaults(func=run_eval_target)
 
@@ -175,13 +179,19 @@ def add_parser(subparsers) -> None:
     s.add_argument("--lr", type=cli_args.positive_float, default=d.lr)
     s.add_argument("--warmup", type=cli_args.non_negative_int, default=d.warmup)
     s.add_argument("--threads", type=cli_args.positive_int, default=d.threads)
-    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--seed", type=cli_args.torch_seed, default=d.seed)
     s.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
     s.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     s.add_argument("--eval-prompts", type=cli_args.non_negative_int, default=d.eval_prompts,
                    help="held-out prompts per eval file (0: no mean-accepted-length report)")
     s.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=d.eval_max_new_tokens)
+    s.add_argument("--image-folder", type=cli_args.existing_dir, default=None,
+                   help="the folder the records' image paths are relative to (default: the --data file's folder; "
+                        "for llava_v1_5_mix665k.json the one holding coco/, gqa/, ocr_vqa/, textvqa/ and vg/)")
+    s.add_argument("--feature-cache-gb", type=cli_args.non_negative_float, default=d.feature_cache_gb, metavar="GB",
+                   help="keep the frozen tower's image features on disk in <out>/features/, up to this many GB "
+                        "(default: %(default)s = recompute them for every batch; nothing is kept in memory)")
     s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32 "
                    "(the same as --dtype float32)")
     add_load_args(s.add_argument_group("target loading (the draft trains on --device, in float32 under autocast "
@@ -216,7 +226,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--noise", type=cli_args.non_negative_float, default=c.noise, help="input feature noise, as a fraction of their RMS")
     e.add_argument("--held-out-fraction", type=cli_args.fraction, default=c.held_out_fraction)
     e.add_argument("--threads", type=cli_args.positive_int, default=c.threads)
-    e.add_argument("--seed", type=int, default=c.seed)
+    e.add_argument("--seed", type=cli_args.torch_seed, default=c.seed)
     e.add_argument("--checkpoint-every", type=cli_args.positive_int, default=c.checkpoint_every)
     e.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     e.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -225,7 +235,9 @@ def add_parser(subparsers) -> None:
                    "folder is refused)")
     e.add_argument("--eval-prompts", type=cli_args.positive_int, default=c.eval_prompts)
     e.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=c.eval_max_new_tokens)
-    e.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the target in fp32")
+    e.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the target in fp32 (the same as --dtype float32)")
+    add_load_args(e.add_argument_group("target loading (the head trains in float32 on --device, under autocast to "
+                                       "the target's dtype)"))
     e.set_defaults(func=run_eagle)
 
 
@@ -253,7 +265,9 @@ def run_target(args: argparse.Namespace) -> int:
         data=args.data, eval_data=args.eval_data, out=args.out, init=args.init, per_source=args.per_source,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
         bf16=args.bf16, threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, max_minutes=args.max_minutes, resume=args.resume)
+        eval_every=args.eval_every, max_minutes=args.max_minutes, resume=args.resume, dtype=args.dtype,
+        device=args.device, device_map=args.device_map, attn_implementation=args.attn_implementation,
+        feature_cache_gb=args.feature_cache_gb)
     log = _setup_logging(cfg.out)
     train_target(cfg, log=log)
     if args.grounding_eval:
@@ -321,10 +335,12 @@ def run_draft(args: argparse.Namespace) -> int:
         resume=args.resume, eval_prompts=args.eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,
         bf16=args.bf16, draft_preset=args.draft_preset, dtype=args.dtype, device=args.device,
         device_map=args.device_map, attn_implementation=args.attn_implementation, loss=args.loss,
-        loss_mix=args.loss_mix, loss_vocab=args.loss_vocab, on_policy=args.on_policy, on_policy_every=args.on_policy_every)
+        loss_mix=args.loss_mix, loss_vocab=args.loss_vocab, on_policy=args.on_policy, on_policy_every=args.on_policy_every,
+        image_folder=args.image_folder, feature_cache_gb=args.feature_cache_gb)
     log = _setup_logging(cfg.out)
     report = train_draft(cfg, log=log)
-    print(json.dumps(report["eval"], indent=1))
+    if report:  # the main process of a data-parallel run
+        print(json.dumps(report["eval"], indent=1))
     return 0
 
 
@@ -344,7 +360,8 @@ def run_eagle(args: argparse.Namespace) -> int:
 
     fields = ("target", "data", "eval_data", "out", "regenerate", "sampled_answers", "max_new_tokens", "limit", "passes",
               "steps", "batch_size", "lr", "warmup", "reg_weight", "noise", "held_out_fraction", "threads", "seed",
-              "checkpoint_every", "max_minutes", "resume", "eval_prompts", "eval_max_new_tokens", "bf16")
+              "checkpoint_every", "max_minutes", "resume", "eval_prompts", "eval_max_new_tokens", "bf16", "dtype", "device",
+              "device_map", "attn_implementation")
     cfg = EagleConfig(**{f: getattr(args, f) for f in fields})
     log = _setup_logging(cfg.out)
     report = train_eagle(cfg, log=log)
@@ -359,10 +376,14 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from specllava.cli import OneLineParser, run_guarded
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    parser = OneLineParser(prog="python -m specllava.training")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_guarded(f"specllava {args.command}", lambda: run(args), debug)
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
+        parser = OneLineParser(prog="python -m specllava.training")
+        add_parser(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return run_guarded(f"specllava {args.command}", lambda: run(args), debug)
+    except KeyboardInterrupt:  # before run_guarded's own handling (see specllava.cli.main)
+        print("\nspecllava: interrupted", file=sys.stderr)
+        return 130
