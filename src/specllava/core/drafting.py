@@ -236,19 +236,18 @@ class Drafter:
         keep = torch.empty_like(keep)
         keep[order] = ranked
         for j, node in enumerate(frontier.tolist()):  # host sync (sampled mode): the rows' node ids
-            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (full_q)
+            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (q_row)
         sc = score[frontier][:, None] * vals
         par = frontier[:, None].expand_as(toks)
         return par[keep], toks[keep], sc[keep]
 
-    def full_q(self, node: int, vocab: int) -> torch.Tensor:
-        """Sampled mode: the q row that drew `node`'s children, over the full vocabulary [vocab]."""
+    def q_row(self, node: int):
+        """Sampled mode: the q row that drew `node`'s children, as `verify_sampling` takes it: the
+        [V] row, or (ids, values) over a reduced draft vocabulary's ascending token ids."""
         row = self.q[node].exp()
         if self.runner.vocab_ids is None:
             return row
-        full = torch.zeros(vocab, dtype=row.dtype, device=row.device)
-        full[self.runner.vocab_ids] = row
-        return full
+        return self.runner.vocab_ids, row
 
     def _next_frontier(self, first_new: int, score, d) -> torch.Tensor:
         """Nodes to feed next: static: those with children in the plan; dynamic: the most confident."""
@@ -336,14 +335,15 @@ def _gumbel(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 class DraftQ:
     """q at the tree's nodes as sampled verification reads it: `node in q` when the node's
-    children were drawn from q, `q[node]` -> the full-vocabulary draft row [vocab] they were
-    drawn from, on `device` (where p lives)."""
+    children were drawn from q, `q[node]` -> the draft row they were drawn from (`Drafter.q_row`:
+    the [vocab] row, or (ids, values) over a reduced draft vocabulary). `vocab` and `device` are
+    accepted for the callers' convenience; verification moves the row to p's device itself."""
 
-    def __init__(self, drafter: Drafter, vocab: int, device: torch.device):
-        self.drafter, self.vocab, self.device = drafter, vocab, device
+    def __init__(self, drafter: Drafter, vocab: int | None = None, device: torch.device | None = None):
+        self.drafter = drafter
 
     def __contains__(self, node: int) -> bool:
         return node in self.drafter.q
 
-    def __getitem__(self, node: int) -> torch.Tensor:
-        return self.drafter.full_q(node, self.vocab).to(self.device)
+    def __getitem__(self, node: int):
+        return self.drafter.q_row(node)
