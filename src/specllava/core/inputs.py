@@ -30,14 +30,12 @@ def check_model(model, role: str) -> None:
 
 
 def check_sampling(**values) -> None:
-    """Types of the sampling arguments (their ranges: `SamplingParams`); seed None or an integer in
-    [0, 2**64) (seeds are mixed as 64-bit integers, `sampling.mix_seed`: 2**64 would be seed 0 again)."""
+    """Types of the sampling arguments (their ranges: `SamplingParams`); seed None or an integer
+    (any: `sampling.mix_seed` mixes it whole)."""
     for name, value in values.items():
         integral = name in ("top_k", "seed")
         kind = numbers.Integral if integral else numbers.Real
         if (value is None and name == "seed") or (isinstance(value, kind) and not isinstance(value, bool)):
-            if name == "seed" and value is not None and not 0 <= value < 2**64:
-                raise ValueError(f"seed must be an integer in [0, 2**64), got {value}")
             continue
         raise ValueError(f"{name} must be {'an integer' if integral else 'a number'}"
                          f"{' or None' if name == 'seed' else ''}, got {value!r}")

@@ -701,7 +701,7 @@ class Checkpoint:
         """Restore into ``params`` and ``optimizer``; return the step to continue from (0 if none)."""
         if not self.path.is_file():
             return 0
-        state = torch.load(self.path, weights_only=False)
+        state = torch.load(self.path, weights_only=False, map_location="cpu")  # copied onto each tensor's device below
         missing = set(params) - set(state["tensors"])
         if missing:
             raise RuntimeError(f"{self.path} does not match this run (no {sorted(missing)[:3]}...); "
