@@ -518,8 +518,8 @@ class FeatureCache:
     features are also written there (one file per image, in the tower's dtype, so a cached entry
     equals a recomputed one) until the files reach ``max_bytes``; later images are recomputed.
 
-    A frozen tower costs a few per cent of a training step (CLIP ViT-L/336 against a 7B teacher),
-    so recomputing is the default; the disk cache pays for a slow tower or several epochs.
+    A frozen tower is small next to the teacher (CLIP ViT-L/336 under a 7B LM), so recomputing is
+    the default; the disk cache pays for a slow tower or several epochs.
     """
 
     def __init__(self, model, processor, directory: Path | None = None, max_bytes: int = 0):
