@@ -19,6 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path, help="the LLaVA JSON file (e.g. llava_v1_5_mix665k.json)")
     parser.add_argument("--image-folder", type=Path, default=None, help="the images' folder (default: the file's)")
+    parser.add_argument("--json-load", action="store_true", help="also measure what json.load of the file holds")
     args = parser.parse_args()
     tracemalloc.start()
     t = time.perf_counter()
@@ -32,6 +33,13 @@ def main() -> None:
     print(f"index: {seconds:.1f} s (traced), {held / 1e6:.0f} MB held, {peak / 1e6:.0f} MB at most while reading")
     kept = with_images(records, root, log=print)
     print(f"{len(kept)} records usable (image found or text-only), {len(answered_records(kept))} of them answered")
+    if args.json_load:
+        import json
+
+        tracemalloc.start()
+        with open(args.data, encoding="utf-8") as f:
+            loaded = json.load(f)
+        print(f"json.load: {tracemalloc.get_traced_memory()[0] / 1e6:.0f} MB held for {len(loaded)} records")
 
 
 if __name__ == "__main__":
