@@ -92,7 +92,7 @@ class Engine:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.method, self.max_tokens, self.request_timeout_s = method, max_tokens, request_timeout_s
         self.context = _context_length(target)
-        self.max_images = 1 if is_vlm(target) else 0
+        self.max_images = _images_per_request(target)
         self.image_token = getattr(processor, "image_token", None) if self.max_images else None
         # A token spans at most this many characters of text, so a prompt longer than context x that
         # cannot fit the context, whatever it says: refused before the tokenizer sees it.
@@ -518,6 +518,18 @@ def token_bytes(tokenizer, tok: int) -> bytes:
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
         return bytes([int(piece[3:5], 16)])
     return tokenizer.decode([tok]).encode("utf-8")
+
+
+# Targets whose processor places several images in one prompt, each expanded to its own tokens.
+MULTI_IMAGE_TYPES = ("llava_next", "llava_onevision")
+
+
+def _images_per_request(target) -> int:
+    """0 for a text-only target, 1 for LLaVA-1.5 (trained on one image per conversation), 16 for
+    a target that takes several (LLaVA-NeXT); `--max-images` may lower it."""
+    if not is_vlm(target):
+        return 0
+    return 16 if getattr(target.config, "model_type", "") in MULTI_IMAGE_TYPES else 1
 
 
 def _longest_token_chars(tokenizer) -> int:
