@@ -122,7 +122,14 @@ class Engine:
 
     def encode(self, request: ChatRequest) -> dict:
         """The prompt's tensors (the chat template, then the processor), checked against the context."""
-        self.check_text(request)
+        chars = self.check_text(request)
+        try:
+            return self._encode(request)
+        finally:
+            if chars > _LARGE_PROMPT_CHARS:
+                _release_memory()
+
+    def _encode(self, request: ChatRequest) -> dict:
         processor = getattr(self._local, "processor", None)
         if processor is None:
             processor = self._local.processor = copy.deepcopy(self.processor)
@@ -142,10 +149,10 @@ class Engine:
                            param="max_tokens", code="context_length_exceeded")
         return inputs
 
-    def check_text(self, request: ChatRequest) -> None:
+    def check_text(self, request: ChatRequest) -> int:
         """What the text may not hold, checked before any tokenization: more characters than the
         context can take, and the image placeholder written as text (the processor would expand it
-        into image tokens with no image, or more than the images given)."""
+        into image tokens with no image, or more than the images given). Returns the characters."""
         texts = [p["text"] for m in request.conversation for p in m["content"] if p["type"] == "text"]
         what = "prompt" if request.raw_prompt else "messages"
         chars = sum(map(len, texts))
@@ -157,6 +164,7 @@ class Engine:
             raise APIError(f"the text contains the image placeholder {self.image_token!r}: send images as image_url "
                            "parts (the server places them); the placeholder may not appear as text", param=what,
                            code="image_token_in_text")
+        return chars
 
     def submit(self, request: ChatRequest, inputs: dict, loop: asyncio.AbstractEventLoop) -> list[Job]:
         """Queue the request's n choices, each a job of its own (choice i samples with seed + i),
@@ -518,6 +526,29 @@ def token_bytes(tokenizer, tok: int) -> bytes:
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
         return bytes([int(piece[3:5], 16)])
     return tokenizer.decode([tok]).encode("utf-8")
+
+
+# A prompt this long leaves the tokenizer's buffers in the allocator's free lists (hundreds of MB
+# for a prompt at the character bound of the default pair); they are handed back to the system.
+_LARGE_PROMPT_CHARS = 64 * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        return None
+
+
+def _release_memory() -> None:
+    """Return the freed heap to the system (glibc's malloc_trim), so that a giant prompt, refused
+    or not, leaves the process at the memory it had."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 # Targets whose processor places several images in one prompt, each expanded to its own tokens.
