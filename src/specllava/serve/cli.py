@@ -46,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="requests decoded together, step by step (continuous batching: a waiting request joins "
                    "between two steps, in arrival order; default: 1)")
     p.add_argument("--max-queue", type=positive_int, default=64,
-                   help="requests that may wait for a worker; beyond that the server answers 429 (default: 64)")
+                   help="requests that may wait for a place in the batch; beyond that the server answers 429 (default: 64)")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens,
                    help=f"most completion tokens a request may ask for, and what it gets without max_tokens "
                    f"(default: {d.max_tokens}; never past the model's context)")

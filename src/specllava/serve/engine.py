@@ -48,10 +48,11 @@ class QueueFull(Exception):
     """The waiting queue is at its bound (answered with 429)."""
 
 
-@dataclass(eq=False)  # compared and hashed by identity (the engine keeps a set of running jobs)
+@dataclass(eq=False)  # compared and hashed by identity
 class Job:
-    """One request on its way through the queue and a worker. Events for the client arrive on
-    `events` (an asyncio queue of the server's loop): dicts with "type" delta | done | error."""
+    """One choice of one request on its way through the queue and the scheduler. Events for the
+    client arrive on `events` (an asyncio queue of the server's loop, shared by the request's
+    choices): dicts with "type" delta | done | error, and the choice's "index"."""
 
     request: ChatRequest
     inputs: dict  # input_ids [1, prompt_len] (+ pixel_values)
@@ -63,7 +64,7 @@ class Job:
     seed: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
-    started: float | None = None  # when a worker picked it up
+    started: float | None = None  # when the scheduler picked it up
     checked_client: float = 0.0  # when the app last checked that the client is still connected
 
     @property
@@ -79,7 +80,7 @@ class Job:
 
 
 class Engine:
-    """Owns the models, the queue and the workers; `encode` and `submit` are its public face."""
+    """Owns the models, the queue and the scheduler; `encode` and `submit` are its public face."""
 
     def __init__(self, target, draft, processor, make_decoder: Callable[[], object], *, max_batch: int = 1,
                  max_queue: int = 64, max_tokens: int = 512, request_timeout_s: float = 300.0, method: str = "dynamic",
@@ -104,7 +105,7 @@ class Engine:
         self.on_batch: Callable[[int], None] | None = None  # sequences decoded by one step
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
-        # Prompts are encoded off the event loop and off the workers, by a few threads each with its
+        # Prompts are encoded off the event loop and off the scheduler, by a few threads each with its
         # own copy of the processor: a fast tokenizer refuses concurrent calls on one instance
         # ("Already borrowed"), and one shared lock would make every request wait for the longest.
         self._local = threading.local()
@@ -177,7 +178,7 @@ class Engine:
         if len(jobs) > self.queue.maxsize:
             raise APIError(f"n={len(jobs)}: each choice takes a place in the queue, which holds {self.queue.maxsize} "
                            "(specllava serve --max-queue)", param="n", code="unsupported_parameter")
-        with self._lock:  # only this (the event loop's) thread adds to the queue; workers only take
+        with self._lock:  # only this (the event loop's) thread adds to the queue; the scheduler only takes
             if self.queue.maxsize - self.queue.qsize() < len(jobs):
                 raise QueueFull
             for job in jobs:
@@ -186,7 +187,7 @@ class Engine:
 
     def retry_after_s(self, recent_latency_s: float | None) -> int:
         """A guess at when the queue has room again, for 429's Retry-After: the queue's work over
-        the workers, from the recent request latency; between 1 and 60 s."""
+        the batch, from the recent request latency; between 1 and 60 s."""
         per_request = recent_latency_s or 1.0
         return int(min(60, max(1, round(per_request * (self.queue_length() + 1) / self.max_batch))))
 
