@@ -77,6 +77,7 @@ class _Message(BaseModel):
 class _StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding of chunks against side channels: none here
 
 
 class _Sampling(BaseModel):
