@@ -9,7 +9,7 @@ from specllava.models.hf import chat_inputs
 from specllava.serve.engine import encode_chat
 from specllava.serve.protocol import APIError, Limits, parse_completion, parse_request
 
-LIMITS = Limits(max_tokens=64)
+LIMITS = Limits(max_tokens=64, max_images=1)  # as for LLaVA-1.5
 
 
 def test_defaults_follow_specllava_generate():
