@@ -375,3 +375,28 @@ def test_cuda_text_target_with_a_window_equals_generate():
     for method in METHODS:
         out = SpeculativeDecoder(target, draft, method=method, config=TreeConfig()).generate(ids, max_new_tokens=30)
         assert torch.equal(out.sequences, _reference(target, ids, None, 30))
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_auto_node_budget_calibrates_on_the_gpu(tmp_path):
+    """--budget auto on CUDA: the cost curve's inputs on the GPU, synchronized timings, the GPU's
+    name in both cache keys (and none in the CPU's)."""
+    from specllava.tuning import budget as calibrate
+
+    target = tiny_llava(0)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    ids, px = llava_prompt(0)
+    kw = dict(tree_options={"min_path_conf": 0.0}, max_new_tokens=12)
+    _, on_cpu = calibrate.auto_node_budget(target, draft, [{"input_ids": ids, "pixel_values": px}],
+                                           cache_dir=tmp_path / "cpu", **kw)
+    target, draft = target.cuda(), draft.cuda()
+    budget, on_gpu = calibrate.auto_node_budget(target, draft, [{"input_ids": ids, "pixel_values": px}],
+                                                cache_dir=tmp_path / "gpu", **kw)
+    name = torch.cuda.get_device_name(0)
+    assert any(name in gpu for gpu in on_gpu["cost_curve"]["key"]["accelerators"])
+    assert any(name in gpu for gpu in on_gpu["profile"]["key"]["accelerators"])
+    assert "accelerators" not in on_cpu["cost_curve"]["key"]
+    assert len(on_gpu["profile"]["tau"]) == len(on_cpu["profile"]["tau"]) and 1 <= budget <= len(on_gpu["profile"]["tau"])
+    assert all(s > 0 for s in on_gpu["cost_curve"]["seconds"])
+
