@@ -155,24 +155,16 @@ def existing_file(text: str) -> Path:
 
 def existing_dir(text: str) -> Path:
     """An existing folder."""
-    if not text:
-        raise Error("the folder path is empty")
-    path = Path(text).expanduser()
-    if path.is_file():
+    st = _stat(text, "folder")
+    if not stat.S_ISDIR(st.st_mode):
         raise Error(f"{text} is a file, not a folder")
-    if not path.is_dir():
-        raise Error(f"folder not found: {text}")
-    return path
+    return Path(text).expanduser()
 
 
 def existing_path(text: str) -> Path:
     """An existing file or folder."""
-    if not text:
-        raise Error("the path is empty")
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise Error(f"no such file or folder: {text}")
-    return path
+    _stat(text, "file or folder")
+    return Path(text).expanduser()
 
 
 def image_file(text: str) -> str:

@@ -59,6 +59,7 @@ class Drafter:
         self.generator = generator
         self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> log q row over the draft's columns
         self.pending: list[int] = []
+        self.keep: tuple[int, list[int]] | None = None  # a compaction `commit` leaves to `_feed_pending`
         if policy in ("chain", "static"):
             choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
             self.static = _StaticPlan(choices, runner.device)
@@ -81,7 +82,8 @@ class Drafter:
         if self.skip:
             return
         start = self.runner.length - self.fed.numel()  # committed part of the draft cache
-        compact(self.runner.cache, start, torch.tensor(keep, dtype=torch.long))
+        # compacted by the next `_feed_pending`, whose one upload carries this index and the tokens
+        self.keep = (start, keep)
 
     # -- the policy of one step, apart from how the draft model is run -------------------------
     # A step: `begin(root)` gives the tokens to feed (the pending chain); its last logits go to
@@ -108,8 +110,8 @@ class Drafter:
         return pending
 
     def _start_tree(self, dev) -> None:
-        self.tokens = torch.tensor([self.root], dtype=torch.long, device=dev)
-        self.parents = torch.tensor([-1], dtype=torch.long, device=dev)
+        self.tokens = torch.full((1,), self.root, dtype=torch.long, device=dev)  # a fill, not an upload
+        self.parents = torch.full((1,), -1, dtype=torch.long, device=dev)
         self.depth = torch.zeros(1, dtype=torch.long, device=dev)
         self.score = torch.ones(1, dtype=torch.float32, device=dev)
         self.rawq = torch.ones(1, dtype=torch.float32, device=dev)  # the draft's q of each node's token
@@ -162,7 +164,7 @@ class Drafter:
         parts = [self.fed, tree.tokens.to(self.fed.device)]
         if self.kept is not None:  # the final tree is a selection: its node i is grown node kept[i]
             parts.append(self.kept.to(self.fed.device))
-        read = torch.cat(parts).tolist()  # one host sync
+        read = torch.cat(parts).tolist()  # host sync: fed nodes, tokens (and the selection)
         fed_rank = {int(n): i for i, n in enumerate(read[:n_fed])}
         tokens = read[n_fed : n_fed + len(tree)]
         grown = read[n_fed + len(tree):] if self.kept is not None else range(len(tree))
@@ -190,9 +192,16 @@ class Drafter:
         return (vals - torch.logsumexp(scaled, dim=-1, keepdim=True)).exp(), toks
 
     def _feed_pending(self, pending: list[int]) -> torch.Tensor:
-        n, start = len(pending), self.runner.length
         dev = self.runner.device
-        tokens = torch.tensor(pending, dtype=torch.long, device=dev)
+        start, keep = self.keep or (0, [])
+        # host sync: one upload, the draft cache's compaction index (the last step's accepted fed
+        # nodes, left by `commit`) and the pending tokens together
+        data = torch.tensor(keep + pending, dtype=torch.long, device=dev)
+        if self.keep is not None:
+            compact(self.runner.cache, start, keep, index=data[: len(keep)])
+            self.keep = None
+        n, start = len(pending), self.runner.length
+        tokens = data[len(keep):]
         # A causal chain on top of the cache: the model's own causal mask is exactly right (None).
         logits = self.runner.forward(tokens, torch.arange(start, start + n, device=dev), None, logits_to_keep=1,
                                      features=self._pending_features())
@@ -241,7 +250,7 @@ class Drafter:
         mass_before = local.cumsum(-1) - local  # of the better siblings
         sc = score[frontier][:, None] * local  # [F, k]
         keep = (mass_before < cfg.child_mass) & (sc >= cfg.min_path_conf)
-        rows, cols = keep.nonzero(as_tuple=True)  # one host sync (the count); row-major as keep's mask order
+        rows, cols = keep.nonzero(as_tuple=True)  # host sync: how many children; row-major as keep's mask order
         return frontier[rows], toks[rows, cols], sc[rows, cols], vals[rows, cols]
 
     def _local(self, d: int, vals: torch.Tensor) -> torch.Tensor:
@@ -282,7 +291,7 @@ class Drafter:
         ranked &= ranked.flatten().cumsum(0).view_as(ranked) <= room
         keep = torch.empty_like(keep)
         keep[order] = ranked
-        for j, node in enumerate(frontier.tolist()):
+        for j, node in enumerate(frontier.tolist()):  # host sync (sampled mode): the rows' node ids
             self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (q_row)
         sc = score[frontier][:, None] * local
         par = frontier[:, None].expand_as(toks)
@@ -324,7 +333,7 @@ class Drafter:
             flags.append(score[frontier].max() <= score[1:].topk(budget).values[-1])
         if self.cfg.min_feed_mass > 0:
             flags.append(score[frontier].sum() < self.cfg.min_feed_mass)
-        return bool(torch.stack(flags).any()) if flags else False
+        return bool(torch.stack(flags).any()) if flags else False  # host sync: both rules at once
 
     def _finalize(self, tree: Tree) -> Tree:
         if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= 1:

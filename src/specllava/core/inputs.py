@@ -92,8 +92,8 @@ def check_inputs(target, input_ids, pixel_values, attention_mask, max_new_tokens
             shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be a float tensor [1, channels, height, width] (the processor's "
                              f"output; add the batch dimension with pixel_values[None]), got {shape}")
-        if pixel_values.shape[0] != 1:
-            raise ValueError(f"pixel_values has batch size {pixel_values.shape[0]} for one request")
+        # one request (input_ids [1, n]) with several images: pixel_values holds one row per image,
+        # as the processor returns them (LLaVA-NeXT [images, patches, C, H, W], LLaVA [images, C, H, W])
         if pixel_values.is_meta:
             raise ValueError("pixel_values is on the meta device (it holds no values); pass the processor's pixel_values")
         if not bool(torch.isfinite(pixel_values).all()):  # the vision tower would turn them into NaN logits

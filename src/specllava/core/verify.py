@@ -27,6 +27,7 @@ class Verdict:
     path: list[int]  # accepted node indices, root first (the root is always on it)
     bonus: int  # bonus token id
     tokens: list[int] | None = None  # the path's tokens, root first, when the rule read them already
+    index: torch.Tensor | None = None  # [len(path)] the path on the logits' device, when the rule has it
 
     def emitted(self, tree: Tree) -> list[int]:
         """Tokens this step emits: the accepted draft tokens, then the bonus token."""
@@ -51,11 +52,14 @@ def verify_greedy(tree: Tree, logits: torch.Tensor, anc: torch.Tensor) -> Verdic
     accepted = ~(anc & ~match[None, :]).any(dim=1)  # [N]: every node on the root path matches
     depth = torch.where(accepted, tree.depth, -1)
     last = depth.argmax()
-    # the one read-back of a greedy step: the bonus token, the accepted path's membership, the tokens
+    # host sync, the one of a greedy verification: the bonus token, the path's membership, the tokens
     n = tree.tokens.shape[0]
     row = torch.cat([argmax[last].view(1), anc[last].long(), tree.tokens]).tolist()
     path = [i for i, on in enumerate(row[1 : 1 + n]) if on]  # ancestors in index order = root first
-    return Verdict(path=path, bonus=int(row[0]), tokens=[row[1 + n + i] for i in path])
+    # the same path as a device index (the cache compaction's, no upload): a stable sort puts the
+    # path's nodes first, in index order. E.g. on-path [1, 0, 1, 1, 0] -> [0, 2, 3, 1, 4][:3]
+    index = torch.sort((~anc[last]).to(torch.uint8), stable=True).indices[: len(path)]
+    return Verdict(path=path, bonus=int(row[0]), tokens=[row[1 + n + i] for i in path], index=index)
 
 
 def verify_sampling(tree: Tree, p, generator: torch.Generator | None, q=None) -> Verdict:
@@ -227,4 +231,5 @@ def _uniform(generator: torch.Generator | None) -> float:
     """One uniform draw in [0, 1), made on the CPU on purpose: a handful per step, compared with
     values the loop reads back anyway, and the same draws whatever device the models sit on
     (a CPU generator; None = torch's default one)."""
-    return float(torch.rand((), generator=generator, dtype=torch.float64))
+    device = generator.device if generator is not None else "cpu"  # never the default device
+    return float(torch.rand((), generator=generator, dtype=torch.float64, device=device))
