@@ -55,8 +55,18 @@ def test_depths_are_told_apart():
 def test_budget_maximises_expected_tokens_per_cost():
     cal = Calibrator(cost=CostModel(node_cost=0.1, draft_cost=0.0))
     # (1 + 0.9) / 1.1 = 1.73, (1 + 0.9 + 0.5) / 1.2 = 2.0, + 0.05 -> 2.45 / 1.3 = 1.88
-    assert cal.budget(torch.tensor([0.05, 0.9, 0.5]), draft_forwards=2, most=8) == 2
-    assert cal.budget(torch.tensor([0.05, 0.9, 0.5]), draft_forwards=2, most=1) == 1
+    assert cal.budget([0.05, 0.9, 0.5], draft_forwards=2, most=8) == 2
+    assert cal.budget([0.05, 0.9, 0.5], draft_forwards=2, most=1) == 1
+    assert cal.budget([], draft_forwards=2, most=8) == 1
+
+
+def test_packed_observations_read_back_as_given():
+    from specllava.core.tree import Tree
+
+    tree = Tree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 1]), torch.tensor([0, 1, 2]), torch.ones(3))
+    q = torch.tensor([1.0, 0.25, 0.125])
+    values = Calibrator.packed(tree, q, torch.tensor([0.3, 0.9, 0.1]), most=2).tolist()
+    assert Calibrator.unpack(values, 3) == ([-1, 0, 1], [0, 1, 2], [1.0, 0.25, 0.125], [0.9, 0.3])
 
 
 def test_drafting_stops_when_it_does_not_pay_and_probes_again():

@@ -50,6 +50,7 @@ import torch
 EDGES = torch.tensor([0.005, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 0.95])
 N_BUCKETS = len(EDGES) + 1
 MAX_RANK = 4  # ranks 0..3 apart, 4 and beyond pooled
+SCALE = 1_000_000  # confidences travel to the host as integers in millionths (`packed`)
 DECAY = 0.8  # weight of a drafted step's tokens and cost at each later drafted step (draft_pays)
 MAX_PLAIN_RUN = 32
 
@@ -82,19 +83,26 @@ class Calibrator:
         self.prior_sum = torch.zeros(shape, dtype=torch.float64)  # sum of the draft's conditional q of tried nodes
         # drafted steps: how many, tokens emitted and cost spent, for draft_pays()
         self.drafted = 0
+        self.next_budget: int | None = None  # the dynamic tree's budget for the next step
         self.tokens = 0.0
         self.spent = 0.0
         self.skip_until = 0  # plain steps left before the next probe
         self.skip_run = 0  # length of the last plain run
         self.probe_due = False
         self._table = None  # cached calibrated table, rebuilt after each observation
+        self.version = 0  # observations with tried nodes so far
+        self._table_on = (None, -1, None)  # (device, version, the table there)
+        self._edges_on = {}
 
     # -- observations ---------------------------------------------------------------------------
     def observe(self, parents: list[int], depth: list[int], q: list[float], path: list[int],
-                draft_forwards: int = 0) -> None:
+                draft_forwards: int = 0, grown: list[float] | None = None, most: int = 0) -> None:
         """One verified step. parents/depth/q per tree node (q: the draft's probability of the
         node's token at its parent, any value at the root); `path`: the accepted nodes, root
-        first. Siblings are taken in tree order (the order verification tries them)."""
+        first. Siblings are taken in tree order (the order verification tries them).
+        grown: the calibrated path confidences of every node the step grew (root excluded); with
+        `most`, they set `next_budget`, the budget of the next step (`budget`), so that choosing
+        it costs the device no extra read."""
         on_path = set(path)
         children: dict[int, list[int]] = {}
         for i, par in enumerate(parents):
@@ -118,16 +126,34 @@ class Calibrator:
             self.accepted.view(-1).index_add_(0, flat, torch.tensor(acc, dtype=torch.float64))
             self.prior_sum.view(-1).index_add_(0, flat, torch.tensor(prior, dtype=torch.float64))
             self._table = None
+            self.version += 1
         n_nodes = len(parents) - 1
+        if grown is not None and most:
+            self.next_budget = self.budget(grown, draft_forwards, most)
         self.drafted += 1
         # moving sums (each step weighs DECAY of the one after it): recent steps decide
         self.tokens = DECAY * self.tokens + len(path)  # accepted draft tokens + the bonus
         self.spent = DECAY * self.spent + self.cost.step(n_nodes, draft_forwards)
 
     def observe_tree(self, tree, q: torch.Tensor, path: list[int], draft_forwards: int = 0) -> None:
-        """`observe` from a `Tree` and its nodes' draft probabilities q [N]."""
+        """`observe` from a `Tree` and its nodes' draft probabilities q [N] (one read)."""
         rows = torch.stack([tree.parents.cpu().double(), tree.depth.cpu().double(), q.cpu().double()]).tolist()
         self.observe([int(x) for x in rows[0]], [int(x) for x in rows[1]], rows[2], path, draft_forwards)
+
+    @staticmethod
+    def packed(tree, q: torch.Tensor, grown: torch.Tensor, most: int) -> torch.Tensor:
+        """What `observe` needs from the device, as one long tensor to read back together with
+        other values (`unpack` reverses it): parents, depth, q in millionths, and the `most` best
+        grown confidences in millionths."""
+        best = grown.float().sort(descending=True).values[:most]
+        return torch.cat([tree.parents, tree.depth, (q.float() * SCALE).round().long(),
+                          (best * SCALE).round().long()])
+
+    @staticmethod
+    def unpack(values: list[int], n: int) -> tuple[list[int], list[int], list[float], list[float]]:
+        """`packed`'s read-back of an n-node tree -> (parents, depth, q, grown confidences)."""
+        return (values[:n], values[n:2 * n], [v / SCALE for v in values[2 * n:3 * n]],
+                [v / SCALE for v in values[3 * n:]])
 
     # -- estimates ------------------------------------------------------------------------------
     def table(self) -> torch.Tensor:
@@ -147,17 +173,29 @@ class Calibrator:
 
     def conditional(self, depth: int, q: torch.Tensor) -> torch.Tensor:
         """Calibrated P(accepted | tried) for a frontier's children at `depth`: q [F, k] the draft's
-        probabilities of each parent's children in draft order -> [F, k]."""
+        probabilities of each parent's children in draft order -> [F, k]. On q's device, without
+        reading anything back."""
         q = q.float()
         left = (1.0 - (q.cumsum(-1) - q)).clamp(min=1e-6)
         prior = (q / left).clamp(max=1.0)  # the draft's own conditional probability
         k = q.shape[-1]
         ranks = torch.arange(k, device=q.device).clamp(max=MAX_RANK)
-        buckets = torch.bucketize(q.cpu(), EDGES).to(q.device)
-        tab = self.table()[min(depth, self.max_depth)].to(q.device)  # [R, B]
+        buckets = torch.bucketize(q, self._edges(q.device))
+        tab = self._device_table(q.device)[min(depth, self.max_depth)]  # [R, B]
         est = tab[ranks[None, :].expand_as(buckets), buckets]
         # NaN: nothing of this rank observed yet; the draft's own conditional probability
         return torch.where(torch.isnan(est), prior, est)
+
+    def _edges(self, device) -> torch.Tensor:
+        if device not in self._edges_on:
+            self._edges_on[device] = EDGES.to(device)
+        return self._edges_on[device]
+
+    def _device_table(self, device) -> torch.Tensor:
+        """`table()` on `device`, copied there once per observation."""
+        if self._table_on[:2] != (device, self.version):
+            self._table_on = (device, self.version, self.table().to(device))
+        return self._table_on[2]
 
     def local(self, depth: int, q: torch.Tensor) -> torch.Tensor:
         """Calibrated P(accepted | parent accepted) of each child, [F, k]: c_r * prod_{j<r} (1 - c_j)."""
@@ -167,16 +205,18 @@ class Calibrator:
         return c * before
 
     # -- decisions ------------------------------------------------------------------------------
-    def budget(self, scores: torch.Tensor, draft_forwards: int, most: int) -> int:
+    def budget(self, scores: list[float], draft_forwards: int, most: int) -> int:
         """How many nodes to verify: the n <= most that maximises expected tokens per cost,
         (1 + sum of the n best path scores) / cost(n, draft_forwards). scores: the calibrated path
-        confidences of the grown nodes (root excluded)."""
-        if scores.numel() == 0:
-            return 0
-        best = scores.float().sort(descending=True).values[:most].cpu()
-        n = torch.arange(1, best.numel() + 1, dtype=torch.float32)
-        rate = (1.0 + best.cumsum(0)) / (1.0 + self.cost.node_cost * n + self.cost.draft_cost * draft_forwards)
-        return int(rate.argmax()) + 1
+        confidences of a step's grown nodes (root excluded). At least 1."""
+        best = sorted(scores, reverse=True)[:most]
+        top, total, rate = 1, 1.0, 0.0
+        for n, sc in enumerate(best, start=1):
+            total += sc
+            r = total / self.cost.step(n, draft_forwards)
+            if r > rate:
+                top, rate = n, r
+        return top
 
     def draft_pays(self, window: int = 6) -> bool:
         """Whether the next step should draft. Yes until `window` drafted steps are measured, then

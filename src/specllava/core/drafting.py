@@ -157,17 +157,23 @@ class Drafter:
         (the bonus is added by the next `begin` as its root)."""
         if self.skip:  # the root stays pending with the earlier ones; the bonus joins them next step
             return []
-        if self.calib is not None:
-            q = self.rawq if self.kept is None else self.rawq[self.kept]
-            self.calib.observe_tree(tree, q, path, self.forwards)
-        n_fed = self.fed.numel()
+        n_fed, n = self.fed.numel(), len(tree)
         parts = [self.fed, tree.tokens.to(self.fed.device)]
         if self.kept is not None:  # the final tree is a selection: its node i is grown node kept[i]
             parts.append(self.kept.to(self.fed.device))
-        read = torch.cat(parts).tolist()  # host sync: fed nodes, tokens (and the selection)
+        if self.calib is not None:  # what the calibrator observes, read in the same sync
+            q = self.rawq if self.kept is None else self.rawq[self.kept]
+            parts.append(self.calib.packed(tree, q, self.score[1:], self.node_budget).to(self.fed.device))
+        read = torch.cat(parts).tolist()  # host sync: fed nodes, tokens (the selection, the observations)
         fed_rank = {int(n): i for i, n in enumerate(read[:n_fed])}
-        tokens = read[n_fed : n_fed + len(tree)]
-        grown = read[n_fed + len(tree):] if self.kept is not None else range(len(tree))
+        tokens = read[n_fed : n_fed + n]
+        rest = n_fed + n
+        grown = range(n)
+        if self.kept is not None:
+            grown, rest = read[rest : rest + n], rest + n
+        if self.calib is not None:
+            parents, depth, q, scores = self.calib.unpack(read[rest:], n)
+            self.calib.observe(parents, depth, q, path, self.forwards, grown=scores, most=self.node_budget)
         keep = []
         for node in path[1:]:
             if grown[node] not in fed_rank:
@@ -339,8 +345,8 @@ class Drafter:
         if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= 1:
             return tree
         budget = self.node_budget
-        if self.calib is not None:  # the size that maximises expected tokens per cost
-            budget = self.calib.budget(tree.score[1:], self.forwards, budget)
+        if self.calib is not None and self.calib.next_budget is not None:
+            budget = min(budget, self.calib.next_budget)  # expected tokens per cost, from the last step
         if len(tree) - 1 <= budget:
             return tree
         # Path confidence only falls along a path, and a stable sort keeps parents (earlier
