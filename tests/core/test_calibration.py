@@ -52,6 +52,19 @@ def test_depths_are_told_apart():
     assert cal.local(2, torch.tensor([[0.5]]))[0, 0] < 0.15
 
 
+def test_observed_nodes_land_in_the_bucket_that_lookups_read():
+    from specllava.core.calibration import EDGE_LIST, EDGES, N_BUCKETS
+
+    # q read back in millionths (`unpack`), at every edge, a millionth beside it and between:
+    # the host's bucket is torch.bucketize's
+    qs = sorted({0.0, 1.0, 0.07, 0.6, *(e + d for e in EDGE_LIST for d in (-1e-6, 0.0, 1e-6))})
+    for q in qs:
+        cal = Calibrator()
+        cal.observe([-1, 0], [0, 1], [1.0, q], [0, 1])
+        want = int(torch.bucketize(torch.tensor([q]), EDGES)[0])
+        assert cal.tried[1, 0].tolist() == [1.0 if b == want else 0.0 for b in range(N_BUCKETS)], q
+
+
 def test_budget_maximises_expected_tokens_per_cost():
     cal = Calibrator(cost=CostModel(node_cost=0.1, draft_cost=0.0))
     # (1 + 0.9) / 1.1 = 1.73, (1 + 0.9 + 0.5) / 1.2 = 2.0, + 0.05 -> 2.45 / 1.3 = 1.88

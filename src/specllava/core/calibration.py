@@ -42,12 +42,15 @@ per draft forward with its loop work, against a 41 ms plain step).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # bucket edges over the draft's probability of the node's token
-EDGES = torch.tensor([0.005, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 0.95])
+EDGE_LIST = [0.005, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 0.95]
+EDGES = torch.tensor(EDGE_LIST)
 N_BUCKETS = len(EDGES) + 1
 MAX_RANK = 4  # ranks 0..3 apart, 4 and beyond pooled
 SCALE = 1_000_000  # confidences travel to the host as integers in millionths (`packed`)
@@ -78,9 +81,10 @@ class Calibrator:
         self.m = float(strength)
         self.cost = cost or CostModel()
         shape = (max_depth + 1, MAX_RANK + 1, N_BUCKETS)
-        self.tried = torch.zeros(shape, dtype=torch.float64)
-        self.accepted = torch.zeros(shape, dtype=torch.float64)
-        self.prior_sum = torch.zeros(shape, dtype=torch.float64)  # sum of the draft's conditional q of tried nodes
+        # host-side counts in numpy: the bookkeeping never touches a torch device
+        self.tried = np.zeros(shape)
+        self.accepted = np.zeros(shape)
+        self.prior_sum = np.zeros(shape)  # sum of the draft's conditional q of tried nodes
         # drafted steps: how many, tokens emitted and cost spent, for draft_pays()
         self.drafted = 0
         self.next_budget: int | None = None  # the dynamic tree's budget for the next step
@@ -108,23 +112,21 @@ class Calibrator:
         for i, par in enumerate(parents):
             if par >= 0:
                 children.setdefault(par, []).append(i)
-        idx, acc, prior = [], [], []
+        seen = False
         for node in path:
             left = 1.0  # draft mass not taken by the better siblings
             for rank, child in enumerate(children.get(node, [])):
                 qc = min(max(q[child], 0.0), 1.0)
-                idx.append((min(depth[child], self.max_depth), min(rank, MAX_RANK), _bucket(qc)))
-                acc.append(1.0 if child in on_path else 0.0)
-                prior.append(min(qc / left, 1.0) if left > 1e-9 else 1.0)
+                bucket = bisect_left(EDGE_LIST, qc)  # torch.bucketize's bucket, as `conditional` reads it
+                cell = (min(depth[child], self.max_depth), min(rank, MAX_RANK), bucket)
+                self.tried[cell] += 1.0
+                self.accepted[cell] += child in on_path
+                self.prior_sum[cell] += min(qc / left, 1.0) if left > 1e-9 else 1.0
+                seen = True
                 if child in on_path:
                     break
                 left = max(left - qc, 0.0)
-        if idx:
-            where = torch.tensor(idx, dtype=torch.long).T
-            flat = (where[0] * (MAX_RANK + 1) + where[1]) * N_BUCKETS + where[2]
-            self.tried.view(-1).index_add_(0, flat, torch.ones(len(idx), dtype=torch.float64))
-            self.accepted.view(-1).index_add_(0, flat, torch.tensor(acc, dtype=torch.float64))
-            self.prior_sum.view(-1).index_add_(0, flat, torch.tensor(prior, dtype=torch.float64))
+        if seen:
             self._table = None
             self.version += 1
         n_nodes = len(parents) - 1
@@ -156,19 +158,20 @@ class Calibrator:
                 [v / SCALE for v in values[3 * n:]])
 
     # -- estimates ------------------------------------------------------------------------------
-    def table(self) -> torch.Tensor:
-        """Calibrated conditional acceptance c[depth, rank, bucket] (float32); cells never observed
-        hold NaN where nothing of their rank was observed (`conditional` uses q there)."""
+    def table(self) -> np.ndarray:
+        """Calibrated conditional acceptance c[depth, rank, bucket] (float32, numpy); NaN where
+        nothing of its rank was observed yet (`conditional` uses the draft's q there)."""
         if self._table is None:
             m = self.m
             # rank r pooled over depths and buckets, shrunk to the draft's mean conditional q there
-            tried_r, acc_r, prior_r = (x.sum((0, 2)) for x in (self.tried, self.accepted, self.prior_sum))
-            by_rank = torch.where(tried_r > 0, (acc_r + m * prior_r / tried_r.clamp(min=1)) / (tried_r + m), torch.nan)
+            tried_r, acc_r, prior_r = (x.sum(axis=(0, 2)) for x in (self.tried, self.accepted, self.prior_sum))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                by_rank = np.where(tried_r > 0, (acc_r + m * prior_r / np.maximum(tried_r, 1)) / (tried_r + m), np.nan)
             # (rank, bucket) pooled over depths, shrunk to the rank's pool
-            tried_p, acc_p = self.tried.sum(0), self.accepted.sum(0)  # [R, B]
+            tried_p, acc_p = self.tried.sum(axis=0), self.accepted.sum(axis=0)  # [R, B]
             pooled = (acc_p + m * by_rank[:, None]) / (tried_p + m)
             cell = (self.accepted + m * pooled) / (self.tried + m)
-            self._table = cell.float()
+            self._table = cell.astype(np.float32)
         return self._table
 
     def conditional(self, depth: int, q: torch.Tensor) -> torch.Tensor:
@@ -192,9 +195,10 @@ class Calibrator:
         return self._edges_on[device]
 
     def _device_table(self, device) -> torch.Tensor:
-        """`table()` on `device`, copied there once per observation."""
+        """`table()` on `device`, copied there once per observation (on a GPU, one small upload
+        per step)."""
         if self._table_on[:2] != (device, self.version):
-            self._table_on = (device, self.version, self.table().to(device))
+            self._table_on = (device, self.version, torch.from_numpy(self.table()).to(device))
         return self._table_on[2]
 
     def local(self, depth: int, q: torch.Tensor) -> torch.Tensor:
@@ -240,7 +244,3 @@ class Calibrator:
         self.skip_until = self.skip_run - 1  # this step is the run's first
         self.probe_due = True
         return False
-
-
-def _bucket(q: float) -> int:
-    return int(torch.bucketize(torch.tensor(q), EDGES))
