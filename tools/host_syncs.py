@@ -4,10 +4,11 @@
     PYTHONPATH=src python tools/host_syncs.py --layers 2 --where
 
 Every method with a draft model and with an EAGLE head, the target on its exact lean path: per
-method the steps' tree depth d, host syncs per step (min and max) and the bound 2 d + 4 that
+method the levels d each step drafted (the tree's depth, unless the node budget then drops the
+deepest levels), host syncs per step (min and max) and the bound 2 d + 4 that
 tests/core/test_host_syncs.py enforces; `--where` lists where each sync is made. The target and
 draft are tiny random Llamas (the draft a perturbed copy of the target, so trees grow deep): the
-count depends on the tree's depth, not on the models' size or device.
+count depends on the levels drafted, not on the models' size or device.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from specllava import SpeculativeDecoder  # noqa: E402
+from specllava.core.drafting import Drafter  # noqa: E402
 from specllava.core.eagle import EagleHead  # noqa: E402
 from specllava.core.syncs import HostSyncCounter  # noqa: E402
 
@@ -55,15 +57,28 @@ def perturbed(model, scale: float = 0.02, seed: int = 1):
 
 def count(decoder, ids, new_tokens: int, **gen) -> dict:
     """Syncs per step (steps after the first), the steps' tree depths, and where they were made."""
-    depths, syncs = [], HostSyncCounter()
+    depths, levels, syncs = [], [0], HostSyncCounter()
 
     def on_step(tree, verdict):
         syncs.mark()
-        with syncs.pause():
-            depths.append(int(tree.depth.max()))
+        with syncs.pause():  # d: levels drafted (the budget may then drop the deepest)
+            depths.append(max(int(tree.depth.max()), levels[-1]))
+            levels.append(0)
 
-    with syncs:
-        out = decoder.generate(ids, max_new_tokens=new_tokens, on_step=on_step, **gen)
+    grow = Drafter.grow
+
+    def counting_grow(self, logits):
+        before = 1 if self.tokens is None else self.tokens.numel()  # the root is no level
+        out = grow(self, logits)
+        levels[-1] += self.tokens.numel() > before
+        return out
+
+    Drafter.grow = counting_grow
+    try:
+        with syncs:
+            out = decoder.generate(ids, max_new_tokens=new_tokens, on_step=on_step, **gen)
+    finally:
+        Drafter.grow = grow
     per_step, depths = syncs.per_step(), depths[1:]
     where = Counter()
     for i in range(len(per_step)):
@@ -87,7 +102,7 @@ def main(argv=None) -> int:
     drafts = {"draft model": perturbed(target), "eagle head": EagleHead.from_target(target)}
     ids = torch.tensor([[1, *range(10, 21)]])
     rows = []
-    print(f"target: tiny Llama, {args.layers} layers; greedy; bound 2 d + 4 per step (d: the tree's depth)")
+    print(f"target: tiny Llama, {args.layers} layers; greedy; bound 2 d + 4 per step (d: levels drafted)")
     print(f"{'draft':12s} {'method':13s} {'steps':>5s} {'depth d':>8s} {'syncs':>6s} {'max - bound':>11s} {'tau':>5s}")
     for draft_kind, draft in drafts.items():
         for method, options in CASES:

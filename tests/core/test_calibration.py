@@ -12,7 +12,8 @@ from specllava.core.calibration import Calibrator, CostModel
 def chain_step(cal, q, accepted):
     """A chain of len(q) nodes whose first `accepted` are accepted."""
     n = len(q)
-    cal.observe([-1] + list(range(n)), list(range(n + 1)), [1.0] + q, list(range(accepted + 1)), draft_forwards=n)
+    cal.observe([-1] + list(range(n)), list(range(n + 1)), [1.0] + q, None, list(range(accepted + 1)),
+                draft_forwards=n)
 
 
 def test_fresh_calibrator_answers_the_drafts_own_probabilities():
@@ -39,9 +40,23 @@ def test_confident_but_wrong_draft_is_lowered():
 def test_only_tried_nodes_are_observed():
     cal = Calibrator()
     # root -> 1 (rejected), 2 (accepted) ; 1 -> 3 (under a rejected node: never tried); 2 -> 4 (rejected)
-    cal.observe([-1, 0, 0, 1, 2], [0, 1, 1, 2, 2], [1.0, 0.6, 0.3, 0.9, 0.5], [0, 2])
+    cal.observe([-1, 0, 0, 1, 2], [0, 1, 1, 2, 2], [1.0, 0.6, 0.3, 0.9, 0.5], None, [0, 2])
     assert cal.tried.sum() == 3 and cal.accepted.sum() == 1
     assert cal.tried[2].sum() == 1  # node 4 only at depth 2
+
+
+def test_greedy_observations_follow_the_targets_argmax_over_every_grown_node():
+    """At T=0 the target's choice at each path node (the next path token, then the bonus) decides
+    for every grown child, kept in the verified tree or not."""
+    # grown: root -> 1 (token 10), 2 (11), 3 (12); 2 -> 4 (20), 5 (21). The verified tree kept 2 and
+    # 5 only; the path is [0, 2] and the bonus 20: node 4, left out, was the target's choice.
+    parents, depth, q, tokens = [-1, 0, 0, 0, 2, 2], [0, 1, 1, 1, 2, 2], [1.0, 0.5, 0.3, 0.1, 0.6, 0.2], \
+        [0, 10, 11, 12, 20, 21]
+    cal = Calibrator()
+    cal.observe(parents, depth, q, tokens, [0, 2], draft_forwards=2, nodes=2, bonus=20)
+    # depth 1: rank 0 tried and rejected, rank 1 accepted, rank 2 never tried; depth 2: rank 0 accepted
+    assert cal.tried[1].sum() == 2 and cal.accepted[1, 1].sum() == 1 and cal.accepted[1, 0].sum() == 0
+    assert cal.tried[2].sum() == 1 and cal.accepted[2, 0].sum() == 1
 
 
 def test_depths_are_told_apart():
@@ -60,7 +75,7 @@ def test_observed_nodes_land_in_the_bucket_that_lookups_read():
     qs = sorted({0.0, 1.0, 0.07, 0.6, *(e + d for e in EDGE_LIST for d in (-1e-6, 0.0, 1e-6))})
     for q in qs:
         cal = Calibrator()
-        cal.observe([-1, 0], [0, 1], [1.0, q], [0, 1])
+        cal.observe([-1, 0], [0, 1], [1.0, q], None, [0, 1])
         want = int(torch.bucketize(torch.tensor([q]), EDGES)[0])
         assert cal.tried[1, 0].tolist() == [1.0 if b == want else 0.0 for b in range(N_BUCKETS)], q
 
@@ -71,6 +86,13 @@ def test_budget_maximises_expected_tokens_per_cost():
     assert cal.budget([0.05, 0.9, 0.5], draft_forwards=2, most=8) == 2
     assert cal.budget([0.05, 0.9, 0.5], draft_forwards=2, most=1) == 1
     assert cal.budget([], draft_forwards=2, most=8) == 1
+    gen = torch.Generator().manual_seed(0)
+    for n in (0, 1, 5, 40):  # the device version, which decoding uses, answers the same
+        for forwards in (1, 4):
+            scores = torch.rand(n, generator=gen) ** 3
+            for most in (1, 8, 32):
+                want = cal.budget(scores.tolist(), forwards, most)
+                assert int(cal.budget_on_device(scores, forwards, most)) == want, (n, forwards, most)
 
 
 def test_packed_observations_read_back_as_given():
@@ -78,8 +100,8 @@ def test_packed_observations_read_back_as_given():
 
     tree = Tree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 1]), torch.tensor([0, 1, 2]), torch.ones(3))
     q = torch.tensor([1.0, 0.25, 0.125])
-    values = Calibrator.packed(tree, q, torch.tensor([0.3, 0.9, 0.1]), most=2).tolist()
-    assert Calibrator.unpack(values, 3) == ([-1, 0, 1], [0, 1, 2], [1.0, 0.25, 0.125], [0.9, 0.3])
+    values = Calibrator.packed(tree.parents, tree.depth, q, tree.tokens).tolist()
+    assert Calibrator.unpack(values, 3) == ([-1, 0, 1], [0, 1, 2], [1.0, 0.25, 0.125], [5, 6, 7])
 
 
 def test_drafting_stops_when_it_does_not_pay_and_probes_again():

@@ -70,10 +70,30 @@ def test_identical_draft_chain_accepts_every_guess(target):
     )
     assert out.stats["accept_hist"] == [0, 0, 0, 0, 6]  # 1 prefill token + 6 steps x 5 tokens
     deep = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="dynamic", draft_quant="none",
-                              **DEEP).generate(
+                              calibrate=False, **DEEP).generate(
         input_ids=ids, pixel_values=px, max_new_tokens=31
     )
     assert deep.stats["accept_hist"][:-1] == [0] * (len(deep.stats["accept_hist"]) - 1)
+    # calibrated (the default), the budget follows the measured acceptance, so the first trees can
+    # be shallower; every step still accepts its whole best-first chain, and the tree soon is
+    # that chain at full depth
+    paths = []
+
+    def on_step(tree, verdict):
+        kids = {}
+        for i, par in enumerate(tree.parents.tolist()):
+            kids.setdefault(par, []).append(i)
+        chain = [0]
+        while chain[-1] in kids:
+            chain.append(kids[chain[-1]][0])  # children in draft order: the draft's best first
+        paths.append((verdict.path, chain))
+
+    calibrated = SpeculativeDecoder(target, perturbed_copy(target, 0.0, seed=0), method="dynamic",
+                                    draft_quant="none", **DEEP).generate(
+        input_ids=ids, pixel_values=px, max_new_tokens=31, on_step=on_step
+    )
+    assert all(path == chain for path, chain in paths), paths
+    assert calibrated.stats["accept_hist"][-1] >= 2, calibrated.stats
 
 
 class Recorder:

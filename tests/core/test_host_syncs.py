@@ -1,6 +1,7 @@
 """Host syncs per decoding step, counted on the CPU (`core.syncs.HostSyncCounter`): a greedy step
-whose tree is d levels deep makes at most 2 d + 4 of them, however many layers the target has
-(docs/models.md lists each one), with either draft kind and either target path."""
+that drafts d levels makes at most 2 d + 4 of them, however many layers the target has
+(docs/models.md lists each one), with either draft kind and either target path. d is the tree's
+depth, unless the node budget then drops the deepest levels drafted."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from random_models import perturbed_copy, text_prompt, tiny_lm
 from specllava import SpeculativeDecoder
 from specllava.core.cache import KVBuffer, compact
+from specllava.core.drafting import Drafter
 from specllava.core.eagle import EagleHead
 from specllava.core.syncs import HostSyncCounter
 
@@ -52,17 +54,31 @@ def test_the_counter_would_catch_a_per_layer_index_upload():
 
 
 def _count(decoder, ids, **gen):
-    """Host syncs of every decoding step after the first, and each step's tree depth."""
-    depths = []
+    """Host syncs of every decoding step after the first, and the levels each step drafted (grown
+    levels that kept a node; the verified tree's depth unless the budget dropped the deepest)."""
+    depths, levels = [], [0]
     syncs = HostSyncCounter()
 
     def on_step(tree, verdict):
         syncs.mark()
         with syncs.pause():
-            depths.append(int(tree.depth.max()))
+            depths.append(max(int(tree.depth.max()), levels[-1]))
+            levels.append(0)
 
-    with syncs:
-        out = decoder.generate(ids, max_new_tokens=40, on_step=on_step, **gen)
+    grow = Drafter.grow
+
+    def counting_grow(self, logits):
+        before = 1 if self.tokens is None else self.tokens.numel()  # the root is no level
+        out = grow(self, logits)
+        levels[-1] += self.tokens.numel() > before
+        return out
+
+    Drafter.grow = counting_grow
+    try:
+        with syncs:
+            out = decoder.generate(ids, max_new_tokens=40, on_step=on_step, **gen)
+    finally:
+        Drafter.grow = grow
     return syncs, depths[1:], out
 
 
@@ -105,7 +121,10 @@ def test_the_count_does_not_grow_with_the_layers(drafts, deep_target):
     shallow = tiny_lm(0, layers=2, hidden=32)
     by_depth = []
     for target in (shallow, deep_target):
-        dec = SpeculativeDecoder(target, perturbed_copy(target, 0.02, seed=1), method="dynamic", **DEEP)
+        # calibrate=False: the tree then follows the draft alone; calibrated trees follow each target's
+        # acceptance, so their shapes differ (their count stays under the bound above, 32 layers)
+        dec = SpeculativeDecoder(target, perturbed_copy(target, 0.02, seed=1), method="dynamic", calibrate=False,
+                                 **DEEP)
         syncs, depths, _ = _count(dec, text_prompt(3, 12))
         seen = {}
         for n, d in zip(syncs.per_step(), depths):

@@ -87,7 +87,6 @@ class Calibrator:
         self.prior_sum = np.zeros(shape)  # sum of the draft's conditional q of tried nodes
         # drafted steps: how many, tokens emitted and cost spent, for draft_pays()
         self.drafted = 0
-        self.next_budget: int | None = None  # the dynamic tree's budget for the next step
         self.tokens = 0.0
         self.spent = 0.0
         self.skip_until = 0  # plain steps left before the next probe
@@ -99,19 +98,29 @@ class Calibrator:
         self._edges_on = {}
 
     # -- observations ---------------------------------------------------------------------------
-    def observe(self, parents: list[int], depth: list[int], q: list[float], path: list[int],
-                draft_forwards: int = 0, grown: list[float] | None = None, most: int = 0) -> None:
-        """One verified step. parents/depth/q per tree node (q: the draft's probability of the
-        node's token at its parent, any value at the root); `path`: the accepted nodes, root
-        first. Siblings are taken in tree order (the order verification tries them).
-        grown: the calibrated path confidences of every node the step grew (root excluded); with
-        `most`, they set `next_budget`, the budget of the next step (`budget`), so that choosing
-        it costs the device no extra read."""
-        on_path = set(path)
+    def observe(self, parents: list[int], depth: list[int], q: list[float], tokens: list[int] | None,
+                path: list[int], draft_forwards: int = 0, nodes: int | None = None, bonus: int | None = None) -> None:
+        """One verified step over the nodes the step grew: parents/depth/q/tokens per node (q: the
+        draft's probability of the node's token at its parent, any value at the root; children of
+        a node in draft order); `path`: the accepted nodes, root first; `nodes`: how many nodes
+        were verified (default: all but the root).
+
+        Sampled (bonus None): the grown tree is the verified one, and a child is accepted when it
+        is on the path. Greedy (`bonus`, the token the target chose after the path): the target's
+        argmax at each path node is the next path node's token, then the bonus, and a child is
+        accepted when its token is that argmax, whether or not the node budget kept it in the
+        verified tree, so a child's observations never depend on which siblings were kept."""
         children: dict[int, list[int]] = {}
         for i, par in enumerate(parents):
             if par >= 0:
                 children.setdefault(par, []).append(i)
+        if bonus is None:
+            on_path = set(path)
+            accepted_at = {u: next((c for c in children.get(u, []) if c in on_path), -1) for u in path}
+        else:
+            wanted = {u: tokens[v] for u, v in zip(path, path[1:])}
+            wanted[path[-1]] = bonus
+            accepted_at = {u: next((c for c in children.get(u, []) if tokens[c] == wanted[u]), -1) for u in path}
         seen = False
         for node in path:
             left = 1.0  # draft mass not taken by the better siblings
@@ -119,43 +128,33 @@ class Calibrator:
                 qc = min(max(q[child], 0.0), 1.0)
                 bucket = bisect_left(EDGE_LIST, qc)  # torch.bucketize's bucket, as `conditional` reads it
                 cell = (min(depth[child], self.max_depth), min(rank, MAX_RANK), bucket)
+                hit = child == accepted_at[node]
                 self.tried[cell] += 1.0
-                self.accepted[cell] += child in on_path
+                self.accepted[cell] += hit
                 self.prior_sum[cell] += min(qc / left, 1.0) if left > 1e-9 else 1.0
                 seen = True
-                if child in on_path:
+                if hit:
                     break
                 left = max(left - qc, 0.0)
         if seen:
             self._table = None
             self.version += 1
-        n_nodes = len(parents) - 1
-        if grown is not None and most:
-            self.next_budget = self.budget(grown, draft_forwards, most)
+        n_nodes = len(parents) - 1 if nodes is None else nodes
         self.drafted += 1
         # moving sums (each step weighs DECAY of the one after it): recent steps decide
         self.tokens = DECAY * self.tokens + len(path)  # accepted draft tokens + the bonus
         self.spent = DECAY * self.spent + self.cost.step(n_nodes, draft_forwards)
 
-    def observe_tree(self, tree, q: torch.Tensor, path: list[int], draft_forwards: int = 0) -> None:
-        """`observe` from a `Tree` and its nodes' draft probabilities q [N] (one read)."""
-        rows = torch.stack([tree.parents.cpu().double(), tree.depth.cpu().double(), q.cpu().double()]).tolist()
-        self.observe([int(x) for x in rows[0]], [int(x) for x in rows[1]], rows[2], path, draft_forwards)
-
     @staticmethod
-    def packed(tree, q: torch.Tensor, grown: torch.Tensor, most: int) -> torch.Tensor:
+    def packed(parents: torch.Tensor, depth: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """What `observe` needs from the device, as one long tensor to read back together with
-        other values (`unpack` reverses it): parents, depth, q in millionths, and the `most` best
-        grown confidences in millionths."""
-        best = grown.float().sort(descending=True).values[:most]
-        return torch.cat([tree.parents, tree.depth, (q.float() * SCALE).round().long(),
-                          (best * SCALE).round().long()])
+        other values (`unpack` reverses it): parents, depth, q in millionths, tokens."""
+        return torch.cat([parents, depth, (q.float() * SCALE).round().long(), tokens])
 
     @staticmethod
-    def unpack(values: list[int], n: int) -> tuple[list[int], list[int], list[float], list[float]]:
-        """`packed`'s read-back of an n-node tree -> (parents, depth, q, grown confidences)."""
-        return (values[:n], values[n:2 * n], [v / SCALE for v in values[2 * n:3 * n]],
-                [v / SCALE for v in values[3 * n:]])
+    def unpack(values: list[int], n: int) -> tuple[list[int], list[int], list[float], list[int]]:
+        """`packed`'s read-back of n nodes -> (parents, depth, q, tokens)."""
+        return values[:n], values[n:2 * n], [v / SCALE for v in values[2 * n:3 * n]], values[3 * n:4 * n]
 
     # -- estimates ------------------------------------------------------------------------------
     def table(self) -> np.ndarray:
@@ -221,6 +220,15 @@ class Calibrator:
             if r > rate:
                 top, rate = n, r
         return top
+
+    def budget_on_device(self, scores: torch.Tensor, draft_forwards: int, most: int) -> torch.Tensor:
+        """`budget` computed where `scores` [n] lie, without reading them: a 0-d long tensor (the
+        caller reads it together with what it needs anyway, or alone)."""
+        best = scores.float().sort(descending=True).values[:most]
+        n = torch.arange(1, best.numel() + 1, device=best.device, dtype=torch.float64)
+        rate = (1.0 + best.double().cumsum(0)) / (1.0 + self.cost.node_cost * n + self.cost.draft_cost * draft_forwards)
+        # argmax takes the first of equal rates, as `budget` keeps the first strictly best
+        return rate.argmax() + 1 if best.numel() else torch.ones((), dtype=torch.long, device=best.device)
 
     def draft_pays(self, window: int = 6) -> bool:
         """Whether the next step should draft. Yes until `window` drafted steps are measured, then

@@ -53,12 +53,13 @@ class Drafter:
         # dynamic: the draft's confidences read through this sequence's measured acceptance
         self.calib = Calibrator(cfg.max_depth) if policy == "dynamic" and cfg.calibrate else None
         # a draft that reads features of its pending tokens (EAGLE) cannot leave them pending
-        self.can_skip = self.calib is not None and type(self)._pending_features is Drafter._pending_features
-        self.skip = False  # this step verifies the root alone (drafting does not pay, `Calibrator.draft_pays`)
+        self.can_go_plain = self.calib is not None and type(self)._pending_features is Drafter._pending_features
+        self.plain = False  # this step verifies the root alone (drafting does not pay, `Calibrator.draft_pays`)
         self.node_budget = cfg.budget(self.sampled)  # dynamic: most nodes per tree, root excluded
         self.generator = generator
         self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> log q row over the draft's columns
         self.pending: list[int] = []
+        self.observation = None  # a greedy step's calibrator observation, until its bonus token is known
         self.keep: tuple[int, list[int]] | None = None  # a compaction `commit` leaves to `_feed_pending`
         if policy in ("chain", "static"):
             choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
@@ -79,7 +80,7 @@ class Drafter:
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the accepted fed nodes in the draft cache; the other emitted tokens become pending."""
         keep = self.accepted_fed(tree, path)
-        if self.skip:
+        if self.plain:
             return
         start = self.runner.length - self.fed.numel()  # committed part of the draft cache
         # compacted by the next `_feed_pending`, whose one upload carries this index and the tokens
@@ -96,14 +97,18 @@ class Drafter:
         or [] for a plain step (drafting does not pay: the tree is the root alone, `tree()`, and
         the pending tokens wait for the next drafted step)."""
         self.pending.append(root)
+        if self.observation is not None:  # the last greedy step's, completed by its bonus token
+            self.calib.observe(*self.observation, bonus=root)
+            self.observation = None
         self.d = 0
         self.q = {}
         self.tokens = None
         self.root = root
         self.kept = None
+        self.budgets = None  # (nodes, draft forwards, budget now, after one more forward): `_should_stop`
         self.forwards = 1
-        self.skip = self.can_skip and not self.calib.draft_pays()
-        if self.skip:
+        self.plain = self.can_go_plain and not self.calib.draft_pays()
+        if self.plain:
             self._start_tree(self.runner.device)
             return []
         pending, self.pending = self.pending, []
@@ -155,15 +160,14 @@ class Drafter:
         """After verification: the fed nodes to keep in the draft cache, as offsets into the fed
         order (the accepted path's fed prefix); the rest of the accepted tokens become pending
         (the bonus is added by the next `begin` as its root)."""
-        if self.skip:  # the root stays pending with the earlier ones; the bonus joins them next step
+        if self.plain:  # the root stays pending with the earlier ones; the bonus joins them next step
             return []
         n_fed, n = self.fed.numel(), len(tree)
         parts = [self.fed, tree.tokens.to(self.fed.device)]
         if self.kept is not None:  # the final tree is a selection: its node i is grown node kept[i]
             parts.append(self.kept.to(self.fed.device))
-        if self.calib is not None:  # what the calibrator observes, read in the same sync
-            q = self.rawq if self.kept is None else self.rawq[self.kept]
-            parts.append(self.calib.packed(tree, q, self.score[1:], self.node_budget).to(self.fed.device))
+        if self.calib is not None:  # what the calibrator observes (every grown node), in the same sync
+            parts.append(self.calib.packed(self.parents, self.depth, self.rawq, self.tokens).to(self.fed.device))
         read = torch.cat(parts).tolist()  # host sync: fed nodes, tokens (the selection, the observations)
         fed_rank = {int(n): i for i, n in enumerate(read[:n_fed])}
         tokens = read[n_fed : n_fed + n]
@@ -172,8 +176,12 @@ class Drafter:
         if self.kept is not None:
             grown, rest = read[rest : rest + n], rest + n
         if self.calib is not None:
-            parents, depth, q, scores = self.calib.unpack(read[rest:], n)
-            self.calib.observe(parents, depth, q, path, self.forwards, grown=scores, most=self.node_budget)
+            observation = (*self.calib.unpack(read[rest:], self.tokens.numel()), [grown[i] for i in path],
+                           self.forwards, n - 1)
+            if self.sampled:  # the tree is all that was grown, and the path says what was accepted
+                self.calib.observe(*observation)
+            else:  # at T=0 the target's argmax decides for grown nodes left out of the tree too:
+                self.observation = observation  # the path's tokens, then the bonus (the next root)
         keep = []
         for node in path[1:]:
             if grown[node] not in fed_rank:
@@ -330,23 +338,36 @@ class Drafter:
         confidence is at most the budget's last one). Not worth feeding: another draft forward
         adds children whose path confidences sum to at most the frontier's; for a calibrated draft
         that sum is the expected number of extra accepted tokens, and below `min_feed_mass` the
-        forward costs more than it can return."""
+        forward costs more than it can return. A calibrated greedy tree reads its final budget
+        (`_finalize`) in the same sync, for the tree as it stands: whether growth stops here, or
+        after one more forward whose depth keeps no node."""
         if self.policy != "dynamic":
             return False
         flags = []
         budget = self.node_budget
-        if not self.sampled and score.numel() - 1 > budget:
+        if not self.sampled and score.numel() - 1 >= budget:  # a child is never above its parent
             flags.append(score[frontier].max() <= score[1:].topk(budget).values[-1])
         if self.cfg.min_feed_mass > 0:
             flags.append(score[frontier].sum() < self.cfg.min_feed_mass)
-        return bool(torch.stack(flags).any()) if flags else False  # host sync: both rules at once
+        budgets = self.calib is not None and not self.sampled
+        if not budgets:
+            return bool(torch.stack(flags).any()) if flags else False  # host sync: both rules at once
+        stop = torch.stack(flags).any().long() if flags else torch.zeros((), dtype=torch.long, device=score.device)
+        now, after = (self.calib.budget_on_device(score[1:], f, budget) for f in (self.forwards, self.forwards + 1))
+        read = torch.stack([stop, now, after]).tolist()  # host sync: both rules and the budgets at once
+        self.budgets = (score.numel(), self.forwards, read[1], read[2])
+        return bool(read[0])
 
     def _finalize(self, tree: Tree) -> Tree:
         if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= 1:
             return tree
         budget = self.node_budget
-        if self.calib is not None and self.calib.next_budget is not None:
-            budget = min(budget, self.calib.next_budget)  # expected tokens per cost, from the last step
+        if self.calib is not None:  # as many of the best as maximise expected tokens per cost
+            n, forwards, now, after = self.budgets or (-1, -1, 0, 0)
+            if n == len(tree) and self.forwards in (forwards, forwards + 1):  # read at the last stop check
+                budget = now if self.forwards == forwards else after
+            else:  # growth ended at max_depth
+                budget = int(self.calib.budget_on_device(tree.score[1:], self.forwards, budget))  # host sync
         if len(tree) - 1 <= budget:
             return tree
         # Path confidence only falls along a path, and a stable sort keeps parents (earlier
