@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batch import Batch, step_batch
 from .backends import Backend, draft_backend, head_backend, target_backend
 from .cache import compact
 from .checks import CHECKS
 from .config import METHODS, TreeConfig
 from .drafting import DraftQ
 from .eagle import EagleHead
-from .inputs import check_inputs, check_model, check_sampling, eos_set
+from .inputs import check_inputs, check_model, check_sampling, eos_set, split_rows
 from .model_info import image_token_id, is_vlm, unsupported_attention, vocab_size
 from .quant import resolve_quant
 from .runner import ModelRunner
@@ -162,6 +163,7 @@ class SpeculativeDecoder:
         # the draft's prefill reuses the target's vision features (identical vision towers)
         self.shares_vision = method != "ar" and not self.eagle and draft is not None and CHECKS.get(
             target, ("shares_vision", id(draft)), lambda: shares_vision_tower(target, draft), draft)
+        self._batch: Batch | None = None  # the sequences the last step ran together (`core.batch`)
         self.strategy = choose_strategy(method, target, draft, self.config, self.eagle, self.shares_vision)
 
     # ------------------------------------------------------------------------------------------
@@ -225,6 +227,14 @@ class SpeculativeDecoder:
                 seq.finish("time_limit")
             if not seq.finished:
                 live.append(seq)
+        if len(live) > 1 and self.strategy.batched:
+            # the batch's rows follow the sequences given: new ones join, absent ones leave
+            if self._batch is None or self._batch.seqs != live:
+                self._batch = Batch.build(live, self._batch)
+            return step_batch(self._batch)
+        if self._batch is not None:  # back to per-sequence steps: every row returns to its sequence
+            self._batch.release()
+            self._batch = None
         return [self._step_one(seq) for seq in live]
 
     def _step_one(self, seq: Sequence) -> StepResult:
@@ -283,6 +293,14 @@ class SpeculativeDecoder:
     ) -> SpecOutput:
         """Decode up to `max_new_tokens` tokens after the prompt: `start`, then `step` until done.
 
+        A batch (input_ids [B, len] with B > 1, padded, and its attention_mask, as the processor
+        returns them for lists of prompts and images; `inputs.split_rows`) decodes every row as
+        its own request, all rows stepped together, and returns `sequences` shaped as
+        transformers' batched generate() does: [B, len + longest new], the input rows as given,
+        rows that stopped early padded with pad_token_id (the generation config's, else the
+        first EOS id). Row b samples with seed + b. stats: the rows' stats under "rows".
+        Each row equals that row decoded alone.
+
         model_inputs: every other tensor the target's processor returns (LLaVA-NeXT's
                   `image_sizes`, ...), passed on to the target's prefill as generate() takes them
                   (and to a vision-language draft's). Call it as `generate(**processor(...))`.
@@ -293,6 +311,11 @@ class SpeculativeDecoder:
                   calibration; it must not modify them.
         max_time: stop after this many seconds (between steps), as generate()'s max_time.
         """
+        if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[0] > 1:
+            return self._generate_rows(input_ids, pixel_values, attention_mask, streamer, on_step, model_inputs,
+                                       dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, max_time=max_time),
+                                       seed)
         seq = self.start(input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                          top_p, eos_token_id, seed, max_time, **model_inputs)
         if streamer is not None:
@@ -307,6 +330,31 @@ class SpeculativeDecoder:
         if streamer is not None:
             streamer.end()
         return SpecOutput(sequences=seq.sequences(), stats=seq.summary())
+
+    def _generate_rows(self, input_ids, pixel_values, attention_mask, streamer, on_step, model_inputs, args,
+                       seed) -> SpecOutput:
+        """`generate` for a padded batch: one sequence per row, stepped together."""
+        if streamer is not None:
+            raise ValueError("a streamer takes one sequence, as transformers' streamers do: pass one prompt, or "
+                             "use start()/step() to stream many")
+        check_sampling(seed=seed)
+        rows = split_rows(self.target, input_ids, attention_mask, pixel_values, model_inputs)
+        seqs = [self.start(**row, **args, seed=None if seed is None else seed + b) for b, row in enumerate(rows)]
+        while not all(s.finished for s in seqs):
+            for result in self.step(seqs):
+                if on_step is not None:
+                    on_step(result.tree, result.verdict)
+        pad = self.target.generation_config.pad_token_id
+        if pad is None:  # as generate(): the first EOS id
+            eos = args["eos_token_id"] if args["eos_token_id"] is not None else self.target.generation_config.eos_token_id
+            eos = eos.tolist() if torch.is_tensor(eos) else eos
+            pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+        width = max(len(s.tokens) for s in seqs)
+        new = torch.tensor([s.tokens + [pad] * (width - len(s.tokens)) for s in seqs], dtype=input_ids.dtype)
+        stats = [s.summary() for s in seqs]
+        return SpecOutput(sequences=torch.cat([input_ids, new.to(input_ids.device)], dim=1),
+                          stats={"rows": stats, "new_tokens": sum(s["new_tokens"] for s in stats),
+                                 "time_total_s": max(s["time_total_s"] for s in stats)})
 
     def _draft_backend(self, draft_quant, lean: bool, vocab: torch.Tensor | None) -> Backend | None:
         """How the draft's decode steps run (`core.backends`); None for "ar" (no draft)."""
