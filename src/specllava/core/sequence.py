@@ -40,6 +40,8 @@ class Sequence:
     t_start: float = field(default_factory=time.perf_counter)
     t_prefill: float = 0.0  # seconds from start() to the first token
     t_end: float | None = None
+    keep_logits: bool = False  # StepResult.logits wanted (the server's logprobs)
+    first_logits: torch.Tensor | None = None  # [1, V] the target's raw logits behind the first token (keep_logits)
 
     @property
     def finished(self) -> bool:
@@ -92,12 +94,15 @@ class StepResult:
 
     tokens: the tokens it emitted (accepted draft tokens, then the bonus; cut at EOS or
     max_new_tokens). tree, verdict: the verified tree and its accepted path (`verdict.path`, node
-    indices, root first) and bonus token. finished / finish_reason: whether this step ended it."""
+    indices, root first) and bonus token. finished / finish_reason: whether this step ended it.
+    logits: with the sequence's `keep_logits`, the target's raw logits behind each emitted token,
+    [len(tokens), V] (the accepted path's rows, read from the verification forward), else None."""
 
     sequence: Sequence
     tokens: list[int]
     tree: Tree
     verdict: Verdict
+    logits: torch.Tensor | None = None
 
     @property
     def finished(self) -> bool:
