@@ -4,24 +4,34 @@ the table and the plot written."""
 
 import json
 
+import pytest
+
 from specllava.bench.throughput import batch_inputs, summarize
 from specllava.cli import main
 
 
-def test_throughput_mode_end_to_end(assembled_pair, llava_json, tmp_path, capsys):
+@pytest.mark.parametrize("load_aware", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["plain", "load-aware"])  # the load-aware run calibrates the cost model first
+def test_throughput_mode_end_to_end(assembled_pair, llava_json, tmp_path, capsys, monkeypatch, load_aware):
+    import specllava.tuning.budget as budget
+
+    monkeypatch.setattr(budget, "CACHE_DIR", tmp_path / "calibration")
     out = tmp_path / "tp"
+    extra = ["--fixed-budgets", "2", "--load-aware", "--calibration-prompts", "1"] if load_aware else []
     code = main(["bench", "--throughput", "--target", str(assembled_pair.target_dir), "--draft",
                  str(assembled_pair.draft_dir), "--dtype", "float32", "--data", str(llava_json), "--concurrency", "1", "2",
-                 "--max-new-tokens", "6", "--warmup", "0", "--no-progress", "--out", str(out)])
+                 "--max-new-tokens", "6", "--warmup", "0", "--no-progress", "--out", str(out), *extra])
     assert code == 0
     result = json.loads((out / "throughput.json").read_text())
     summary = result["summary"]
-    assert set(summary) == {"hf", "ar", "dynamic"}
+    assert set(summary) == {"hf", "ar", "dynamic"} | ({"dynamic-b2", "dynamic-load"} if load_aware else set())
+    if load_aware:
+        assert set(result["load_aware"]["batch_budgets"]) == {"1", "2"}
     for method in summary:
         assert set(summary[method]) == {"1", "2"}
         assert summary[method]["1"]["requests"] == 2 and summary[method]["2"]["requests"] == 2
         assert summary[method]["1"]["speedup_vs_c1"] == 1.0
-    for method in ("ar", "dynamic"):  # at c=1 hf decodes each prompt alone: the same tokens
+    for method in set(summary) - {"hf"}:  # at c=1 hf decodes each prompt alone: the same tokens
         assert summary[method]["1"]["match_hf"] == "2/2"
     assert (out / "bench_throughput.png").stat().st_size > 0
     assert "| dynamic | 2 |" in (out / "throughput.md").read_text()

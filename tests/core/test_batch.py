@@ -272,3 +272,39 @@ def test_the_batched_check_fails_on_a_wrong_acceptance_rule(pair, monkeypatch):
     counts = sample_rows(pair, 3000)[0]
     pval = chi2_pvalue(counts, exact_sequence_probs(pair[0], ids, params, N_TOKENS))
     assert pval < 1e-6, f"the batched losslessness check did not catch a wrong rule (p-value {pval:.2e})"
+
+
+# -- load-aware trees ---------------------------------------------------------------------------
+def test_load_aware_budgets_change_the_trees_not_the_output(target, drafts):
+    """batch_budgets: full trees alone, smaller ones in pairs, plain decoding from 3 on; every row
+    still equals generate()."""
+    reqs, news = requests(), [30, 22, 26, 18]
+    dec = SpeculativeDecoder(target, drafts["perturbed"], method="dynamic", batch_budgets={1: 24, 2: 3, 3: 0})
+    seqs = run_batched(dec, reqs, news, join_late=(3,))
+    for (ids, px), new, seq in zip(reqs, news, seqs):
+        if px is not None:
+            assert seq.sequences()[0].tolist() == reference(target, ids, px, new)
+    stats = seqs[0].stats
+    sizes = [(b, n) for b, n in zip(stats.batch, stats.nodes)]
+    assert all(n == 0 for b, n in sizes if b >= 3) and any(b >= 3 for b, _ in sizes)  # plain decoding at 3+
+    assert all(n <= 3 for b, n in sizes if b == 2)
+    assert any(b == 1 and n > 3 for b, n in sizes)  # the longest request ends alone, with the budget for 1
+
+
+def test_batch_budget_table_is_checked(target, drafts):
+    with pytest.raises(ValueError, match="batch_budgets"):
+        SpeculativeDecoder(target, drafts["perturbed"], method="dynamic", batch_budgets={0: 4})
+
+
+def test_batch_node_budgets_shrink_with_the_batch():
+    from specllava.tuning.budget import AcceptanceProfile, CostCurve, batch_node_budgets
+
+    # a target whose forward costs 40 ms plus 1.2 ms per token (weights read once, then compute)
+    sizes = [1, 2, 4, 8, 16, 32, 64, 96]
+    cost = CostCurve(sizes, [0.040 + 0.0012 * n for n in sizes], 160, {})
+    budgets = list(range(1, 33))
+    tau = [1 + 2.0 * (1 - 0.9 ** b) for b in budgets]  # diminishing returns of more nodes
+    profile = AcceptanceProfile(budgets, tau, rest_s=0.010, steps=100, key={})
+    table = batch_node_budgets(cost, profile, (1, 2, 4, 8, 64))
+    assert table[1] >= table[2] >= table[4] >= table[8] >= table[64]
+    assert table[1] > table[8] and table[64] == 0  # at a high load plain batched decoding wins

@@ -144,6 +144,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "(--concurrency) for hf (batched generate()), batched ar and batched dynamic, greedy")
     run.add_argument("--concurrency", type=cli_args.positive_int, nargs="+", default=[1, 2, 4, 8], metavar="N",
                      help="with --throughput: concurrent requests per group (default: 1 2 4 8)")
+    run.add_argument("--fixed-budgets", type=cli_args.positive_int, nargs="+", default=[], metavar="N",
+                     help="with --throughput: also measure dynamic with each of these fixed node budgets "
+                     "(methods dynamic-bN)")
+    run.add_argument("--load-aware", action="store_true",
+                     help="with --throughput: also measure dynamic-load, dynamic whose node budget per sequence "
+                     "follows the batch size (tuning.budget.batch_node_budgets, from the calibrated cost model; "
+                     "calibrates on the first --calibration-prompts prompts at the first run)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>); one that "
                    "is not empty is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its results")
@@ -349,6 +356,29 @@ def run_throughput_mode(args) -> int:
                                                              draft_vocab=vocab, draft_quant=opts.draft_quant,
                                                              **({} if m == "ar" else tree_options))
                 for m in methods}
+    for budget in args.fixed_budgets:
+        decoders[f"dynamic-b{budget}"] = SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=vocab,
+                                                            draft_quant=opts.draft_quant,
+                                                            **{**tree_options, "node_budget": budget})
+    calibration = None
+    if args.load_aware:
+        from ..core.model_info import input_device
+        from ..tuning.budget import acceptance_profile, batch_node_budgets, batch_speed, verify_cost_curve
+        from .harness import prepare_inputs
+
+        inputs = [prepare_inputs(processor, p, target.dtype, input_device(target))
+                  for p in prompts[: args.calibration_prompts]]
+        cost = verify_cost_curve(target, refresh=args.recalibrate)
+        profile = acceptance_profile(target, draft, inputs, tree_options, cost, refresh=args.recalibrate,
+                                     max_new_tokens=args.max_new_tokens, draft_vocab=vocab, draft_quant=opts.draft_quant)
+        table = batch_node_budgets(cost, profile, sorted(set(args.concurrency)))
+        calibration = {"batch_budgets": table, "expected_tokens_per_s": {
+            c: {b: batch_speed(cost, profile, c, b) for b in [0] + sorted(set(args.fixed_budgets) | {table[c]})}
+            for c in table}}
+        print(f"--load-aware: node budget per sequence by batch size {table}", file=sys.stderr)
+        decoders["dynamic-load"] = SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=vocab,
+                                                      draft_quant=opts.draft_quant, batch_budgets=table,
+                                                      **tree_options)
     result = run_throughput(target, decoders, processor, prompts, sorted(set(args.concurrency)), args.max_new_tokens,
                             warmup=args.warmup, progress=not args.no_progress)
     out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
@@ -357,7 +387,8 @@ def run_throughput_mode(args) -> int:
     machine.update(load_average_at_start=load_at_start, load_average_at_end=_loadavg())
     write_json({"command": " ".join(["specllava"] + sys.argv[1:]), "set": set_name, "machine": machine,
                 "models": {**model_info, "dtype": str(target.dtype).removeprefix("torch.")},
-                "tree_options": tree_options, "draft_vocab": vocab, **result}, out_dir / "throughput.json")
+                "tree_options": tree_options, "draft_vocab": vocab, "load_aware": calibration, **result},
+               out_dir / "throughput.json")
     md = markdown(result["summary"])
     (out_dir / "throughput.md").write_text(md)
     plot(result["summary"], out_dir / "bench_throughput.png",

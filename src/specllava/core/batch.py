@@ -195,15 +195,20 @@ class Batch:
                         s.drafter.runner.cache = cache_from_kv(rows.cache, keys, values)
 
 
-def step_batch(batch: Batch) -> list[StepResult]:
-    """One draft -> verify -> accept -> compact -> emit step for every sequence of `batch`."""
+def step_batch(batch: Batch, skip_draft: bool = False) -> list[StepResult]:
+    """One draft -> verify -> accept -> compact -> emit step for every sequence of `batch`
+    (skip_draft: plain decoding, the roots alone; the drafters catch up at their next tree)."""
     seqs = batch.seqs
     n_rows = len(seqs)
     t0 = time.perf_counter()
     # 1. draft every tree (each group's drafters in batched draft forwards; "ar": the root alone)
     trees: list[Tree | None] = [None] * n_rows
     fed_at: dict[int, tuple[int, list[int]]] = {}  # row -> (tree block start, fed nodes' columns)
-    for rows, members in batch.groups:
+    groups = [] if skip_draft else batch.groups
+    for b in (range(n_rows) if skip_draft else ()):
+        if seqs[b].drafter is not None:
+            seqs[b].drafter.skip(seqs[b].root)
+    for rows, members in groups:
         grown, marks = _draft_group(rows, [seqs[b].drafter for b in members], [seqs[b].root for b in members])
         for j, b in enumerate(members):
             trees[b], fed_at[b] = grown[j], marks[j]
@@ -237,11 +242,11 @@ def step_batch(batch: Batch) -> list[StepResult]:
     for b, s in enumerate(seqs):
         if s.params.do_sample:
             d = s.drafter
-            drawn = DraftQ(d, logits.shape[-1], logits.device) if d is not None and d.sampled else None
+            drawn = DraftQ(d, logits.shape[-1], logits.device) if d is not None and d.sampled and not skip_draft else None
             verdicts[b] = verify_sampling(seen[b], LazyProbs(logits[b, : len(seen[b])], s.params), s.generator, drawn)
     # 4. compact: each row keeps its accepted path, in both caches
     target.keep(mark, [[mark + i for i in v.path] for v in verdicts])
-    for rows, members in batch.groups:
+    for rows, members in groups:
         cols = []
         for b in members:
             start, fed_cols = fed_at[b]

@@ -93,6 +93,12 @@ class SpeculativeDecoder:
             keeps its own forward (a failed check warns), as does target_lean=False. The prefill
             always runs through generate() itself.
 
+    batch_budgets: load-aware trees for method "dynamic": {B: node budget per sequence} for steps
+            of B sequences (a step of b sequences takes the entry of the largest B <= b; 0 = plain
+            decoding, the root alone, at that load), e.g. `tuning.budget.batch_node_budgets`'s
+            choice from the calibrated cost model. None (default): the tree options' budget at
+            every batch size. Lossless either way. Not for an EAGLE head.
+
     Each model's backend (`core.backends`) is chosen here, once: `target_backend`,
     `draft_backend` (and `sampled_draft_backend` when sampled requests use another vocabulary).
     """
@@ -107,6 +113,7 @@ class SpeculativeDecoder:
         draft_quant: str | None = "auto",
         draft_lean: bool = True,
         target_lean: bool = True,
+        batch_budgets: dict[int, int] | None = None,
         **tree_options,
     ):
         check_model(target, "target")
@@ -114,6 +121,7 @@ class SpeculativeDecoder:
             check_model(draft, "draft")
         with CHECKS.stamp_window():  # each model's weights fingerprinted once for the cached checks
             self._build(target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options)
+        self.batch_budgets = _check_batch_budgets(batch_budgets)
 
     def _build(self, target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options):
         if method not in METHODS:
@@ -232,19 +240,36 @@ class SpeculativeDecoder:
                 seq.finish("time_limit")
             if not seq.finished:
                 live.append(seq)
+        skip = self._apply_budget(live)
         if len(live) > 1 and self.strategy.batched:
             # the batch's rows follow the sequences given: new ones join, absent ones leave
             if self._batch is None or self._batch.seqs != live:
                 self._batch = Batch.build(live, self._batch)
-            return step_batch(self._batch)
+            return step_batch(self._batch, skip_draft=skip)
         if self._batch is not None:  # back to per-sequence steps: every row returns to its sequence
             self._batch.release()
             self._batch = None
-        return [self._step_one(seq) for seq in live]
+        return [self._step_one(seq, skip) for seq in live]
 
-    def _step_one(self, seq: Sequence) -> StepResult:
-        """draft -> verify -> accept -> compact -> emit, for one sequence."""
-        target, drafter, params, stats = seq.target, seq.drafter, seq.params, seq.stats
+    def _apply_budget(self, live: list[Sequence]) -> bool:
+        """Load-aware trees (`batch_budgets`): set every drafter's node budget for a step of
+        len(live) sequences; True when that budget is 0 (plain decoding: no draft this step)."""
+        if not self.batch_budgets or self.method != "dynamic" or self.eagle:
+            return False
+        sizes = [b for b in self.batch_budgets if b <= len(live)]
+        budget = self.batch_budgets[max(sizes)] if sizes else None
+        for seq in live:
+            if seq.drafter is not None:
+                seq.drafter.node_budget = budget or seq.drafter.default_budget
+        return budget == 0
+
+    def _step_one(self, seq: Sequence, skip_draft: bool = False) -> StepResult:
+        """draft -> verify -> accept -> compact -> emit, for one sequence (skip_draft: the root
+        alone, the drafter catching up at its next step)."""
+        target, params, stats = seq.target, seq.params, seq.stats
+        drafter = None if skip_draft else seq.drafter
+        if skip_draft and seq.drafter is not None:
+            seq.drafter.skip(seq.root)
         # 1. draft a tree rooted at the last emitted token (plain decoding: the root alone)
         t = time.perf_counter()
         tree = drafter.draft(seq.root) if drafter else root_only(seq.root, device=target.device)
@@ -407,6 +432,17 @@ class SpeculativeDecoder:
             ids = ids[ids != img]
         return ids
 
+
+
+def _check_batch_budgets(table) -> dict[int, int] | None:
+    if table is None:
+        return None
+    ok = isinstance(table, dict) and table and all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 and isinstance(v, int) and not isinstance(v, bool)
+        and v >= 0 for k, v in table.items())
+    if not ok:
+        raise ValueError(f"batch_budgets must map batch sizes (ints >= 1) to node budgets (ints >= 0), got {table!r}")
+    return dict(table)
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
