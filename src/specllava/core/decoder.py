@@ -245,7 +245,10 @@ class SpeculativeDecoder:
             # the batch's rows follow the sequences given: new ones join, absent ones leave
             if self._batch is None or self._batch.seqs != live:
                 self._batch = Batch.build(live, self._batch)
-            return step_batch(self._batch, skip_draft=skip)
+            results = step_batch(self._batch, skip_draft=skip)
+            if all(seq.finished for seq in live):  # nothing left to continue: free the buffers
+                self._batch = None
+            return results
         if self._batch is not None:  # back to per-sequence steps: every row returns to its sequence
             self._batch.release()
             self._batch = None
