@@ -120,6 +120,22 @@ def test_sliding_window_rows():
             assert torch.equal(s.sequences(), target.generate(input_ids=p, max_new_tokens=n, do_sample=False))
 
 
+def test_offloaded_target_rows(tmp_path):
+    """A target dispatched by accelerate (a layer offloaded to disk): the batched forward goes
+    through transformers' forward and its hooks."""
+    from test_architectures import _offloaded
+
+    plain = tiny_llava(0)
+    draft = perturbed_copy(plain, 0.05, seed=1)
+    reqs, news = requests(), [16, 12, 14, 10]
+    expected = [reference(plain, ids, px, n) if px is not None else None for (ids, px), n in zip(reqs, news)]
+    dec = SpeculativeDecoder(_offloaded(plain, tmp_path), draft, method="dynamic")
+    assert dec.target_backend.kind == "transformers"
+    for (ids, px), exp, seq in zip(reqs, expected, run_batched(dec, reqs, news)):
+        if px is not None:
+            assert seq.sequences()[0].tolist() == exp
+
+
 def test_eagle_head_steps_each_sequence_on_its_own(target):
     torch.manual_seed(5)
     head = EagleHead.from_target(target)
