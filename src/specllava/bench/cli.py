@@ -390,6 +390,10 @@ def run_throughput_mode(args) -> int:
                 "tree_options": tree_options, "draft_vocab": vocab, "load_aware": calibration, **result},
                out_dir / "throughput.json")
     md = markdown(result["summary"])
+    if result["divergences"]:
+        md += "\nDivergences from hf's tokens for the same prompt alone (target's top-2 logit margin there):\n\n"
+        md += "\n".join(f"- {d['method']} c={d['concurrency']} {d['prompt']}: position {d['position']}, "
+                         f"margin {d['margin']:.4f}" for d in result["divergences"]) + "\n"
     (out_dir / "throughput.md").write_text(md)
     plot(result["summary"], out_dir / "bench_throughput.png",
          title=f"{set_name}, {args.max_new_tokens} new tokens, {str(target.dtype).removeprefix('torch.')}, "

@@ -14,9 +14,10 @@ latency (arrival to its own last token) and its new tokens. Methods are interlea
 order rotating by one per group. Reported per (method, c): aggregate tokens/s (all new tokens /
 all wall time), tokens per CPU second (process CPU time, all threads: robust to other jobs on a
 shared machine, which stretch wall time), p50 and p95 request latency, and the speedup of
-aggregate tokens/s (and of tokens per CPU second) over the same method at c=1. At T=0 each specllava row is compared with hf's row of the same group
-(`match_hf`): a difference at a bf16 near-tie of batched matmuls is possible, and `divergence`
-lists it with the target's top-2 margin.
+aggregate tokens/s (and of tokens per CPU second) over the same method at c=1. At T=0 every
+request's tokens are compared with hf's for the same prompt decoded alone (`match_hf`; hf's own
+batched rows too): a difference at a bf16 near-tie of batched matmuls is possible, and
+`divergences` lists each with the target's top-2 logit margin there.
 """
 
 from __future__ import annotations
@@ -112,16 +113,32 @@ def run_throughput(target, decoders: dict, processor, prompts, concurrency: list
                          "prompts": [p.id for p in prompts[g * c : (g + 1) * c]], **rec})
             bar.update()
     bar.close()
-    _match_hf(runs)
-    return {"runs": runs, "summary": summarize(runs)}
+    divergences = _match_hf(runs, target, {p.id: row for p, row in zip(prompts, rows)})
+    return {"runs": runs, "summary": summarize(runs), "divergences": divergences}
 
 
-def _match_hf(runs: list[dict]) -> None:
-    hf = {(r["concurrency"], r["group"]): r["tokens"] for r in runs if r["method"] == "hf"}
+def _match_hf(runs: list[dict], target, inputs: dict) -> list[dict]:
+    """Each request's tokens against hf's for the same prompt decoded alone (c=1, else hf's row in
+    the same group): `match_hf` per run; every mismatch listed with the target's top-2 margin at
+    the first differing position (`harness.divergence`), hf's own batched rows included."""
+    from .harness import divergence
+
+    alone = {r["prompts"][0]: r["tokens"][0] for r in runs if r["method"] == "hf" and r["concurrency"] == 1}
+    grouped = {(r["concurrency"], r["group"]): r["tokens"] for r in runs if r["method"] == "hf"}
+    out = []
     for r in runs:
-        ref = hf.get((r["concurrency"], r["group"]))
-        if r["method"] != "hf" and ref is not None:
-            r["match_hf"] = [a == b for a, b in zip(r["tokens"], ref)]
+        refs = [alone.get(pid) for pid in r["prompts"]]
+        if any(ref is None for ref in refs):
+            refs = grouped.get((r["concurrency"], r["group"]))
+        if refs is None or (r["method"] == "hf" and r["concurrency"] == 1):
+            continue
+        r["match_hf"] = [a == b for a, b in zip(r["tokens"], refs)]
+        for pid, ok, ref, got in zip(r["prompts"], r["match_hf"], refs, r["tokens"]):
+            if not ok:
+                with torch.inference_mode():
+                    d = divergence(target, inputs[pid], ref, got)
+                out.append({"method": r["method"], "concurrency": r["concurrency"], "prompt": pid, **d})
+    return out
 
 
 def _percentile(xs: list[float], q: float) -> float:
