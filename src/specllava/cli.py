@@ -15,13 +15,10 @@ one line, and `--debug` anywhere shows the traceback instead (docs/inputs.md).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 from . import cli_args
-from .cli_args import budget as budget_arg  # noqa: F401  (a name other modules import from here)
-
 from .options import METHODS, QUANT_CHOICES, TREE_FIELDS, DecodingOptions, LoadOptions  # noqa: F401  (imported from here)
 
 
@@ -72,19 +69,6 @@ def _open_image(path: str | None):
     from .images import open_image
 
     return open_image(path)
-
-
-def check_tree_args(args) -> None:
-    """`DecodingOptions.check` on parsed arguments."""
-    DecodingOptions.from_args(args).check()
-
-
-def resolve_tree_options(args, target, draft, inputs: dict, draft_vocab=None, prefix: str = "") -> dict:
-    """`DecodingOptions.resolve_tree_options` on parsed arguments and one prompt's `inputs`."""
-    opts = DecodingOptions.from_args(args)
-    if draft_vocab is not None:
-        opts = dataclasses.replace(opts, draft_vocab=draft_vocab)
-    return opts.resolve_tree_options(target, draft, [inputs] if inputs else [], prefix=prefix)
 
 
 def run_generate(args) -> int:

@@ -59,13 +59,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-SEED_LIMIT = 2**64  # seeds are mixed as 64-bit integers (core.decoder.mix_seed): larger ones would collide
-
-
 def seed(text: str) -> int:
-    """A random seed: an integer in [0, 2**64)."""
+    """A decoding seed: any integer (`core.sampling.mix_seed` mixes it whole, so 2**64 is not seed 0)."""
+    return _int(text)
+
+
+def torch_seed(text: str) -> int:
+    """A seed for `torch.manual_seed` (the training commands): an integer in [0, 2**64)."""
     value = _int(text)
-    if not 0 <= value < SEED_LIMIT:
+    if not 0 <= value < 2**64:
         raise Error(f"must be an integer in [0, 2**64), got {text}")
     return value
 
@@ -153,24 +155,16 @@ def existing_file(text: str) -> Path:
 
 def existing_dir(text: str) -> Path:
     """An existing folder."""
-    if not text:
-        raise Error("the folder path is empty")
-    path = Path(text).expanduser()
-    if path.is_file():
+    st = _stat(text, "folder")
+    if not stat.S_ISDIR(st.st_mode):
         raise Error(f"{text} is a file, not a folder")
-    if not path.is_dir():
-        raise Error(f"folder not found: {text}")
-    return path
+    return Path(text).expanduser()
 
 
 def existing_path(text: str) -> Path:
     """An existing file or folder."""
-    if not text:
-        raise Error("the path is empty")
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise Error(f"no such file or folder: {text}")
-    return path
+    _stat(text, "file or folder")
+    return Path(text).expanduser()
 
 
 def image_file(text: str) -> str:

@@ -102,6 +102,25 @@ def test_default_models_load_in_the_hardwares_dtype(tmp_path):
         assert load_models(paths, dtype=torch.float32, draft=False).target.dtype == torch.float32
 
 
+def test_the_public_load_default_models_is_the_models_one(monkeypatch):
+    """`specllava.load_default_models` (the README's) takes the same arguments with the same
+    defaults as `specllava.models.load_default_models` (dtype "auto", as the CLI) and passes
+    them all on."""
+    import specllava
+    from specllava import models as models_pkg
+
+    public, inner = inspect.signature(specllava.load_default_models), inspect.signature(models_pkg.load_default_models)
+    assert [(p.name, p.default) for p in public.parameters.values()] == \
+        [(p.name, p.default) for p in inner.parameters.values()]
+    assert public.parameters["dtype"].default == "auto"
+    seen = {}
+    monkeypatch.setattr(models_pkg, "load_default_models", lambda **kw: seen.update(kw) or "pair")
+    assert specllava.load_default_models() == "pair"
+    assert seen == {p.name: p.default for p in inner.parameters.values()}
+    specllava.load_default_models("c", torch.float16, False, "cuda:1")
+    assert seen == {"cache_dir": "c", "dtype": torch.float16, "draft": False, "device": "cuda:1"}
+
+
 def test_generate_and_bench_take_the_load_flags():
     parser = build_parser()
     for command in ("generate", "bench"):

@@ -9,7 +9,7 @@ from specllava.models.hf import chat_inputs
 from specllava.serve.engine import encode_chat
 from specllava.serve.protocol import APIError, Limits, parse_completion, parse_request
 
-LIMITS = Limits(max_tokens=64)
+LIMITS = Limits(max_tokens=64, max_images=1)  # as for LLaVA-1.5
 
 
 def test_defaults_follow_specllava_generate():
@@ -32,6 +32,8 @@ def test_sampling_fields_of_the_openai_api():
     req = parse_request({"messages": user("Hi"), "n": 3, "logprobs": True, "top_logprobs": 5, "seed": 2**63 - 1}, LIMITS)
     assert (req.n, req.logprobs, req.top_logprobs, req.seed) == (3, True, 5, 2**63 - 1)
     assert parse_request({"messages": user("Hi"), "seed": -(2**63), "temperature": 1}, LIMITS).seed == -(2**63)
+    opts = {"include_usage": True, "include_obfuscation": False}  # what newer openai clients may send
+    assert parse_request({"messages": user("Hi"), "stream": True, "stream_options": opts}, LIMITS).include_usage
 
 
 def test_completions_requests():

@@ -1,6 +1,7 @@
 """The draft is built on its training device without copies, and the memory its training holds is
 counted on the meta device as a real run holds it; train-draft runs on the published 665K format."""
 
+import pytest
 import torch
 from mix665k import make_mix665k
 
@@ -74,3 +75,41 @@ def test_train_draft_on_the_published_format(tmp_path, assembled_pair):
     assert "records whose image is missing" in text and "text-only (trained without an image)" in text
     assert any((tmp_path / "run" / "features").glob("*.pt"))  # the disk cache, capped at 1 GB
     assert all(r["prompts"] == 1 for r in report["eval"].values())  # held-out prompts with an image
+
+
+def test_train_eagle_and_train_target_take_the_load_flags_and_the_published_format(tmp_path, assembled_pair):
+    import json
+
+    from specllava.training.cli import main
+
+    data = make_mix665k(tmp_path / "d")  # text-only records and a missing image included
+    load = ["--dtype", "float32", "--device", "cpu", "--attn-implementation", "eager"]
+    out = tmp_path / "eagle"
+    assert main(["train-eagle", "--target", str(assembled_pair.target_dir), "--data", str(data), "--out", str(out),
+                 "--steps", "2", "--batch-size", "2", "--held-out-fraction", "0.3", *load]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dtype"], config["device"], config["attn_implementation"]) == ("float32", "cpu", "eager")
+    examples = torch.load(out / "features.pt", weights_only=False)["examples"]
+    assert sum(e["image"] is None for e in examples) == 2 and len(examples) == 8  # answered, image found or none
+    out = tmp_path / "target"
+    assert main(["train-target", "--init", str(assembled_pair.target_dir), "--data", str(data), "--eval-data", str(data),
+                 "--out", str(out), "--steps", "2", "--batch-size", "2", "--eval-every", "2", *load,
+                 "--feature-cache-gb", "0.5"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert (out / "target.safetensors").is_file() and any((out / "features").glob("*.pt"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is visible)")
+def test_the_draft_is_built_on_the_gpu_with_no_memory_but_its_trained_tensors(tiny_models):
+    target = tiny_models[0].to("cuda", torch.bfloat16)
+    theirs = {_storage(p) for p in target.parameters()}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    draft, frozen = make_draft(target, DistillConfig(data=None, draft_preset="llava-68m"), device="cuda")
+    torch.cuda.synchronize()
+    trained = trainable_parameters(draft, frozen)
+    assert all(p.device.type == "cuda" for p in draft.parameters())
+    assert all(_storage(p) in theirs for n, p in draft.named_parameters() if n not in trained)
+    own = sum(p.numel() * 4 for p in trained.values()) + sum(b.numel() * b.element_size() for b in draft.buffers())
+    assert torch.cuda.memory_allocated() - before <= own * 1.01 + 2**20  # the trained tensors, no tower copy

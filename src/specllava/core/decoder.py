@@ -296,7 +296,7 @@ class SpeculativeDecoder:
         else:
             verdict = verify_greedy(seen_tree.to(logits.device), logits, anc.to(logits.device))
         # 4. compact both caches to the accepted path
-        compact(target.cache, prefix, torch.tensor(verdict.path, dtype=torch.long))
+        compact(target.cache, prefix, verdict.path, verdict.index)  # greedy: the path's index is on the device
         if drafter:
             drafter.commit(tree, verdict.path)
             stats.draft_forwards = drafter.runner.forwards
@@ -306,7 +306,8 @@ class SpeculativeDecoder:
         emitted = seq.emit(verdict.emitted(tree))
         rows = None
         if seq.keep_logits:  # row i: the distribution the i-th emitted token was chosen from
-            rows = logits[torch.tensor(verdict.path[: len(emitted)], device=logits.device)]
+            index = verdict.index if verdict.index is not None else torch.tensor(verdict.path, device=logits.device)
+            rows = logits[index[: len(emitted)].to(logits.device)]
         return StepResult(seq, emitted, tree, verdict, rows)
 
     # ------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ class SpeculativeDecoder:
             ids = CHECKS.get(self.draft, ("vocab", draft_vocab),
                              lambda: draft_vocab_ids(draft_vocab, size, draft_ranking(self.draft)))
         else:
-            ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten().unique()
+            ids = torch.as_tensor(draft_vocab, dtype=torch.long, device="cpu").flatten().unique()
             if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= size:
                 raise ValueError(f"draft_vocab ids must be non-empty and in [0, {size})")
         img = image_token_id(self.target) if is_vlm(self.target) else None

@@ -54,6 +54,7 @@ class Drafter:
         self.generator = generator
         self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> log q row over the draft's columns
         self.pending: list[int] = []
+        self.keep: tuple[int, list[int]] | None = None  # a compaction `commit` leaves to `_feed_pending`
         if policy in ("chain", "static"):
             choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
             self.static = _StaticPlan(choices, runner.device)
@@ -71,7 +72,8 @@ class Drafter:
         """Keep the accepted fed nodes in the draft cache; the other emitted tokens become pending."""
         keep = self.accepted_fed(tree, path)
         start = self.runner.length - self.fed.numel()  # committed part of the draft cache
-        compact(self.runner.cache, start, torch.tensor(keep, dtype=torch.long))
+        # compacted by the next `_feed_pending`, whose one upload carries this index and the tokens
+        self.keep = (start, keep)
 
     def skip(self, root: int) -> None:
         """A step verified without a tree (plain decoding at a high load): `root` joins the
@@ -100,8 +102,8 @@ class Drafter:
         None when the tree is done."""
         dev = logits.device
         if self.tokens is None:  # the root
-            self.tokens = torch.tensor([self.root], dtype=torch.long, device=dev)
-            self.parents = torch.tensor([-1], dtype=torch.long, device=dev)
+            self.tokens = torch.full((1,), self.root, dtype=torch.long, device=dev)  # a fill, not an upload
+            self.parents = torch.full((1,), -1, dtype=torch.long, device=dev)
             self.depth = torch.zeros(1, dtype=torch.long, device=dev)
             self.score = torch.ones(1, dtype=torch.float32, device=dev)
             self.fed = torch.empty(0, dtype=torch.long, device=dev)  # tree nodes in draft-cache order
@@ -134,7 +136,7 @@ class Drafter:
         order (the accepted path's fed prefix); the rest of the accepted tokens become pending
         (the bonus is added by the next `begin` as its root)."""
         n_fed = self.fed.numel()
-        read = torch.cat([self.fed, tree.tokens.to(self.fed.device)]).tolist()  # one host sync
+        read = torch.cat([self.fed, tree.tokens.to(self.fed.device)]).tolist()  # host sync: fed nodes, tokens
         fed_rank = {int(n): i for i, n in enumerate(read[:n_fed])}
         tokens = read[n_fed:]
         keep = []
@@ -161,9 +163,16 @@ class Drafter:
         return (vals - torch.logsumexp(scaled, dim=-1, keepdim=True)).exp(), toks
 
     def _feed_pending(self, pending: list[int]) -> torch.Tensor:
-        n, start = len(pending), self.runner.length
         dev = self.runner.device
-        tokens = torch.tensor(pending, dtype=torch.long, device=dev)
+        start, keep = self.keep or (0, [])
+        # host sync: one upload, the draft cache's compaction index (the last step's accepted fed
+        # nodes, left by `commit`) and the pending tokens together
+        data = torch.tensor(keep + pending, dtype=torch.long, device=dev)
+        if self.keep is not None:
+            compact(self.runner.cache, start, keep, index=data[: len(keep)])
+            self.keep = None
+        n, start = len(pending), self.runner.length
+        tokens = data[len(keep):]
         # A causal chain on top of the cache: the model's own causal mask is exactly right (None).
         logits = self.runner.forward(tokens, torch.arange(start, start + n, device=dev), None, logits_to_keep=1,
                                      features=self._pending_features())
@@ -209,7 +218,7 @@ class Drafter:
         mass_before = vals.cumsum(-1) - vals  # probability of the better siblings
         sc = score[frontier][:, None] * vals  # [F, k]
         keep = (mass_before < cfg.child_mass) & (sc >= cfg.min_path_conf)
-        rows, cols = keep.nonzero(as_tuple=True)  # one host sync (the count); row-major as keep's mask order
+        rows, cols = keep.nonzero(as_tuple=True)  # host sync: how many children; row-major as keep's mask order
         return frontier[rows], toks[rows, cols], sc[rows, cols]
 
     def _expand_sampled(self, frontier, logits, score):
@@ -232,20 +241,19 @@ class Drafter:
         ranked &= ranked.flatten().cumsum(0).view_as(ranked) <= room
         keep = torch.empty_like(keep)
         keep[order] = ranked
-        for j, node in enumerate(frontier.tolist()):
-            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (full_q)
+        for j, node in enumerate(frontier.tolist()):  # host sync (sampled mode): the rows' node ids
+            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (q_row)
         sc = score[frontier][:, None] * vals
         par = frontier[:, None].expand_as(toks)
         return par[keep], toks[keep], sc[keep]
 
-    def full_q(self, node: int, vocab: int) -> torch.Tensor:
-        """Sampled mode: the q row that drew `node`'s children, over the full vocabulary [vocab]."""
+    def q_row(self, node: int):
+        """Sampled mode: the q row that drew `node`'s children, as `verify_sampling` takes it: the
+        [V] row, or (ids, values) over a reduced draft vocabulary's ascending token ids."""
         row = self.q[node].exp()
         if self.runner.vocab_ids is None:
             return row
-        full = torch.zeros(vocab, dtype=row.dtype, device=row.device)
-        full[self.runner.vocab_ids] = row
-        return full
+        return self.runner.vocab_ids, row
 
     def _next_frontier(self, first_new: int, score, d) -> torch.Tensor:
         """Nodes to feed next: static: those with children in the plan; dynamic: the most confident."""
@@ -275,7 +283,7 @@ class Drafter:
             flags.append(score[frontier].max() <= score[1:].topk(budget).values[-1])
         if self.cfg.min_feed_mass > 0:
             flags.append(score[frontier].sum() < self.cfg.min_feed_mass)
-        return bool(torch.stack(flags).any()) if flags else False
+        return bool(torch.stack(flags).any()) if flags else False  # host sync: both rules at once
 
     def _finalize(self, tree: Tree) -> Tree:
         if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= self.node_budget:
@@ -333,14 +341,15 @@ def _gumbel(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 class DraftQ:
     """q at the tree's nodes as sampled verification reads it: `node in q` when the node's
-    children were drawn from q, `q[node]` -> the full-vocabulary draft row [vocab] they were
-    drawn from, on `device` (where p lives)."""
+    children were drawn from q, `q[node]` -> the draft row they were drawn from (`Drafter.q_row`:
+    the [vocab] row, or (ids, values) over a reduced draft vocabulary). `vocab` and `device` are
+    accepted for the callers' convenience; verification moves the row to p's device itself."""
 
-    def __init__(self, drafter: Drafter, vocab: int, device: torch.device):
-        self.drafter, self.vocab, self.device = drafter, vocab, device
+    def __init__(self, drafter: Drafter, vocab: int | None = None, device: torch.device | None = None):
+        self.drafter = drafter
 
     def __contains__(self, node: int) -> bool:
         return node in self.drafter.q
 
-    def __getitem__(self, node: int) -> torch.Tensor:
-        return self.drafter.full_q(node, self.vocab).to(self.device)
+    def __getitem__(self, node: int):
+        return self.drafter.q_row(node)

@@ -30,14 +30,12 @@ def check_model(model, role: str) -> None:
 
 
 def check_sampling(**values) -> None:
-    """Types of the sampling arguments (their ranges: `SamplingParams`); seed None or an integer in
-    [0, 2**64) (seeds are mixed as 64-bit integers, `sampling.mix_seed`: 2**64 would be seed 0 again)."""
+    """Types of the sampling arguments (their ranges: `SamplingParams`); seed None or an integer
+    (any: `sampling.mix_seed` mixes it whole)."""
     for name, value in values.items():
         integral = name in ("top_k", "seed")
         kind = numbers.Integral if integral else numbers.Real
         if (value is None and name == "seed") or (isinstance(value, kind) and not isinstance(value, bool)):
-            if name == "seed" and value is not None and not 0 <= value < 2**64:
-                raise ValueError(f"seed must be an integer in [0, 2**64), got {value}")
             continue
         raise ValueError(f"{name} must be {'an integer' if integral else 'a number'}"
                          f"{' or None' if name == 'seed' else ''}, got {value!r}")
@@ -94,8 +92,8 @@ def check_inputs(target, input_ids, pixel_values, attention_mask, max_new_tokens
             shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be a float tensor [1, channels, height, width] (the processor's "
                              f"output; add the batch dimension with pixel_values[None]), got {shape}")
-        if pixel_values.shape[0] != 1:
-            raise ValueError(f"pixel_values has batch size {pixel_values.shape[0]} for one request")
+        # one request (input_ids [1, n]) with several images: pixel_values holds one row per image,
+        # as the processor returns them (LLaVA-NeXT [images, patches, C, H, W], LLaVA [images, C, H, W])
         if pixel_values.is_meta:
             raise ValueError("pixel_values is on the meta device (it holds no values); pass the processor's pixel_values")
         if not bool(torch.isfinite(pixel_values).all()):  # the vision tower would turn them into NaN logits

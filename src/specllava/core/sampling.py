@@ -80,11 +80,25 @@ class LazyProbs:
 def mix_seed(seed: int) -> int:
     """SplitMix64 of the seed. torch's CPU generator seeded with consecutive integers (seed=0, 1,
     2, ... as users and benchmarks do) gives measurably biased first draws; mixing the seed first
-    removes that (`tools/seed_bias.py`, docs/algorithms.md)."""
-    x = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+    removes that (`tools/seed_bias.py`, docs/algorithms.md). A seed outside [0, 2**64) (negative,
+    or wider than 64 bits) is mixed whole, 64 bits at a time after its sign, so that it does not
+    share a stream with the seed its low 64 bits make (2**64 is not seed 0)."""
+    if 0 <= seed <= _MASK64:
+        return _splitmix64(seed) & 0x7FFFFFFFFFFFFFFF
+    x, rest = _splitmix64(1 if seed < 0 else 2), abs(seed)
+    while rest:
+        x, rest = _splitmix64(x ^ (rest & _MASK64)), rest >> 64
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def request_generator(seed: int | None) -> torch.Generator:

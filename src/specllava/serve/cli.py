@@ -46,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="requests decoded together, step by step (continuous batching: a waiting request joins "
                    "between two steps, in arrival order; default: 1)")
     p.add_argument("--max-queue", type=positive_int, default=64,
-                   help="requests that may wait for a worker; beyond that the server answers 429 (default: 64)")
+                   help="requests that may wait for a place in the batch; beyond that the server answers 429 (default: 64)")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens,
                    help=f"most completion tokens a request may ask for, and what it gets without max_tokens "
                    f"(default: {d.max_tokens}; never past the model's context)")
@@ -57,6 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"largest image file accepted, in bytes (default: {d.max_image_bytes})")
     p.add_argument("--max-image-pixels", type=positive_int, default=d.max_image_pixels,
                    help=f"largest image accepted, in pixels (default: {d.max_image_pixels})")
+    p.add_argument("--max-images", type=positive_int, default=d.max_images,
+                   help=f"most images per request for a target that takes several (LLaVA-NeXT; LLaVA-1.5 takes one, "
+                   f"a text-only target none; default: {d.max_images})")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="also accept http(s) image URLs, which the server then downloads (default: data: URLs only)")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
@@ -102,7 +105,8 @@ def security_from_args(args):
 
 def limits_from_args(args) -> Limits:
     return Limits(model_name=args.served_model_name, max_tokens=args.max_tokens, max_image_bytes=args.max_image_bytes,
-                  max_image_pixels=args.max_image_pixels, allow_remote_images=args.allow_remote_images)
+                  max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+                  allow_remote_images=args.allow_remote_images)
 
 
 def load_models(args):

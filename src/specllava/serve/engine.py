@@ -48,10 +48,11 @@ class QueueFull(Exception):
     """The waiting queue is at its bound (answered with 429)."""
 
 
-@dataclass(eq=False)  # compared and hashed by identity (the engine keeps a set of running jobs)
+@dataclass(eq=False)  # compared and hashed by identity
 class Job:
-    """One request on its way through the queue and a worker. Events for the client arrive on
-    `events` (an asyncio queue of the server's loop): dicts with "type" delta | done | error."""
+    """One choice of one request on its way through the queue and the scheduler. Events for the
+    client arrive on `events` (an asyncio queue of the server's loop, shared by the request's
+    choices): dicts with "type" delta | done | error, and the choice's "index"."""
 
     request: ChatRequest
     inputs: dict  # input_ids [1, prompt_len] (+ pixel_values)
@@ -63,7 +64,7 @@ class Job:
     seed: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
-    started: float | None = None  # when a worker picked it up
+    started: float | None = None  # when the scheduler picked it up
     checked_client: float = 0.0  # when the app last checked that the client is still connected
 
     @property
@@ -79,7 +80,7 @@ class Job:
 
 
 class Engine:
-    """Owns the models, the queue and the workers; `encode` and `submit` are its public face."""
+    """Owns the models, the queue and the scheduler; `encode` and `submit` are its public face."""
 
     def __init__(self, target, draft, processor, make_decoder: Callable[[], object], *, max_batch: int = 1,
                  max_queue: int = 64, max_tokens: int = 512, request_timeout_s: float = 300.0, method: str = "dynamic",
@@ -92,7 +93,7 @@ class Engine:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.method, self.max_tokens, self.request_timeout_s = method, max_tokens, request_timeout_s
         self.context = _context_length(target)
-        self.max_images = 1 if is_vlm(target) else 0
+        self.max_images = _images_per_request(target)
         self.image_token = getattr(processor, "image_token", None) if self.max_images else None
         # A token spans at most this many characters of text, so a prompt longer than context x that
         # cannot fit the context, whatever it says: refused before the tokenizer sees it.
@@ -104,7 +105,7 @@ class Engine:
         self.on_batch: Callable[[int], None] | None = None  # sequences decoded by one step
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
-        # Prompts are encoded off the event loop and off the workers, by a few threads each with its
+        # Prompts are encoded off the event loop and off the scheduler, by a few threads each with its
         # own copy of the processor: a fast tokenizer refuses concurrent calls on one instance
         # ("Already borrowed"), and one shared lock would make every request wait for the longest.
         self._local = threading.local()
@@ -122,7 +123,14 @@ class Engine:
 
     def encode(self, request: ChatRequest) -> dict:
         """The prompt's tensors (the chat template, then the processor), checked against the context."""
-        self.check_text(request)
+        chars = self.check_text(request)
+        try:
+            return self._encode(request)
+        finally:
+            if chars > _LARGE_PROMPT_CHARS:
+                _release_memory()
+
+    def _encode(self, request: ChatRequest) -> dict:
         processor = getattr(self._local, "processor", None)
         if processor is None:
             processor = self._local.processor = copy.deepcopy(self.processor)
@@ -142,10 +150,10 @@ class Engine:
                            param="max_tokens", code="context_length_exceeded")
         return inputs
 
-    def check_text(self, request: ChatRequest) -> None:
+    def check_text(self, request: ChatRequest) -> int:
         """What the text may not hold, checked before any tokenization: more characters than the
         context can take, and the image placeholder written as text (the processor would expand it
-        into image tokens with no image, or more than the images given)."""
+        into image tokens with no image, or more than the images given). Returns the characters."""
         texts = [p["text"] for m in request.conversation for p in m["content"] if p["type"] == "text"]
         what = "prompt" if request.raw_prompt else "messages"
         chars = sum(map(len, texts))
@@ -157,6 +165,7 @@ class Engine:
             raise APIError(f"the text contains the image placeholder {self.image_token!r}: send images as image_url "
                            "parts (the server places them); the placeholder may not appear as text", param=what,
                            code="image_token_in_text")
+        return chars
 
     def submit(self, request: ChatRequest, inputs: dict, loop: asyncio.AbstractEventLoop) -> list[Job]:
         """Queue the request's n choices, each a job of its own (choice i samples with seed + i),
@@ -169,7 +178,7 @@ class Engine:
         if len(jobs) > self.queue.maxsize:
             raise APIError(f"n={len(jobs)}: each choice takes a place in the queue, which holds {self.queue.maxsize} "
                            "(specllava serve --max-queue)", param="n", code="unsupported_parameter")
-        with self._lock:  # only this (the event loop's) thread adds to the queue; workers only take
+        with self._lock:  # only this (the event loop's) thread adds to the queue; the scheduler only takes
             if self.queue.maxsize - self.queue.qsize() < len(jobs):
                 raise QueueFull
             for job in jobs:
@@ -178,7 +187,7 @@ class Engine:
 
     def retry_after_s(self, recent_latency_s: float | None) -> int:
         """A guess at when the queue has room again, for 429's Retry-After: the queue's work over
-        the workers, from the recent request latency; between 1 and 60 s."""
+        the batch, from the recent request latency; between 1 and 60 s."""
         per_request = recent_latency_s or 1.0
         return int(min(60, max(1, round(per_request * (self.queue_length() + 1) / self.max_batch))))
 
@@ -518,6 +527,41 @@ def token_bytes(tokenizer, tok: int) -> bytes:
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
         return bytes([int(piece[3:5], 16)])
     return tokenizer.decode([tok]).encode("utf-8")
+
+
+# A prompt this long leaves the tokenizer's buffers in the allocator's free lists (hundreds of MB
+# for a prompt at the character bound of the default pair); they are handed back to the system.
+_LARGE_PROMPT_CHARS = 64 * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        return None
+
+
+def _release_memory() -> None:
+    """Return the freed heap to the system (glibc's malloc_trim), so that a giant prompt, refused
+    or not, leaves the process at the memory it had."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+# Targets whose processor places several images in one prompt, each expanded to its own tokens.
+MULTI_IMAGE_TYPES = ("llava_next", "llava_onevision")
+
+
+def _images_per_request(target) -> int:
+    """0 for a text-only target, 1 for LLaVA-1.5 (trained on one image per conversation), 16 for
+    a target that takes several (LLaVA-NeXT); `--max-images` may lower it."""
+    if not is_vlm(target):
+        return 0
+    return 16 if getattr(target.config, "model_type", "") in MULTI_IMAGE_TYPES else 1
 
 
 def _longest_token_chars(tokenizer) -> int:

@@ -17,7 +17,7 @@ prometheus_client's process, platform and garbage-collector collectors.
                                                    step (accepted draft tokens + the bonus token)
   specllava_queue_wait_seconds                     histogram: queued to picked up for decoding
   specllava_batch_size                             histogram: requests decoded together by each step
-  specllava_queue_length                           requests waiting for a worker
+  specllava_queue_length                           requests waiting for a place in the batch
   specllava_running_requests                       requests decoding now
   specllava_request_latency_seconds                histogram: queued (after its checks) to last token
   specllava_time_to_first_token_seconds            histogram: queued to first token
@@ -69,7 +69,7 @@ class Metrics:
                                     buckets=_WAIT_BUCKETS, registry=r)
         self.batch_size = Histogram("specllava_batch_size", "Requests decoded together by each decoding step",
                                     buckets=_BATCH_BUCKETS, registry=r)
-        Gauge("specllava_queue_length", "Requests waiting for a worker", registry=r).set_function(queue_length)
+        Gauge("specllava_queue_length", "Requests waiting for a place in the batch", registry=r).set_function(queue_length)
         Gauge("specllava_running_requests", "Requests decoding now", registry=r).set_function(running)
         self.latency = Histogram("specllava_request_latency_seconds", "From queueing (after the checks) to the last token",
                                  buckets=_LATENCY_BUCKETS, registry=r)
@@ -82,7 +82,7 @@ class Metrics:
         self.errors.labels(code or type).inc()
 
     def step(self, emitted: int) -> None:
-        """Record one verification step that emitted `emitted` tokens (from a worker thread)."""
+        """Record one verification step that emitted `emitted` tokens (from the scheduler thread)."""
         self.step_accepted.observe(emitted)
 
     def batch(self, size: int) -> None:
@@ -93,7 +93,7 @@ class Metrics:
         self.queue_wait.observe(waited_s)
 
     def finish(self, prompt_tokens: int, result: dict, latency_s: float) -> None:
-        """Record a finished generation (from a worker thread)."""
+        """Record a finished generation (from the scheduler thread)."""
         s = result["stats"]
         self.finished.labels(s["stopped_by"]).inc()
         self.prompt_tokens.inc(prompt_tokens)

@@ -46,7 +46,7 @@ class Limits:
     max_tokens: int = 512  # most completion tokens a request may ask for (and the default)
     max_image_bytes: int = 20 * 1024 * 1024  # an image's encoded size, after base64 decoding
     max_image_pixels: int = 4096 * 4096
-    max_images: int = 1  # LLaVA-1.5 takes one image per conversation (a text-only target none)
+    max_images: int = 4  # at most, for a target that takes several (LLaVA-1.5 takes one, a text-only target none)
     allow_remote_images: bool = False
     remote_timeout_s: float = 10.0
     max_n: int = 8  # most choices per request (each is decoded as a request of its own)
@@ -77,6 +77,7 @@ class _Message(BaseModel):
 class _StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding of chunks against side channels: none here
 
 
 class _Sampling(BaseModel):

@@ -92,7 +92,7 @@ def add_parser(subparsers) -> None:
                    help="keep the frozen tower's image features on disk in <out>/features/, up to this many GB "
                         "(default: %(default)s = recompute them for every batch)")
     t.add_argument("--threads", type=cli_args.positive_int, default=d.threads)
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=cli_args.torch_seed, default=d.seed)
     t.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
     t.add_argument("--eval-every", type=cli_args.positive_int, default=d.eval_every)
     t.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
@@ -113,7 +113,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--descriptions", type=cli_args.non_negative_int, default=20, help="drawings to describe")
     g.add_argument("--max-new-tokens", type=cli_args.positive_int, default=64)
     g.add_argument("--threads", type=cli_args.positive_int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=cli_args.torch_seed, default=0)
     g.add_argument("--out", type=Path, required=True, help="JSON file for the result")
     g.set_defaults(func=run_eval_target)
 
@@ -179,7 +179,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--lr", type=cli_args.positive_float, default=d.lr)
     s.add_argument("--warmup", type=cli_args.non_negative_int, default=d.warmup)
     s.add_argument("--threads", type=cli_args.positive_int, default=d.threads)
-    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--seed", type=cli_args.torch_seed, default=d.seed)
     s.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
     s.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -226,7 +226,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--noise", type=cli_args.non_negative_float, default=c.noise, help="input feature noise, as a fraction of their RMS")
     e.add_argument("--held-out-fraction", type=cli_args.fraction, default=c.held_out_fraction)
     e.add_argument("--threads", type=cli_args.positive_int, default=c.threads)
-    e.add_argument("--seed", type=int, default=c.seed)
+    e.add_argument("--seed", type=cli_args.torch_seed, default=c.seed)
     e.add_argument("--checkpoint-every", type=cli_args.positive_int, default=c.checkpoint_every)
     e.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     e.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -376,10 +376,14 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from specllava.cli import OneLineParser, run_guarded
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    parser = OneLineParser(prog="python -m specllava.training")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_guarded(f"specllava {args.command}", lambda: run(args), debug)
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
+        parser = OneLineParser(prog="python -m specllava.training")
+        add_parser(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return run_guarded(f"specllava {args.command}", lambda: run(args), debug)
+    except KeyboardInterrupt:  # before run_guarded's own handling (see specllava.cli.main)
+        print("\nspecllava: interrupted", file=sys.stderr)
+        return 130

@@ -2,8 +2,12 @@
 
 Contract:
 
-- `load_records(path)` reads LLaVA conversation JSON (the llava_v1_5_mix665k format: ``image``,
-  ``conversations`` with ``<image>``) and keeps the folder the image paths are relative to.
+- `load_records(path)` reads LLaVA conversation JSON as published (llava_v1_5_mix665k.json:
+  ``id``, ``image`` or none for a text-only record, ``conversations`` with ``<image>``; see
+  `check_record`) into `Records`: an index on disk (each record read back when used), with the
+  folder the image paths are relative to. `with_images` skips (and counts) records whose image
+  is missing, `split_held_out` splits by image, `Examples` tokenizes records batch by batch.
+  The helpers take a `Records` or a list of record dicts and return the same kind.
 - `encode_record(record, tokenizer, image_tokens)` renders a record with the tokenizer's chat
   template (`ensure_chat_template` gives a tokenizer without one its processor's) and returns token
   ids with ``<image>`` expanded, led by the special tokens the tokenizer adds (a Llama BOS), and
@@ -11,12 +15,13 @@ Contract:
   tokens that get a loss). ``image_tokens`` is the number of tokens an image takes, or (for anyres
   LLaVA-NeXT models, see `image_tokens`) a function of the image's path.
 - `vision_features(model, pixel_values)` runs the frozen tower and selects features exactly as
-  `LlavaModel.get_image_features` does, *before* the projector, so they can be computed once and
-  cached (`FeatureCache`; for LLaVA-NeXT one entry per image holds all its anyres patches and its
-  size); `answer_logits(model, ids, feats, mask, positions)` is the model's forward from cached
-  features (projected, and for LLaVA-NeXT packed as `LlavaNextModel.get_image_features` packs
-  them), returning logits only where a loss is taken (the vocabulary projection over the whole
-  prompt would cost more than the rest of a small model).
+  `LlavaModel.get_image_features` does, *before* the projector (`FeatureCache`: computed per
+  batch or cached on disk up to a cap; for LLaVA-NeXT one entry per image holds all its anyres
+  patches and its size); `answer_logits(model, ids, feats, mask, positions)` is the model's
+  forward from those features (projected, and for LLaVA-NeXT packed as
+  `LlavaNextModel.get_image_features` packs them; rows without an image get none), returning
+  logits only where a loss is taken (the vocabulary projection over the whole prompt would cost
+  more than the rest of a small model).
 - Devices: `model_inputs` puts a processor's output where a model reads it; `to_device` a batch.
 - `Checkpoint` saves/restores trainable tensors, optimizer, step and RNG state atomically.
 """
@@ -518,8 +523,8 @@ class FeatureCache:
     features are also written there (one file per image, in the tower's dtype, so a cached entry
     equals a recomputed one) until the files reach ``max_bytes``; later images are recomputed.
 
-    A frozen tower costs a few per cent of a training step (CLIP ViT-L/336 against a 7B teacher),
-    so recomputing is the default; the disk cache pays for a slow tower or several epochs.
+    A frozen tower is small next to the teacher (CLIP ViT-L/336 under a 7B LM), so recomputing is
+    the default; the disk cache pays for a slow tower or several epochs.
     """
 
     def __init__(self, model, processor, directory: Path | None = None, max_bytes: int = 0):
@@ -701,7 +706,7 @@ class Checkpoint:
         """Restore into ``params`` and ``optimizer``; return the step to continue from (0 if none)."""
         if not self.path.is_file():
             return 0
-        state = torch.load(self.path, weights_only=False)
+        state = torch.load(self.path, weights_only=False, map_location="cpu")  # copied onto each tensor's device below
         missing = set(params) - set(state["tensors"])
         if missing:
             raise RuntimeError(f"{self.path} does not match this run (no {sorted(missing)[:3]}...); "

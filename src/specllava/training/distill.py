@@ -15,15 +15,24 @@ Contract:
 - Any stock LLaVA-family target (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`
   with anyres images), loaded with `specllava.models.options.LoadOptions` (dtype, device, device map,
   attention implementation). The target is its own teacher, in its own dtype on its own device (no
-  copy); the draft's trained tensors are float32 on ``device``, its forward under autocast to the
-  target's dtype on that device type when the target is in 16 bits (with loss scaling in float16).
+  copy); the draft is built on ``device`` from the meta device (`draft_from_target`,
+  `_fresh_draft`): its trained tensors are created there in float32, its frozen ones are the
+  target's (no copy); its forward runs under autocast to the target's dtype on that device type
+  when the target is in 16 bits (with loss scaling in float16).
+- Data: `specllava.training.common.Records` (llava_v1_5_mix665k.json as published, records read
+  from disk when used; text-only records train without an image; records whose image is missing
+  are skipped and counted), tokenized batch by batch (`Examples`); vision features recomputed per
+  batch or cached on disk up to ``feature_cache_gb`` (`FeatureCache`).
+- Data parallel: under ``accelerate launch`` each process trains on its share of every batch
+  (`specllava.training.loop.Processes`); the main process writes the answers, the checkpoints,
+  the draft and the report.
 - The draft starts as the target's first ``draft_layers`` layers (`draft_from_target`: the target's
   embedding, first layers, norm and head; the default), from ``draft_preset`` (a published draft
   shape, `DRAFT_PRESETS`: a fresh Llama LM of that shape with the target's vocabulary, tokenizer,
-  vision tower weights and image layout; a new projector) or from ``draft_init`` (a small LLaVA
-  folder, or a config.json whose model is built fresh; the target's vision tower weights are
-  copied into it when they fit). The vision tower is frozen and its features cached
-  (`FeatureCache`); embedding and head stay frozen when they are the target's own (the draft then
+  vision tower (shared) and image layout; a new projector) or from ``draft_init`` (a small LLaVA
+  folder, or a config.json whose model is built fresh; the target's vision tower is shared with
+  it when the shapes fit). The vision tower is frozen; embedding and head stay frozen when they
+  are the target's own (the draft then
   shares its vocabulary rows exactly, and the shipped file can omit them); everything else trains.
 - ``exits`` adds early exits after some draft layers (final norm + head on that layer's output),
   trained jointly, so one run measures several draft depths.

@@ -48,6 +48,7 @@ from specllava.training.common import (
     Checkpoint,
     FeatureCache,
     encode_record,
+    image_records,
     image_seq_length,
     input_device,
     input_embeddings,
@@ -326,7 +327,7 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     report["eval"] = {}
     for path in cfg.eval_data or []:
         recs, root = load_records(path)
-        r = measure_acceptance(target, head, processor, with_images(recs, root, log), root, cfg.eval_prompts,
+        r = measure_acceptance(target, head, processor, image_records(with_images(recs, root, log)), root, cfg.eval_prompts,
                                cfg.eval_max_new_tokens, desc=f"eval {Path(path).stem}")
         report["eval"][Path(path).stem] = r
         log(f"{Path(path).stem}: mean accepted length {r['mean_accepted']:.2f} over {r['prompts']} prompts, "

@@ -247,8 +247,8 @@ def train_target(cfg: TargetTrainConfig, log=print) -> dict:
     held = []
     if cfg.eval_data is not None:
         eval_recs, eval_root = load_records(cfg.eval_data)
-        eval_recs = with_images(pick_records(eval_recs, cfg.per_source if cfg.per_source is not None else DEFAULT_PER_SOURCE,
-                                             cfg.seed), eval_root, log)
+        eval_recs = pick_records(eval_recs, cfg.per_source if cfg.per_source is not None else DEFAULT_PER_SOURCE, cfg.seed)
+        eval_recs = with_images([r for r in eval_recs if len(r["conversations"]) % 2 == 0], eval_root, log)
         random.Random(cfg.seed).shuffle(eval_recs)
         held = encode_all(eval_recs[: cfg.eval_examples], tok, seq, eval_root, "tokenize held-out")
     log(f"{len(train)} training examples, {sum(sum(e.loss_mask) for e in train)} assistant tokens; "
