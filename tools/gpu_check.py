@@ -336,6 +336,9 @@ def compare_methods(target, draft, inputs_list, device: str, new_tokens: int, ul
     return out
 
 
+SYNC_TOKENS = 48  # tokens decoded to count host syncs: several steps even when the draft is right
+
+
 def host_syncs(decoder, inputs, new_tokens: int, device: str) -> dict:
     """Mean host syncs between two verification steps (prefill excluded): counted by torch calls
     (`HostSyncCounter`, any device) and, on CUDA, by the driver-level sync debug mode."""
@@ -351,8 +354,8 @@ def host_syncs(decoder, inputs, new_tokens: int, device: str) -> dict:
                 counter.mark()
                 cuda_marks.append(sum("synchroniz" in str(w.message) for w in seen))
 
-            with counter:
-                decoder.generate(**inputs, max_new_tokens=new_tokens, on_step=on_step)
+            with counter:  # at least 3 steps whatever the acceptance (the first is not counted)
+                decoder.generate(**inputs, max_new_tokens=max(new_tokens, SYNC_TOKENS), on_step=on_step)
         finally:
             if on_cuda:
                 torch.cuda.set_sync_debug_mode("default")

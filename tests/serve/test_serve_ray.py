@@ -32,6 +32,18 @@ def test_replica_settings_from_the_flags(tiny_paths):
     assert app._bound_deployment.num_replicas == 3
 
 
+def test_replicas_get_the_keys_of_the_machine_that_starts_them(monkeypatch):
+    import argparse
+
+    from specllava.serve.cli import security_from_args
+    from specllava.serve.ray import replica_flags
+
+    monkeypatch.setenv("SPECLLAVA_API_KEY", "k1,k2")
+    flags = replica_flags(build_parser().parse_args(["serve", "--replicas", "2"]))
+    monkeypatch.delenv("SPECLLAVA_API_KEY")  # a replica on another machine
+    assert security_from_args(argparse.Namespace(**flags)).api_keys == ("k1", "k2")
+
+
 def test_ray_flags_need_replicas():
     from specllava.cli import main
 

@@ -72,8 +72,14 @@ def deployment(flags: dict):
 
 
 def replica_flags(args: argparse.Namespace) -> dict:
-    """The parsed flags a replica needs, as a plain dict (what Ray ships to each replica)."""
-    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    """The parsed flags a replica needs, as a plain dict (what Ray ships to each replica). The API
+    keys are resolved here, where the command runs: a replica on another machine does not see
+    this machine's $SPECLLAVA_API_KEY."""
+    from .cli import security_from_args
+
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    flags["api_key"] = list(security_from_args(args).api_keys) or None
+    return flags
 
 
 def build_app(cli_args: dict[str, str]):
