@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from specllava.bench.throughput import batch_inputs, summarize
+from specllava.bench.throughput import batch_inputs, markdown, summarize
 from specllava.cli import main
 
 
@@ -58,3 +58,14 @@ def test_summary_tokens_per_second_and_latency_percentiles():
     assert s[1]["tokens_per_s"] == 5.0 and s[2]["tokens_per_s"] == 10.0
     assert s[2]["speedup_vs_c1"] == 2.0
     assert s[1]["p50_latency_s"] == 2.0 and abs(s[1]["p95_latency_s"] - 2.9) < 1e-9
+
+
+def test_summary_latency_against_the_same_request_alone():
+    runs = [{"method": "ar", "concurrency": 1, "prompts": ["a"], "wall_s": 1.0, "latency_s": [1.0], "tokens": [[1]]},
+            {"method": "ar", "concurrency": 1, "prompts": ["b"], "wall_s": 2.0, "latency_s": [2.0], "tokens": [[1]]},
+            {"method": "ar", "concurrency": 2, "prompts": ["a", "b"], "wall_s": 3.0, "latency_s": [3.0, 3.0],
+             "tokens": [[1], [1]]}]
+    s = summarize(runs)["ar"]
+    assert s[1]["latency_vs_alone_max"] == 1.0
+    assert s[2]["latency_vs_alone_max"] == 3.0 and s[2]["latency_vs_alone_p50"] == 2.25
+    assert "| ar | 2 |" in markdown({"ar": s}) and "2.25, 3.00" in markdown({"ar": s})

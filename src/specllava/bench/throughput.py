@@ -14,7 +14,9 @@ latency (arrival to its own last token) and its new tokens. Methods are interlea
 order rotating by one per group. Reported per (method, c): aggregate tokens/s (all new tokens /
 all wall time), tokens per CPU second (process CPU time, all threads: robust to other jobs on a
 shared machine, which stretch wall time), p50 and p95 request latency, and the speedup of
-aggregate tokens/s (and of tokens per CPU second) over the same method at c=1. At T=0 every
+aggregate tokens/s (and of tokens per CPU second) over the same method at c=1, and each request's
+latency over its own latency alone (the same prompt and method at c=1): the median and the largest
+such ratio (`latency_vs_alone_p50`, `latency_vs_alone_max`). At T=0 every
 request's tokens are compared with hf's for the same prompt decoded alone (`match_hf`; hf's own
 batched rows too): a difference at a bf16 near-tie of batched matmuls is possible, and
 `divergences` lists each with the target's top-2 logit margin there.
@@ -153,13 +155,19 @@ def summarize(runs: list[dict]) -> dict:
     out: dict = {}
     for r in runs:
         cell = out.setdefault(r["method"], {}).setdefault(r["concurrency"], {"tokens": 0, "wall": 0.0, "cpu": 0.0, "lat": [],
-                                                                             "match": [], "tau": []})
+                                                                             "match": [], "tau": [], "ratio": []})
         cell["tokens"] += sum(len(t) for t in r["tokens"])
         cell["wall"] += r["wall_s"]
         cell["cpu"] += r.get("cpu_s", 0.0)
         cell["lat"] += r["latency_s"]
         cell["match"] += r.get("match_hf", [])
         cell["tau"] += r.get("mean_accepted", [])
+    alone = {(r["method"], pid): lat for r in runs if r["concurrency"] == 1 and "prompts" in r
+             for pid, lat in zip(r["prompts"], r["latency_s"])}
+    for r in runs:  # each request's latency over the same request's alone
+        for pid, lat in zip(r.get("prompts", []), r["latency_s"]):
+            if (r["method"], pid) in alone:
+                out[r["method"]][r["concurrency"]]["ratio"].append(lat / alone[(r["method"], pid)])
     summary: dict = {}
     for method, by_c in out.items():
         summary[method] = {}
@@ -172,6 +180,8 @@ def summarize(runs: list[dict]) -> dict:
                 "requests": len(cell["lat"]),
                 "match_hf": f"{sum(cell['match'])}/{len(cell['match'])}" if cell["match"] else None,
                 "mean_accepted": statistics.mean(cell["tau"]) if cell["tau"] else None,
+                "latency_vs_alone_p50": statistics.median(cell["ratio"]) if cell["ratio"] else None,
+                "latency_vs_alone_max": max(cell["ratio"]) if cell["ratio"] else None,
             }
         one = summary[method].get(min(by_c))
         for c, row in summary[method].items():
@@ -184,14 +194,17 @@ def summarize(runs: list[dict]) -> dict:
 
 def markdown(summary: dict) -> str:
     lines = ["| method | concurrent | tokens/s | x c=1 | tokens/CPU-s | x c=1 (CPU) | p50 latency (s) | "
-             "p95 latency (s) | x c=1 (p50) | mean accepted | = hf rows |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "p95 latency (s) | x c=1 (p50) | latency / alone (p50, max) | mean accepted | = hf rows |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, by_c in summary.items():
         for c, r in by_c.items():
             tau = f"{r['mean_accepted']:.2f}" if r["mean_accepted"] is not None else "–"
             cpu = (f"{r['tokens_per_cpu_s']:.1f} | {r['cpu_speedup_vs_c1']:.2f}" if r["tokens_per_cpu_s"]
                    and r["cpu_speedup_vs_c1"] else "– | –")
+            alone = (f"{r['latency_vs_alone_p50']:.2f}, {r['latency_vs_alone_max']:.2f}"
+                     if r.get("latency_vs_alone_max") is not None else "–")
             lines.append(f"| {method} | {c} | {r['tokens_per_s']:.1f} | {r['speedup_vs_c1']:.2f} | {cpu} | "
-                         f"{r['p50_latency_s']:.2f} | {r['p95_latency_s']:.2f} | {r['latency_vs_c1']:.2f} | {tau} | "
+                         f"{r['p50_latency_s']:.2f} | {r['p95_latency_s']:.2f} | {r['latency_vs_c1']:.2f} | {alone} | {tau} | "
                          f"{r['match_hf'] or '–'} |")
     return "\n".join(lines) + "\n"
 
