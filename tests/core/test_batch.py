@@ -174,6 +174,23 @@ def test_greedy_and_sampled_rows_together(target, drafts):
         assert len(seq.tokens) == 20
 
 
+@pytest.mark.parametrize("quant", ["auto", "none"], ids=["int8-draft", "float-draft"])
+@pytest.mark.parametrize("method", ["chain", "static", "dynamic"])
+def test_seeded_sampled_rows_equal_each_row_alone(target, drafts, method, quant):
+    """A seeded sampled row emits the same tokens in a batch as alone: its tree, and so what its
+    generator draws, does not depend on the other rows (an int8 draft's activation scale too)."""
+    dec = SpeculativeDecoder(target, drafts["perturbed"], method=method, draft_quant=quant)
+    reqs = requests()
+
+    def run(idx):
+        seqs = [dec.start(*reqs[k], max_new_tokens=20, do_sample=k != 1, temperature=0.8, seed=100 + k) for k in idx]
+        while not all(s.finished for s in seqs):
+            dec.step(seqs)
+        return [s.tokens for s in seqs]
+
+    assert run(range(len(reqs))) == [run([k])[0] for k in range(len(reqs))]
+
+
 def test_cancel_and_time_limit_between_steps(target, drafts):
     dec = SpeculativeDecoder(target, drafts["perturbed"], method="dynamic")
     reqs = requests()

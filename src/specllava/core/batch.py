@@ -37,6 +37,7 @@ import torch
 
 from .cache import cache_from_kv, compact_rows, crop, row_kv
 from .drafting import DraftQ, Drafter
+from .quant import batch_rows
 from .runner import ModelRunner
 from .sampling import LazyProbs
 from .sequence import Sequence, StepResult
@@ -287,7 +288,8 @@ def _draft_group(rows: Rows, drafters: list[Drafter], roots: list[int]):
     real = torch.arange(width, device=dev)[None, :] < torch.tensor(k, device=dev)[:, None]  # [B, K]
     causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
     visible = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
-    logits = rows.forward(tokens, positions, real, visible, rows.columns)  # [B, K, V]
+    with batch_rows(k):  # an int8 draft quantizes each row's tokens as that sequence alone would
+        logits = rows.forward(tokens, positions, real, visible, rows.columns)  # [B, K, V]
     for b, d in enumerate(drafters):
         rows.lengths[b] += k[b]
         d.root_pos = rows.lengths[b] - 1
@@ -316,7 +318,8 @@ def _draft_group(rows: Rows, drafters: list[Drafter], roots: list[int]):
             if fed_cols[b]:  # fed ancestors: the fed nodes' columns, in fed order
                 anc = ancestor_mask(d.parents).to(dev)  # [N, N]
                 visible[b, :n, torch.tensor(fed_cols[b], device=dev)] = anc[f][:, d.fed.to(dev)]
-        logits = rows.forward(tokens, positions, real, visible, mark)  # [B, F, V]
+        with batch_rows([0 if f is None else f.numel() for f in fronts]):
+            logits = rows.forward(tokens, positions, real, visible, mark)  # [B, F, V]
         for b, (d, f) in enumerate(zip(drafters, fronts)):
             if f is None:
                 continue
