@@ -175,20 +175,31 @@ def test_greedy_and_sampled_rows_together(target, drafts):
 
 
 @pytest.mark.parametrize("quant", ["auto", "none"], ids=["int8-draft", "float-draft"])
-@pytest.mark.parametrize("method", ["chain", "static", "dynamic"])
-def test_seeded_sampled_rows_equal_each_row_alone(target, drafts, method, quant):
+@pytest.mark.parametrize("method,options", [("chain", {}), ("static", {}), ("dynamic", {}), METHODS[-1]],
+                         ids=METHOD_IDS[1:])
+def test_seeded_sampled_rows_equal_each_row_alone(target, drafts, method, options, quant):
     """A seeded sampled row emits the same tokens in a batch as alone: its tree, and so what its
-    generator draws, does not depend on the other rows (an int8 draft's activation scale too)."""
-    dec = SpeculativeDecoder(target, drafts["perturbed"], method=method, draft_quant=quant)
+    generator draws, does not depend on the other rows (an int8 draft's activation scale too,
+    which spans the tokens a draft forward computes logits for)."""
+    dec = SpeculativeDecoder(target, drafts["perturbed"], method=method, draft_quant=quant, **options)
     reqs = requests()
-
-    def run(idx):
-        seqs = [dec.start(*reqs[k], max_new_tokens=20, do_sample=k != 1, temperature=0.8, seed=100 + k) for k in idx]
-        while not all(s.finished for s in seqs):
-            dec.step(seqs)
-        return [s.tokens for s in seqs]
-
-    assert run(range(len(reqs))) == [run([k])[0] for k in range(len(reqs))]
+    kw = [dict(do_sample=k != 1, temperature=0.8, seed=100 + k) for k in range(len(reqs))]
+    news = [40, 25, 33, 18]
+    alone = []
+    for k, r in enumerate(reqs):
+        seq = dec.start(*r, max_new_tokens=news[k], **kw[k])
+        while not seq.finished:
+            dec.step([seq])
+        alone.append(seq.tokens)
+    seqs = {}
+    for step in range(200):  # rows join one per step (continuous batching)
+        if step < len(reqs):
+            seqs[step] = dec.start(*reqs[step], max_new_tokens=news[step], **kw[step])
+        if all(s.finished for s in seqs.values()):
+            break
+        dec.step(list(seqs.values()))
+    assert [seqs[k].tokens for k in range(len(reqs))] == alone
+    assert any(len(s.stats.hist) > 2 for s in seqs.values())  # paths of 2+ draft tokens: pending chains fed
 
 
 def test_cancel_and_time_limit_between_steps(target, drafts):

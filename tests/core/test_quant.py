@@ -38,6 +38,13 @@ def test_int8_rows_of_a_batch_are_quantized_as_each_row_alone():
         for b, n in enumerate(real):
             assert torch.equal(out[b, :n], alone[b][0])
             assert not out[b, n:].any()
+    # right-aligned rows (pads first), and an input of fewer columns (a head on the last token)
+    alone = [lin(x[b : b + 1, 4 - n :]) for b, n in enumerate(real)]
+    with batch_rows(real, last=True):
+        out, head = lin(x), lin(x[:, -1:])
+    for b, n in enumerate(real):
+        assert torch.equal(out[b, 4 - n :], alone[b][0]) and not out[b, : 4 - n].any()
+        assert torch.equal(head[b], lin(x[b : b + 1, -1:])[0])
 
 
 def test_int8_decoder_copies_the_body_and_leaves_the_model_alone():

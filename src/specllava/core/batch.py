@@ -89,8 +89,9 @@ class Rows:
         return [pick(k) for k in keys], [pick(v) for v in values], self.pos[b, cols]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, visible: torch.Tensor,
-                mark: int) -> torch.Tensor:
-        """One forward of n new tokens per row on top of the cache; returns logits [B, n, V].
+                mark: int, logits_to_keep: int = 0) -> torch.Tensor:
+        """One forward of n new tokens per row on top of the cache; returns logits [B, n, V]
+        (of the last `logits_to_keep` columns only when > 0).
 
         tokens, positions, real: [B, n] (real False: a pad, never visible later). visible:
         [B, n, columns - mark + n], which of the columns written since `mark` (this step's tree
@@ -104,7 +105,8 @@ class Rows:
         dtype = self.backend.dtype
         bias = torch.zeros(seen.shape, dtype=dtype, device=seen.device)
         bias.masked_fill_(~seen, torch.finfo(dtype).min)
-        logits = self.backend.forward(tokens, positions, bias[:, None], self.cache).logits  # [B, n, V]
+        logits = self.backend.forward(tokens, positions, bias[:, None], self.cache,
+                                      logits_to_keep=logits_to_keep).logits  # [B, n, V]
         self.pos = pos
         return logits
 
@@ -150,6 +152,8 @@ class Batch:
             b = old_rows.get(id(s))
             t_parts.append(old.target.row(b) if b is not None else _own(s.target))
             if s.drafter is not None:
+                if b is None:  # joining from its own steps: its draft cache compacted first
+                    s.drafter.settle()
                 d_parts[id(s)] = old.draft_row(b) if b is not None else _own(s.drafter.runner)
         if old is not None:
             old.release(keep={id(s) for s in seqs})
@@ -278,24 +282,26 @@ def _draft_group(rows: Rows, drafters: list[Drafter], roots: list[int]):
     fed order) for `accepted_fed`'s offsets."""
     n_rows = len(drafters)
     dev = rows.pos.device
-    # 1a. the pending chains (each row's committed tokens not yet in its cache, root last)
+    # 1a. the pending chains (each row's committed tokens not yet in its cache, root last),
+    #     right-aligned (pads first) so that every row's root is the last column: only its
+    #     logits are computed, as a sequence alone computes them (`logits_to_keep=1`)
     pending = [d.begin(r) for d, r in zip(drafters, roots)]
     k = [len(p) for p in pending]
     width = max(k)
-    tokens = torch.tensor([p + [p[-1]] * (width - len(p)) for p in pending], device=dev)  # [B, K]
-    positions = torch.tensor([[rows.lengths[b] + min(j, k[b] - 1) for j in range(width)] for b in range(n_rows)],
-                             device=dev)  # [B, K]
-    real = torch.arange(width, device=dev)[None, :] < torch.tensor(k, device=dev)[:, None]  # [B, K]
+    tokens = torch.tensor([[p[0]] * (width - len(p)) + p for p in pending], device=dev)  # [B, K]
+    positions = torch.tensor([[rows.lengths[b] + max(0, j - (width - k[b])) for j in range(width)]
+                              for b in range(n_rows)], device=dev)  # [B, K]
+    real = torch.arange(width, device=dev)[None, :] >= torch.tensor([width - n for n in k], device=dev)[:, None]
     causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
     visible = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
-    with batch_rows(k):  # an int8 draft quantizes each row's tokens as that sequence alone would
-        logits = rows.forward(tokens, positions, real, visible, rows.columns)  # [B, K, V]
+    with batch_rows(k, last=True):  # an int8 draft quantizes each row's tokens as that sequence alone would
+        logits = rows.forward(tokens, positions, real, visible, rows.columns, logits_to_keep=1)  # [B, 1, V]
     for b, d in enumerate(drafters):
         rows.lengths[b] += k[b]
         d.root_pos = rows.lengths[b] - 1
         d.runner.forwards += 1
     mark = rows.columns  # the tree block starts here
-    fronts = [d.grow(logits[b, k[b] - 1 : k[b]]) for b, d in enumerate(drafters)]
+    fronts = [d.grow(logits[b, -1:]) for b, d in enumerate(drafters)]
     fed_cols: list[list[int]] = [[] for _ in drafters]
     # 1b. per depth, every row's frontier in one forward (a done row feeds one masked pad)
     while any(f is not None for f in fronts):

@@ -75,6 +75,14 @@ class Drafter:
         # compacted by the next `_feed_pending`, whose one upload carries this index and the tokens
         self.keep = (start, keep)
 
+    def settle(self) -> None:
+        """Apply the compaction `commit` left to the next `_feed_pending` now: the draft cache
+        then holds exactly the committed tokens (a sequence joining a batch, `core.batch`)."""
+        if self.keep is not None:
+            start, keep = self.keep
+            compact(self.runner.cache, start, keep)
+            self.keep = None
+
     def skip(self, root: int) -> None:
         """A step verified without a tree (plain decoding at a high load): `root` joins the
         pending tokens, fed with the next tree's; no `commit` follows."""

@@ -56,15 +56,17 @@ def resolve_quant(quant: str | None, device: torch.device | str) -> str | None:
     raise ValueError(f"unknown draft_quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
 
 
-_ROWS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("specllava_int8_rows", default=None)
+_ROWS: contextvars.ContextVar[tuple[list[int], bool] | None] = contextvars.ContextVar("specllava_int8_rows",
+                                                                                     default=None)
 
 
 @contextlib.contextmanager
-def batch_rows(real: list[int]):
+def batch_rows(real: list[int], last: bool = False):
     """Within: Int8Linear inputs [B, n, in] (or [B * n, in]) hold B sequences, row b's real
-    tokens its first real[b] (the rest pads); each row is quantized on its own (see the module
-    docstring)."""
-    token = _ROWS.set(list(real))
+    tokens its first real[b] (last=True: its last real[b]; the rest pads, which get zeros; an
+    input of fewer columns, such as the head's last one, holds the row's real tokens among them);
+    each row is quantized on its own (see the module docstring)."""
+    token = _ROWS.set((list(real), last))
     try:
         yield
     finally:
@@ -88,14 +90,18 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _ROWS.get()
-        if rows is None or len(rows) < 2:
+        if rows is None or len(rows[0]) < 2:
             return self._linear(x)
+        real, last = rows
         # [B, n, in] or its rows flattened batch-major, [B * n, in]
-        per_row = x.reshape(len(rows), -1, x.shape[-1])
+        per_row = x.reshape(len(real), -1, x.shape[-1])
         out = x.new_zeros(per_row.shape[:2] + (self.out_features,))
-        for b, n in enumerate(rows):
+        cols = per_row.shape[1]
+        for b, n in enumerate(real):
+            n = min(n, cols)
             if n:
-                out[b, :n] = self._linear(per_row[b, :n])
+                part = slice(cols - n, cols) if last else slice(0, n)
+                out[b, part] = self._linear(per_row[b, part])
         return out.reshape(x.shape[:-1] + (self.out_features,))
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
