@@ -10,8 +10,9 @@ Default pair in float32. Each prompt is answered by `target.generate(do_sample=T
 and q at every answer position. q is the draft's softmax at each `--draft-temperature`, over the
 ranked `--draft-vocab` ids (`specllava.core.vocab`; 0 = the full vocabulary). Prints the mean
 overlap per draft temperature, and the full-vocabulary overlap at temperature 1. `--draft` adds
-other drafts for the default target (a draft folder, e.g. runs/draft5/draft from `train-draft`, or
-an EAGLE head from `train-eagle`, e.g. runs/eagle), measured on the same sampled answers. A head's
+other drafts for the default target (a draft folder, e.g. runs/draft_tvd/draft from `train-draft`,
+a draft.safetensors in the shipped format, or an EAGLE head from `train-eagle`, e.g. runs/eagle),
+measured on the same sampled answers. A head's
 q here is its first-level prediction (it reads the target's features of the same text), the one a
 tree's root children are drawn from; a draft model's q likewise reads the true text.
 
@@ -36,6 +37,16 @@ from specllava.core.model_info import vocab_size
 from specllava.core.vocab import draft_ranking, draft_vocab_ids
 from specllava.models import load_default_models
 from specllava.models.hf import load_model
+from specllava.models.shipped import load_draft
+
+
+def _load_draft(path: str, target):
+    """An EAGLE head file, a draft.safetensors in the shipped format, or a draft model folder."""
+    if EagleHead.is_head_file(path):
+        return EagleHead.load(path)
+    if path.endswith(".safetensors"):
+        return load_draft(target, path).float().eval()
+    return load_model(path, torch.float32)
 
 
 def main(argv=None) -> None:
@@ -56,7 +67,7 @@ def main(argv=None) -> None:
     m = load_default_models(dtype=torch.float32)
     target = m.target
     drafts = {"default draft": m.draft,
-              **{d: EagleHead.load(d) if EagleHead.is_head_file(d) else load_model(d, torch.float32) for d in args.draft}}
+              **{d: _load_draft(d, target) for d in args.draft}}
     size = vocab_size(m.draft)
     prompts = builtin_set("in-domain")[: args.in_domain] + builtin_set("out-of-domain")[: args.photos]
     overlap = {(name, tau): [] for name in drafts for tau in args.draft_temperature}

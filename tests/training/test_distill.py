@@ -160,6 +160,13 @@ def test_draft_init_from_a_target_built_draft_keeps_the_shared_vocabulary_rows_f
     other = tmp_path / "other"
     draft.save_pretrained(other)
     assert not make_draft(target, DistillConfig(target=None, data=None, draft_init=other))[1]
+    # a draft.safetensors in the shipped format starts the draft too, its vocabulary rows shared and frozen
+    from specllava.training.distill import save_draft
+
+    _, processor = tiny_models
+    path = save_draft(build_draft_from_target(target, num_layers=1).float(), processor, tmp_path / "shipped", True)
+    draft, frozen = make_draft(target, DistillConfig(target=None, data=None, draft_init=path))
+    assert frozen and draft.config.text_config.num_hidden_layers == 1
 
 
 def test_answers_ranking_ranks_the_regenerated_answers(tmp_path, tiny_models):

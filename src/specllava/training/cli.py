@@ -103,7 +103,7 @@ def add_parser(subparsers) -> None:
     init.add_argument("--draft-layers", type=cli_args.positive_int, default=d.draft_layers,
                       help="initialise the draft from the target's first N layers (default: %(default)s)")
     init.add_argument("--draft-init", type=cli_args.existing_path, default=None,
-                      help="an existing small LLaVA folder, or a config.json, to start the draft from")
+                      help="an existing small LLaVA folder, a draft.safetensors (the shipped format, e.g. git show COMMIT:src/specllava/assets/default/draft.safetensors), or a config.json, to start the draft from")
     init.add_argument("--draft-preset", choices=sorted(DRAFT_PRESETS), default=None,
                       help="a fresh draft of a published shape: llava-68m (Llama, 2 layers, hidden 768, 12 heads, "
                            "intermediate 3072) or llava-160m (12 layers, same width), with the target's vocabulary, "

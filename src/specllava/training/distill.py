@@ -21,7 +21,7 @@ Contract:
   embedding, first layers, norm and head; the default), from ``draft_preset`` (a published draft
   shape, `DRAFT_PRESETS`: a fresh Llama LM of that shape with the target's vocabulary, tokenizer,
   vision tower weights and image layout; a new projector) or from ``draft_init`` (a small LLaVA
-  folder, or a config.json whose model is built fresh; the target's vision tower weights are
+  folder, a ``draft.safetensors`` in the shipped format, or a config.json whose model is built fresh; the target's vision tower weights are
   copied into it when they fit). The vision tower is frozen and its features cached
   (`FeatureCache`); embedding and head stay frozen when they are the target's own (the draft then
   shares its vocabulary rows exactly, and the shipped file can omit them); everything else trains.
@@ -228,11 +228,16 @@ def make_draft(target, cfg: DistillConfig):
     init = Path(cfg.draft_init)
     if init.is_dir():
         draft = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
+    elif init.is_file() and init.suffix == ".safetensors":  # the shipped format (`save_draft`, `ship-default`)
+        from specllava.models.shipped import load_draft
+
+        draft = load_draft(target, init)
     elif init.is_file() and init.suffix == ".json":
         draft = type(target)(type(target.config).from_json_file(str(init)))
         _copy_vision_tower(draft, target)
     else:
-        raise FileNotFoundError(f"--draft-init {init}: expected a LLaVA model folder or a config .json file")
+        raise FileNotFoundError(f"--draft-init {init}: expected a LLaVA model folder, a draft.safetensors file "
+                                "(the shipped format) or a config .json file")
     vt, vd = target.config.text_config.vocab_size, draft.config.text_config.vocab_size
     if vt != vd:
         raise ValueError(f"--draft-init {init} has a vocabulary of {vd} tokens, the target {vt}; they must share the tokenizer")
@@ -570,14 +575,14 @@ class OnPolicyPool:
         pick = random.Random(self.cfg.seed * 1000 + r + 7).sample(self.prompts, min(n, len(self.prompts)))
         pick = [first_question(p) for p in pick]
         self.folder.mkdir(parents=True, exist_ok=True)
-        device = input_device(self.draft)
+        # generation in the target's 16-bit dtype when it has one: a copy cast once, not per token by autocast
+        model = copy.deepcopy(self.draft).to(self.amp) if self.amp else self.draft
         was_training = self.draft.training
-        self.draft.eval()
+        model.eval()
         try:
-            with torch.random.fork_rng(devices=[]), \
-                    torch.autocast(device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed * 1000 + r)
-                answered = regenerate_answers(self.draft, self.processor, pick, self.root, self.folder / f"{r:05d}.jsonl",
+                answered = regenerate_answers(model, self.processor, pick, self.root, self.folder / f"{r:05d}.jsonl",
                                               self.cfg.regenerate_max_new_tokens, self.cfg.regenerate_batch,
                                               self.log, do_sample=True)
         finally:
