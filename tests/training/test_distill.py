@@ -1,5 +1,6 @@
 """Distillation on a tiny assembled LLaVA: the KL step, early exits, checkpoint/resume, the CLI."""
 
+import copy
 import json
 
 import pytest
@@ -154,7 +155,9 @@ def test_draft_init_from_a_target_built_draft_keeps_the_shared_vocabulary_rows_f
     folder = tmp_path / "prev"
     build_draft_from_target(target, num_layers=1).save_pretrained(folder)
     draft, frozen = make_draft(target, DistillConfig(target=None, data=None, draft_init=folder))
-    assert frozen  # a previous run's draft: embedding and head are still the target's
+    assert frozen  # an earlier run's draft: embedding and head are still the target's
+    bf16_target = copy.deepcopy(target).to(torch.bfloat16)  # the fp32 folder's rows equal the bf16 target's at bf16
+    assert make_draft(bf16_target, DistillConfig(target=None, data=None, draft_init=folder))[1]
     with torch.no_grad():
         draft.get_input_embeddings().weight.add_(0.1)
     other = tmp_path / "other"

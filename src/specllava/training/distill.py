@@ -248,14 +248,19 @@ def make_draft(target, cfg: DistillConfig):
 
 
 def shares_vocabulary_rows(draft, target) -> bool:
-    """True when the draft's input embedding and LM head equal the target's (a draft made by
-    `draft_from_target`, e.g. a previous run's): they then stay frozen and shared, as in a
+    """True when the draft's input embedding and LM head equal the target's, at the lower of their
+    two precisions (a draft made by `draft_from_target`, e.g. an earlier run's): they then stay frozen and shared, as in a
     fresh run, so `ship-default` can keep omitting them."""
     pairs = ((draft.get_input_embeddings(), target.get_input_embeddings()),
              (draft.get_output_embeddings(), target.get_output_embeddings()))
+
+    def same(a, b):  # compared in the lower of the two precisions (a target loaded in bf16, a draft in fp32)
+        low = a.dtype if a.element_size() < b.element_size() else b.dtype
+        return torch.equal(a.to("cpu", low), b.to("cpu", low))
+
     with torch.no_grad():
-        return all(a is not None and b is not None and a.weight.shape == b.weight.shape
-                   and torch.equal(a.weight.float().cpu(), b.weight.float().cpu()) for a, b in pairs)
+        return all(a is not None and b is not None and a.weight.shape == b.weight.shape and same(a.weight, b.weight)
+                   for a, b in pairs)
 
 
 def trainable_parameters(draft, embeddings_frozen: bool) -> dict[str, torch.nn.Parameter]:
