@@ -19,7 +19,9 @@ tree's root children are drawn from; a draft model's q likewise reads the true t
 Per level: with a = sum min(p, q) at each position (draft temperature 1), level k's chain
 acceptance is the mean over start positions t of a_t * ... * a_{t+k-1} (positions of one answer),
 the probability that k single draft samples in a row are all accepted, estimated along the
-target's sampled text; "conditional" divides by level k-1's. `--out FILE` writes all of it as JSON.
+target's sampled text; "conditional" divides by level k-1's. Each `--draft` is also compared with the
+default draft prompt by prompt (mean difference of the per-prompt mean overlaps and its standard
+error over prompts). `--out FILE` writes all of it as JSON.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ def main(argv=None) -> None:
             row["overlap"][f"{tau:g}"] = torch.cat(overlap[name, tau]).mean().item()
             print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {row['overlap'][f'{tau:g}']:.3f}")
         print(f"{name}, full vocabulary, draft temperature 1: {row['full_vocabulary']:.3f}")
+        if name != "default draft" and 1.0 in args.draft_temperature:
+            diff = torch.tensor([(a.mean() - b.mean()).item() for a, b in zip(overlap[name, 1.0], overlap["default draft", 1.0])])
+            row["minus_default"] = {"mean": diff.mean().item(), "standard_error": (diff.std() / len(diff) ** 0.5).item()}
+            print(f"{name} minus the default draft, draft temperature 1, per prompt: {diff.mean():+.4f} "
+                  f"(standard error {row['minus_default']['standard_error']:.4f} over {len(diff)} prompts)")
         if 1.0 in args.draft_temperature:
             chain = chain_acceptance(overlap[name, 1.0], args.levels)
             row["chain"] = chain
