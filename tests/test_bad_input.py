@@ -90,6 +90,19 @@ API_CASES = {
     "float top_k": (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, top_k=2.5),
                     "top_k must be an integer, got 2.5"),
     "string seed": (lambda ids, px: dict(input_ids=ids, pixel_values=px, seed="x"), "seed must be an integer or None"),
+    "string eos_token_id": (lambda ids, px: dict(input_ids=ids, pixel_values=px, eos_token_id="x"),
+                            "eos_token_id must be a token id .int., a list of them or None, got 'x'"),
+    "float eos_token_id in a list": (lambda ids, px: dict(input_ids=ids, pixel_values=px, eos_token_id=[2, 1.5]),
+                                     "eos_token_id must be a token id"),
+    "attention_mask of another length": (lambda ids, px: dict(input_ids=ids, pixel_values=px,
+                                                              attention_mask=torch.ones(1, ids.shape[1] - 1, dtype=torch.long)),
+                                         r"attention_mask must be a tensor of input_ids' shape \(1, \d+\), got \(1, \d+\)"),
+    "meta input_ids": (lambda ids, px: dict(input_ids=ids.to("meta"), pixel_values=px), "input_ids is on the meta device"),
+    "meta pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=px.to("meta")), "pixel_values is on the meta device"),
+    "NaN pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=px.clone().fill_(float("nan"))),
+                         "pixel_values holds NaN or infinite values"),
+    "inf pixel_values": (lambda ids, px: dict(input_ids=ids, pixel_values=torch.where(px > 0, float("inf"), px)),
+                         "pixel_values holds NaN or infinite values"),
 }
 
 
@@ -189,6 +202,10 @@ def files(tmp_path_factory):
     (root / "model").mkdir()
     (root / "model" / "config.json").write_text("{}")
     (root / "data.json").write_text("[]")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "fifo.png")  # nothing ever writes to it: reading it would block forever
+    (root / "loop.png").symlink_to(root / "loop2.png")
+    (root / "loop2.png").symlink_to(root / "loop.png")
     return root
 
 
@@ -255,6 +272,15 @@ PARSE_CASES = {  # argv (with {d} = the files folder) -> what the one line says
     "image truncated": (G + ["--image", "{d}/truncated.jpg"], "cannot decode image file .*truncated"),
     "image not an image": (G + ["--image", "{d}/notes.txt"], "not an image file PIL can read"),
     "image 14000x14000": (G + ["--image", "{d}/bomb.png"], "over the cap of 89,478,485 pixels .*MAX_IMAGE_PIXELS"),
+    "image is a FIFO": (G + ["--image", "{d}/fifo.png"], "fifo.png is not a regular file"),
+    "image symlink loop": (G + ["--image", "{d}/loop.png"], "cannot open image file .*loop.png: Too many levels of symbolic links"),
+    "image empty path": (G + ["--image", ""], "argument --image: the image file path is empty"),
+    "target empty path": (G + ["--target", ""], "argument --target: the model path is empty"),
+    "bench data is a FIFO": (["bench", "--data", "{d}/fifo.png"], "is not a regular file"),
+    "prompt invalid UTF-8": (["generate", "--prompt", "caf\udcc3 \udcff"], "the prompt is not valid UTF-8 .byte 0xc3 at character 3"),
+    "seed 1.5": (G + ["--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
+    "train-eagle seed 2**64": (["train-eagle", "--data", "{d}/data.json", "--seed", str(2**64)],
+                               r"argument --seed: must be an integer in \[0, 2\*\*64\)"),
     "target is a file": (G + ["--target", "{d}/notes.txt"], "is a file; give the model's folder"),
     "target folder without config": (G + ["--target", "{d}/adir"], "has no config.json"),
     "target path missing": (G + ["--target", "{d}/nowhere"], "model folder not found"),
@@ -354,17 +380,37 @@ def test_cli_ctrl_c_before_decoding(capsys, monkeypatch):
     assert "specllava generate: interrupted" in err and "Traceback" not in err
 
 
-def test_top_level_help_imports_nothing_heavy():
-    """`specllava --help` lists every command without importing torch (measured: docs/inputs.md)."""
+@pytest.mark.parametrize("command", ["", "generate", "assemble", "build-data", "train-target", "eval-target",
+                                     "ship-default", "train-draft", "train-eagle", "bench", "serve"])
+def test_help_imports_nothing_heavy(command):
+    """`specllava --help` and every `specllava COMMAND --help` without importing torch or
+    transformers (measured: docs/inputs.md)."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom specllava.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    argv = [command, "--help"] if command else ["--help"]
+    code = (f"import sys\nfrom specllava.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, f'imported {heavy}'\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "train-eagle" in out.stdout and "bench" in out.stdout
+    assert ("train-eagle" in out.stdout and "bench" in out.stdout) if not command else f"specllava {command}" in out.stdout
+
+
+def test_training_help_defaults_are_the_configs():
+    """The training commands read their defaults from the config classes' source (for a fast
+    --help): each value read equals the imported class's."""
+    import dataclasses
+
+    from specllava.training import distill, eagle, target
+    from specllava.training.cli import source_defaults
+
+    for module, cls in ((distill, distill.DistillConfig), (eagle, eagle.EagleConfig), (target, target.TargetTrainConfig)):
+        read = vars(source_defaults(module.__name__, cls.__name__))
+        real = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        assert read == real
+    assert source_defaults(distill.__name__, "DRAFT_PRESETS") == distill.DRAFT_PRESETS
 
 
 def test_command_table_matches_the_modules():
@@ -495,3 +541,244 @@ def test_assemble_print_dir_prints_only_the_folder(capsys, monkeypatch, tmp_path
     monkeypatch.setattr(assemble, "assemble_default_models", lambda cache_dir=None, force=False: paths)
     assert main(["assemble", "--print-dir"]) == 0
     assert capsys.readouterr().out == f"{tmp_path}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# images: one loader (specllava.images) for generate, bench and the server
+
+def _exif_rotated(tmp_path):
+    """A 30x20 JPEG stored as 20x30 with the EXIF orientation 'rotate 90 CW to view' (6): its left
+    half dark, once upright."""
+    upright = np.zeros((20, 30, 3), dtype=np.uint8)
+    upright[:, 15:] = 255
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    return path
+
+
+def _loaders():
+    from specllava.images import open_image
+    from specllava.serve.protocol import Limits, decode_image
+
+    return {"cli/bench": open_image, "server": lambda path: decode_image(path.read_bytes(), Limits())}
+
+
+@pytest.mark.parametrize("loader", ["cli/bench", "server"])
+def test_images_high_bit_depth_exif_and_alpha(tmp_path, loader):
+    load = _loaders()[loader]
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # fully transparent black
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    for name in ("grey16.png", "float.tif"):  # a ramp from black to white, as it looks
+        img = np.asarray(load(tmp_path / name), dtype=np.float64)
+        assert img.shape == (32, 32, 3) and abs(img.mean() - 127.5) < 2, (name, img.mean())
+        assert img[0, 0, 0] == 0 and img[-1, -1, 0] == 255
+    upright = np.asarray(load(_exif_rotated(tmp_path)))
+    assert upright.shape == (20, 30, 3)  # EXIF orientation applied
+    assert upright[:, :10].mean() < 40 and upright[:, 20:].mean() > 215
+    assert np.asarray(load(tmp_path / "clear.png")).min() == 255  # transparency on white
+
+
+def test_generate_and_bench_use_the_shared_loader(monkeypatch, tmp_path):
+    import specllava.images as images
+    from specllava import cli
+    from specllava.bench import harness
+    from specllava.bench.prompts import BenchPrompt
+
+    seen = []
+    monkeypatch.setattr(images, "open_image", lambda path: seen.append(path) or Image.new("RGB", (4, 4)))
+    assert cli._open_image("a.png").size == (4, 4)
+    monkeypatch.setattr("specllava.models.hf.chat_inputs", lambda proc, text, image: {"input_ids": torch.ones(1, 3).long()})
+    harness.prepare_inputs(None, BenchPrompt(id="p", prompt="x", image=tmp_path / "b.png"), torch.float32, "cpu")
+    assert seen == ["a.png", tmp_path / "b.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# standard output that cannot take the answer; Ctrl-C at any moment
+
+def _env():
+    import sys
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def test_closed_stdout_is_refused_before_loading():
+    import subprocess
+    import sys
+
+    out = subprocess.run(["sh", "-c", f"exec '{sys.executable}' -m specllava generate --prompt Hi >&-"],
+                         capture_output=False, stderr=subprocess.PIPE, text=True, env=_env(), timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == ("specllava generate: error: standard output is closed: the output would be lost; "
+                                  "redirect it (e.g. > out.txt or > /dev/null)")
+
+
+def test_output_that_cannot_be_written_is_an_error(monkeypatch, capsys):
+    from specllava.cli import run_guarded
+
+    class ClosedPipe:
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert run_guarded("specllava generate", lambda: print("the answer")) == 1
+    assert "standard output was closed before all the output was written" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "Hi"], ["train-eagle", "--data", "x.json"]])
+def test_ctrl_c_while_starting_is_exit_130_without_a_traceback(argv, tmp_path):
+    """Ctrl-C while a command imports torch (its first seconds): one line, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "x.json").write_text("[]")
+    proc = subprocess.Popen([sys.executable, "-m", "specllava", *argv], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:  # wait until torch's library is being loaded
+        try:
+            if "libtorch" in open(f"/proc/{proc.pid}/maps").read():
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().endswith("interrupted"), err
+
+
+def test_prompt_with_the_image_placeholder_is_refused(pair, capsys):
+    paths, _ = pair
+    code = main(["generate", "--target", str(paths.target_dir), "--method", "ar", "--prompt", "<image> What is it?"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("specllava generate: error: the prompt contains '<image>'"), last
+
+
+# ---------------------------------------------------------------------------------------------
+# results that would be overwritten; training data that cannot be used
+
+def test_bench_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys, no_loading):
+    from specllava.bench import cli as bench_cli
+    from specllava.cli import build_parser
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    code = main(["bench", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {out} is not empty" in err and "--overwrite" in err
+    bench_cli.check_args(build_parser("bench").parse_args(["bench", "--out", str(out), "--overwrite"]))  # accepted
+
+
+def test_train_eagle_refuses_earlier_results_unless_resume_or_overwrite(tmp_path, capsys, files, monkeypatch):
+    import specllava.training.eagle as eagle
+
+    monkeypatch.setattr(eagle, "train_eagle", lambda cfg, log: {"after": {}, "eval": {}})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "eagle_head.safetensors").write_bytes(b"")
+    argv = ["train-eagle", "--data", str(files / "data.json"), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds the results of an earlier run (eagle_head.safetensors)" in err and "--overwrite" in err
+    assert main(argv + ["--overwrite"]) == 0 and main(argv + ["--resume"]) == 0
+
+
+def _llava_json(folder, n=2, answered=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        conv = [{"from": "human", "value": "<image>\nDescribe."}] + ([{"from": "gpt", "value": f"Dots {i}."}] if answered else [])
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": conv})
+    (folder / "data.json").write_text(json.dumps(records))
+    return folder / "data.json"
+
+
+def test_train_eagle_features_follow_the_data(pair, tmp_path):
+    """A features.pt of other data is computed again, a foreign one is refused by name, and data
+    without a single answer is refused before training (not a ZeroDivisionError)."""
+    from specllava.training.common import load_records
+    from specllava.training.eagle import extract_features
+
+    paths, models = pair
+    cache = tmp_path / "features.pt"
+    first, root1 = load_records(_llava_json(tmp_path / "a", n=2))
+    second, root2 = load_records(_llava_json(tmp_path / "b", n=3))
+    a = extract_features(models.target, models.processor, [(r, root1) for r in first], cache)
+    b = extract_features(models.target, models.processor, [(r, root2) for r in second], cache, log=lambda m: None)
+    assert (len(a), len(b)) == (2, 3)
+    again = extract_features(models.target, models.processor, [(r, root2) for r in second], cache)
+    assert [torch.equal(x["feats"], y["feats"]) for x, y in zip(again, b)] == [True] * 3  # reused
+    import pickle
+
+    cache.write_bytes(pickle.dumps(object()))
+    with pytest.raises(ValueError, match="features.pt is not a features file written by train-eagle .*delete it"):
+        extract_features(models.target, models.processor, [(r, root2) for r in second], cache)
+
+
+def test_train_eagle_on_unusable_data_names_the_data(pair, tmp_path, capsys):
+    from specllava.training.cli import main as training_main
+
+    paths, _ = pair
+    data = _llava_json(tmp_path / "d", n=2)
+    for png in (tmp_path / "d").glob("*.png"):
+        png.unlink()  # every record's image is missing
+    code = training_main(["train-eagle", "--target", str(paths.target_dir), "--data", str(data), "--out",
+                          str(tmp_path / "run"), "--steps", "1", "--no-bf16"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"specllava train-eagle: error: no usable training records in {data}"), last
+
+
+@pytest.mark.parametrize("command", ["train-draft", "train-eagle"])
+def test_training_data_that_is_not_json_is_named(command, tmp_path, capsys, monkeypatch):
+    import specllava.training.target as target_mod
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": 1,')
+    monkeypatch.setattr(target_mod, "load_model", lambda *a, **k: (torch.nn.Linear(1, 1), None))
+    import specllava.training.distill as distill
+
+    monkeypatch.setattr(distill, "load_target", lambda *a, **k: (None, None), raising=False)
+    code = main([command, "--data", str(broken), "--out", str(tmp_path / "run")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"{broken} is not valid JSON" in last, last
+
+
+# ---------------------------------------------------------------------------------------------
+# models that cannot load: one line, at once
+
+def test_unknown_model_type_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    code = main(["generate", "--target", str(tmp_path), "--method", "ar", "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "has model_type 'no-such-architecture', which transformers" in err and "upgrade transformers" in err
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(monkeypatch, capsys):
+    import time
+
+    import specllava.models.hf as hf
+
+    monkeypatch.setattr(hf, "hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    t = time.perf_counter()
+    code = main(["generate", "--target", "nobody/no-such-model", "--method", "ar", "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Retrying" not in err, err
+    assert "the hub cannot be reached (huggingface.co: Name or service not known)" in err
+    assert "huggingface-cli download nobody/no-such-model" in err
+    assert time.perf_counter() - t < 10  # no retries (about 30 s of them otherwise)

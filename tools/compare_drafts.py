@@ -20,7 +20,7 @@ import torch
 
 from specllava.cli import raw_tree_option
 from specllava.training.common import load_records
-from specllava.training.common import with_images
+from specllava.training.common import image_records, with_images
 from specllava.training.distill import measure_acceptance
 
 
@@ -53,7 +53,7 @@ def main() -> None:
         target = LlavaForConditionalGeneration.from_pretrained(args.target, dtype=torch.float32).eval()
         processor = AutoProcessor.from_pretrained(args.target)
     records, root = load_records(args.eval_data)
-    records = with_images(records, root, print)
+    records = image_records(with_images(records, root, print))  # the prompts are image prompts
     settings = args.setting or [("default", {})]
     summary = {}
     for path in args.draft:

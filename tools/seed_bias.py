@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from specllava.core.decoder import mix_seed
+from specllava.core.sampling import mix_seed
 
 
 def main():

@@ -11,15 +11,15 @@ __all__ = ["METHODS", "SpecOutput", "SpeculativeDecoder", "TreeConfig", "load_de
 __version__ = "0.1.0"
 
 
-def load_default_models(cache_dir=None, dtype=None):
-    """The embedded default target/draft pair and processor, assembled in a local cache on first
-    use (see `specllava.models.assemble`). Imported lazily: loading transformers' model code for
-    the default pair is not needed just to use the decoder."""
-    import torch
-
+def load_default_models(cache_dir=None, dtype="auto", draft=True, device=None):
+    """The embedded default target, draft and processor, assembled into a local cache on first use
+    (draft=False: the target and processor alone). dtype "auto" (default, as the CLI's --dtype):
+    bf16 on a CUDA GPU or a CPU with native bf16, float32 elsewhere; device None: CUDA when
+    available, else the CPU. `specllava.models.load_default_models` itself, imported on first
+    call: `import specllava` does not load transformers' model code."""
     from .models import load_default_models as _load
 
-    return _load(cache_dir=cache_dir, dtype=dtype or torch.float32)
+    return _load(cache_dir=cache_dir, dtype=dtype, draft=draft, device=device)
 
 
 def __getattr__(name: str):

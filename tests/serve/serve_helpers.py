@@ -68,31 +68,28 @@ def free_port() -> int:
 
 
 class SlowDecoder(SpeculativeDecoder):
-    """A decoder that sleeps `delay_s` after each verification step, so that a test can catch a
+    """A decoder that sleeps `delay_s` after each decoding step, so that a test can catch a
     request while it decodes."""
 
     def __init__(self, *args, delay_s: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.delay_s = delay_s
 
-    def generate(self, *args, on_step=None, **kwargs):
-        def slow_step(tree, verdict):
-            time.sleep(self.delay_s)
-            if on_step is not None:
-                on_step(tree, verdict)
-
-        return super().generate(*args, on_step=slow_step, **kwargs)
+    def step(self, sequences):
+        results = super().step(sequences)
+        time.sleep(self.delay_s)
+        return results
 
 
 @contextmanager
-def running_server(target, draft, processor, *, method="dynamic", workers=1, max_queue=64, max_tokens=64,
-                   request_timeout_s=60.0, make_decoder=None, **limits):
-    """(base URL, engine, app) of a live server; it stops (and its workers end) on exit."""
+def running_server(target, draft, processor, *, method="dynamic", max_batch=1, max_queue=64, max_tokens=64,
+                   request_timeout_s=60.0, make_decoder=None, security=None, **limits):
+    """(base URL, engine, app) of a live server; it stops (and its scheduler ends) on exit."""
     make_decoder = make_decoder or (lambda: SpeculativeDecoder(target, draft, method=method))
     engine = Engine(target, draft, processor, make_decoder,
-                    workers=workers, max_queue=max_queue, max_tokens=max_tokens,
+                    max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
                     request_timeout_s=request_timeout_s, method=method)
-    app = create_app(engine, Limits(max_tokens=max_tokens, **limits))
+    app = create_app(engine, Limits(max_tokens=max_tokens, **limits), security)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -92,7 +92,7 @@ def test_stats_equal_the_decoders_own(server, served_models):
     r = client(url).chat.completions.create(model="specllava", messages=messages, max_tokens=30)
     req = parse_request({"messages": messages}, Limits())
     inputs = encode_chat(processor, req.conversation, req.image)
-    out = engine.decoders[0].generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=30)
+    out = engine.decoder.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=30)
     s = r.model_extra["specllava"]
     assert s["target_forwards"] == out.stats["target_forwards"] and s["accept_hist"] == out.stats["accept_hist"]
     assert s["mean_accepted_length"] == pytest.approx(out.stats["mean_accepted"])
@@ -163,8 +163,9 @@ def test_models_health_metrics_and_page(server):
     assert metric(url, "specllava_completion_tokens_total") == before + 6
     status, ctype, text = get(url, "/metrics")
     assert ctype.startswith("text/plain")
-    for name in ("specllava_requests_total{status=\"200\"}", "specllava_mean_accepted_length",
-                 "specllava_queue_length", "specllava_running_requests", "specllava_request_latency_seconds_bucket",
+    for name in ("specllava_requests_total{endpoint=\"chat\",status=\"200\"}", "specllava_step_accepted_length_bucket",
+                 "specllava_queue_wait_seconds_bucket", "process_resident_memory_bytes", "python_gc_objects_collected_total",
+                 "python_info", "specllava_queue_length", "specllava_running_requests", "specllava_request_latency_seconds_bucket",
                  "specllava_time_to_first_token_seconds_bucket", "specllava_prompt_tokens_total",
                  "specllava_draft_tokens_accepted_total", "specllava_finished_total{reason=\"max_tokens\"}"):
         assert name in text, name
@@ -192,7 +193,7 @@ BAD_HTTP = {
     "max_tokens 0": ({"messages": user("hi"), "max_tokens": 0}, 400, "max_tokens"),
     "temperature 3": ({"messages": user("hi"), "temperature": 3}, 400, "temperature"),
     "top_p 0": ({"messages": user("hi"), "top_p": 0}, 400, "top_p"),
-    "n 3": ({"messages": user("hi"), "n": 3}, 400, "n=3 is not supported"),
+    "n 30": ({"messages": user("hi"), "n": 30}, 400, "at most 8 choices"),
     "remote image": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]}, 400, "--allow-remote-images"),
 }  # fmt: skip
@@ -219,8 +220,8 @@ def test_openai_client_raises_on_errors(server):
     url, _, _ = server
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client(url).chat.completions.create(model="gpt-4o", messages=user("hi"))
-    with pytest.raises(openai.BadRequestError, match="n=2 is not supported"):
-        client(url).chat.completions.create(model="specllava", messages=user("hi"), n=2)
+    with pytest.raises(openai.BadRequestError, match="num_beams is not supported"):
+        client(url).chat.completions.create(model="specllava", messages=user("hi"), extra_body={"num_beams": 4})
     status, _, _ = get(url, "/health")
     assert status == 200
 
@@ -250,7 +251,7 @@ def test_full_queue_answers_429(slow_server):
     busy = [err for status, err in results if status == 429]
     assert busy and all(err["error"]["code"] == "queue_full" for err in busy)
     assert sum(status == 200 for status, _ in results) >= 1
-    assert metric(url, 'specllava_requests_total{status="429"}') >= len(busy)
+    assert metric(url, 'specllava_requests_total{endpoint="chat",status="429"}') >= len(busy)
 
 
 def test_time_limit_ends_the_answer(slow_server):

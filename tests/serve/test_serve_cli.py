@@ -23,11 +23,11 @@ def test_defaults_are_those_of_specllava_generate():
     args = build_parser().parse_args(["serve"])
     gen = build_parser().parse_args(["generate", "--prompt", "x"])
     assert (args.target, args.draft, args.method, args.draft_quant) == (gen.target, gen.draft, gen.method, gen.draft_quant)
-    assert (args.method, args.dtype, args.host, args.port, args.max_concurrency) == ("dynamic", "auto", "127.0.0.1", 8000, 1)
+    assert (args.method, args.dtype, args.host, args.port, args.max_batch) == ("dynamic", "auto", "127.0.0.1", 8000, 1)
     assert not args.allow_remote_images
 
 
-@pytest.mark.parametrize("flag", ["--max-concurrency=0", "--max-queue=-1", "--request-timeout=0", "--max-tokens=x",
+@pytest.mark.parametrize("flag", ["--max-batch=0", "--max-queue=-1", "--request-timeout=0", "--max-tokens=x",
                                   "--port=70000", "--target=/no/such/folder"])
 def test_bad_flags_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
@@ -39,11 +39,11 @@ def test_tree_options_and_budget_reach_every_decoder(tiny_paths, monkeypatch):
     from specllava.serve.cli import build
 
     args = build_parser().parse_args(["serve", "--target", str(tiny_paths.target_dir), "--draft", str(tiny_paths.draft_dir),
-                                      "--dtype", "float32", "--max-concurrency", "2", "--tree-option", "max_depth=3",
+                                      "--dtype", "float32", "--max-batch", "2", "--tree-option", "max_depth=3",
                                       "--tree-option", "node_budget=40", "--budget", "7"])
     _, engine = build(args)
     try:
-        assert [(d.config.max_depth, d.config.node_budget) for d in engine.decoders] == [(3, 7), (3, 7)]
+        assert (engine.decoder.config.max_depth, engine.decoder.config.node_budget, engine.max_batch) == (3, 7, 2)
     finally:
         engine.close()
 
@@ -151,7 +151,7 @@ def test_default_pair_serves_the_decoders_answer():
         engine.close()
     req = parse_request({"messages": messages}, Limits())
     inputs = encode_chat(engine.processor, req.conversation, req.image)
-    out = engine.decoders[0].generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=48)
+    out = engine.decoder.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=48)
     expected = engine.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert r.choices[0].message.content == expected == streamed
     assert expected.strip(), "the default pair answered nothing"

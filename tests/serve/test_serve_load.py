@@ -48,10 +48,10 @@ def alone(served_models):
         return [ask(url, kw) for kw in requests()]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_concurrent_clients_get_their_alone_answers(served_models, alone, workers):
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_concurrent_clients_get_their_alone_answers(served_models, alone, max_batch):
     todo = requests()
-    with running_server(*served_models, workers=workers) as (url, engine, _):
+    with running_server(*served_models, max_batch=max_batch) as (url, engine, _):
         t = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:  # one thread per client, each sending its requests in turn
             per_client = list(pool.map(lambda k: [ask(url, kw) for kw in todo[k::CLIENTS]], range(CLIENTS)))

@@ -62,3 +62,21 @@ def test_page_shows_a_server_error(server, browser):
     page.wait_for_function("document.querySelector('#status').textContent.includes('at most')", timeout=15_000)
     assert "max_tokens is 1000" in page.text_content("#status")
     page.close()
+
+
+def test_page_works_with_an_api_key(served_models, browser):
+    """A server with --api-key: the page shows a key box, refuses without the key and answers with it."""
+    from specllava.serve.security import Security
+
+    with running_server(*served_models, security=Security(api_keys=("sk-page",))) as (url, _, _):
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#key-box:not([hidden])")
+        page.fill("#max-tokens", "8")
+        page.click("#send")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('API key')", timeout=15_000)
+        page.fill("#api-key", "sk-page")
+        page.click("#send")
+        page.wait_for_selector("#answer[data-done]", timeout=30_000)
+        assert int(page.text_content("#ntok")) == 8
+        page.close()

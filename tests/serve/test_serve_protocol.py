@@ -7,9 +7,9 @@ from serve_helpers import data_url, image_bytes, user
 
 from specllava.models.hf import chat_inputs
 from specllava.serve.engine import encode_chat
-from specllava.serve.protocol import APIError, Limits, parse_request
+from specllava.serve.protocol import APIError, Limits, parse_completion, parse_request
 
-LIMITS = Limits(max_tokens=64)
+LIMITS = Limits(max_tokens=64, max_images=1)  # as for LLaVA-1.5
 
 
 def test_defaults_follow_specllava_generate():
@@ -26,6 +26,46 @@ def test_fields_are_read():
     }, LIMITS)  # fmt: skip
     assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop) == (9, 0.7, 0.9, 5, 4, ["x"])
     assert req.stream and req.include_usage and req.image.size == (80, 64)
+
+
+def test_sampling_fields_of_the_openai_api():
+    req = parse_request({"messages": user("Hi"), "n": 3, "logprobs": True, "top_logprobs": 5, "seed": 2**63 - 1}, LIMITS)
+    assert (req.n, req.logprobs, req.top_logprobs, req.seed) == (3, True, 5, 2**63 - 1)
+    assert parse_request({"messages": user("Hi"), "seed": -(2**63), "temperature": 1}, LIMITS).seed == -(2**63)
+    opts = {"include_usage": True, "include_obfuscation": False}  # what newer openai clients may send
+    assert parse_request({"messages": user("Hi"), "stream": True, "stream_options": opts}, LIMITS).include_usage
+
+
+def test_completions_requests():
+    req = parse_completion({"prompt": "Once upon", "max_tokens": 5, "logprobs": 2, "n": 2, "echo": False}, LIMITS)
+    assert (req.raw_prompt, req.max_tokens, req.logprobs, req.top_logprobs, req.n) == ("Once upon", 5, True, 2, 2)
+    assert req.conversation == [{"role": "user", "content": [{"type": "text", "text": "Once upon"}]}]
+    assert not parse_completion({"prompt": ["x"]}, LIMITS).logprobs
+    for body, words in [({"prompt": ["a", "b"]}, "one prompt per request"), ({"prompt": ""}, "empty"),
+                        ({"prompt": "a", "echo": True}, "echo=True is not supported"),
+                        ({"prompt": "a", "suffix": "z"}, "suffix"), ({"prompt": "a\ud800"}, "lone surrogate"),
+                        ({"prompt": "a", "max_tokens": True}, "valid integer"), ({"prompt": 5}, "prompt"),
+                        ({"messages": user("hi")}, "prompt")]:
+        with pytest.raises(APIError, match=words):
+            parse_completion(body, LIMITS)
+
+
+def test_body_cap_follows_the_limits():
+    """The cap holds every image at its byte cap (base64) and the text at its character cap."""
+    small = Limits(max_images=1, max_image_bytes=1000, max_prompt_chars=100)
+    assert small.body_cap() == 1000 * 4 // 3 + 1024 + 600 + 1024 * 1024
+    assert Limits(max_images=2, max_image_bytes=1000, max_prompt_chars=100).body_cap() == small.body_cap() + 1000 * 4 // 3 + 1024
+    assert Limits(max_images=0, max_prompt_chars=100).body_cap() == 600 + 1024 * 1024
+
+
+def test_decompression_bomb_is_image_too_large(monkeypatch):
+    """An image over PIL's own decompression-bomb guard is refused as too large, not as unreadable."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses over 2x this at open
+    with pytest.raises(APIError, match="too large to decode") as info:
+        parse_request({"messages": user("hi", image_bytes(size=(20, 20)))}, Limits(max_image_pixels=10**6))
+    assert info.value.code == "image_too_large"
 
 
 def test_nulls_mean_defaults():
@@ -77,8 +117,27 @@ BAD = {
     "top_p 0": ({"messages": user("hi"), "top_p": 0}, 400, "top_p", "top_p"),
     "top_p 1.5": ({"messages": user("hi"), "top_p": 1.5}, 400, "top_p", "top_p"),
     "top_k -2": ({"messages": user("hi"), "top_k": -2}, 400, "top_k", "top_k"),
-    "n 2": ({"messages": user("hi"), "n": 2}, 400, "n", "n=2 is not supported"),
-    "logprobs": ({"messages": user("hi"), "logprobs": True}, 400, "logprobs", "not supported"),
+    "n 9": ({"messages": user("hi"), "n": 9}, 400, "n", "at most 8 choices"),
+    "n 0": ({"messages": user("hi"), "n": 0}, 400, "n", "greater than or equal to 1"),
+    "top_logprobs without logprobs": ({"messages": user("hi"), "top_logprobs": 2}, 400, "top_logprobs", "logprobs=true"),
+    "top_logprobs 21": ({"messages": user("hi"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "20"),
+    "max_tokens true": ({"messages": user("hi"), "max_tokens": True}, 400, "max_tokens", "valid integer"),
+    "max_tokens 5.0": ({"messages": user("hi"), "max_tokens": 5.0}, 400, "max_tokens", "valid integer"),
+    "temperature true": ({"messages": user("hi"), "temperature": True}, 400, "temperature", "valid number"),
+    "temperature '0.5'": ({"messages": user("hi"), "temperature": "0.5"}, 400, "temperature", "valid number"),
+    "stream 1": ({"messages": user("hi"), "stream": 1}, 400, "stream", "valid boolean"),
+    "seed 2**64": ({"messages": user("hi"), "seed": 2**64}, 400, "seed", "64-bit signed integer"),
+    "seed 2**63": ({"messages": user("hi"), "seed": 2**63}, 400, "seed", "64-bit signed integer"),
+    "seed -2**63-1": ({"messages": user("hi"), "seed": -(2**63) - 1}, 400, "seed", "64-bit signed integer"),
+    "lone surrogate": ({"messages": user("hi \ud800 there")}, 400, "messages.0.content.0.text", "lone surrogate"),
+    "lone surrogate in a string content": ({"messages": [{"role": "user", "content": "a\udfff"}]}, 400,
+                                           "messages.0.content", "lone surrogate"),
+    "lone surrogate in stop": ({"messages": user("hi"), "stop": ["\ud800"]}, 400, "stop.0", "lone surrogate"),
+    "repetition_penalty": ({"messages": user("hi"), "repetition_penalty": 1.2}, 400, "repetition_penalty",
+                           "temperature, top_p, top_k"),
+    "min_new_tokens": ({"messages": user("hi"), "min_new_tokens": 5}, 400, "min_new_tokens", "not supported"),
+    "num_beams": ({"messages": user("hi"), "num_beams": 4}, 400, "num_beams", "beam search"),
+    "stream_options unknown": ({"messages": user("hi"), "stream_options": {"x": 1}}, 400, "stream_options.x", ""),
     "tools": ({"messages": user("hi"), "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     "unknown argument": ({"messages": user("hi"), "frobnicate": 1}, 400, "frobnicate", "Unrecognized"),
     "empty stop": ({"messages": user("hi"), "stop": ""}, 400, "stop", "stop"),

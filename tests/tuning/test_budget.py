@@ -151,3 +151,22 @@ def test_auto_node_budget_takes_an_eagle_head(tmp_path, monkeypatch):
     budget, report = calibrate.auto_node_budget(target, head, [{"input_ids": ids, "pixel_values": px}],
                                                 {"min_path_conf": 0.0}, cache_dir=tmp_path, max_new_tokens=16)
     assert 1 <= budget <= 96 and report["profile"]["steps"] > 0
+
+
+def test_cache_keys_name_the_gpu_a_model_sits_on(monkeypatch):
+    """A curve measured on one GPU is not another's: the key names every accelerator the target
+    uses (a CPU model's key has none, so CPU caches keep their keys)."""
+    model = tiny_llava(0)
+    assert "accelerators" not in calibrate.machine_key(torch.float32, model=model)
+    monkeypatch.setattr(calibrate, "model_devices", lambda m: [torch.device("cuda", 0), torch.device("cuda", 1)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: {0: "GPU A", 1: "GPU B"}[torch.device(d).index])
+    key = calibrate.machine_key(torch.float32, model=model)
+    assert key["accelerators"] == ["cuda:0 GPU A", "cuda:1 GPU B"]
+    assert calibrate._cache_file("verify", key, None) != calibrate._cache_file(
+        "verify", calibrate.machine_key(torch.float32), None)
+
+
+def test_model_devices_lists_where_the_weights_are():
+    model = tiny_llava(0)
+    assert calibrate.model_devices(model) == [torch.device("cpu")]
+

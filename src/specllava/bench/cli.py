@@ -133,7 +133,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "ar-hf=ar:target_lean=false; draft=eagle drafts with the --eagle head and draft=other with the "
         "--other-draft model instead of the draft model",
     )
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>); one that "
+                   "is not empty is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -201,6 +203,9 @@ def check_args(args) -> None:
         raise ValueError("a variant has draft=other: pass the second draft model with --other-draft DIR")
     if args.out is not None and args.out.is_file():
         raise ValueError(f"--out {args.out} is a file; give a folder")
+    if args.out is not None and args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {args.out} is not empty (an earlier run's results?); pass --overwrite to replace "
+                         "them, or give another folder")
     # the tree options together (each is checked alone at parse time); --budget auto is for the dynamic method
     DecodingOptions.from_args(args, temperature=0.0).check()
 

@@ -64,14 +64,10 @@ class BenchSettings:
 def prepare_inputs(processor, prompt: BenchPrompt, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict:
     """Tokenised chat prompt (+ pixel_values in the model dtype), on the target's input device,
     built before any timing."""
-    from PIL import Image
-
+    from ..images import open_image
     from ..models.hf import chat_inputs
 
-    image = None
-    if prompt.image is not None:
-        with Image.open(prompt.image) as im:
-            image = im.convert("RGB")
+    image = open_image(prompt.image) if prompt.image is not None else None
     inputs = chat_inputs(processor, prompt.prompt, image)
     out = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
     if inputs.get("pixel_values") is not None:

@@ -110,28 +110,57 @@ def crop(cache, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
-def compact(cache, start: int, keep: torch.Tensor) -> None:
+def compact(cache, start: int, keep: list[int] | torch.Tensor, index: torch.Tensor | None = None) -> None:
     """Keep cached positions start + keep[j] at start + j, then crop to start + len(keep).
 
     keep: [M] ascending offsets (relative to `start`) of the positions to keep, e.g. the tree
-    nodes on the accepted path. Positions < start are untouched.
+    nodes on the accepted path: a list of ints (as the loop reads the path back) or a LongTensor.
+    index: optional, the same offsets already on a device (as the verification computed them);
+    used on that device instead of uploading `keep` there. Positions < start are untouched.
 
     Example: start=10, tree occupied 10..14, accepted nodes [0, 2, 3] -> positions 10, 12, 13
     move to 10, 11, 12 and the cache length becomes 13.
+
+    Device traffic: keep = [0, 1, ..., M-1] (a chain's accepted prefix, plain decoding's root)
+    moves nothing and is a crop. Otherwise the gather index goes to each device the cache spans
+    once (a host-to-device copy waits for the device, a sync, so never once per layer and per
+    keys/values: a 32-layer target would pay 64 syncs a step), and not at all to where `index` is.
     """
-    m = int(keep.numel())
+    m = len(keep) if isinstance(keep, (list, tuple)) else int(keep.numel())
+    if _is_prefix(keep, m):
+        crop(cache, start + m)
+        return
+    on_device: dict[torch.device, torch.Tensor] = {}
+    if index is not None:
+        on_device[index.device] = index + start
+
+    def on(device: torch.device) -> torch.Tensor:
+        if device not in on_device:  # host sync: the keep index's upload to `device`, once per device
+            src = keep.to(device) if torch.is_tensor(keep) else torch.tensor(keep, dtype=torch.long, device=device)
+            on_device[device] = src + start
+        return on_device[device]
+
     if isinstance(cache, KVBuffer):
         for store in (cache.keys, cache.values):
             for t in store:  # layer by layer, on each layer's device
-                t[:, :, start : start + m] = t[:, :, : cache.length].index_select(-2, keep.to(t.device) + start)
+                t[:, :, start : start + m] = t[:, :, : cache.length].index_select(-2, on(t.device))
         cache.length = start + m
         return
     for layer in _layers(cache):
         if not (layer.is_initialized and layer.keys.numel()):
             continue
-        src = keep.to(layer.keys.device) + start
+        src = on(layer.keys.device)
         # index_select copies first, so the in-place write cannot read what it overwrote.
         layer.keys[..., start : start + m, :] = layer.keys.index_select(-2, src)
         layer.values[..., start : start + m, :] = layer.values.index_select(-2, src)
         layer.keys = layer.keys[..., : start + m, :]
         layer.values = layer.values[..., : start + m, :]
+
+
+def _is_prefix(keep: list[int] | torch.Tensor, m: int) -> bool:
+    """keep == [0, 1, ..., m-1], known without a read from a device (a host list, or a CPU tensor)."""
+    if torch.is_tensor(keep):
+        if keep.device.type != "cpu":
+            return False
+        keep = keep.tolist()  # a CPU tensor: no device to wait for
+    return list(keep) == list(range(m))

@@ -53,44 +53,84 @@ class Drafter:
         self.generator = generator
         self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> log q row over the draft's columns
         self.pending: list[int] = []
+        self.keep: tuple[int, list[int]] | None = None  # a compaction `commit` leaves to `_feed_pending`
         if policy in ("chain", "static"):
             choices = chain_choices(cfg.chain_length) if policy == "chain" else validate_choices(cfg.choices)
             self.static = _StaticPlan(choices, runner.device)
 
-    # -- one step --------------------------------------------------------------------------
+    # -- one step (one sequence: the policy below, fed through this drafter's own runner) -------
     def draft(self, root: int) -> Tree:
-        self.pending.append(root)
-        logits = self._feed_pending()  # [1, V] draft logits at the root
-        dev = logits.device
-        tokens = torch.tensor([root], dtype=torch.long, device=dev)
-        parents = torch.tensor([-1], dtype=torch.long, device=dev)
-        depth = torch.zeros(1, dtype=torch.long, device=dev)
-        score = torch.ones(1, dtype=torch.float32, device=dev)
-        self.fed = torch.empty(0, dtype=torch.long, device=dev)  # tree nodes in draft-cache order
-        self.q = {}
-        frontier = torch.zeros(1, dtype=torch.long, device=dev)
-        for d in range(1, self._max_depth() + 1):
-            par, tok, sc = self._expand(frontier, logits, score, d)  # [C] each
-            if par.numel() == 0:
-                break
-            first_new = tokens.numel()
-            tokens = torch.cat([tokens, tok])
-            parents = torch.cat([parents, par])
-            depth = torch.cat([depth, torch.full_like(tok, d)])
-            score = torch.cat([score, sc])
-            if d == self._max_depth() or (self.sampled and score.numel() - 1 >= self.node_budget):
-                break
-            frontier = self._next_frontier(first_new, score, d)
-            if frontier.numel() == 0 or self._should_stop(score, frontier):
-                break
-            logits = self._feed_frontier(frontier, tokens, parents, depth)
-        tree = Tree(tokens, parents, depth, score)
-        return self._finalize(tree)
+        logits = self._feed_pending(self.begin(root))  # [1, V] draft logits at the root
+        frontier = self.grow(logits)
+        while frontier is not None:
+            logits = self._feed_frontier(frontier, self.tokens, self.parents, self.depth)
+            frontier = self.grow(logits)
+        return self.tree()
 
     def commit(self, tree: Tree, path: list[int]) -> None:
         """Keep the accepted fed nodes in the draft cache; the other emitted tokens become pending."""
+        keep = self.accepted_fed(tree, path)
+        start = self.runner.length - self.fed.numel()  # committed part of the draft cache
+        # compacted by the next `_feed_pending`, whose one upload carries this index and the tokens
+        self.keep = (start, keep)
+
+    # -- the policy of one step, apart from how the draft model is run -------------------------
+    # A step: `begin(root)` gives the tokens to feed (the pending chain); its last logits go to
+    # `grow`, which adds one depth of children and returns the frontier to feed next (None: the
+    # tree is done); each fed frontier's logits go to `grow` again; `tree()` is the final tree;
+    # after verification `accepted_fed` says which fed nodes the draft cache keeps. `draft` runs
+    # this on the drafter's own runner, `core.batch` for many drafters in one forward.
+    def begin(self, root: int) -> list[int]:
+        """Start a step at `root`; returns the pending tokens to feed (a causal chain, root last)."""
+        self.pending.append(root)
+        pending, self.pending = self.pending, []
+        self.d = 0
+        self.q = {}
+        self.tokens = None
+        self.root = root
+        return pending
+
+    def grow(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Given the draft's logits [F, V] at the current frontier (the root's at depth 0), add one
+        depth of children; returns the next frontier (ascending node indices, [F']) to feed, or
+        None when the tree is done."""
+        dev = logits.device
+        if self.tokens is None:  # the root
+            self.tokens = torch.full((1,), self.root, dtype=torch.long, device=dev)  # a fill, not an upload
+            self.parents = torch.full((1,), -1, dtype=torch.long, device=dev)
+            self.depth = torch.zeros(1, dtype=torch.long, device=dev)
+            self.score = torch.ones(1, dtype=torch.float32, device=dev)
+            self.fed = torch.empty(0, dtype=torch.long, device=dev)  # tree nodes in draft-cache order
+            self.frontier = torch.zeros(1, dtype=torch.long, device=dev)
+        else:
+            self.fed = torch.cat([self.fed, self.frontier])
+        self.d = d = self.d + 1
+        par, tok, sc = self._expand(self.frontier, logits, self.score, d)  # [C] each
+        if par.numel() == 0:
+            return None
+        first_new = self.tokens.numel()
+        self.tokens = torch.cat([self.tokens, tok])
+        self.parents = torch.cat([self.parents, par])
+        self.depth = torch.cat([self.depth, torch.full_like(tok, d)])
+        self.score = torch.cat([self.score, sc])
+        if d == self._max_depth() or (self.sampled and self.score.numel() - 1 >= self.node_budget):
+            return None
+        frontier = self._next_frontier(first_new, self.score, d)
+        if frontier.numel() == 0 or self._should_stop(self.score, frontier):
+            return None
+        self.frontier = frontier
+        return frontier
+
+    def tree(self) -> Tree:
+        """The step's final tree (the policy's selection among the grown nodes)."""
+        return self._finalize(Tree(self.tokens, self.parents, self.depth, self.score))
+
+    def accepted_fed(self, tree: Tree, path: list[int]) -> list[int]:
+        """After verification: the fed nodes to keep in the draft cache, as offsets into the fed
+        order (the accepted path's fed prefix); the rest of the accepted tokens become pending
+        (the bonus is added by the next `begin` as its root)."""
         n_fed = self.fed.numel()
-        read = torch.cat([self.fed, tree.tokens.to(self.fed.device)]).tolist()  # one host sync
+        read = torch.cat([self.fed, tree.tokens.to(self.fed.device)]).tolist()  # host sync: fed nodes, tokens
         fed_rank = {int(n): i for i, n in enumerate(read[:n_fed])}
         tokens = read[n_fed:]
         keep = []
@@ -98,11 +138,9 @@ class Drafter:
             if node not in fed_rank:
                 break
             keep.append(fed_rank[node])
-        start = self.runner.length - self.fed.numel()  # committed part of the draft cache
-        compact(self.runner.cache, start, torch.tensor(keep, dtype=torch.long))
-        # Accepted but never fed (e.g. leaves) must still reach the draft cache; the bonus is
-        # added by the next draft() call as its root.
+        # Accepted but never fed (e.g. leaves) must still reach the draft cache.
         self.pending = [int(tokens[i]) for i in path[1 + len(keep):]]
+        return keep
 
     # -- draft-model calls -----------------------------------------------------------------
     def _top(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,27 +156,33 @@ class Drafter:
             toks = self.runner.vocab_ids[toks]
         return (vals - torch.logsumexp(scaled, dim=-1, keepdim=True)).exp(), toks
 
-    def _feed_pending(self) -> torch.Tensor:
-        n, start = len(self.pending), self.runner.length
+    def _feed_pending(self, pending: list[int]) -> torch.Tensor:
         dev = self.runner.device
-        tokens = torch.tensor(self.pending, dtype=torch.long, device=dev)
+        start, keep = self.keep or (0, [])
+        # host sync: one upload, the draft cache's compaction index (the last step's accepted fed
+        # nodes, left by `commit`) and the pending tokens together
+        data = torch.tensor(keep + pending, dtype=torch.long, device=dev)
+        if self.keep is not None:
+            compact(self.runner.cache, start, keep, index=data[: len(keep)])
+            self.keep = None
+        n, start = len(pending), self.runner.length
+        tokens = data[len(keep):]
         # A causal chain on top of the cache: the model's own causal mask is exactly right (None).
         logits = self.runner.forward(tokens, torch.arange(start, start + n, device=dev), None, logits_to_keep=1,
                                      features=self._pending_features())
-        self.pending = []
         self.root_pos = start + n - 1
         return logits[-1:]  # [1, V]
 
     def _feed_frontier(self, frontier, tokens, parents, depth) -> torch.Tensor:
         """One draft forward over the frontier nodes; returns their logits, [F, V]."""
-        self.fed = torch.cat([self.fed, frontier])
+        fed = torch.cat([self.fed, frontier])  # the cache's tree block once these are fed
         anc = ancestor_mask(parents)  # [n, n]
-        visible = anc[frontier][:, self.fed]  # [F, fed]: fed ancestors and the node itself
-        committed = self.runner.length - (self.fed.numel() - frontier.numel())
+        visible = anc[frontier][:, fed]  # [F, fed]: fed ancestors and the node itself
+        committed = self.runner.length - self.fed.numel()
         window = {}
         if self.runner.window:  # a sliding-window draft: positions of the queries and of the fed nodes
             window = dict(window=self.runner.window, query_pos=self.root_pos + depth[frontier],
-                          key_pos=self.root_pos + depth[self.fed])
+                          key_pos=self.root_pos + depth[fed])
         bias = attention_bias(visible, committed, self.runner.dtype, **window)
         # attention_bias lays the tree block right after `committed`; here that block is all fed
         # nodes so far (older fed nodes are already cached, the frontier is being fed now).
@@ -168,7 +212,7 @@ class Drafter:
         mass_before = vals.cumsum(-1) - vals  # probability of the better siblings
         sc = score[frontier][:, None] * vals  # [F, k]
         keep = (mass_before < cfg.child_mass) & (sc >= cfg.min_path_conf)
-        rows, cols = keep.nonzero(as_tuple=True)  # one host sync (the count); row-major as keep's mask order
+        rows, cols = keep.nonzero(as_tuple=True)  # host sync: how many children; row-major as keep's mask order
         return frontier[rows], toks[rows, cols], sc[rows, cols]
 
     def _expand_sampled(self, frontier, logits, score):
@@ -191,20 +235,19 @@ class Drafter:
         ranked &= ranked.flatten().cumsum(0).view_as(ranked) <= room
         keep = torch.empty_like(keep)
         keep[order] = ranked
-        for j, node in enumerate(frontier.tolist()):
-            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (full_q)
+        for j, node in enumerate(frontier.tolist()):  # host sync (sampled mode): the rows' node ids
+            self.q[node] = logq[j]  # exponentiated only for the nodes verification visits (q_row)
         sc = score[frontier][:, None] * vals
         par = frontier[:, None].expand_as(toks)
         return par[keep], toks[keep], sc[keep]
 
-    def full_q(self, node: int, vocab: int) -> torch.Tensor:
-        """Sampled mode: the q row that drew `node`'s children, over the full vocabulary [vocab]."""
+    def q_row(self, node: int):
+        """Sampled mode: the q row that drew `node`'s children, as `verify_sampling` takes it: the
+        [V] row, or (ids, values) over a reduced draft vocabulary's ascending token ids."""
         row = self.q[node].exp()
         if self.runner.vocab_ids is None:
             return row
-        full = torch.zeros(vocab, dtype=row.dtype, device=row.device)
-        full[self.runner.vocab_ids] = row
-        return full
+        return self.runner.vocab_ids, row
 
     def _next_frontier(self, first_new: int, score, d) -> torch.Tensor:
         """Nodes to feed next: static: those with children in the plan; dynamic: the most confident."""
@@ -234,7 +277,7 @@ class Drafter:
             flags.append(score[frontier].max() <= score[1:].topk(budget).values[-1])
         if self.cfg.min_feed_mass > 0:
             flags.append(score[frontier].sum() < self.cfg.min_feed_mass)
-        return bool(torch.stack(flags).any()) if flags else False
+        return bool(torch.stack(flags).any()) if flags else False  # host sync: both rules at once
 
     def _finalize(self, tree: Tree) -> Tree:
         if self.policy != "dynamic" or self.sampled or len(tree) - 1 <= self.node_budget:
@@ -288,3 +331,19 @@ def _gumbel(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
         return -torch.empty_like(like).exponential_(generator=generator).log()
     noise = torch.empty(like.shape, dtype=like.dtype, device=generator.device).exponential_(generator=generator)
     return -noise.to(like.device).log()
+
+
+class DraftQ:
+    """q at the tree's nodes as sampled verification reads it: `node in q` when the node's
+    children were drawn from q, `q[node]` -> the draft row they were drawn from (`Drafter.q_row`:
+    the [vocab] row, or (ids, values) over a reduced draft vocabulary). `vocab` and `device` are
+    accepted for the callers' convenience; verification moves the row to p's device itself."""
+
+    def __init__(self, drafter: Drafter, vocab: int | None = None, device: torch.device | None = None):
+        self.drafter = drafter
+
+    def __contains__(self, node: int) -> bool:
+        return node in self.drafter.q
+
+    def __getitem__(self, node: int):
+        return self.drafter.q_row(node)

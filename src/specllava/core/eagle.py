@@ -234,23 +234,29 @@ class EagleDrafter(Drafter):
         return self.pending_feats
 
     def _frontier_features(self, frontier, parents) -> torch.Tensor:
-        return self.node_feats[[self.node_row[p] for p in parents[frontier].tolist()]]
+        return self.node_feats[self.node_row[parents[frontier]]]  # each node reads its parent's
 
-    def _feed_pending(self) -> torch.Tensor:
-        logits = super()._feed_pending()
+    def _feed_pending(self, pending: list[int]) -> torch.Tensor:
+        logits = super()._feed_pending(pending)
         self.node_feats = self.runner.hidden[-1:]  # the root's predicted feature
-        self.node_row = {0: 0}
+        # node_row[i]: the row of node_feats holding fed node i's predicted feature, on the device
+        # (no read back per depth); node 0, the root, is row 0
+        self.node_row = torch.zeros(1, dtype=torch.long, device=self.node_feats.device)
         return logits
 
     def _feed_frontier(self, frontier, tokens, parents, depth) -> torch.Tensor:
         logits = super()._feed_frontier(frontier, tokens, parents, depth)
         base = self.node_feats.shape[0]
         self.node_feats = torch.cat([self.node_feats, self.runner.hidden])
-        for j, node in enumerate(frontier.tolist()):
-            self.node_row[node] = base + j
+        rows = self.node_row.new_zeros(tokens.numel())
+        rows[: self.node_row.numel()] = self.node_row
+        rows[frontier.to(rows.device)] = torch.arange(base, base + frontier.numel(), device=rows.device)
+        self.node_row = rows
         return logits
 
     def commit(self, tree: Tree, path: list[int]) -> None:
         crop(self.runner.cache, self.runner.length - self.fed.numel())
-        self.pending = [int(t) for t in tree.tokens[path[1:]].tolist()]
-        self.pending_feats = self.target.hidden[path]  # the root's and the accepted nodes' features
+        index = torch.tensor(path, dtype=torch.long, device=tree.tokens.device)  # host sync: the path's upload
+        self.pending = tree.tokens[index[1:]].tolist()  # host sync: the accepted tokens
+        # the root's and the accepted nodes' features
+        self.pending_feats = self.target.hidden[index.to(self.target.hidden.device)]

@@ -61,3 +61,52 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         dummy_ids = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
         scores = warpers(dummy_ids, scores)
     return torch.softmax(scores, dim=-1)
+
+
+class LazyProbs:
+    """p at the tree's nodes as verification reads it: `p[node]` -> [V], the processed target
+    distribution of that node's logits row, computed only for the nodes the sampler visits
+    (processing all N rows would sort N full-vocabulary rows for top-p on every step)."""
+
+    def __init__(self, logits: torch.Tensor, params: SamplingParams):
+        self.logits, self.params, self.rows = logits, params, {}  # logits: [N, V]
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        if node not in self.rows:
+            self.rows[node] = processed_probs(self.logits[node : node + 1], self.params)[0]
+        return self.rows[node]
+
+
+def mix_seed(seed: int) -> int:
+    """SplitMix64 of the seed. torch's CPU generator seeded with consecutive integers (seed=0, 1,
+    2, ... as users and benchmarks do) gives measurably biased first draws; mixing the seed first
+    removes that (`tools/seed_bias.py`, docs/algorithms.md). A seed outside [0, 2**64) (negative,
+    or wider than 64 bits) is mixed whole, 64 bits at a time after its sign, so that it does not
+    share a stream with the seed its low 64 bits make (2**64 is not seed 0)."""
+    if 0 <= seed <= _MASK64:
+        return _splitmix64(seed) & 0x7FFFFFFFFFFFFFFF
+    x, rest = _splitmix64(1 if seed < 0 else 2), abs(seed)
+    while rest:
+        x, rest = _splitmix64(x ^ (rest & _MASK64)), rest >> 64
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def request_generator(seed: int | None) -> torch.Generator:
+    """A request's CPU generator: seeded from `mix_seed(seed)`, or from fresh entropy for None.
+    The verification's uniforms are drawn on the CPU on purpose (`verify._uniform`)."""
+    gen = torch.Generator(device="cpu")
+    if seed is not None:
+        gen.manual_seed(mix_seed(int(seed)))
+    else:
+        gen.seed()
+    return gen

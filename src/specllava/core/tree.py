@@ -58,10 +58,11 @@ class Tree:
 
 def root_only(token: int | torch.Tensor, device: torch.device | str = "cpu") -> Tree:
     """The trivial tree: just the root (plain autoregressive decoding verifies this)."""
-    tok = torch.as_tensor(token, dtype=torch.long, device=device).reshape(1)
+    # fills, not uploads: a Python int reaches the device as a kernel argument, without a sync
+    tok = token.to(device).reshape(1) if torch.is_tensor(token) else torch.full((1,), token, dtype=torch.long, device=device)
     return Tree(
         tokens=tok,
-        parents=torch.tensor([-1], dtype=torch.long, device=device),
+        parents=torch.full((1,), -1, dtype=torch.long, device=device),
         depth=torch.zeros(1, dtype=torch.long, device=device),
         score=torch.ones(1, device=device),
     )

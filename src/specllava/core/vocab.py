@@ -60,13 +60,14 @@ def ranked_vocab_size(ranked: int, temperature: float, size: int) -> int:
 
 def draft_vocab_ids(k: int, size: int, ranking: list[int] | None = None) -> torch.Tensor:
     """K token ids for a reduced draft vocabulary of a `size`-token model: the ranking's first
-    (out-of-range and repeated ids skipped), then the lowest ids not yet taken. Sorted ascending."""
+    (out-of-range and repeated ids skipped), then the lowest ids not yet taken. Sorted ascending.
+    On the CPU: the backends move them to the head's device once."""
     if not 1 <= k <= size:
         raise ValueError(f"draft_vocab={k} must be between 1 and the vocabulary size {size}")
     if not ranking:
-        return torch.arange(k)
-    ranked = torch.tensor([t for t in dict.fromkeys(ranking) if 0 <= t < size][:k], dtype=torch.long)
-    taken = torch.zeros(size, dtype=torch.bool)
+        return torch.arange(k, device="cpu")
+    ranked = torch.tensor([t for t in dict.fromkeys(ranking) if 0 <= t < size][:k], dtype=torch.long, device="cpu")
+    taken = torch.zeros(size, dtype=torch.bool, device="cpu")
     taken[ranked] = True
     fill = (~taken).nonzero().flatten()[: k - ranked.numel()]
     return torch.cat([ranked, fill]).sort().values

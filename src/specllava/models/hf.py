@@ -7,7 +7,9 @@ default pair's EfficientNet vision tower, so its cached directories load here to
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 import torch
 
@@ -31,7 +33,7 @@ def load_model(path: str, options: LoadOptions | torch.dtype | str = "auto", rol
     options = _options(options)
     config = _load_config(path)
     cls = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
-    kwargs = {"dtype": options.torch_dtype}
+    kwargs = {"dtype": options.torch_dtype, "local_files_only": _local_only(path)}
     if options.attn_implementation is not None:
         kwargs["attn_implementation"] = options.attn_implementation
     device = torch.device(options.resolved_device)
@@ -61,31 +63,88 @@ def _load_config(path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, local_files_only=_local_only(path))
     except (OSError, ValueError) as err:
         if os.path.isdir(path):
-            raise ValueError(f"cannot load a model config from the directory {path!r} ({err})") from err
-        if constants.HF_HUB_OFFLINE:
-            where = (f"it is not a local directory, and HF_HUB_OFFLINE is set but the id is not in the Hugging Face "
-                     f"cache ({constants.HF_HUB_CACHE}); download it there first (huggingface-cli download {path})")
-        else:
-            where = ("it is not a local directory, and the hub could not be reached for it; "
-                     "set HF_HUB_OFFLINE=1 to load it from the local Hugging Face cache")
-        raise ValueError(f"cannot load a model from {path!r}: {where} ({type(err).__name__}: {err})") from err
+            raise ValueError(_unknown_model_type(path) or f"cannot load a model config from the directory {path!r} "
+                             f"({' '.join(str(err).split())})") from err
+        unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable()
+        if constants.HF_HUB_OFFLINE or unreachable:
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub cannot be reached ({unreachable})"
+            where = (f"it is not a local folder, {why}, and the Hugging Face cache ({constants.HF_HUB_CACHE}) does not "
+                     f"hold it; give a model folder, or download it first where the hub is reachable "
+                     f"(huggingface-cli download {path})")
+            raise ValueError(f"cannot load a model from {path!r}: {where}") from err
+        where = "it is not a local folder, and the hub could not give it"
+        raise ValueError(f"cannot load a model from {path!r}: {where} ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())})") from err
+
+
+def _unknown_model_type(path: str) -> str | None:
+    """The one-line reason for a config whose model_type transformers does not know, if that is it."""
+    import json
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return None
+    return (f"{Path(path) / 'config.json'} has model_type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know: upgrade transformers (pip install -U transformers), "
+            "or check the config")
+
+
+@functools.cache
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (one TCP connection to its endpoint, tried once
+    per process), or None when it can or when a proxy is set (the proxy then decides). Without this,
+    loading a hub id with no network retries for about half a minute before it fails."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    if urllib.request.getproxies().get(url.scheme):
+        return None
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except OSError as err:
+        return f"{url.hostname}: {err.strerror or err}"
+    return None
+
+
+def _local_only(path: str) -> bool:
+    """Load `path` from the local Hugging Face cache only: a hub id while the hub cannot be reached."""
+    from huggingface_hub import constants
+
+    return not os.path.isdir(path) and not constants.HF_HUB_OFFLINE and hub_unreachable() is not None
 
 
 def load_processor(path: str):
     from transformers import AutoProcessor, AutoTokenizer
 
+    local = _local_only(path)
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, local_files_only=local)
     except (OSError, ValueError, TypeError):
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=local)
 
 
 def chat_inputs(processor, prompt: str, image=None) -> dict:
     """Tokenised chat prompt (+ pixel_values, and whatever else the processor returns, e.g.
-    LLaVA-NeXT's image_sizes) for one user message, the image entry before the text."""
+    LLaVA-NeXT's image_sizes) for one user message, the image entry before the text. The text
+    may not hold the processor's image placeholder (`<image>`): the template puts it where the
+    image goes, and a second one would ask for an image that is not there."""
+    token = getattr(processor, "image_token", None)
+    if isinstance(token, str) and token and token in prompt:
+        raise ValueError(f"the prompt contains {token!r}, the placeholder the processor puts where the image goes; "
+                         "remove it from the text (an image, when given, is placed before the text)")
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     return encode_conversation(processor, [{"role": "user", "content": content}], image)
 

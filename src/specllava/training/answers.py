@@ -61,8 +61,9 @@ def regenerate_answers(target, processor, records: list[dict], image_root: Path,
             for k in range(0, len(todo), batch_size):
                 chunk = todo[k : k + batch_size]
                 texts = [prompt_text(tok, r["conversations"][:1]) for _, r in chunk]
-                images = [Image.open(image_root / r["image"]).convert("RGB") for _, r in chunk]
-                enc = model_inputs(target, encode_prompts(processor, images, texts, padding=True))
+                # the images of the records that have one, in order (a text-only record is asked without)
+                images = [Image.open(image_root / r["image"]).convert("RGB") for _, r in chunk if r.get("image")]
+                enc = model_inputs(target, encode_prompts(processor, images or None, texts, padding=True))
                 out = target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
                 for (i, _), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
                     answer = tok.decode(row, skip_special_tokens=True)  # unstripped: the target wrote it

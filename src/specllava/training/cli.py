@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from specllava import cli_args
 
@@ -27,18 +28,53 @@ def _per_source(text: str | None) -> dict | None:
     return out
 
 
+def source_defaults(module: str, name: str) -> SimpleNamespace:
+    """The defaults of the dataclass (or the value of the constant) `name` in `module`, read from
+    the module's source rather than imported: the training modules import torch and transformers
+    (seconds), and `--help` should not wait for them. A default that is a literal or `Path(...)` of
+    literals is read; any other is left out (the flag then gets no default from here). A test checks
+    each value read against the imported class."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            fields = {}
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                    try:
+                        fields[item.target.id] = _literal(item.value)
+                    except ValueError:
+                        pass
+            return SimpleNamespace(**fields)
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return _literal(node.value)
+    raise LookupError(f"{module} defines no {name}")
+
+
+def _literal(node):
+    """A literal, or Path(<literals>)."""
+    import ast
+
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Path" and not node.keywords:
+        return Path(*[ast.literal_eval(a) for a in node.args])
+    return ast.literal_eval(node)
+
+
 def add_parser(subparsers) -> None:
     """Register the training commands on an argparse subparsers object."""
     from specllava.options import add_load_args
-    from specllava.training.distill import DRAFT_PRESETS, DistillConfig
-    from specllava.training.target import TargetTrainConfig
+
+    DRAFT_PRESETS = source_defaults("specllava.training.distill", "DRAFT_PRESETS")
 
     t = subparsers.add_parser(
         "train-target", help="train the default target's projector (and optional LoRA) on LLaVA JSON",
         description="Train a LLaVA target's projector (optionally LoRA on its LM) with cross-entropy on the "
                     "assistant tokens of LLaVA conversation JSON; vision features are cached once. Writes "
                     "<out>/target.safetensors (the shipped format), checkpoints, history.json and loss.png.")
-    d = TargetTrainConfig()
+    d = source_defaults("specllava.training.target", "TargetTrainConfig")
     t.add_argument("--data", type=cli_args.existing_file, default=d.data, help="training LLaVA JSON (default: %(default)s)")
     t.add_argument("--eval-data", type=cli_args.existing_file, default=d.eval_data, help="held-out LLaVA JSON for the loss curve and grounding eval")
     t.add_argument("--out", type=Path, default=d.out, help="run folder (default: %(default)s)")
@@ -51,15 +87,19 @@ def add_parser(subparsers) -> None:
     t.add_argument("--warmup", type=cli_args.non_negative_int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
     t.add_argument("--lora-rank", type=cli_args.non_negative_int, default=d.lora_rank, help="LoRA rank on the LM (0 = projector only)")
     t.add_argument("--lora-lr", type=cli_args.positive_float, default=d.lora_lr)
-    t.add_argument("--no-bf16", dest="bf16", action="store_false", help="keep the frozen LM in fp32 (slower here)")
+    t.add_argument("--no-bf16", dest="bf16", action="store_false", help="load the model in fp32 (the same as --dtype float32)")
+    t.add_argument("--feature-cache-gb", type=cli_args.non_negative_float, default=d.feature_cache_gb, metavar="GB",
+                   help="keep the frozen tower's image features on disk in <out>/features/, up to this many GB "
+                        "(default: %(default)s = recompute them for every batch)")
     t.add_argument("--threads", type=cli_args.positive_int, default=d.threads)
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=cli_args.torch_seed, default=d.seed)
     t.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
     t.add_argument("--eval-every", type=cli_args.positive_int, default=d.eval_every)
     t.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     t.add_argument("--grounding-eval", action="store_true",
                    help="afterwards, compare easy-vqa accuracy / keyword recall with the real vs a blank image")
+    add_load_args(t.add_argument_group("model loading (the projector and LoRA pairs train in float32 on --device)"))
     t.set_defaults(func=run_target)
 
     g = subparsers.add_parser(
@@ -73,7 +113,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--descriptions", type=cli_args.non_negative_int, default=20, help="drawings to describe")
     g.add_argument("--max-new-tokens", type=cli_args.positive_int, default=64)
     g.add_argument("--threads", type=cli_args.positive_int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=cli_args.torch_seed, default=0)
     g.add_argument("--out", type=Path, required=True, help="JSON file for the result")
     g.set_defaults(func=run_eval_target)
 
@@ -92,7 +132,7 @@ def add_parser(subparsers) -> None:
                     "distributions along the answers of LLaVA conversation JSON (teacher forcing), optionally "
                     "after regenerating the answers with the target. Ends with the mean accepted length "
                     "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
-    d = DistillConfig()
+    d = source_defaults("specllava.training.distill", "DistillConfig")
     s.add_argument("--target", type=cli_args.model_source, default=None,
                    help="target model folder or hub id (default: the assembled default target)")
     s.add_argument("--data", type=cli_args.existing_file, required=True, help="training LLaVA JSON (llava_v1_5_mix665k format)")
@@ -139,20 +179,24 @@ def add_parser(subparsers) -> None:
     s.add_argument("--lr", type=cli_args.positive_float, default=d.lr)
     s.add_argument("--warmup", type=cli_args.non_negative_int, default=d.warmup)
     s.add_argument("--threads", type=cli_args.positive_int, default=d.threads)
-    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--seed", type=cli_args.torch_seed, default=d.seed)
     s.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
     s.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     s.add_argument("--eval-prompts", type=cli_args.non_negative_int, default=d.eval_prompts,
                    help="held-out prompts per eval file (0: no mean-accepted-length report)")
     s.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=d.eval_max_new_tokens)
+    s.add_argument("--image-folder", type=cli_args.existing_dir, default=None,
+                   help="the folder the records' image paths are relative to (default: the --data file's folder; "
+                        "for llava_v1_5_mix665k.json the one holding coco/, gqa/, ocr_vqa/, textvqa/ and vg/)")
+    s.add_argument("--feature-cache-gb", type=cli_args.non_negative_float, default=d.feature_cache_gb, metavar="GB",
+                   help="keep the frozen tower's image features on disk in <out>/features/, up to this many GB "
+                        "(default: %(default)s = recompute them for every batch; nothing is kept in memory)")
     s.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the teacher and draft in fp32 "
                    "(the same as --dtype float32)")
     add_load_args(s.add_argument_group("target loading (the draft trains on --device, in float32 under autocast "
                                        "to the target's dtype)"))
     s.set_defaults(func=run_draft)
-
-    from specllava.training.eagle import EagleConfig
 
     e = subparsers.add_parser(
         "train-eagle", help="train an EAGLE-style draft head that reads the target's hidden states",
@@ -160,7 +204,7 @@ def add_parser(subparsers) -> None:
                     "the target's final hidden states and predicts the next ones, unrolled over several tree depths, "
                     "with cross-entropy against the target's token distributions. Writes <out>/eagle_head.safetensors "
                     "(use it as --draft, or in bench with --eagle), history.json, loss.png and report.json.")
-    c = EagleConfig()
+    c = source_defaults("specllava.training.eagle", "EagleConfig")
     e.add_argument("--target", type=cli_args.existing_dir, default=None, help="target model folder (default: the assembled default target)")
     e.add_argument("--data", type=cli_args.existing_file, action="append", required=True,
                    help="training LLaVA JSON (repeatable; --regenerate and --sampled-answers apply to the first)")
@@ -182,13 +226,18 @@ def add_parser(subparsers) -> None:
     e.add_argument("--noise", type=cli_args.non_negative_float, default=c.noise, help="input feature noise, as a fraction of their RMS")
     e.add_argument("--held-out-fraction", type=cli_args.fraction, default=c.held_out_fraction)
     e.add_argument("--threads", type=cli_args.positive_int, default=c.threads)
-    e.add_argument("--seed", type=int, default=c.seed)
+    e.add_argument("--seed", type=cli_args.torch_seed, default=c.seed)
     e.add_argument("--checkpoint-every", type=cli_args.positive_int, default=c.checkpoint_every)
     e.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     e.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (without it, and without --resume, such a "
+                   "folder is refused)")
     e.add_argument("--eval-prompts", type=cli_args.positive_int, default=c.eval_prompts)
     e.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=c.eval_max_new_tokens)
-    e.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the target in fp32")
+    e.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the target in fp32 (the same as --dtype float32)")
+    add_load_args(e.add_argument_group("target loading (the head trains in float32 on --device, under autocast to "
+                                       "the target's dtype)"))
     e.set_defaults(func=run_eagle)
 
 
@@ -216,7 +265,9 @@ def run_target(args: argparse.Namespace) -> int:
         data=args.data, eval_data=args.eval_data, out=args.out, init=args.init, per_source=args.per_source,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
         bf16=args.bf16, threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, max_minutes=args.max_minutes, resume=args.resume)
+        eval_every=args.eval_every, max_minutes=args.max_minutes, resume=args.resume, dtype=args.dtype,
+        device=args.device, device_map=args.device_map, attn_implementation=args.attn_implementation,
+        feature_cache_gb=args.feature_cache_gb)
     log = _setup_logging(cfg.out)
     train_target(cfg, log=log)
     if args.grounding_eval:
@@ -284,19 +335,33 @@ def run_draft(args: argparse.Namespace) -> int:
         resume=args.resume, eval_prompts=args.eval_prompts, eval_max_new_tokens=args.eval_max_new_tokens,
         bf16=args.bf16, draft_preset=args.draft_preset, dtype=args.dtype, device=args.device,
         device_map=args.device_map, attn_implementation=args.attn_implementation, loss=args.loss,
-        loss_mix=args.loss_mix, loss_vocab=args.loss_vocab, on_policy=args.on_policy, on_policy_every=args.on_policy_every)
+        loss_mix=args.loss_mix, loss_vocab=args.loss_vocab, on_policy=args.on_policy, on_policy_every=args.on_policy_every,
+        image_folder=args.image_folder, feature_cache_gb=args.feature_cache_gb)
     log = _setup_logging(cfg.out)
     report = train_draft(cfg, log=log)
-    print(json.dumps(report["eval"], indent=1))
+    if report:  # the main process of a data-parallel run
+        print(json.dumps(report["eval"], indent=1))
     return 0
 
 
+def refuse_earlier_results(out: Path, results: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+    """A run folder holding an earlier run's results is refused (ValueError: exit 2) unless the
+    command continues it (--resume) or replaces it (--overwrite)."""
+    found = [name for name in results if (out / name).exists()]
+    if found and not (resume or overwrite):
+        raise ValueError(f"--out {out} holds the results of an earlier run ({', '.join(found)}); pass --overwrite to "
+                         "replace them, --resume to continue that run, or another --out")
+
+
 def run_eagle(args: argparse.Namespace) -> int:
+    refuse_earlier_results(args.out, ("eagle_head.safetensors", "report.json", "checkpoint.pt"), args.resume,
+                           args.overwrite)
     from specllava.training.eagle import EagleConfig, train_eagle
 
     fields = ("target", "data", "eval_data", "out", "regenerate", "sampled_answers", "max_new_tokens", "limit", "passes",
               "steps", "batch_size", "lr", "warmup", "reg_weight", "noise", "held_out_fraction", "threads", "seed",
-              "checkpoint_every", "max_minutes", "resume", "eval_prompts", "eval_max_new_tokens", "bf16")
+              "checkpoint_every", "max_minutes", "resume", "eval_prompts", "eval_max_new_tokens", "bf16", "dtype", "device",
+              "device_map", "attn_implementation")
     cfg = EagleConfig(**{f: getattr(args, f) for f in fields})
     log = _setup_logging(cfg.out)
     report = train_eagle(cfg, log=log)
@@ -311,10 +376,14 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from specllava.cli import OneLineParser, run_guarded
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    parser = OneLineParser(prog="python -m specllava.training")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_guarded(f"specllava {args.command}", lambda: run(args), debug)
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
+        parser = OneLineParser(prog="python -m specllava.training")
+        add_parser(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return run_guarded(f"specllava {args.command}", lambda: run(args), debug)
+    except KeyboardInterrupt:  # before run_guarded's own handling (see specllava.cli.main)
+        print("\nspecllava: interrupted", file=sys.stderr)
+        return 130

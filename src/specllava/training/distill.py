@@ -15,15 +15,24 @@ Contract:
 - Any stock LLaVA-family target (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`
   with anyres images), loaded with `specllava.models.options.LoadOptions` (dtype, device, device map,
   attention implementation). The target is its own teacher, in its own dtype on its own device (no
-  copy); the draft's trained tensors are float32 on ``device``, its forward under autocast to the
-  target's dtype on that device type when the target is in 16 bits (with loss scaling in float16).
+  copy); the draft is built on ``device`` from the meta device (`draft_from_target`,
+  `_fresh_draft`): its trained tensors are created there in float32, its frozen ones are the
+  target's (no copy); its forward runs under autocast to the target's dtype on that device type
+  when the target is in 16 bits (with loss scaling in float16).
+- Data: `specllava.training.common.Records` (llava_v1_5_mix665k.json as published, records read
+  from disk when used; text-only records train without an image; records whose image is missing
+  are skipped and counted), tokenized batch by batch (`Examples`); vision features recomputed per
+  batch or cached on disk up to ``feature_cache_gb`` (`FeatureCache`).
+- Data parallel: under ``accelerate launch`` each process trains on its share of every batch
+  (`specllava.training.loop.Processes`); the main process writes the answers, the checkpoints,
+  the draft and the report.
 - The draft starts as the target's first ``draft_layers`` layers (`draft_from_target`: the target's
   embedding, first layers, norm and head; the default), from ``draft_preset`` (a published draft
   shape, `DRAFT_PRESETS`: a fresh Llama LM of that shape with the target's vocabulary, tokenizer,
-  vision tower weights and image layout; a new projector) or from ``draft_init`` (a small LLaVA
-  folder, a ``draft.safetensors`` in the shipped format, or a config.json whose model is built fresh; the target's vision tower weights are
-  copied into it when they fit). The vision tower is frozen and its features cached
-  (`FeatureCache`); embedding and head stay frozen when they are the target's own (the draft then
+  vision tower (shared) and image layout; a new projector) or from ``draft_init`` (a small LLaVA
+  folder, a ``draft.safetensors`` in the shipped format, or a config.json whose model is built
+  fresh; the target's vision tower is shared with it when the shapes fit). The vision tower is
+  frozen; embedding and head stay frozen when they are the target's own (the draft then
   shares its vocabulary rows exactly, and the shipped file can omit them); everything else trains.
 - ``exits`` adds early exits after some draft layers (final norm + head on that layer's output),
   trained jointly, so one run measures several draft depths.
@@ -42,6 +51,7 @@ Contract:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -53,7 +63,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from specllava.core.vocab import RANKING_ATTR, draft_ranking, draft_vocab_ids, rank_tokens, ranked_vocab_size
-from specllava.models.options import LoadOptions
+from specllava.options import LoadOptions
 from specllava.training.answers import (  # noqa: F401  (answers_ranking, first_question: this module's API too)
     answers_ranking,
     first_question,
@@ -61,21 +71,26 @@ from specllava.training.answers import (  # noqa: F401  (answers_ranking, first_
     sampled_answers,
 )
 from specllava.training.common import (
+    Examples,
     FeatureCache,
     answer_logits,
+    answered_records,
     collate,
     encode_prompts,
     encode_record,
+    image_records,
     image_tokens,
     input_device,
     load_records,
     model_inputs,
     prompt_text,
+    record_image,
+    sample_records,
     split_held_out,
     to_device,
     with_images,
 )
-from specllava.training.loop import lr_at, plot_losses, start_run, train_loop  # noqa: F401  (lr_at: this module's API too)
+from specllava.training.loop import Processes, lr_at, plot_losses, start_run, train_loop  # noqa: F401  (lr_at: this module's API too)
 
 # The published Spec-LLaVA draft shapes (Llama LMs; vocabulary, tokenizer and vision tower: the target's).
 DRAFT_PRESETS = {
@@ -100,6 +115,9 @@ class DistillConfig:
     steps / batch_size / lr / warmup: AdamW, linear warm-up then cosine to 10%.
     bf16: False = everything in float32 (the same as dtype "float32"); True = ``dtype``.
     eval_prompts / eval_max_new_tokens: held-out prompts per eval file and tokens generated for each.
+    image_folder: the folder ``data``'s image paths are relative to (default: the file's folder).
+    feature_cache_gb: disk cap of the vision-feature cache in ``<out>/features/`` (`FeatureCache`;
+        0 = recompute the features of every batch).
     loss: "kl" (KL(p || q)), "tvd" (total variation, 1 - sum min(p, q): what acceptance rewards) or
         "mix" ((1 - loss_mix) * KL + loss_mix * TVD); see `distill_loss`.
     loss_vocab: the ids the TVD term compares over: None = the draft's sampled vocabulary (its ranked
@@ -140,6 +158,8 @@ class DistillConfig:
     device: str | None = None
     device_map: str | None = None
     attn_implementation: str | None = None
+    image_folder: Path | None = None
+    feature_cache_gb: float = 0.0
     loss: str = "kl"
     loss_mix: float = 0.5
     loss_vocab: int | None = None
@@ -163,10 +183,53 @@ def load_target(cfg: DistillConfig):
     return load_model(cfg.target, options=cfg.load_options)
 
 
-def draft_from_target(model, num_layers: int):
+FROZEN_PREFIXES = ("model.vision_tower.",)
+SHARED_ROW_PREFIXES = ("model.language_model.embed_tokens.", "lm_head.")
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, tied ones under each of their names."""
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _fill(model, source: dict[str, torch.Tensor], fresh) -> None:
+    """Give every tensor of ``model`` (built on the meta device) its value: ``fresh(name, meta, src)``
+    (``src = source.get(name)``) returns a new tensor, or None to take ``src`` as it is (shared
+    storage, no copy). A parameter becomes a new `Parameter` (so ``.data`` and ``requires_grad``
+    stay the model's own) marked ``shared_storage`` when its storage is ``source``'s
+    (`specllava.training.memory` counts it there); tied tensors stay one `Parameter`."""
+    made: dict[int, torch.Tensor] = {}
+    missing = []
+    for name, meta in _tensors(model).items():
+        key = id(meta)
+        if key not in made:
+            src = source.get(name)
+            new = fresh(name, meta, src)
+            value = new if new is not None else src
+            if value is not None and isinstance(meta, torch.nn.Parameter):
+                value, shared = torch.nn.Parameter(value.detach(), requires_grad=value.is_floating_point()), value is src
+                value.shared_storage = shared
+            made[key] = value
+        if made[key] is None:
+            missing.append(name)
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        (module._parameters if leaf in module._parameters else module._buffers)[leaf] = made[key]
+    if missing:
+        raise RuntimeError(f"draft tensors left without a value: {missing[:3]}")
+
+
+def draft_from_target(model, num_layers: int, trained_device: torch.device | str | None = None):
     """A model of ``model``'s class made of its first ``num_layers`` layers, with its embedding,
     tower, projector, final norm and head (for a target: the default draft, its early exit before
-    any training; for a draft: one of its early exits). In ``model``'s dtype, on the CPU, eval mode."""
+    any training; for a draft: one of its early exits), in eval mode.
+
+    Built on the meta device and filled without copies: every tensor is ``model``'s own (shared
+    storage). With ``trained_device`` (the draft to train), the tensors that train (layers, final
+    norm, projector) are fresh float32 copies on that device, and the frozen ones (tower,
+    embedding, head) stay shared when they are already there (else copied there, in their dtype).
+    """
     depth = model.config.text_config.num_hidden_layers
     if not 1 <= num_layers <= depth:
         raise ValueError(f"the draft's depth must lie in 1..{depth} (the target's), got {num_layers}")
@@ -174,16 +237,30 @@ def draft_from_target(model, num_layers: int):
     config.text_config.num_hidden_layers = num_layers
     if getattr(config.text_config, "layer_types", None):
         config.text_config.layer_types = config.text_config.layer_types[:num_layers]
-    small = type(model)(config)
-    source = model.state_dict()  # the first layers have the same names in both models
-    small.load_state_dict({k: source[k] for k in small.state_dict()}, strict=True)
+    with torch.device("meta"):
+        small = type(model)(config)
+    device = None if trained_device is None else torch.device(trained_device)
+
+    def fresh(name, meta, src):
+        if device is None:
+            return None
+        if not name.startswith(FROZEN_PREFIXES + SHARED_ROW_PREFIXES) and src.is_floating_point():
+            return torch.empty(src.shape, dtype=torch.float32, device=device).copy_(src)
+        return None if _same_device(src.device, device) else src.to(device)
+
+    _fill(small, _tensors(model), fresh)
     small.generation_config = copy.deepcopy(model.generation_config)
-    return small.to(next(model.parameters()).dtype).eval()
+    return small.eval()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def truncated(draft, num_layers: int):
-    """The draft's first ``num_layers`` layers with its norm and head (an early exit as a model)."""
-    return draft_from_target(draft, num_layers).to(next(draft.parameters()).device)
+    """The draft's first ``num_layers`` layers with its norm and head (an early exit as a model,
+    sharing the draft's tensors)."""
+    return draft_from_target(draft, num_layers)
 
 
 def preset_config(target, name: str):
@@ -205,36 +282,52 @@ def preset_config(target, name: str):
     return config
 
 
-def _copy_vision_tower(draft, target) -> bool:
-    tower, src = draft.model.vision_tower.state_dict(), target.model.vision_tower.state_dict()
-    if tower.keys() == src.keys() and all(tower[k].shape == src[k].shape for k in tower):
-        draft.model.vision_tower.load_state_dict(src)
-        return True
-    return False
+def _fresh_draft(target, config, device: torch.device):
+    """A new model of ``target``'s class for ``config``, built on the meta device: the target's
+    vision tower when it has the same shapes (shared, frozen: no copy), every other tensor a new
+    float32 one on ``device``, initialised as transformers initialises the class."""
+    with torch.device("meta"):
+        draft = type(target)(config)
+    source = _tensors(target)
+    ours = _tensors(draft)
+    tower = [n for n in ours if n.startswith(FROZEN_PREFIXES)]
+    share = all(n in source and source[n].shape == ours[n].shape for n in tower)
+
+    def fresh(name, meta, src):
+        if share and name.startswith(FROZEN_PREFIXES):
+            return None if _same_device(src.device, device) else src.to(device)
+        dtype = torch.float32 if meta.is_floating_point() else meta.dtype
+        return torch.empty(meta.shape, dtype=dtype, device=device)
+
+    _fill(draft, source, fresh)
+    if share:  # transformers' initialisation skips modules flagged as initialised: keep the target's tower
+        for module in draft.model.vision_tower.modules():
+            module._is_hf_initialized = True
+    draft.initialize_weights()
+    draft.generation_config = copy.deepcopy(target.generation_config)
+    return draft
 
 
-def make_draft(target, cfg: DistillConfig):
-    """(draft fp32, embeddings_frozen): from the target's first layers, a preset, a folder or a
-    config. Embedding and head stay frozen when they are the target's (see `shares_vocabulary_rows`)."""
+def make_draft(target, cfg: DistillConfig, device: torch.device | str | None = None):
+    """(draft, embeddings_frozen): from the target's first layers, a preset, a folder or a config,
+    built on ``device`` (default: ``cfg.device``, else where the target reads its inputs) with its
+    trained tensors in float32 and its frozen ones shared with the target where they can be (see
+    `draft_from_target`, `_fresh_draft`). Embedding and head stay frozen when they are the
+    target's (see `shares_vocabulary_rows`)."""
     from transformers import AutoModelForImageTextToText
 
+    device = torch.device(device or cfg.device or input_device(target))
     if cfg.draft_preset is not None:
-        draft = type(target)(preset_config(target, cfg.draft_preset))
-        _copy_vision_tower(draft, target)
-        draft.generation_config = copy.deepcopy(target.generation_config)
-        return draft.float(), False
+        return _fresh_draft(target, preset_config(target, cfg.draft_preset), device), False
     if cfg.draft_init is None:
-        return draft_from_target(target, cfg.draft_layers).float(), True
+        return draft_from_target(target, cfg.draft_layers, trained_device=device), True
     init = Path(cfg.draft_init)
     if init.is_dir():
-        draft = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
+        draft = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32, device_map={"": str(device)})
     elif init.is_file() and init.suffix == ".safetensors":  # the shipped format (`save_draft`, `ship-default`)
-        from specllava.models.shipped import load_draft
-
-        draft = load_draft(target, init)
+        draft = _shipped_draft(target, init, device)
     elif init.is_file() and init.suffix == ".json":
-        draft = type(target)(type(target.config).from_json_file(str(init)))
-        _copy_vision_tower(draft, target)
+        draft = _fresh_draft(target, type(target.config).from_json_file(str(init)), device)
     else:
         raise FileNotFoundError(f"--draft-init {init}: expected a LLaVA model folder, a draft.safetensors file "
                                 "(the shipped format) or a config .json file")
@@ -244,7 +337,34 @@ def make_draft(target, cfg: DistillConfig):
     if int(draft.config.image_seq_length) != int(target.config.image_seq_length):
         raise ValueError(f"--draft-init {init} expects {draft.config.image_seq_length} image tokens per image, "
                          f"the target's processor makes {target.config.image_seq_length}")
-    return draft.float(), shares_vocabulary_rows(draft, target)
+    return draft, shares_vocabulary_rows(draft, target)
+
+
+def _shipped_draft(target, path: Path, device: torch.device):
+    """A ``draft.safetensors`` in the shipped format (`specllava.models.shipped`) as a draft to train:
+    the target's first ``num_layers`` layers (`draft_from_target`, trained tensors in float32 on
+    ``device``), then the file's tensors. A file tensor for a tensor shared with the target
+    (tower, vocabulary rows) replaces it by a copy of its own, so the target is never written."""
+    from specllava.models.shipped import _copy_into, _read_safetensors
+
+    tensors, meta = _read_safetensors(path)
+    if "num_layers" not in meta:
+        raise RuntimeError(f"{path} lacks the 'num_layers' metadata entry the draft's depth is read from")
+    draft = draft_from_target(target, int(meta["num_layers"]), trained_device=device)
+    shared = FROZEN_PREFIXES + SHARED_ROW_PREFIXES
+    own = {n: p for n, p in draft.named_parameters(remove_duplicate=False)}
+    for name in [n for n in tensors if n.startswith(shared)]:
+        value = tensors.pop(name)
+        if name not in own or tuple(own[name].shape) != tuple(value.shape):
+            raise RuntimeError(f"{path}: {name!r} is not a parameter of the draft or has another shape")
+        module_name, _, attr = name.rpartition(".")
+        dtype = own[name].dtype if name.startswith(FROZEN_PREFIXES) else torch.float32
+        setattr(draft.get_submodule(module_name), attr,
+                torch.nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+    _copy_into(draft, tensors, path)
+    if RANKING_ATTR in meta:
+        setattr(draft.config, RANKING_ATTR, [int(t) for t in json.loads(meta[RANKING_ATTR])])
+    return draft
 
 
 def shares_vocabulary_rows(draft, target) -> bool:
@@ -264,12 +384,10 @@ def shares_vocabulary_rows(draft, target) -> bool:
 
 
 def trainable_parameters(draft, embeddings_frozen: bool) -> dict[str, torch.nn.Parameter]:
-    frozen_prefixes = ["model.vision_tower."]
-    if embeddings_frozen:
-        frozen_prefixes += ["model.language_model.embed_tokens.", "lm_head."]
+    frozen_prefixes = FROZEN_PREFIXES + (SHARED_ROW_PREFIXES if embeddings_frozen else ())
     params = {}
     for name, p in draft.named_parameters():
-        p.requires_grad_(not any(name.startswith(f) for f in frozen_prefixes))
+        p.requires_grad_(not name.startswith(frozen_prefixes))
         if p.requires_grad:
             params[name] = p
     return params
@@ -426,48 +544,72 @@ def forward_cost_ms(model, prefix_len: int = 200, new: int = 1, repeats: int = 1
 # The whole command
 
 
-def _prepare_data(cfg, target, processor, log):
+def _prepare_data(cfg, target, processor, log, procs: Processes | None = None):
+    """(answered training records, sampled answers, image root, {eval name: (records, root)}).
+
+    The records stay on disk (`Records`); eval sets keep the records that have an image (the report
+    decodes image prompts). With several processes the main one writes the answers
+    (``--regenerate``, ``--sampled-answers``) while the others wait, then all read them.
+    """
+    procs = procs or Processes()
     records, root = load_records(cfg.data)
+    root = Path(cfg.image_folder) if cfg.image_folder is not None else root
     records = with_images(records, root, log)
     if cfg.eval_data:
         train_recs, held = records, None
         evals = {}
         for p in cfg.eval_data:
             recs, eroot = load_records(p)
-            evals[Path(p).stem] = (with_images(recs, eroot, log), eroot)
+            evals[Path(p).stem] = (image_records(with_images(recs, eroot, log)), eroot)
     else:
         train_recs, held = split_held_out(records, cfg.held_out_fraction, cfg.seed)
         if not held:
             held = train_recs[-1:]
             train_recs = train_recs[:-1] or held
-        evals = {"held_out": (held, root)}
+        evals = {"held_out": (image_records(held), root)}
     if cfg.limit is not None and len(train_recs) > cfg.limit:
-        train_recs = random.Random(cfg.seed).sample(train_recs, cfg.limit)
+        train_recs = sample_records(train_recs, cfg.limit, cfg.seed)
+    if not procs.main:
+        procs.barrier()  # the main process writes the answers first
     sampled = sampled_answers(target, processor, train_recs, root, Path(cfg.out), cfg.sampled_answers, cfg.seed,
                               cfg.regenerate_max_new_tokens, cfg.regenerate_batch, log)
     prompts = train_recs
     if cfg.regenerate:
         train_recs = regenerate_answers(target, processor, train_recs, root, Path(cfg.out) / "answers.jsonl",
                                         cfg.regenerate_max_new_tokens, cfg.regenerate_batch, log)
-    answered = [r for r in train_recs if len(r["conversations"]) % 2 == 0]
+    if procs.main:
+        procs.barrier()
+    answered = answered_records(train_recs)
     if len(answered) < len(train_recs):
         log(f"{len(train_recs) - len(answered)} records end with an unanswered question and are skipped "
             "(use --regenerate to answer them with the target)")
-    if not answered and not sampled and not cfg.on_policy:
+    if not len(answered) and not len(sampled) and not cfg.on_policy:
         raise ValueError(f"no answered records in {cfg.data}; pass --regenerate to answer them with the target "
                          "(or train on --sampled-answers / --on-policy answers only)")
+    text_only = sum(record_image(answered, i) is None for i in range(len(answered)))
+    if text_only:
+        log(f"{text_only} of {len(answered)} training records are text-only (trained without an image)")
     return answered, sampled, prompts, root, evals
 
 
 def train_draft(cfg: DistillConfig, log=print) -> dict:
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
-    out = start_run(cfg, Path(cfg.out))
+    procs = Processes.start(cfg.device)
+    if procs.count > 1:
+        if cfg.device_map is not None:
+            raise ValueError("--device-map shards one target over the GPUs; with several processes each loads a "
+                             "whole target on its own device: drop --device-map or run one process")
+        if cfg.on_policy:
+            raise ValueError("--on-policy regenerates the draft's answers during training in one process; "
+                             "run it without accelerate launch")
+        cfg = dataclasses.replace(cfg, device=str(procs.device))
+        log = log if procs.main else (lambda *a, **k: None)
+    out = start_run(cfg, Path(cfg.out), write=procs.main)
     target, processor = load_target(cfg)
-    records, sampled, prompts, root, evals = _prepare_data(cfg, target, processor, log)
+    records, sampled, prompts, root, evals = _prepare_data(cfg, target, processor, log, procs)
 
     draft, embeddings_frozen = make_draft(target, cfg)
-    draft.to(cfg.device or input_device(target))
     n_layers = draft.config.text_config.num_hidden_layers
     exits = sorted({*(cfg.exits or []), n_layers})
     if exits[0] < 1 or exits[-1] > n_layers:
@@ -479,46 +621,48 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     n_image = image_tokens(target, processor)
-    examples = [encode_record(r, tok, n_image, root, i) for i, r in enumerate(records + sampled)]
+    examples = Examples([(records, root), (sampled, root)], tok, n_image)  # tokenized batch by batch
     # the token ranking: the greedy answers' (not the sampled ones'), else the initial draft's own
-    ranking = answer_token_ranking(examples[: len(records)]) or draft_ranking(draft)
+    ranked = Examples([(ranking_sample(records, cfg.seed), root)], tok, n_image)
+    ranking = answer_token_ranking(ranked) or draft_ranking(draft)
     vocab = loss_vocab_ids(cfg, ranking, draft.config.text_config.vocab_size)
-    cache = FeatureCache(target, processor, out / "features.pt")
+    cache = FeatureCache(target, processor, out / "features", int(cfg.feature_cache_gb * 1e9 / procs.count))
     on_policy = OnPolicyPool(cfg, draft, processor, prompts, root, tok, n_image, out / "on_policy", amp, log)
+    base = Examples([(records, root), (sampled, root)], tok, n_image)  # the on-policy pool's fallback
     if cfg.on_policy:
         start = _load_trained(out, params) if cfg.resume else 0  # the pool of a resumed run: its draft's
-        pool = on_policy.examples(start // cfg.on_policy_every, fallback=examples)
-        examples += pool
-        base = len(examples) - len(pool)
+        examples.set_tail(on_policy.examples(start // cfg.on_policy_every, fallback=base))
     log(f"draft: {n_layers} layers, exits {exits}, {sum(p.numel() for p in params.values())} trainable params; "
         f"{len(examples)} training examples ({len(sampled)} sampled answers"
         + (f", {cfg.on_policy} on-policy" if cfg.on_policy else "") + "), "
-        + f"{sum(sum(e.loss_mask) for e in examples)} assistant tokens; loss {cfg.loss}"
+        + f"about {int(examples.lengths.sum())} tokens; loss {cfg.loss}"
         + (f" ({cfg.loss_mix:g} TVD)" if cfg.loss == "mix" else "")
         + (f", TVD over {len(vocab)} ranked ids" if vocab is not None and cfg.loss != "kl" else "")
         + f"; target {next(target.parameters()).dtype} on {input_device(target)}, draft on {input_device(draft)}"
-        + (f" under {amp} autocast" if amp else ""))
-    with tqdm(total=len({str(e.image) for e in examples} - set(cache.store)), desc="vision features", mininterval=15) as bar:
-        cache.ensure([e.image for e in examples], progress=bar)
+        + (f" under {amp} autocast" if amp else "")
+        + (f"; {procs.count} data-parallel processes" if procs.count > 1 else ""))
 
     def loss_fn(batch):
         record = {}
-        loss = distill_step(target, draft, collate(batch, cache, pad_id), exits, autocast=amp, loss=cfg.loss,
+        data = collate(batch, cache, pad_id)
+        loss = distill_step(target, draft, data, exits, autocast=amp, loss=cfg.loss,
                             mix=cfg.loss_mix, vocab=vocab, record=record)
-        return loss, {"loss": loss.item(), **record}
+        return loss, {"loss": loss.item(), **record}, len(data[4])  # a mean over the batch's answer tokens
 
     def refresh(step, history):  # the current draft answers a new choice of prompts
         if cfg.on_policy and step % cfg.on_policy_every == 0 and step < cfg.steps:
-            examples[base:] = on_policy.examples(step // cfg.on_policy_every, fallback=examples[:base])
-            cache.ensure([e.image for e in examples[base:]])
+            examples.set_tail(on_policy.examples(step // cfg.on_policy_every, fallback=base))
 
     draft.train()
     run = train_loop(examples, params, opt, loss_fn, out, steps=cfg.steps, batch_size=cfg.batch_size,
                      warmup=cfg.warmup, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                      max_minutes=cfg.max_minutes, resume=cfg.resume, desc="distil draft", postfix="loss", log=log,
                      after_step=refresh if cfg.on_policy else None,
-                     grad_scaler=torch.amp.GradScaler(input_device(draft).type) if amp == torch.float16 else None)
+                     grad_scaler=torch.amp.GradScaler(input_device(draft).type) if amp == torch.float16 else None,
+                     lengths=lambda: examples.lengths, processes=procs)
     draft.eval()
+    if not procs.main:  # the main process saves and reports
+        return {}
     save_draft(draft, processor, out, embeddings_frozen, token_ranking=ranking, shipped=cfg.draft_preset is None)
     objective = {"kl": "KL(target || draft)", "tvd": "TVD(target, draft)",
                  "mix": f"{1 - cfg.loss_mix:g} KL + {cfg.loss_mix:g} TVD"}[cfg.loss]
@@ -526,7 +670,7 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
                 {"kl": "KL", "tvd": "TVD = 1 - sum min(p, q)"})
 
     # The report: shipped weights are bf16, so measure the draft as it will be loaded (in the target's dtype).
-    shipped = bf16_rounded(draft, embeddings_frozen).to(next(target.parameters()).dtype)
+    shipped = round_as_shipped(draft, embeddings_frozen, next(target.parameters()).dtype)
     report = {"steps": run.steps, "stopped_by": run.stopped_by, "train_minutes": run.minutes, "exits": exits,
               "cost_ms": {"target_1_token": forward_cost_ms(target)}, "eval": {}}
     for depth in exits:
@@ -541,6 +685,12 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log(f"report written to {out / 'report.json'}")
     return report
+
+
+def ranking_sample(records, seed: int, cap: int = 20000):
+    """The records whose answers give the draft's token ranking: all of them, or a seeded choice of
+    ``cap`` (token frequencies settle long before 665K records; tokenizing them all would not)."""
+    return records if len(records) <= cap else sample_records(records, cap, seed)
 
 
 def loss_vocab_ids(cfg: DistillConfig, ranking: list[int] | None, size: int) -> torch.Tensor | None:
@@ -601,18 +751,21 @@ def answer_token_ranking(examples) -> list[int]:
     return rank_tokens(t for e in examples for t, m in zip(e.input_ids, e.loss_mask) if m)
 
 
-def bf16_rounded(draft, embeddings_frozen: bool):
-    """A copy of the draft whose trained tensors are rounded to bf16 (as `draft.safetensors` stores them)."""
-    rounded = copy.deepcopy(draft)
-    with torch.no_grad():
-        for name, p in rounded.named_parameters():
-            if name in shipped_tensor_names(rounded, embeddings_frozen):
-                p.copy_(p.to(torch.bfloat16).float())
-    return rounded.eval()
+@torch.no_grad()
+def round_as_shipped(draft, embeddings_frozen: bool, dtype: torch.dtype):
+    """The draft, in place, as a user loads it: its trained tensors rounded to bf16 (as
+    `draft.safetensors` stores them), everything in ``dtype`` (the target's); no copy of the model."""
+    names = shipped_tensor_names(draft, embeddings_frozen)
+    for name, p in draft.named_parameters():
+        if name in names:
+            p.data = p.data.to(torch.bfloat16).to(dtype)
+        elif p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)  # a frozen tensor the draft owns (one shared with the target is in `dtype`)
+    return draft.eval()
 
 
 def shipped_tensor_names(draft, embeddings_frozen: bool) -> set[str]:
-    skip = ("model.vision_tower.",) + (("model.language_model.embed_tokens.", "lm_head.") if embeddings_frozen else ())
+    skip = FROZEN_PREFIXES + (SHARED_ROW_PREFIXES if embeddings_frozen else ())
     return {n for n in draft.state_dict() if not n.startswith(skip)}
 
 

@@ -8,8 +8,12 @@ Contract:
   many answers the target sampled at T=1 (both cached in ``<out>``, resumable, as in
   `specllava.training.distill`): the head learns the text it will be asked to predict, greedy and
   sampled.
-- Features: the target (bf16) reads every record once; its final hidden states (post-norm, the
-  LM head's input) are cached in ``<out>/features.pt`` with the token ids.
+- The target loads as ``cfg.load_options`` says (dtype, device, device map, attention
+  implementation); the head trains in float32 on the target's input device, under autocast to
+  the target's dtype when that is a 16-bit one.
+- Features: the target reads every record once (text-only records included); its final hidden
+  states (post-norm, the LM head's input) are cached in ``<out>/features.pt`` with the token ids,
+  keyed by the records, their images and the target (other data recomputes them).
 - Loss, at every position whose next token is an assistant token and for every unrolled pass
   (`EagleHead.unrolled`: pass 1 reads the target's features, pass s its own pass s-1 predictions,
   as a draft tree at depth s-1 does): cross-entropy of the head's draft distribution over the
@@ -44,7 +48,9 @@ from specllava.training.common import (
     Checkpoint,
     FeatureCache,
     encode_record,
+    image_records,
     image_seq_length,
+    input_device,
     input_embeddings,
     load_records,
     split_held_out,
@@ -85,6 +91,17 @@ class EagleConfig:
     eval_prompts: int = 16
     eval_max_new_tokens: int = 96
     bf16: bool = True
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    attn_implementation: str | None = None
+
+    @property
+    def load_options(self):
+        from specllava.models.options import LoadOptions
+
+        return LoadOptions(dtype=self.dtype if self.bf16 else "float32", device=self.device,
+                           device_map=self.device_map, attn_implementation=self.attn_implementation)
 
 
 def _records(cfg: EagleConfig, target, processor, log) -> list[tuple[dict, Path]]:
@@ -108,16 +125,20 @@ def _records(cfg: EagleConfig, target, processor, log) -> list[tuple[dict, Path]
 @torch.no_grad()
 def extract_features(target, processor, records, path: Path, batch_size: int = 8, log=print) -> list[dict]:
     """Per record: ids [T] (long), mask [T] (bool, assistant tokens) and the target's final hidden
-    states [T, hidden] (bf16). Cached in ``path``."""
+    states [T, hidden] (bf16). Cached in ``path`` with a key of the records, their image files and
+    the target: a cache of other data or another target is recomputed, not reused."""
+    key = _features_key(target, records)
     if path.is_file():
-        return torch.load(path)
+        cached = _load_features(path)
+        if cached.get("key") == key:
+            return cached["examples"]
+        log(f"{path} holds the features of other data or another target: computing them again")
     tok = processor.tokenizer
     seq = image_seq_length(target)
     examples = [encode_record(r, tok, seq, root, i) for i, (r, root) in enumerate(records)]
-    cache = FeatureCache(target, processor, path.with_name("vision.pt"))
-    with tqdm(total=len({str(e.image) for e in examples} - set(cache.store)), desc="vision features", mininterval=15) as bar:
-        cache.ensure([e.image for e in examples], progress=bar)
+    cache = FeatureCache(target, processor)  # each image's features once: every record is read once
     lm = target.model.language_model
+    device = input_device(target)
     out = []
     order = sorted(range(len(examples)), key=lambda k: len(examples[k].input_ids))
     for k in tqdm(range(0, len(order), batch_size), desc="target features", mininterval=15):
@@ -128,15 +149,52 @@ def extract_features(target, processor, records, path: Path, batch_size: int = 8
         for b, e in enumerate(chunk):
             ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
             att[b, : len(e.input_ids)] = 1
-        vis = torch.stack([cache[e.image] for e in chunk]).to(target.dtype)
+        images = [e.image for e in chunk if e.image is not None]
+        vis = torch.stack(cache.features(images)) if images else None
+        ids, att = ids.to(device), att.to(device)
         hidden = lm(inputs_embeds=input_embeddings(target, ids, vis), attention_mask=att, use_cache=False).last_hidden_state
         for b, e in enumerate(chunk):
             n = len(e.input_ids)
-            out.append({"id": e.id, "image": str(e.image), "ids": ids[b, :n].clone(),
-                        "mask": torch.tensor(e.loss_mask, dtype=torch.bool), "feats": hidden[b, :n].to(torch.bfloat16).clone()})
-    torch.save(out, path)
+            out.append({"id": e.id, "image": None if e.image is None else str(e.image), "ids": ids[b, :n].cpu(),
+                        "mask": torch.tensor(e.loss_mask, dtype=torch.bool),
+                        "feats": hidden[b, :n].to("cpu", torch.bfloat16).clone()})
+    torch.save({"format": FEATURES_FORMAT, "key": key, "examples": out}, path)
     log(f"target features of {len(out)} records -> {path}")
     return out
+
+
+FEATURES_FORMAT = "specllava train-eagle features"
+
+
+def _features_key(target, records) -> str:
+    """A digest of what the features depend on: the records (answers included), their image files
+    (path, size, modification time) and the target (name, dtype)."""
+    import hashlib
+    import os
+
+    parts = []
+    for rec, root in records:
+        image = Path(root) / rec["image"] if rec.get("image") is not None else None  # None: a text-only record
+        st = os.stat(image) if image is not None and image.is_file() else None
+        parts.append([rec, str(image), st and (st.st_size, st.st_mtime_ns)])
+    parts.append([str(getattr(target.config, "_name_or_path", "")), str(target.dtype)])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_features(path: Path) -> dict:
+    """The features cache at ``path`` ({} for a cache of an older layout); a file that is not one
+    (torch.load refuses it) is a ValueError naming it, rather than torch's advice to unpickle it."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            cached = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a features file written by train-eagle ({type(err).__name__}); "
+                         "delete it, or give another --out") from None
+    return cached if isinstance(cached, dict) and cached.get("format") == FEATURES_FORMAT else {}
 
 
 def collate(batch: list[dict], hidden: int):
@@ -160,15 +218,18 @@ class Trainer:
         self.embed = target.get_input_embeddings()
         self.rotary = target.get_decoder().rotary_emb
         self.full_rows = target.get_output_embeddings().weight.detach()
-        self.vocab_ids = vocab_ids
-        self.rows = self.full_rows.index_select(0, vocab_ids).float()
+        self.vocab_ids = vocab_ids.to(self.full_rows.device)
+        self.rows = self.full_rows.index_select(0, self.vocab_ids).float()
+        dtype = self.full_rows.dtype
+        self.amp = dtype if dtype in (torch.bfloat16, torch.float16) else None  # the target's 16-bit dtype
 
     def forward(self, batch, train: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        ids, feats, pred = batch
+        device = self.full_rows.device
+        ids, feats, pred = (t.to(device) for t in batch)
         B, T = ids.shape
         with torch.no_grad():
             emb = self.embed(ids).float()
-            pos = torch.arange(T)[None].expand(B, T)
+            pos = torch.arange(T, device=device)[None].expand(B, T)
             cos, sin = self.rotary(emb, pos)
             inp = F.pad(feats[:, :-1], (0, 0, 1, 0))
             if train and self.noise > 0:
@@ -176,7 +237,8 @@ class Trainer:
                 inp = inp + self.noise * rms * torch.randn_like(inp)
             logp = torch.log_softmax((feats[pred].to(self.full_rows.dtype) @ self.full_rows.T).float(), -1)
             p_k = logp[:, self.vocab_ids].exp()  # target probability of each draft-vocabulary token
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = self.amp or (torch.bfloat16 if device.type == "cpu" else None)  # the CPU's bf16 units even for a float32 target
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             outs = self.head.unrolled(emb, inp, cos.float(), sin.float(), self.passes)
         return [o[pred].float() for o in outs], feats[pred], p_k
 
@@ -222,16 +284,19 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     from specllava.training.target import load_model
 
     out = start_run(cfg, Path(cfg.out))
-    target, processor = load_model(cfg.target, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    target, processor = load_model(cfg.target, options=cfg.load_options)
     records = _records(cfg, target, processor, log)
     examples = extract_features(target, processor, records, out / "features.pt", cfg.generate_batch, log)
+    if not any(bool(e["mask"].any()) for e in examples):
+        raise ValueError(f"no usable training records in {', '.join(map(str, cfg.data))}: {len(examples)} records with "
+                         "an existing image, none with an assistant answer to learn from")
     train, held = split_held_out(examples, cfg.held_out_fraction, cfg.seed)
     if not train or not held:  # too few images for a split: evaluate on (some of) the training records
         log(f"only {len({e['image'] for e in examples})} images: the held-out report reads training records too")
         train = train or held
         held = held or train[-8:]
     ranking = head_ranking(out, processor.tokenizer, train)
-    head = EagleHead.from_target(target, ranking)
+    head = EagleHead.from_target(target, ranking).to(input_device(target))
     size = int(target.get_output_embeddings().weight.shape[0])
     vocab_ids = draft_vocab_ids(ranked_vocab_size(len(ranking), 1.0, size), size, ranking)  # the sampled K
     hidden = head.shape.hidden
@@ -262,7 +327,7 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     report["eval"] = {}
     for path in cfg.eval_data or []:
         recs, root = load_records(path)
-        r = measure_acceptance(target, head, processor, with_images(recs, root, log), root, cfg.eval_prompts,
+        r = measure_acceptance(target, head, processor, image_records(with_images(recs, root, log)), root, cfg.eval_prompts,
                                cfg.eval_max_new_tokens, desc=f"eval {Path(path).stem}")
         report["eval"][Path(path).stem] = r
         log(f"{Path(path).stem}: mean accepted length {r['mean_accepted']:.2f} over {r['prompts']} prompts, "

@@ -3,9 +3,12 @@
 Contract:
 
 - `train_target(cfg)` trains a stock `LlavaForConditionalGeneration` (default: the assembled default
-  target, whose projector starts random) with cross-entropy on the assistant tokens only. The
-  vision tower is frozen, so its features are computed once and cached (`FeatureCache`, saved
-  under ``<out>/features.pt``); the LM is frozen too unless ``lora_rank > 0``.
+  target, whose projector starts random) with cross-entropy on the assistant tokens only (text-only
+  records included). It loads as ``cfg.load_options`` says (dtype, device, device map, attention
+  implementation); the trained projector (and LoRA pairs) are float32 on the model's input device.
+  The vision tower is frozen: its features are recomputed per batch or cached on disk under
+  ``<out>/features/`` up to ``feature_cache_gb`` (`FeatureCache`); the LM is frozen too unless
+  ``lora_rank > 0``.
 - Resumable: ``<out>/checkpoint.pt`` every ``checkpoint_every`` steps and at the end (and when the
   ``max_minutes`` budget runs out); ``resume=True`` continues from it with the same data order.
 - Outputs in ``<out>``: ``target.safetensors`` (projector tensors + LoRA pairs in the format of
@@ -21,7 +24,6 @@ import json
 import math
 import random
 import re
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +57,11 @@ class TargetTrainConfig:
         short captions and the many easy-vqa records in a CPU-sized budget; -1 = no cap.
     steps / batch_size / lr / warmup: AdamW with linear warm-up then cosine decay to 10%.
     lora_rank: 0 = projector only; r > 0 adds rank-r LoRA on the LM's attention and MLP projections.
-    bf16: keep the frozen LM (and head) in bf16, so its matmuls use the CPU's bf16 units (AMX,
-        avx512_bf16) rather than fp32 ones; the trained tensors stay fp32.
+    dtype / device / device_map / attn_implementation: how the model loads (`LoadOptions`); the
+        default ``auto`` keeps the frozen model in bf16 where that is fast (a GPU, or a CPU with
+        AMX / avx512_bf16); the trained tensors stay fp32.
+    bf16: False = everything in float32 (the same as dtype "float32").
+    feature_cache_gb: disk cap of the vision-feature cache (0 = recompute the features per batch).
     threads: torch threads; while other jobs share the cores, 1 can be faster than 2 (docs/training.md).
     max_minutes: wall-clock budget; training stops (saving a checkpoint) when it runs out.
     eval_examples: held-out examples (from ``eval_data``) whose loss is logged every ``eval_every``.
@@ -83,6 +88,18 @@ class TargetTrainConfig:
     eval_examples: int = 48
     max_minutes: float | None = None
     resume: bool = False
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    attn_implementation: str | None = None
+    feature_cache_gb: float = 0.0
+
+    @property
+    def load_options(self):
+        from specllava.models.options import LoadOptions
+
+        return LoadOptions(dtype=self.dtype if self.bf16 else "float32", device=self.device,
+                           device_map=self.device_map, attn_implementation=self.attn_implementation)
 
 
 DEFAULT_PER_SOURCE = {"smollm2-description": -1, "openclipart": 1500, "easy-vqa": 1500}
@@ -98,8 +115,9 @@ class LoRALinear(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base, self.scale = base, alpha / rank
-        self.lora_A = torch.nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+        device = base.weight.device  # A's draw is made on the CPU on purpose: the same pairs on every device
+        self.lora_A = torch.nn.Parameter((torch.randn(rank, base.in_features) / math.sqrt(base.in_features)).to(device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=device))
 
     def forward(self, x):
         # A, B stay fp32 (trained); cast to the activations' dtype (bf16 when the frozen LM is bf16)
@@ -167,14 +185,11 @@ def load_model(init: Path | None, dtype=torch.float32, options=None):
         init = assemble_default_models().target_dir
     kwargs = {"dtype": dtype}
     if options is not None:
-        kwargs = {"dtype": options.torch_dtype}
-        if options.device_map is not None:
-            kwargs["device_map"] = options.device_map
+        # straight onto the device (a device map of one entry), in the dtype: no CPU copy to move
+        kwargs = {"dtype": options.torch_dtype, "device_map": options.device_map or {"": options.resolved_device}}
         if options.attn_implementation is not None:
             kwargs["attn_implementation"] = options.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(init, **kwargs).eval()
-    if options is not None and options.device_map is None:
-        model.to(options.resolved_device)
     return model, ensure_chat_template(AutoProcessor.from_pretrained(init))
 
 
@@ -187,9 +202,9 @@ def encode_all(records, tokenizer, seq_len, root, desc) -> list:
 
 
 def lm_loss(model, batch) -> torch.Tensor:
-    from specllava.training.common import answer_logits
+    from specllava.training.common import answer_logits, input_device, to_device
 
-    ids, att, feats, pos, labels = batch
+    ids, att, feats, pos, labels = to_device(batch, input_device(model))
     logits = answer_logits(model, ids, feats, att, pos)  # [P, vocab]
     return F.cross_entropy(logits.float(), labels)
 
@@ -207,14 +222,12 @@ def eval_loss(model, examples, cache, pad_id, batch_size) -> float:
 
 def train_target(cfg: TargetTrainConfig, log=print) -> dict:
     out = start_run(cfg, Path(cfg.out))
-    model, processor = load_model(cfg.init)
+    model, processor = load_model(cfg.init, options=cfg.load_options)
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.bf16:
-        model.model.language_model.to(torch.bfloat16)
-        model.lm_head.to(torch.bfloat16)
+    model.model.multi_modal_projector.float()  # trained: float32, on the device it loaded on
     lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank > 0 else {}
     proj = {n: p for n, p in model.named_parameters() if n.startswith(PROJECTOR_PREFIX)}
     lora_params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
@@ -234,19 +247,14 @@ def train_target(cfg: TargetTrainConfig, log=print) -> dict:
     held = []
     if cfg.eval_data is not None:
         eval_recs, eval_root = load_records(cfg.eval_data)
-        eval_recs = with_images(pick_records(eval_recs, cfg.per_source if cfg.per_source is not None else DEFAULT_PER_SOURCE,
-                                             cfg.seed), eval_root, log)
+        eval_recs = pick_records(eval_recs, cfg.per_source if cfg.per_source is not None else DEFAULT_PER_SOURCE, cfg.seed)
+        eval_recs = with_images([r for r in eval_recs if len(r["conversations"]) % 2 == 0], eval_root, log)
         random.Random(cfg.seed).shuffle(eval_recs)
         held = encode_all(eval_recs[: cfg.eval_examples], tok, seq, eval_root, "tokenize held-out")
     log(f"{len(train)} training examples, {sum(sum(e.loss_mask) for e in train)} assistant tokens; "
         f"{len(held)} held-out; trainable tensors: {sum(p.numel() for p in trainable.values())} params")
 
-    cache = FeatureCache(model, processor, out / "features.pt")
-    t0 = time.time()
-    images = [e.image for e in train + held]
-    with tqdm(total=len(set(map(str, images)) - set(cache.store)), desc="vision features", mininterval=10) as bar:
-        cache.ensure(images, progress=bar)
-    log(f"vision features: {len(cache.store)} images cached ({time.time() - t0:.0f}s)")
+    cache = FeatureCache(model, processor, out / "features", int(cfg.feature_cache_gb * 1e9))
 
     def loss_fn(batch):
         loss = lm_loss(model, collate(batch, cache, pad_id))

@@ -18,8 +18,10 @@ too small a tree.)
 
 - t_verify comes from `verify_cost_curve`: timed target forwards of 1, 2, 4, ..., 96 tree tokens on
   a cached prefix of realistic length, on this machine. It depends on the architecture, dtype, CPU
-  and thread count, not on the weights, and is cached under ~/.cache/specllava/calibration/ keyed
-  by (architecture fingerprint, CPU model, threads, dtype, torch version).
+  and thread count (and GPU), not on the weights, and is cached under ~/.cache/specllava/calibration/
+  keyed by (architecture fingerprint, CPU model, threads, dtype, torch version, and the name of every
+  GPU the target sits on). Every forward is timed between two device synchronizations, so a GPU's
+  queued work is counted where it runs.
 - tau(B) comes from `acceptance_profile`: one greedy decoding run with a large budget, recording
   every step's tree and accepted path. The dynamic tree with budget B keeps the B nodes of highest
   path confidence (an ancestor-closed set, `Drafter._finalize`), and greedy verification accepts
@@ -68,9 +70,46 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_key(dtype: torch.dtype, threads: int | None = None) -> dict:
-    return {"cpu": cpu_model(), "threads": threads or torch.get_num_threads(),
-            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__}
+def machine_key(dtype: torch.dtype, threads: int | None = None, model=None) -> dict:
+    """What a timing depends on besides the model: CPU, threads, dtype, torch; and, for a model
+    on accelerators, their names (`accelerators`): a curve measured on one GPU is not another's."""
+    key = {"cpu": cpu_model(), "threads": threads or torch.get_num_threads(),
+           "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__}
+    gpus = accelerators(model) if model is not None else []
+    if gpus:  # absent on the CPU, so CPU keys (and their cached curves) stay as they were measured
+        key["accelerators"] = gpus
+    return key
+
+
+def model_devices(model) -> list[torch.device]:
+    """Every device the model's weights sit on (a dispatched model's several), meta excluded."""
+    found = {p.device for p in model.parameters() if p.device.type != "meta"}
+    hook = getattr(model.get_input_embeddings(), "_hf_hook", None) if hasattr(model, "get_input_embeddings") else None
+    if getattr(hook, "execution_device", None) is not None:  # offloaded: where accelerate runs it
+        run_on = hook.execution_device
+        found.add(torch.device(f"cuda:{run_on}" if isinstance(run_on, int) else run_on))
+    return sorted(found, key=str)
+
+
+def accelerators(model) -> list[str]:
+    """'cuda:0 NVIDIA H100 80GB HBM3' for each non-CPU device the model uses, in device order."""
+    out = []
+    for dev in model_devices(model):
+        if dev.type == "cuda":
+            out.append(f"{dev} {torch.cuda.get_device_name(dev)}")
+        elif dev.type != "cpu":
+            out.append(str(dev))
+    return out
+
+
+def synchronize(devices) -> None:
+    """Wait until every accelerator in `devices` has finished its queued work (a no-op on the
+    CPU), so a wall-clock time covers the work itself, not only its launch."""
+    for dev in devices:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elif dev.type != "cpu" and hasattr(getattr(torch, dev.type, None), "synchronize"):
+            getattr(torch, dev.type).synchronize()
 
 
 def architecture_fingerprint(model) -> str:
@@ -90,7 +129,7 @@ def weights_fingerprint(model) -> str:
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             h.update(name.encode())
-            h.update(torch.cat([flat[:256], flat[-256:]]).float().numpy().tobytes())
+            h.update(torch.cat([flat[:256], flat[-256:]]).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -159,23 +198,29 @@ def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int
     content); the n tokens get a causal mask (any tree mask costs the same: it is an additive
     [n, prefix + n] tensor either way). The cache is cropped back after every forward. Sizes are
     interleaved (one forward of every size per round, after a warm-up round), so a drift in the
-    machine's load spreads over all sizes instead of bending the curve.
+    machine's load spreads over all sizes instead of bending the curve. Every input is built on
+    the target's input device beforehand, and each forward is timed between synchronizations of
+    every device the target uses.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # random ids drawn on the CPU, then moved
     vocab = target.get_output_embeddings().weight.shape[0]
     runner = ModelRunner(target, target_backend(target))  # the backend SpeculativeDecoder takes by default
-    runner.prefill(torch.randint(3, vocab, (1, prefix_len), generator=g))
+    dev = runner.device
+    devices = model_devices(target)
+    runner.prefill(torch.randint(3, vocab, (1, prefix_len), generator=g, device="cpu").to(dev))
     inputs = []
     for n in sizes:
-        tokens = torch.randint(3, vocab, (n,), generator=g)
-        positions = torch.arange(prefix_len, prefix_len + n)
-        bias = attention_bias(torch.ones(n, n, dtype=torch.bool).tril(), prefix_len, runner.dtype)
+        tokens = torch.randint(3, vocab, (n,), generator=g, device="cpu").to(dev)
+        positions = torch.arange(prefix_len, prefix_len + n, device=dev)
+        bias = attention_bias(torch.ones(n, n, dtype=torch.bool, device=dev).tril(), prefix_len, runner.dtype)
         inputs.append((tokens, positions, bias))
     times: list[list[float]] = [[] for _ in sizes]
     for r in range(repeats + 1):  # round 0 is a warm-up
         for i, (tokens, positions, bias) in enumerate(inputs):
+            synchronize(devices)
             t = time.perf_counter()
             runner.forward(tokens, positions, bias)
+            synchronize(devices)
             dt = time.perf_counter() - t
             crop(runner.cache, prefix_len)
             if r:
@@ -186,7 +231,7 @@ def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int
 def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 7,
                       cache_dir: Path | None = None, refresh: bool = False) -> CostCurve:
     """The cached cost curve for this (architecture, machine); measured on a cache miss."""
-    key = {"arch": architecture_fingerprint(target), **machine_key(target.dtype),
+    key = {"arch": architecture_fingerprint(target), **machine_key(target.dtype, model=target),
            "sizes": list(sizes), "prefix_len": prefix_len, "target_path": "transformers" if unsupported_exact(target) else "lean"}
     path = _cache_file("verify", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
@@ -204,14 +249,16 @@ def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int =
 def record_step(steps: list):
     """An `on_step` callback that appends, per verified tree, its size and the rank of every
     accepted node in the budget order (the same stable sort by path confidence as
-    `Drafter._finalize`)."""
+    `Drafter._finalize`). Computed on the tree's device; one read back (the ranks)."""
 
     def on_step(tree, verdict) -> None:
+        dev = tree.score.device
         order = torch.sort(-tree.score[1:], stable=True).indices + 1
-        rank = torch.empty(len(tree), dtype=torch.long)
+        rank = torch.empty(len(tree), dtype=torch.long, device=dev)
         rank[0] = -1
-        rank[order] = torch.arange(order.numel())
-        steps.append({"nodes": len(tree) - 1, "path_ranks": rank[torch.as_tensor(verdict.path[1:], dtype=torch.long)].tolist()})
+        rank[order] = torch.arange(order.numel(), device=dev)
+        path = torch.tensor(verdict.path[1:], dtype=torch.long, device=dev)
+        steps.append({"nodes": len(tree) - 1, "path_ranks": rank[path].tolist()})
 
     return on_step
 
@@ -283,7 +330,7 @@ def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | N
     cost = cost or verify_cost_curve(target, cache_dir=cache_dir)
     key = {"target": weights_fingerprint(target), "draft": weights_fingerprint(draft),
            "tree_options": json.loads(json.dumps(tree_options, sort_keys=True, default=list)),
-           **machine_key(target.dtype), "max_budget": max_budget, "max_new_tokens": max_new_tokens,
+           **machine_key(target.dtype, model=target), "max_budget": max_budget, "max_new_tokens": max_new_tokens,
            "n_prompts": len(inputs), "draft_vocab": draft_vocab, "draft_quant": draft_quant,
            "profile_version": 2}  # 2: records each step's tree size
     path = _cache_file("acceptance", key, cache_dir)

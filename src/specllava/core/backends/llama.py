@@ -66,7 +66,8 @@ class RotaryTable:
 
     def __init__(self, rotary, dtype: torch.dtype):
         self.rotary, self.dtype = rotary, dtype
-        self._table = (torch.empty(0), torch.empty(0))
+        empty = torch.empty(0, device=rotary.inv_freq.device)  # replaced by the first call's table
+        self._table = (empty, empty)
 
     def __call__(self, positions: torch.Tensor, need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[1, n, head_dim] cos and sin at `positions`. need: a bound on max(positions) + 1 known

@@ -78,12 +78,16 @@ async function ask() {
   $("stop").disabled = false;
   controller = new AbortController();
   try {
+    const headers = { "Content-Type": "application/json" };
+    const key = $("api-key").value.trim();
+    if (key) headers.Authorization = `Bearer ${key}`;
     const resp = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers,
       body: JSON.stringify(body),
       signal: controller.signal,
     });
+    if (resp.status === 401) $("key-box").hidden = false;
     if (!resp.ok) {
       const err = await resp.json().catch(() => ({}));
       throw new Error(err.error ? err.error.message : `HTTP ${resp.status}`);
@@ -124,8 +128,14 @@ async function readEvents(reader) {
   }
 }
 
+// A server started with --api-key: the page asks for the key (kept in this browser's
+// sessionStorage, sent only to this server's API).
+$("api-key").value = sessionStorage.getItem("specllava-api-key") || "";
+$("api-key").addEventListener("change", () => sessionStorage.setItem("specllava-api-key", $("api-key").value.trim()));
+
 // Never offer more tokens than the server allows (specllava serve --max-tokens).
 fetch("/health").then((r) => r.json()).then((h) => {
+  if (h.auth) $("key-box").hidden = false;
   const box = $("max-tokens");
   box.max = h.max_tokens;
   if (Number(box.value) > h.max_tokens) box.value = h.max_tokens;
