@@ -144,8 +144,8 @@ def test_train_draft_adds_sampled_answers_but_ranks_only_the_greedy_ones(tmp_pat
     assert ids(greedy) <= ranking
     only_sampled = ids(sampled) - ids(greedy)
     assert only_sampled and not (only_sampled & ranking)  # the ranking is the greedy answers'
-    # a rerun samples nothing new
-    assert main(args) == 0 and len((out / "sampled_answers.jsonl").read_text().splitlines()) == 2
+    # a rerun (replacing the results, reusing the cached answers) samples nothing new
+    assert main(args + ["--overwrite"]) == 0 and len((out / "sampled_answers.jsonl").read_text().splitlines()) == 2
 
 
 def test_draft_init_from_a_target_built_draft_keeps_the_shared_vocabulary_rows_frozen(tmp_path, tiny_models):
@@ -254,3 +254,42 @@ def test_train_draft_with_tvd_and_on_policy_answers_end_to_end(tmp_path, assembl
     assert main(args(part, 4, "--resume")) == 0
     for name, value in _trained(full).items():
         torch.testing.assert_close(_trained(part)[name], value, msg=name)
+
+
+@pytest.mark.parametrize("command, module, function, result", [
+    ("train-draft", "specllava.training.distill", "train_draft", "draft.safetensors"),
+    ("train-target", "specllava.training.target", "train_target", "target.safetensors"),
+])
+def test_training_commands_refuse_earlier_results_unless_resume_or_overwrite(command, module, function, result,
+                                                                             tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from specllava.training.cli import main
+
+    monkeypatch.setattr(importlib.import_module(module), function, lambda cfg, log: {"eval": {}})
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = [command, "--data", str(make_dataset(tmp_path)), "--out", str(out)]
+    assert main(argv) == 0  # a folder without results (e.g. cached answers copied in) is fine
+    (out / result).write_bytes(b"")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds the results of an earlier run ({result})" in err and "--overwrite" in err
+    assert main(argv + ["--overwrite"]) == 0 and main(argv + ["--resume"]) == 0
+
+
+@pytest.mark.parametrize("command", ["train-draft", "train-eagle"])
+def test_unanswered_data_fails_before_the_target_loads(command, tmp_path, capsys, monkeypatch):
+    import specllava.training.distill as distill
+    import specllava.training.target as target_mod
+    from specllava.training.cli import main
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the target loaded before the data was checked")
+
+    monkeypatch.setattr(distill, "load_target", must_not_load)
+    monkeypatch.setattr(target_mod, "load_model", must_not_load)
+    data = make_dataset(tmp_path, answered=False)
+    code = main([command, "--data", str(data), "--out", str(tmp_path / "run")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and str(data) in last and ("no answered records" in last or "no usable training records" in last), last

@@ -97,6 +97,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--eval-every", type=cli_args.positive_int, default=d.eval_every)
     t.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (without it, and without --resume, such a "
+                   "folder is refused)")
     t.add_argument("--grounding-eval", action="store_true",
                    help="afterwards, compare easy-vqa accuracy / keyword recall with the real vs a blank image")
     add_load_args(t.add_argument_group("model loading (the projector and LoRA pairs train in float32 on --device)"))
@@ -183,6 +186,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--checkpoint-every", type=cli_args.positive_int, default=d.checkpoint_every)
     s.add_argument("--max-minutes", type=cli_args.positive_float, default=None, help="stop (with a checkpoint) after this many minutes")
     s.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (without it, and without --resume, such a "
+                   "folder is refused)")
     s.add_argument("--eval-prompts", type=cli_args.non_negative_int, default=d.eval_prompts,
                    help="held-out prompts per eval file (0: no mean-accepted-length report)")
     s.add_argument("--eval-max-new-tokens", type=cli_args.positive_int, default=d.eval_max_new_tokens)
@@ -259,6 +265,7 @@ def _setup_logging(out: Path):
 
 
 def run_target(args: argparse.Namespace) -> int:
+    refuse_earlier_results(args.out, TARGET_RESULTS, args.resume, args.overwrite)
     from specllava.training.target import TargetTrainConfig, evaluate_grounding, load_trained, train_target
 
     cfg = TargetTrainConfig(
@@ -323,6 +330,7 @@ def run_ship(args: argparse.Namespace) -> int:
 
 
 def run_draft(args: argparse.Namespace) -> int:
+    refuse_earlier_results(args.out, DRAFT_RESULTS, args.resume, args.overwrite)
     from specllava.training.distill import DistillConfig, train_draft
 
     cfg = DistillConfig(
@@ -344,6 +352,13 @@ def run_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+# what each command writes into --out that an unintended second run would replace (caches such as
+# answers.jsonl or features/ are reused, not refused)
+TARGET_RESULTS = ("target.safetensors", "summary.json", "checkpoint.pt")
+DRAFT_RESULTS = ("draft.safetensors", "draft", "report.json", "checkpoint.pt")
+EAGLE_RESULTS = ("eagle_head.safetensors", "report.json", "checkpoint.pt")
+
+
 def refuse_earlier_results(out: Path, results: tuple[str, ...], resume: bool, overwrite: bool) -> None:
     """A run folder holding an earlier run's results is refused (ValueError: exit 2) unless the
     command continues it (--resume) or replaces it (--overwrite)."""
@@ -354,8 +369,7 @@ def refuse_earlier_results(out: Path, results: tuple[str, ...], resume: bool, ov
 
 
 def run_eagle(args: argparse.Namespace) -> int:
-    refuse_earlier_results(args.out, ("eagle_head.safetensors", "report.json", "checkpoint.pt"), args.resume,
-                           args.overwrite)
+    refuse_earlier_results(args.out, EAGLE_RESULTS, args.resume, args.overwrite)
     from specllava.training.eagle import EagleConfig, train_eagle
 
     fields = ("target", "data", "eval_data", "out", "regenerate", "sampled_answers", "max_new_tokens", "limit", "passes",
