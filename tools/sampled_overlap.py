@@ -10,15 +10,18 @@ Default pair in float32. Each prompt is answered by `target.generate(do_sample=T
 and q at every answer position. q is the draft's softmax at each `--draft-temperature`, over the
 ranked `--draft-vocab` ids (`specllava.core.vocab`; 0 = the full vocabulary). Prints the mean
 overlap per draft temperature, and the full-vocabulary overlap at temperature 1. `--draft` adds
-other drafts for the default target (a draft folder, e.g. runs/draft5/draft from `train-draft`, or
-an EAGLE head from `train-eagle`, e.g. runs/eagle), measured on the same sampled answers. A head's
+other drafts for the default target (a draft folder, e.g. runs/draft_tvd/draft from `train-draft`,
+a draft.safetensors in the shipped format, or an EAGLE head from `train-eagle`, e.g. runs/eagle),
+measured on the same sampled answers. A head's
 q here is its first-level prediction (it reads the target's features of the same text), the one a
 tree's root children are drawn from; a draft model's q likewise reads the true text.
 
 Per level: with a = sum min(p, q) at each position (draft temperature 1), level k's chain
 acceptance is the mean over start positions t of a_t * ... * a_{t+k-1} (positions of one answer),
 the probability that k single draft samples in a row are all accepted, estimated along the
-target's sampled text; "conditional" divides by level k-1's. `--out FILE` writes all of it as JSON.
+target's sampled text; "conditional" divides by level k-1's. Each `--draft` is also compared with the
+default draft prompt by prompt (mean difference of the per-prompt mean overlaps and its standard
+error over prompts). `--out FILE` writes all of it as JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ from specllava.core.model_info import vocab_size
 from specllava.core.vocab import draft_ranking, draft_vocab_ids
 from specllava.models import load_default_models
 from specllava.models.hf import load_model
+from specllava.models.shipped import load_draft
+
+
+def _load_draft(path: str, target):
+    """An EAGLE head file, a draft.safetensors in the shipped format, or a draft model folder."""
+    if EagleHead.is_head_file(path):
+        return EagleHead.load(path)
+    if path.endswith(".safetensors"):
+        return load_draft(target, path).float().eval()
+    return load_model(path, torch.float32)
 
 
 def main(argv=None) -> None:
@@ -56,7 +69,7 @@ def main(argv=None) -> None:
     m = load_default_models(dtype=torch.float32)
     target = m.target
     drafts = {"default draft": m.draft,
-              **{d: EagleHead.load(d) if EagleHead.is_head_file(d) else load_model(d, torch.float32) for d in args.draft}}
+              **{d: _load_draft(d, target) for d in args.draft}}
     size = vocab_size(m.draft)
     prompts = builtin_set("in-domain")[: args.in_domain] + builtin_set("out-of-domain")[: args.photos]
     overlap = {(name, tau): [] for name in drafts for tau in args.draft_temperature}
@@ -91,6 +104,11 @@ def main(argv=None) -> None:
             row["overlap"][f"{tau:g}"] = torch.cat(overlap[name, tau]).mean().item()
             print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {row['overlap'][f'{tau:g}']:.3f}")
         print(f"{name}, full vocabulary, draft temperature 1: {row['full_vocabulary']:.3f}")
+        if name != "default draft" and 1.0 in args.draft_temperature:
+            diff = torch.tensor([(a.mean() - b.mean()).item() for a, b in zip(overlap[name, 1.0], overlap["default draft", 1.0])])
+            row["minus_default"] = {"mean": diff.mean().item(), "standard_error": (diff.std() / len(diff) ** 0.5).item()}
+            print(f"{name} minus the default draft, draft temperature 1, per prompt: {diff.mean():+.4f} "
+                  f"(standard error {row['minus_default']['standard_error']:.4f} over {len(diff)} prompts)")
         if 1.0 in args.draft_temperature:
             chain = chain_acceptance(overlap[name, 1.0], args.levels)
             row["chain"] = chain

@@ -1,5 +1,6 @@
 """Distillation on a tiny assembled LLaVA: the KL step, early exits, checkpoint/resume, the CLI."""
 
+import copy
 import json
 
 import pytest
@@ -154,12 +155,21 @@ def test_draft_init_from_a_target_built_draft_keeps_the_shared_vocabulary_rows_f
     folder = tmp_path / "prev"
     build_draft_from_target(target, num_layers=1).save_pretrained(folder)
     draft, frozen = make_draft(target, DistillConfig(target=None, data=None, draft_init=folder))
-    assert frozen  # a previous run's draft: embedding and head are still the target's
+    assert frozen  # an earlier run's draft: embedding and head are still the target's
+    bf16_target = copy.deepcopy(target).to(torch.bfloat16)  # the fp32 folder's rows equal the bf16 target's at bf16
+    assert make_draft(bf16_target, DistillConfig(target=None, data=None, draft_init=folder))[1]
     with torch.no_grad():
         draft.get_input_embeddings().weight.add_(0.1)
     other = tmp_path / "other"
     draft.save_pretrained(other)
     assert not make_draft(target, DistillConfig(target=None, data=None, draft_init=other))[1]
+    # a draft.safetensors in the shipped format starts the draft too, its vocabulary rows shared and frozen
+    from specllava.training.distill import save_draft
+
+    _, processor = tiny_models
+    path = save_draft(build_draft_from_target(target, num_layers=1).float(), processor, tmp_path / "shipped", True)
+    draft, frozen = make_draft(target, DistillConfig(target=None, data=None, draft_init=path))
+    assert frozen and draft.config.text_config.num_hidden_layers == 1
 
 
 def test_answers_ranking_ranks_the_regenerated_answers(tmp_path, tiny_models):

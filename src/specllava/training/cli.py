@@ -128,8 +128,8 @@ def add_parser(subparsers) -> None:
 
     s = subparsers.add_parser(
         "train-draft", help="distil a draft VLM for any Hugging Face LLaVA target",
-        description="Distil a small LLaVA draft from a LLaVA target: KL(target || draft) on the target's token "
-                    "distributions along the answers of LLaVA conversation JSON (teacher forcing), optionally "
+        description="Distil a small LLaVA draft from a LLaVA target: total variation (or KL) between the target's "
+                    "and the draft's token distributions along the answers of LLaVA conversation JSON (teacher forcing), optionally "
                     "after regenerating the answers with the target. Ends with the mean accepted length "
                     "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
     d = source_defaults("specllava.training.distill", "DistillConfig")
@@ -143,7 +143,7 @@ def add_parser(subparsers) -> None:
     init.add_argument("--draft-layers", type=cli_args.positive_int, default=d.draft_layers,
                       help="initialise the draft from the target's first N layers (default: %(default)s)")
     init.add_argument("--draft-init", type=cli_args.existing_path, default=None,
-                      help="an existing small LLaVA folder, or a config.json, to start the draft from")
+                      help="an existing small LLaVA folder, a draft.safetensors (the shipped format, e.g. git show COMMIT:src/specllava/assets/default/draft.safetensors), or a config.json, to start the draft from")
     init.add_argument("--draft-preset", choices=sorted(DRAFT_PRESETS), default=None,
                       help="a fresh draft of a published shape: llava-68m (Llama, 2 layers, hidden 768, 12 heads, "
                            "intermediate 3072) or llava-160m (12 layers, same width), with the target's vocabulary, "
@@ -163,9 +163,9 @@ def add_parser(subparsers) -> None:
                         "(cached in <out>/on_policy/)")
     s.add_argument("--on-policy-every", type=cli_args.positive_int, default=d.on_policy_every, metavar="STEPS")
     s.add_argument("--loss", choices=("kl", "tvd", "mix"), default=d.loss,
-                   help="objective: kl = KL(target || draft); tvd = total variation 1 - sum min(p, q), the "
-                        "probability that a sampled draft token is rejected; mix = (1 - w) KL + w TVD, w = "
-                        "--loss-mix (default: %(default)s)")
+                   help="objective: tvd = total variation 1 - sum min(p, q), the probability that a sampled draft "
+                        "token is rejected; kl = KL(target || draft); mix = (1 - w) KL + w TVD, w = --loss-mix "
+                        "(default: %(default)s)")
     s.add_argument("--loss-mix", type=cli_args.fraction, default=d.loss_mix, metavar="W",
                    help="TVD weight of --loss mix (default: %(default)s)")
     s.add_argument("--loss-vocab", type=cli_args.non_negative_int, default=d.loss_vocab, metavar="K",
