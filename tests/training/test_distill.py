@@ -293,3 +293,22 @@ def test_unanswered_data_fails_before_the_target_loads(command, tmp_path, capsys
     code = main([command, "--data", str(data), "--out", str(tmp_path / "run")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and str(data) in last and ("no answered records" in last or "no usable training records" in last), last
+
+
+def test_more_sampled_answers_than_records_answer_each_record_several_times(tmp_path, monkeypatch):
+    import specllava.training.answers as answers
+
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"}]} for i in range(3)]
+    asked = {}
+    monkeypatch.setattr(answers, "regenerate_answers", lambda t, p, pick, *a, **k: asked.setdefault(len(pick), pick))
+    answers.sampled_answers(None, None, records, tmp_path, tmp_path, 2, 0, 8, 2)
+    answers.sampled_answers(None, None, records, tmp_path, tmp_path, 8, 0, 8, 2)
+    two, eight = asked[2], asked[8]
+    assert eight[:2] == two  # the first answers are those of a smaller N (its cache stays valid)
+    ids = [r["id"] for r in eight]
+    from collections import Counter
+
+    assert len(set(ids)) == 8
+    per_record = Counter(i.split("#")[0] for i in ids)
+    assert sorted(per_record.values()) == [2, 3, 3]  # two full rounds, then a seeded choice of two
+    assert Counter(r["conversations"][0]["value"] for r in eight) == Counter({f"q{k[1]}": v for k, v in per_record.items()})
