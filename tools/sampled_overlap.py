@@ -21,7 +21,9 @@ acceptance is the mean over start positions t of a_t * ... * a_{t+k-1} (position
 the probability that k single draft samples in a row are all accepted, estimated along the
 target's sampled text; "conditional" divides by level k-1's. Each draft is also compared with the
 `--baseline` draft (default: the default draft) prompt by prompt (mean difference of the per-prompt mean overlaps and its standard
-error over prompts). `--out FILE` writes all of it as JSON.
+error over prompts), and its confidence is set against the target's: the mean probability of the
+draft's top token under the draft and under the target (a draft above the target is
+overconfident). `--out FILE` writes all of it as JSON.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main(argv=None) -> None:
     prompts = builtin_set("in-domain")[: args.in_domain] + builtin_set("out-of-domain")[: args.photos]
     overlap = {(name, tau): [] for name in drafts for tau in args.draft_temperature}
     full = {name: [] for name in drafts}
+    confidence = {name: [] for name in drafts}
     with torch.inference_mode():
         for i, prompt in enumerate(prompts):
             inp = prepare_inputs(m.processor, prompt, target.dtype)
@@ -99,6 +102,9 @@ def main(argv=None) -> None:
                     q = torch.zeros_like(p)
                     q[:, ids] = (d[:, ids] / tau).softmax(-1)
                     overlap[name, tau].append(torch.minimum(p, q).sum(-1))
+                    if tau == 1.0:  # the draft's confidence in its top token against the target's
+                        top_q, top = q.max(-1)
+                        confidence[name].append(torch.stack([top_q, p.gather(-1, top[:, None])[:, 0]], -1))
                 full[name].append(torch.minimum(p, d.softmax(-1)).sum(-1))
     n = sum(x.numel() for x in full["default draft"])
     print(f"{len(prompts)} prompts, {n} sampled answer positions; draft vocabulary {args.draft_vocab or size} (ranked)")
@@ -109,6 +115,11 @@ def main(argv=None) -> None:
             row["overlap"][f"{tau:g}"] = torch.cat(overlap[name, tau]).mean().item()
             print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {row['overlap'][f'{tau:g}']:.3f}")
         print(f"{name}, full vocabulary, draft temperature 1: {row['full_vocabulary']:.3f}")
+        if confidence[name]:
+            qp = torch.cat(confidence[name]).mean(0)
+            row["top_token"] = {"draft_probability": qp[0].item(), "target_probability": qp[1].item()}
+            print(f"{name}, the draft's top token at draft temperature 1: mean probability {qp[0]:.3f} under the "
+                  f"draft, {qp[1]:.3f} under the target")
         if 1.0 in args.draft_temperature:  # the drawings (in-domain) and the photos apart
             sets = {"in-domain": overlap[name, 1.0][: args.in_domain], "out-of-domain": overlap[name, 1.0][args.in_domain:]}
             row["per_set"] = {k: torch.cat(v).mean().item() for k, v in sets.items() if v}
