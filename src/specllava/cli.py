@@ -132,7 +132,8 @@ def add_assemble_parser(subparsers) -> argparse.ArgumentParser:
             "cache is already current."
         ),
     )
-    parser.add_argument("--cache-dir", default=None, help="cache folder (default: ~/.cache/specllava/default)")
+    parser.add_argument("--cache-dir", default=None, help="cache folder (default: ~/.cache/specllava/default, or default-<hash> beside it when that one holds "
+                        "a pair of other shipped weights)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     parser.add_argument("--print-dir", action="store_true",
                         help="print only the folder of the default pair (its target/ and draft/ are inside), "

@@ -10,9 +10,19 @@ from tiny_llava import SMOLLM2_CHAT_TEMPLATE, tiny_sources, tiny_tokenizer
 from PIL import Image
 from safetensors.torch import save_file
 
-from specllava.models.assemble import MANIFEST, ModelSources, assemble_models, installed_file, load_models
+from specllava.models.assemble import (
+    MANIFEST,
+    AssemblyRecipe,
+    ModelSources,
+    _manifest_key,
+    assemble_models,
+    default_cache_dir,
+    default_sources,
+    installed_file,
+    load_models,
+)
 from specllava.models.builders import build_draft_from_target, repurpose_special_token
-from specllava.models.shipped import write_asset_checksums
+from specllava.models.shipped import check_assets, write_asset_checksums
 
 
 def assemble(cache, assets, sources=None, **kwargs):
@@ -183,6 +193,25 @@ def test_corrupt_or_missing_shipped_weights_are_named(tmp_path, no_assets):
     (no_assets / "SHA256SUMS").unlink()
     with pytest.raises(RuntimeError, match="have no SHA256SUMS"):
         assemble(tmp_path / "cache", no_assets)
+
+
+def test_default_cache_keeps_one_folder_per_shipped_pair(tmp_path, monkeypatch, no_assets):
+    """~/.cache/specllava/default serves the pair it holds; other shipped weights get a folder of their own."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    root = tmp_path / "home" / ".cache" / "specllava" / "default"
+    assert default_cache_dir(no_assets) == root  # nothing assembled yet
+    other = tmp_path / "other_assets"
+    other.mkdir()
+    save_file({"x": torch.zeros(2)}, str(other / "draft.safetensors"), metadata={"num_layers": "1"})
+    write_asset_checksums(other)
+    root.mkdir(parents=True)
+    (root / MANIFEST).write_text(json.dumps({"key": {"not": "this pair"}}))
+    mine, theirs = default_cache_dir(no_assets), default_cache_dir(other)
+    assert mine.parent == theirs.parent == root.parent and mine.name.startswith("default-")
+    assert mine != theirs != root and default_cache_dir(no_assets) == mine  # stable per pair
+    key = _manifest_key(default_sources(), check_assets(no_assets), AssemblyRecipe())
+    (root / MANIFEST).write_text(json.dumps({"key": key}))  # as assemble_default_models writes it
+    assert default_cache_dir(no_assets) == root  # the root holds this very pair
 
 
 def test_a_missing_package_names_the_pip_command():

@@ -14,7 +14,9 @@ Contract:
   ``{"type": "image"}`` as ``<image>\\n``; ``<image>`` is expanded into 49 image tokens.
 - `assemble_default_models(cache_dir=None, force=False)` writes ``<cache>/target`` and
   ``<cache>/draft`` (each a ``save_pretrained`` directory with its processor) plus
-  ``<cache>/manifest.json``; the default cache is ``~/.cache/specllava/default``. It is idempotent: when
+  ``<cache>/manifest.json``; the default cache is ``~/.cache/specllava/default``, or
+  ``~/.cache/specllava/default-<hash>`` where that folder holds a pair of other shipped weights
+  (`default_cache_dir`). It is idempotent: when
   the manifest matches the sources (pinned package versions, shipped-weight checksums, recipe) and every
   recorded file is present with its recorded size, it does nothing. Missing or corrupt sources raise
   `RuntimeError` naming the file and the command that fixes it.
@@ -214,8 +216,22 @@ def default_sources() -> ModelSources:
 # Cache
 
 
-def default_cache_dir() -> Path:
-    return Path("~/.cache/specllava/default").expanduser()
+def default_cache_dir(assets_dir: str | Path = DEFAULT_ASSETS_DIR, recipe: AssemblyRecipe | None = None) -> Path:
+    """Where the default pair of these shipped weights lives: ``~/.cache/specllava/default`` while
+    that folder holds this pair or none, else ``~/.cache/specllava/default-<12 hex
+    digits of the pair's manifest key>``. Checkouts (or installs) shipping other weights then keep
+    a folder each instead of assembling over one another's, and a process that is reading one
+    pair never sees it replaced."""
+    root = Path("~/.cache/specllava/default").expanduser()
+    key = _manifest_key(default_sources(), check_assets(assets_dir), recipe or AssemblyRecipe())
+    try:
+        built = json.loads((root / MANIFEST).read_text()).get("key")
+    except (OSError, ValueError):
+        built = None
+    if built is None or built == key:  # none yet (or an interrupted assembly), or this very pair
+        return root
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return root.with_name(f"default-{digest}")
 
 
 def _manifest_key(sources: ModelSources, assets: dict[str, Path], recipe: AssemblyRecipe) -> dict:
@@ -351,7 +367,7 @@ def assemble_models(
 
 
 def assemble_default_models(cache_dir: str | Path | None = None, force: bool = False) -> AssembledModels:
-    """Assemble the default target/draft pair into ``cache_dir`` (default ``~/.cache/specllava/default``)."""
+    """Assemble the default target/draft pair into ``cache_dir`` (default: `default_cache_dir`)."""
     return assemble_models(cache_dir or default_cache_dir(), default_sources(), force=force)
 
 

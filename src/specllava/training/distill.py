@@ -2,9 +2,10 @@
 
 Contract:
 
-- `train_draft(cfg)` distils a draft of the target's class from the target, the Spec-LLaVA recipe:
-  minimise KL(p || q) (p = target, q = draft token distribution) at every assistant token of LLaVA
-  conversation JSON, teacher-forced along the answers. With
+- `train_draft(cfg)` distils a draft of the target's class from the target: minimise the total
+  variation 1 - sum min(p, q) (p = target, q = draft token distribution; what speculative sampling's
+  acceptance rewards), KL(p || q) (the Spec-LLaVA recipe) or a mix (``loss``) at every assistant token
+  of LLaVA conversation JSON, teacher-forced along the answers. With
   ``regenerate`` the answers are first replaced by the target's own greedy answers to each record's
   first question (cached in ``<out>/answers.jsonl``, one line per record, resumable), so the draft
   learns the text it will actually be asked to predict. ``sampled_answers`` adds that many answers
@@ -30,9 +31,9 @@ Contract:
   embedding, first layers, norm and head; the default), from ``draft_preset`` (a published draft
   shape, `DRAFT_PRESETS`: a fresh Llama LM of that shape with the target's vocabulary, tokenizer,
   vision tower (shared) and image layout; a new projector) or from ``draft_init`` (a small LLaVA
-  folder, or a config.json whose model is built fresh; the target's vision tower is shared with
-  it when the shapes fit). The vision tower is frozen; embedding and head stay frozen when they
-  are the target's own (the draft then
+  folder, a ``draft.safetensors`` in the shipped format, or a config.json whose model is built
+  fresh; the target's vision tower is shared with it when the shapes fit). The vision tower is
+  frozen; embedding and head stay frozen when they are the target's own (the draft then
   shares its vocabulary rows exactly, and the shipped file can omit them); everything else trains.
 - ``exits`` adds early exits after some draft layers (final norm + head on that layer's output),
   trained jointly, so one run measures several draft depths.
@@ -118,8 +119,9 @@ class DistillConfig:
     image_folder: the folder ``data``'s image paths are relative to (default: the file's folder).
     feature_cache_gb: disk cap of the vision-feature cache in ``<out>/features/`` (`FeatureCache`;
         0 = recompute the features of every batch).
-    loss: "kl" (KL(p || q)), "tvd" (total variation, 1 - sum min(p, q): what acceptance rewards) or
-        "mix" ((1 - loss_mix) * KL + loss_mix * TVD); see `distill_loss`.
+    loss: "tvd" (total variation, 1 - sum min(p, q): what acceptance rewards; the default, measured
+        against KL in docs/training.md), "kl" (KL(p || q)) or "mix" ((1 - loss_mix) * KL + loss_mix *
+        TVD); see `distill_loss`.
     loss_vocab: the ids the TVD term compares over: None = the draft's sampled vocabulary (its ranked
         ids, as many as `core.vocab.default_draft_vocab` gives at T > 0: what the decoder samples
         from), 0 = the full vocabulary, K = the first K ranked ids.
@@ -160,7 +162,7 @@ class DistillConfig:
     attn_implementation: str | None = None
     image_folder: Path | None = None
     feature_cache_gb: float = 0.0
-    loss: str = "kl"
+    loss: str = "tvd"
     loss_mix: float = 0.5
     loss_vocab: int | None = None
     on_policy: int = 0
@@ -324,10 +326,13 @@ def make_draft(target, cfg: DistillConfig, device: torch.device | str | None = N
     init = Path(cfg.draft_init)
     if init.is_dir():
         draft = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32, device_map={"": str(device)})
+    elif init.is_file() and init.suffix == ".safetensors":  # the shipped format (`save_draft`, `ship-default`)
+        draft = _shipped_draft(target, init, device)
     elif init.is_file() and init.suffix == ".json":
         draft = _fresh_draft(target, type(target.config).from_json_file(str(init)), device)
     else:
-        raise FileNotFoundError(f"--draft-init {init}: expected a LLaVA model folder or a config .json file")
+        raise FileNotFoundError(f"--draft-init {init}: expected a LLaVA model folder, a draft.safetensors file "
+                                "(the shipped format) or a config .json file")
     vt, vd = target.config.text_config.vocab_size, draft.config.text_config.vocab_size
     if vt != vd:
         raise ValueError(f"--draft-init {init} has a vocabulary of {vd} tokens, the target {vt}; they must share the tokenizer")
@@ -337,15 +342,47 @@ def make_draft(target, cfg: DistillConfig, device: torch.device | str | None = N
     return draft, shares_vocabulary_rows(draft, target)
 
 
+def _shipped_draft(target, path: Path, device: torch.device):
+    """A ``draft.safetensors`` in the shipped format (`specllava.models.shipped`) as a draft to train:
+    the target's first ``num_layers`` layers (`draft_from_target`, trained tensors in float32 on
+    ``device``), then the file's tensors. A file tensor for a tensor shared with the target
+    (tower, vocabulary rows) replaces it by a copy of its own, so the target is never written."""
+    from specllava.models.shipped import _copy_into, _read_safetensors
+
+    tensors, meta = _read_safetensors(path)
+    if "num_layers" not in meta:
+        raise RuntimeError(f"{path} lacks the 'num_layers' metadata entry the draft's depth is read from")
+    draft = draft_from_target(target, int(meta["num_layers"]), trained_device=device)
+    shared = FROZEN_PREFIXES + SHARED_ROW_PREFIXES
+    own = {n: p for n, p in draft.named_parameters(remove_duplicate=False)}
+    for name in [n for n in tensors if n.startswith(shared)]:
+        value = tensors.pop(name)
+        if name not in own or tuple(own[name].shape) != tuple(value.shape):
+            raise RuntimeError(f"{path}: {name!r} is not a parameter of the draft or has another shape")
+        module_name, _, attr = name.rpartition(".")
+        dtype = own[name].dtype if name.startswith(FROZEN_PREFIXES) else torch.float32
+        setattr(draft.get_submodule(module_name), attr,
+                torch.nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+    _copy_into(draft, tensors, path)
+    if RANKING_ATTR in meta:
+        setattr(draft.config, RANKING_ATTR, [int(t) for t in json.loads(meta[RANKING_ATTR])])
+    return draft
+
+
 def shares_vocabulary_rows(draft, target) -> bool:
-    """True when the draft's input embedding and LM head equal the target's (a draft made by
-    `draft_from_target`, e.g. a previous run's): they then stay frozen and shared, as in a
+    """True when the draft's input embedding and LM head equal the target's, at the lower of their
+    two precisions (a draft made by `draft_from_target`, e.g. an earlier run's): they then stay frozen and shared, as in a
     fresh run, so `ship-default` can keep omitting them."""
     pairs = ((draft.get_input_embeddings(), target.get_input_embeddings()),
              (draft.get_output_embeddings(), target.get_output_embeddings()))
+
+    def same(a, b):  # compared in the lower of the two precisions (a target loaded in bf16, a draft in fp32)
+        low = a.dtype if a.element_size() < b.element_size() else b.dtype
+        return torch.equal(a.to("cpu", low), b.to("cpu", low))
+
     with torch.no_grad():
-        return all(a is not None and b is not None and a.weight.shape == b.weight.shape
-                   and torch.equal(a.weight.float().cpu(), b.weight.float().cpu()) for a, b in pairs)
+        return all(a is not None and b is not None and a.weight.shape == b.weight.shape and same(a.weight, b.weight)
+                   for a, b in pairs)
 
 
 def trainable_parameters(draft, embeddings_frozen: bool) -> dict[str, torch.nn.Parameter]:
@@ -509,14 +546,11 @@ def forward_cost_ms(model, prefix_len: int = 200, new: int = 1, repeats: int = 1
 # The whole command
 
 
-def _prepare_data(cfg, target, processor, log, procs: Processes | None = None):
-    """(answered training records, sampled answers, image root, {eval name: (records, root)}).
-
-    The records stay on disk (`Records`); eval sets keep the records that have an image (the report
-    decodes image prompts). With several processes the main one writes the answers
-    (``--regenerate``, ``--sampled-answers``) while the others wait, then all read them.
-    """
-    procs = procs or Processes()
+def _read_data(cfg, log):
+    """(training records, image root, {eval name: (records, root)}) as read from ``cfg.data`` and
+    ``cfg.eval_data``, before any model loads: a file that is not LLaVA JSON, or one with nothing to
+    train on, fails at once. The records stay on disk (`Records`); eval sets keep the records that
+    have an image (the report decodes image prompts)."""
     records, root = load_records(cfg.data)
     root = Path(cfg.image_folder) if cfg.image_folder is not None else root
     records = with_images(records, root, log)
@@ -534,6 +568,19 @@ def _prepare_data(cfg, target, processor, log, procs: Processes | None = None):
         evals = {"held_out": (image_records(held), root)}
     if cfg.limit is not None and len(train_recs) > cfg.limit:
         train_recs = sample_records(train_recs, cfg.limit, cfg.seed)
+    if not (cfg.regenerate or cfg.sampled_answers or cfg.on_policy or len(answered_records(train_recs))):
+        raise ValueError(f"no answered records in {cfg.data}; pass --regenerate to answer them with the target "
+                         "(or train on --sampled-answers / --on-policy answers only)")
+    return train_recs, root, evals
+
+
+def _prepare_data(cfg, data, target, processor, log, procs: Processes | None = None):
+    """(answered training records, sampled answers, prompts, image root, {eval name: (records,
+    root)}) from `_read_data`'s ``data`` and the target's answers. With several processes the main
+    one writes the answers (``--regenerate``, ``--sampled-answers``) while the others wait, then
+    all read them."""
+    procs = procs or Processes()
+    train_recs, root, evals = data
     if not procs.main:
         procs.barrier()  # the main process writes the answers first
     sampled = sampled_answers(target, processor, train_recs, root, Path(cfg.out), cfg.sampled_answers, cfg.seed,
@@ -571,8 +618,9 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
         cfg = dataclasses.replace(cfg, device=str(procs.device))
         log = log if procs.main else (lambda *a, **k: None)
     out = start_run(cfg, Path(cfg.out), write=procs.main)
+    data = _read_data(cfg, log)  # before the target loads: bad data fails at once
     target, processor = load_target(cfg)
-    records, sampled, prompts, root, evals = _prepare_data(cfg, target, processor, log, procs)
+    records, sampled, prompts, root, evals = _prepare_data(cfg, data, target, processor, log, procs)
 
     draft, embeddings_frozen = make_draft(target, cfg)
     n_layers = draft.config.text_config.num_hidden_layers
@@ -695,14 +743,14 @@ class OnPolicyPool:
         pick = random.Random(self.cfg.seed * 1000 + r + 7).sample(self.prompts, min(n, len(self.prompts)))
         pick = [first_question(p) for p in pick]
         self.folder.mkdir(parents=True, exist_ok=True)
-        device = input_device(self.draft)
+        # generation in the target's 16-bit dtype when it has one: a copy cast once, not per token by autocast
+        model = copy.deepcopy(self.draft).to(self.amp) if self.amp else self.draft
         was_training = self.draft.training
-        self.draft.eval()
+        model.eval()
         try:
-            with torch.random.fork_rng(devices=[]), \
-                    torch.autocast(device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed * 1000 + r)
-                answered = regenerate_answers(self.draft, self.processor, pick, self.root, self.folder / f"{r:05d}.jsonl",
+                answered = regenerate_answers(model, self.processor, pick, self.root, self.folder / f"{r:05d}.jsonl",
                                               self.cfg.regenerate_max_new_tokens, self.cfg.regenerate_batch,
                                               self.log, do_sample=True)
         finally:
