@@ -202,6 +202,32 @@ def test_seeded_sampled_rows_equal_each_row_alone(target, drafts, method, option
     assert any(len(s.stats.hist) > 2 for s in seqs.values())  # paths of 2+ draft tokens: pending chains fed
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampled"])
+def test_calibrated_plain_steps_in_a_batch_equal_each_row_alone(target, sampled):
+    """A draft that is seldom right: the calibrated dynamic tree then verifies the root alone on
+    many steps (`Calibrator.draft_pays`), without feeding the draft. Rows making such plain steps
+    beside drafted ones emit what each does alone."""
+    dec = SpeculativeDecoder(target, tiny_llava(123, hidden=32, layers=1), method="dynamic")
+    reqs = requests()
+    kw = [dict(do_sample=sampled, temperature=0.3, seed=100 + k) if sampled else {} for k in range(len(reqs))]
+    news = [40, 25, 33, 18]
+    alone = [dec.generate(input_ids=ids, pixel_values=px, max_new_tokens=new, **k)
+             for (ids, px), new, k in zip(reqs, news, kw)]
+    seqs = run_batched(dec, reqs, news, join_late=(3,)) if not sampled else None
+    if sampled:
+        seqs = {}
+        for step in range(200):
+            if step < len(reqs):
+                seqs[step] = dec.start(*reqs[step], max_new_tokens=news[step], **kw[step])
+            if all(s.finished for s in seqs.values()):
+                break
+            dec.step(list(seqs.values()))
+        seqs = [seqs[k] for k in range(len(reqs))]
+    assert [s.sequences().tolist() for s in seqs] == [a.sequences.tolist() for a in alone]
+    nodes = [n for s in seqs for n in s.stats.nodes]
+    assert nodes.count(0) > 5 and max(nodes) > 0  # plain steps and drafted ones
+
+
 def test_cancel_and_time_limit_between_steps(target, drafts):
     dec = SpeculativeDecoder(target, drafts["perturbed"], method="dynamic")
     reqs = requests()

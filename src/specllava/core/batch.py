@@ -285,23 +285,28 @@ def _draft_group(rows: Rows, drafters: list[Drafter], roots: list[int]):
     # 1a. the pending chains (each row's committed tokens not yet in its cache, root last),
     #     right-aligned (pads first) so that every row's root is the last column: only its
     #     logits are computed, as a sequence alone computes them (`logits_to_keep=1`)
+    #     A row whose drafter makes a plain step this step (begin: [], a calibrated drafter when
+    #     drafting does not pay) feeds nothing, as alone: its tree is the root alone.
     pending = [d.begin(r) for d, r in zip(drafters, roots)]
     k = [len(p) for p in pending]
     width = max(k)
-    tokens = torch.tensor([[p[0]] * (width - len(p)) + p for p in pending], device=dev)  # [B, K]
-    positions = torch.tensor([[rows.lengths[b] + max(0, j - (width - k[b])) for j in range(width)]
-                              for b in range(n_rows)], device=dev)  # [B, K]
-    real = torch.arange(width, device=dev)[None, :] >= torch.tensor([width - n for n in k], device=dev)[:, None]
-    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-    visible = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
-    with batch_rows(k, last=True):  # an int8 draft quantizes each row's tokens as that sequence alone would
-        logits = rows.forward(tokens, positions, real, visible, rows.columns, logits_to_keep=1)  # [B, 1, V]
+    if width:
+        tokens = torch.tensor([[p[0] if p else r] * (width - len(p)) + p for p, r in zip(pending, roots)],
+                              device=dev)  # [B, K]
+        positions = torch.tensor([[rows.lengths[b] + max(0, j - (width - k[b])) for j in range(width)]
+                                  for b in range(n_rows)], device=dev)  # [B, K]
+        real = torch.arange(width, device=dev)[None, :] >= torch.tensor([width - n for n in k], device=dev)[:, None]
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        visible = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
+        with batch_rows(k, last=True):  # an int8 draft quantizes each row's tokens as that sequence alone would
+            logits = rows.forward(tokens, positions, real, visible, rows.columns, logits_to_keep=1)  # [B, 1, V]
     for b, d in enumerate(drafters):
-        rows.lengths[b] += k[b]
-        d.root_pos = rows.lengths[b] - 1
-        d.runner.forwards += 1
+        if k[b]:
+            rows.lengths[b] += k[b]
+            d.root_pos = rows.lengths[b] - 1
+            d.runner.forwards += 1
     mark = rows.columns  # the tree block starts here
-    fronts = [d.grow(logits[b, -1:]) for b, d in enumerate(drafters)]
+    fronts = [d.grow(logits[b, -1:]) if k[b] else None for b, d in enumerate(drafters)]
     fed_cols: list[list[int]] = [[] for _ in drafters]
     # 1b. per depth, every row's frontier in one forward (a done row feeds one masked pad)
     while any(f is not None for f in fronts):

@@ -98,6 +98,7 @@ class Drafter:
     def skip(self, root: int) -> None:
         """A step verified without a tree (plain decoding at a high load): `root` joins the
         pending tokens, fed with the next tree's; no `commit` follows."""
+        self._observe_last(root)
         self.pending.append(root)
 
     # -- the policy of one step, apart from how the draft model is run -------------------------
@@ -110,10 +111,8 @@ class Drafter:
         """Start a step at `root`; returns the pending tokens to feed (a causal chain, root last),
         or [] for a plain step (drafting does not pay: the tree is the root alone, `tree()`, and
         the pending tokens wait for the next drafted step)."""
+        self._observe_last(root)
         self.pending.append(root)
-        if self.observation is not None:  # the last greedy step's, completed by its bonus token
-            self.calib.observe(*self.observation, bonus=root)
-            self.observation = None
         self.d = 0
         self.q = {}
         self.tokens = None
@@ -127,6 +126,12 @@ class Drafter:
             return []
         pending, self.pending = self.pending, []
         return pending
+
+    def _observe_last(self, root: int) -> None:
+        """The last greedy step's calibrator observation, completed by its bonus token (`root`)."""
+        if self.observation is not None:
+            self.calib.observe(*self.observation, bonus=root)
+            self.observation = None
 
     def _start_tree(self, dev) -> None:
         self.tokens = torch.full((1,), self.root, dtype=torch.long, device=dev)  # a fill, not an upload
