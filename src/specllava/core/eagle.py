@@ -225,6 +225,7 @@ class EagleDrafter(Drafter):
     def __init__(self, runner: ModelRunner, target, policy: str, cfg: TreeConfig, prompt_ids: list[int],
                  prompt_feats: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None):
         super().__init__(runner, policy, cfg, temperature, generator)
+        self.calib = None  # the head's trees follow its own q: its commit observes no acceptance
         self.target = target  # the target's ModelRunner: its `hidden` after each verification
         self.pending = list(prompt_ids)
         # token j reads the feature at j-1; the first token none (zeros); the last row is the root's
