@@ -19,9 +19,11 @@ tree's root children are drawn from; a draft model's q likewise reads the true t
 Per level: with a = sum min(p, q) at each position (draft temperature 1), level k's chain
 acceptance is the mean over start positions t of a_t * ... * a_{t+k-1} (positions of one answer),
 the probability that k single draft samples in a row are all accepted, estimated along the
-target's sampled text; "conditional" divides by level k-1's. Each `--draft` is also compared with the
-default draft prompt by prompt (mean difference of the per-prompt mean overlaps and its standard
-error over prompts). `--out FILE` writes all of it as JSON.
+target's sampled text; "conditional" divides by level k-1's. Each draft is also compared with the
+`--baseline` draft (default: the default draft) prompt by prompt (mean difference of the per-prompt mean overlaps and its standard
+error over prompts), and its confidence is set against the target's: the mean probability of the
+draft's top token under the draft and under the target (a draft above the target is
+overconfident). `--out FILE` writes all of it as JSON.
 """
 
 from __future__ import annotations
@@ -61,9 +63,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draft", nargs="+", action="extend", default=[],
                     help="other draft folders (or EAGLE heads) to measure against the default target; repeatable")
+    ap.add_argument("--baseline", default="default draft",
+                    help="the draft each other one is compared with prompt by prompt: one of the --draft paths "
+                    "(default: the default draft)")
     ap.add_argument("--levels", type=int, default=5, help="chain depths reported (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = ap.parse_args(argv)
+    if args.baseline not in ["default draft", *args.draft]:
+        ap.error(f"--baseline {args.baseline!r} is not one of the --draft paths")
     torch.set_num_threads(args.threads)
 
     m = load_default_models(dtype=torch.float32)
@@ -74,6 +81,7 @@ def main(argv=None) -> None:
     prompts = builtin_set("in-domain")[: args.in_domain] + builtin_set("out-of-domain")[: args.photos]
     overlap = {(name, tau): [] for name in drafts for tau in args.draft_temperature}
     full = {name: [] for name in drafts}
+    confidence = {name: [] for name in drafts}
     with torch.inference_mode():
         for i, prompt in enumerate(prompts):
             inp = prepare_inputs(m.processor, prompt, target.dtype)
@@ -94,6 +102,9 @@ def main(argv=None) -> None:
                     q = torch.zeros_like(p)
                     q[:, ids] = (d[:, ids] / tau).softmax(-1)
                     overlap[name, tau].append(torch.minimum(p, q).sum(-1))
+                    if tau == 1.0:  # the draft's confidence in its top token against the target's
+                        top_q, top = q.max(-1)
+                        confidence[name].append(torch.stack([top_q, p.gather(-1, top[:, None])[:, 0]], -1))
                 full[name].append(torch.minimum(p, d.softmax(-1)).sum(-1))
     n = sum(x.numel() for x in full["default draft"])
     print(f"{len(prompts)} prompts, {n} sampled answer positions; draft vocabulary {args.draft_vocab or size} (ranked)")
@@ -104,11 +115,22 @@ def main(argv=None) -> None:
             row["overlap"][f"{tau:g}"] = torch.cat(overlap[name, tau]).mean().item()
             print(f"{name}, draft temperature {tau:g}: mean sum min(p, q) = {row['overlap'][f'{tau:g}']:.3f}")
         print(f"{name}, full vocabulary, draft temperature 1: {row['full_vocabulary']:.3f}")
-        if name != "default draft" and 1.0 in args.draft_temperature:
-            diff = torch.tensor([(a.mean() - b.mean()).item() for a, b in zip(overlap[name, 1.0], overlap["default draft", 1.0])])
-            row["minus_default"] = {"mean": diff.mean().item(), "standard_error": (diff.std() / len(diff) ** 0.5).item()}
-            print(f"{name} minus the default draft, draft temperature 1, per prompt: {diff.mean():+.4f} "
-                  f"(standard error {row['minus_default']['standard_error']:.4f} over {len(diff)} prompts)")
+        if confidence[name]:
+            qp = torch.cat(confidence[name]).mean(0)
+            row["top_token"] = {"draft_probability": qp[0].item(), "target_probability": qp[1].item()}
+            print(f"{name}, the draft's top token at draft temperature 1: mean probability {qp[0]:.3f} under the "
+                  f"draft, {qp[1]:.3f} under the target")
+        if 1.0 in args.draft_temperature:  # the drawings (in-domain) and the photos apart
+            sets = {"in-domain": overlap[name, 1.0][: args.in_domain], "out-of-domain": overlap[name, 1.0][args.in_domain:]}
+            row["per_set"] = {k: torch.cat(v).mean().item() for k, v in sets.items() if v}
+            print(f"{name}, draft temperature 1, per set: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in row["per_set"].items()))
+        if name != args.baseline and 1.0 in args.draft_temperature:
+            diff = torch.tensor([(a.mean() - b.mean()).item() for a, b in zip(overlap[name, 1.0], overlap[args.baseline, 1.0])])
+            row["minus_baseline"] = {"baseline": args.baseline, "mean": diff.mean().item(),
+                                     "standard_error": (diff.std() / len(diff) ** 0.5).item()}
+            print(f"{name} minus {args.baseline}, draft temperature 1, per prompt: {diff.mean():+.4f} "
+                  f"(standard error {row['minus_baseline']['standard_error']:.4f} over {len(diff)} prompts)")
         if 1.0 in args.draft_temperature:
             chain = chain_acceptance(overlap[name, 1.0], args.levels)
             row["chain"] = chain

@@ -144,8 +144,8 @@ def test_train_draft_adds_sampled_answers_but_ranks_only_the_greedy_ones(tmp_pat
     assert ids(greedy) <= ranking
     only_sampled = ids(sampled) - ids(greedy)
     assert only_sampled and not (only_sampled & ranking)  # the ranking is the greedy answers'
-    # a rerun samples nothing new
-    assert main(args) == 0 and len((out / "sampled_answers.jsonl").read_text().splitlines()) == 2
+    # a rerun (replacing the results, reusing the cached answers) samples nothing new
+    assert main(args + ["--overwrite"]) == 0 and len((out / "sampled_answers.jsonl").read_text().splitlines()) == 2
 
 
 def test_draft_init_from_a_target_built_draft_keeps_the_shared_vocabulary_rows_frozen(tmp_path, tiny_models):
@@ -254,3 +254,61 @@ def test_train_draft_with_tvd_and_on_policy_answers_end_to_end(tmp_path, assembl
     assert main(args(part, 4, "--resume")) == 0
     for name, value in _trained(full).items():
         torch.testing.assert_close(_trained(part)[name], value, msg=name)
+
+
+@pytest.mark.parametrize("command, module, function, result", [
+    ("train-draft", "specllava.training.distill", "train_draft", "draft.safetensors"),
+    ("train-target", "specllava.training.target", "train_target", "target.safetensors"),
+])
+def test_training_commands_refuse_earlier_results_unless_resume_or_overwrite(command, module, function, result,
+                                                                             tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from specllava.training.cli import main
+
+    monkeypatch.setattr(importlib.import_module(module), function, lambda cfg, log: {"eval": {}})
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = [command, "--data", str(make_dataset(tmp_path)), "--out", str(out)]
+    assert main(argv) == 0  # a folder without results (e.g. cached answers copied in) is fine
+    (out / result).write_bytes(b"")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds the results of an earlier run ({result})" in err and "--overwrite" in err
+    assert main(argv + ["--overwrite"]) == 0 and main(argv + ["--resume"]) == 0
+
+
+@pytest.mark.parametrize("command", ["train-draft", "train-eagle"])
+def test_unanswered_data_fails_before_the_target_loads(command, tmp_path, capsys, monkeypatch):
+    import specllava.training.distill as distill
+    import specllava.training.target as target_mod
+    from specllava.training.cli import main
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the target loaded before the data was checked")
+
+    monkeypatch.setattr(distill, "load_target", must_not_load)
+    monkeypatch.setattr(target_mod, "load_model", must_not_load)
+    data = make_dataset(tmp_path, answered=False)
+    code = main([command, "--data", str(data), "--out", str(tmp_path / "run")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and str(data) in last and ("no answered records" in last or "no usable training records" in last), last
+
+
+def test_more_sampled_answers_than_records_answer_each_record_several_times(tmp_path, monkeypatch):
+    import specllava.training.answers as answers
+
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"}]} for i in range(3)]
+    asked = {}
+    monkeypatch.setattr(answers, "regenerate_answers", lambda t, p, pick, *a, **k: asked.setdefault(len(pick), pick))
+    answers.sampled_answers(None, None, records, tmp_path, tmp_path, 2, 0, 8, 2)
+    answers.sampled_answers(None, None, records, tmp_path, tmp_path, 8, 0, 8, 2)
+    two, eight = asked[2], asked[8]
+    assert eight[:2] == two  # the first answers are those of a smaller N (its cache stays valid)
+    ids = [r["id"] for r in eight]
+    from collections import Counter
+
+    assert len(set(ids)) == 8
+    per_record = Counter(i.split("#")[0] for i in ids)
+    assert sorted(per_record.values()) == [2, 3, 3]  # two full rounds, then a seeded choice of two
+    assert Counter(r["conversations"][0]["value"] for r in eight) == Counter({f"q{k[1]}": v for k, v in per_record.items()})

@@ -8,7 +8,7 @@ Contract:
   what is missing. Prompts are batched with left padding and keep the tokenizer's special tokens
   (BOS included), as the model card's usage does.
 - `sampled_answers(...)`: ``n`` answers sampled at T=1 to a seeded choice of the records (cached in
-  ``<out>/sampled_answers.jsonl``).
+  ``<out>/sampled_answers.jsonl``); more answers than records gives each record several.
 - `answers_ranking(path, tokenizer)`: the token ranking (`specllava.core.vocab.rank_tokens`) of one
   or several such caches.
 """
@@ -84,10 +84,17 @@ def regenerate_answers(target, processor, records: list[dict], image_root: Path,
 def sampled_answers(target, processor, records: list[dict], image_root: Path, out: Path, n: int, seed: int,
                     max_new_tokens: int, batch_size: int, log=print) -> list[dict]:
     """`n` answers the target samples at T=1 to a seeded choice of `records` (cached in
-    ``<out>/sampled_answers.jsonl``), as one-turn records; [] for n = 0."""
-    if not n:
+    ``<out>/sampled_answers.jsonl``), as one-turn records; [] for n = 0. With more answers than
+    records, every record is answered once, then again in further seeded rounds (round k's
+    answers cached under ``<id>#<k>``), so a prompt gets several sampled answers."""
+    if not n or not len(records):
         return []
     pick = random.Random(seed + 1).sample(records, min(n, len(records)))
+    rounds = 1
+    while len(pick) < n:
+        more = random.Random(seed + 1 + rounds).sample(range(len(records)), min(n - len(pick), len(records)))
+        pick += [{**records[i], "id": f"{record_id(records[i], i)}#{rounds}"} for i in more]
+        rounds += 1
     return regenerate_answers(target, processor, pick, image_root, out / "sampled_answers.jsonl",
                               max_new_tokens, batch_size, log, do_sample=True)
 

@@ -546,14 +546,11 @@ def forward_cost_ms(model, prefix_len: int = 200, new: int = 1, repeats: int = 1
 # The whole command
 
 
-def _prepare_data(cfg, target, processor, log, procs: Processes | None = None):
-    """(answered training records, sampled answers, image root, {eval name: (records, root)}).
-
-    The records stay on disk (`Records`); eval sets keep the records that have an image (the report
-    decodes image prompts). With several processes the main one writes the answers
-    (``--regenerate``, ``--sampled-answers``) while the others wait, then all read them.
-    """
-    procs = procs or Processes()
+def _read_data(cfg, log):
+    """(training records, image root, {eval name: (records, root)}) as read from ``cfg.data`` and
+    ``cfg.eval_data``, before any model loads: a file that is not LLaVA JSON, or one with nothing to
+    train on, fails at once. The records stay on disk (`Records`); eval sets keep the records that
+    have an image (the report decodes image prompts)."""
     records, root = load_records(cfg.data)
     root = Path(cfg.image_folder) if cfg.image_folder is not None else root
     records = with_images(records, root, log)
@@ -571,6 +568,19 @@ def _prepare_data(cfg, target, processor, log, procs: Processes | None = None):
         evals = {"held_out": (image_records(held), root)}
     if cfg.limit is not None and len(train_recs) > cfg.limit:
         train_recs = sample_records(train_recs, cfg.limit, cfg.seed)
+    if not (cfg.regenerate or cfg.sampled_answers or cfg.on_policy or len(answered_records(train_recs))):
+        raise ValueError(f"no answered records in {cfg.data}; pass --regenerate to answer them with the target "
+                         "(or train on --sampled-answers / --on-policy answers only)")
+    return train_recs, root, evals
+
+
+def _prepare_data(cfg, data, target, processor, log, procs: Processes | None = None):
+    """(answered training records, sampled answers, prompts, image root, {eval name: (records,
+    root)}) from `_read_data`'s ``data`` and the target's answers. With several processes the main
+    one writes the answers (``--regenerate``, ``--sampled-answers``) while the others wait, then
+    all read them."""
+    procs = procs or Processes()
+    train_recs, root, evals = data
     if not procs.main:
         procs.barrier()  # the main process writes the answers first
     sampled = sampled_answers(target, processor, train_recs, root, Path(cfg.out), cfg.sampled_answers, cfg.seed,
@@ -608,8 +618,9 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
         cfg = dataclasses.replace(cfg, device=str(procs.device))
         log = log if procs.main else (lambda *a, **k: None)
     out = start_run(cfg, Path(cfg.out), write=procs.main)
+    data = _read_data(cfg, log)  # before the target loads: bad data fails at once
     target, processor = load_target(cfg)
-    records, sampled, prompts, root, evals = _prepare_data(cfg, target, processor, log, procs)
+    records, sampled, prompts, root, evals = _prepare_data(cfg, data, target, processor, log, procs)
 
     draft, embeddings_frozen = make_draft(target, cfg)
     n_layers = draft.config.text_config.num_hidden_layers

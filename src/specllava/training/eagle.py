@@ -46,6 +46,7 @@ from specllava.core.vocab import draft_vocab_ids, rank_tokens, ranked_vocab_size
 from specllava.training.answers import answers_ranking, regenerate_answers, sampled_answers
 from specllava.training.common import (
     Checkpoint,
+    answered_records,
     FeatureCache,
     encode_record,
     image_records,
@@ -104,13 +105,27 @@ class EagleConfig:
                            device_map=self.device_map, attn_implementation=self.attn_implementation)
 
 
-def _records(cfg: EagleConfig, target, processor, log) -> list[tuple[dict, Path]]:
-    out: list[tuple[dict, Path]] = []
-    for i, path in enumerate(cfg.data):
+def _read_data(cfg: EagleConfig, log) -> list[tuple[list, Path]]:
+    """(records with an existing image or none, image root) per ``cfg.data`` file, read before any
+    model loads: a file that is not LLaVA JSON, or data with nothing to train on, fails at once."""
+    data = []
+    for path in cfg.data:
         recs, root = load_records(path)
         recs = with_images(recs, root, log)
         if cfg.limit is not None and len(recs) > cfg.limit:
             recs = random.Random(cfg.seed).sample(recs, cfg.limit)
+        data.append((recs, root))
+    answered = any(len(answered_records(recs)) for recs, _ in data)
+    if not (answered or ((cfg.regenerate or cfg.sampled_answers) and len(data[0][0]))):
+        raise ValueError(f"no usable training records in {', '.join(map(str, cfg.data))}: "
+                         f"{sum(len(recs) for recs, _ in data)} records with an existing image (or none), none with "
+                         "an assistant answer to learn from" + ("" if cfg.regenerate else " (--regenerate answers them)"))
+    return data
+
+
+def _records(cfg: EagleConfig, data, target, processor, log) -> list[tuple[dict, Path]]:
+    out: list[tuple[dict, Path]] = []
+    for i, (recs, root) in enumerate(data):
         if i == 0:
             sampled = sampled_answers(target, processor, recs, root, Path(cfg.out), cfg.sampled_answers, cfg.seed,
                                       cfg.max_new_tokens, cfg.generate_batch, log)
@@ -284,8 +299,9 @@ def train_eagle(cfg: EagleConfig, log=print) -> dict:
     from specllava.training.target import load_model
 
     out = start_run(cfg, Path(cfg.out))
+    data = _read_data(cfg, log)  # before the target loads: bad data fails at once
     target, processor = load_model(cfg.target, options=cfg.load_options)
-    records = _records(cfg, target, processor, log)
+    records = _records(cfg, data, target, processor, log)
     examples = extract_features(target, processor, records, out / "features.pt", cfg.generate_batch, log)
     if not any(bool(e["mask"].any()) for e in examples):
         raise ValueError(f"no usable training records in {', '.join(map(str, cfg.data))}: {len(examples)} records with "
