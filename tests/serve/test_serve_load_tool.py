@@ -59,6 +59,8 @@ def test_sweep_against_a_live_server(served_models, tmp_path):
         assert run["latency_p50_s"] <= run["latency_p95_s"] <= max(r["latency_s"] for r in run["requests"])
     # at temperature 0 (float32) a request answers the same with another in flight
     assert server["levels"][1]["answers_differing_from_alone"] == 0
+    again = serve_load.main(["--summarize", str(tmp_path / "serve_load.json")])  # the summary of a saved sweep
+    assert again["servers"][0]["levels"] == json.loads(json.dumps(server["levels"]))
 
 
 @pytest.mark.slow  # a `specllava serve` process importing torch and transformers: 10-20 s here
