@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -317,4 +318,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # a SIGTERM ends the sweep as Ctrl-C does: the servers it started are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()
