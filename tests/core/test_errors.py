@@ -49,7 +49,7 @@ def test_bad_tree_option_value(target, draft):
     [
         (lambda ids, px: dict(input_ids=ids[:, :0], pixel_values=px), "empty prompt"),
         (lambda ids, px: dict(input_ids=ids, pixel_values=px, max_new_tokens=0), "max_new_tokens must be >= 1"),
-        (lambda ids, px: dict(input_ids=ids.repeat(2, 1), pixel_values=px.repeat(2, 1, 1, 1)), "batch size 2"),
+        (lambda ids, px: dict(input_ids=ids.repeat(2, 1), pixel_values=px), "1 images but 2 rows have image tokens"),
         (lambda ids, px: dict(input_ids=ids, pixel_values=None), "image tokens but no pixel_values"),
         (lambda ids, px: dict(input_ids=ids[:, -4:], pixel_values=px), "no image tokens"),
         (lambda ids, px: dict(input_ids=ids, pixel_values=px, do_sample=True, temperature=0.0), "temperature"),

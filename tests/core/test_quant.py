@@ -6,7 +6,7 @@ import torch
 
 from random_models import feed_tree, llava_prompt, perturbed_copy, tiny_llava
 from specllava import SpeculativeDecoder
-from specllava.core.quant import Int8Linear, int8_decoder, int8_supported, resolve_quant
+from specllava.core.quant import Int8Linear, batch_rows, int8_decoder, int8_supported, resolve_quant
 
 pytestmark = pytest.mark.skipif(not int8_supported(), reason="no quantized CPU kernels in this torch build")
 
@@ -22,6 +22,29 @@ def test_int8_linear_is_close_to_the_float_linear():
     assert (out - ref).abs().max() > 0  # it really is quantized, not the float path
     # bf16 in, bf16 out: it drops into a bf16 model and its KV cache
     assert Int8Linear(lin.weight)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_int8_rows_of_a_batch_are_quantized_as_each_row_alone():
+    torch.manual_seed(0)
+    lin = Int8Linear(torch.randn(96, 64))
+    x = torch.randn(3, 4, 64)
+    x[1] *= 50  # a row with a much wider range must not coarsen the others' rounding
+    real = [4, 2, 3]  # row b's first real[b] tokens; the rest are pads
+    alone = [lin(x[b : b + 1, :n]) for b, n in enumerate(real)]
+    assert not torch.equal(lin(x)[0], alone[0][0])  # quantized together, rows round each other
+    for batched in (x, x.reshape(12, 64)):  # [B, n, in] or its rows flattened
+        with batch_rows(real):
+            out = lin(batched).reshape(3, 4, 96)
+        for b, n in enumerate(real):
+            assert torch.equal(out[b, :n], alone[b][0])
+            assert not out[b, n:].any()
+    # right-aligned rows (pads first), and an input of fewer columns (a head on the last token)
+    alone = [lin(x[b : b + 1, 4 - n :]) for b, n in enumerate(real)]
+    with batch_rows(real, last=True):
+        out, head = lin(x), lin(x[:, -1:])
+    for b, n in enumerate(real):
+        assert torch.equal(out[b, 4 - n :], alone[b][0]) and not out[b, : 4 - n].any()
+        assert torch.equal(head[b], lin(x[b : b + 1, -1:])[0])
 
 
 def test_int8_decoder_copies_the_body_and_leaves_the_model_alone():

@@ -4,10 +4,16 @@
     specllava bench --set in-domain out-of-domain --temperature 0 1 --limit 10 --max-new-tokens 128
     specllava bench --target DIR --draft DIR --data my.json --image-root imgs/ --methods hf,dynamic
     specllava bench --budget auto                     # calibrated dynamic node_budget
+    specllava bench --throughput --set out-of-domain --limit 8 --max-new-tokens 64   # vs concurrency
 
 Writes to --out (default runs/bench/<timestamp>/): results.json (settings, machine, every run),
 table.md, and bench_speedup.png / bench_acceptance.png / bench_time.png (plus
 bench_calibration.png with --budget auto). One section per (set, temperature).
+
+--throughput (`bench.throughput`): tokens/s and p50/p95 request latency against the number of
+concurrent requests (--concurrency, default 1 2 4 8) for hf (transformers' batched generate()),
+batched ar and batched dynamic (or --methods among hf, ar, chain, static, dynamic), greedy; writes
+throughput.json, throughput.md and bench_throughput.png.
 """
 
 from __future__ import annotations
@@ -133,6 +139,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "ar-hf=ar:target_lean=false; draft=eagle drafts with the --eagle head and draft=other with the "
         "--other-draft model instead of the draft model",
     )
+    run.add_argument("--throughput", action="store_true",
+                     help="throughput mode: tokens/s and request latency against the number of concurrent requests "
+                     "(--concurrency) for hf (batched generate()), batched ar and batched dynamic, greedy")
+    run.add_argument("--concurrency", type=cli_args.positive_int, nargs="+", default=[1, 2, 4, 8], metavar="N",
+                     help="with --throughput: concurrent requests per group (default: 1 2 4 8)")
+    run.add_argument("--fixed-budgets", type=cli_args.positive_int, nargs="+", default=[], metavar="N",
+                     help="with --throughput: also measure dynamic with each of these fixed node budgets "
+                     "(methods dynamic-bN)")
+    run.add_argument("--load-aware", action="store_true",
+                     help="with --throughput: also measure dynamic-load, dynamic whose node budget per sequence "
+                     "follows the batch size (tuning.budget.batch_node_budgets, from the calibrated cost model; "
+                     "calibrates on the first --calibration-prompts prompts at the first run)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>); one that "
                    "is not empty is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its results")
@@ -212,6 +230,8 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     check_args(args)
+    if args.throughput:
+        return run_throughput_mode(args)
     opts = DecodingOptions.from_args(args, temperature=0.0)  # one section's temperature: see below
     import torch
     from transformers.utils import logging as hf_logging
@@ -303,3 +323,82 @@ def run(args) -> int:
     print(md)
     print(f"results in {out_dir}", file=sys.stderr)
     return 0
+
+
+def run_throughput_mode(args) -> int:
+    """`--throughput`: `bench.throughput` on the first prompts of the first set."""
+    methods = ("hf", "ar", "dynamic") if tuple(args.methods) == ALL_METHODS else tuple(args.methods)
+    bad = [m for m in methods if m not in ("hf", "ar", "chain", "static", "dynamic")]
+    if bad:
+        raise ValueError(f"--throughput measures hf, ar, chain, static and dynamic; not {', '.join(bad)}")
+    opts = DecodingOptions.from_args(args, temperature=0.0)
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ..core.decoder import SpeculativeDecoder
+    from .report import write_json
+    from .throughput import markdown, plot, run_throughput
+
+    torch.set_num_threads(args.threads)
+    load_at_start = _loadavg()
+    hf_logging.set_verbosity_error()
+    set_name, prompts = next(iter(_prompt_sets(args).items()))
+    if len(prompts) < max(args.concurrency):
+        raise ValueError(f"--concurrency {max(args.concurrency)} needs at least that many prompts; the set has "
+                         f"{len(prompts)} (raise --limit)")
+    args.methods = methods
+    target, draft, processor, model_info = _load_models(args)
+    tree_options = dict(opts.tree_options)
+    if isinstance(args.budget, int):
+        tree_options["node_budget"] = args.budget
+    vocab = opts.draft_vocab_for(draft, 0.0)
+    decoders = {m: None if m == "hf" else SpeculativeDecoder(target, None if m == "ar" else draft, method=m,
+                                                             draft_vocab=vocab, draft_quant=opts.draft_quant,
+                                                             **({} if m == "ar" else tree_options))
+                for m in methods}
+    for budget in args.fixed_budgets:
+        decoders[f"dynamic-b{budget}"] = SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=vocab,
+                                                            draft_quant=opts.draft_quant,
+                                                            **{**tree_options, "node_budget": budget})
+    calibration = None
+    if args.load_aware:
+        from ..core.model_info import input_device
+        from ..tuning.budget import acceptance_profile, batch_node_budgets, batch_speed, verify_cost_curve
+        from .harness import prepare_inputs
+
+        inputs = [prepare_inputs(processor, p, target.dtype, input_device(target))
+                  for p in prompts[: args.calibration_prompts]]
+        cost = verify_cost_curve(target, refresh=args.recalibrate)
+        profile = acceptance_profile(target, draft, inputs, tree_options, cost, refresh=args.recalibrate,
+                                     max_new_tokens=args.max_new_tokens, draft_vocab=vocab, draft_quant=opts.draft_quant)
+        table = batch_node_budgets(cost, profile, sorted(set(args.concurrency)))
+        calibration = {"batch_budgets": table, "expected_tokens_per_s": {
+            c: {b: batch_speed(cost, profile, c, b) for b in [0] + sorted(set(args.fixed_budgets) | {table[c]})}
+            for c in table}}
+        print(f"--load-aware: node budget per sequence by batch size {table}", file=sys.stderr)
+        decoders["dynamic-load"] = SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=vocab,
+                                                      draft_quant=opts.draft_quant, batch_budgets=table,
+                                                      **tree_options)
+    result = run_throughput(target, decoders, processor, prompts, sorted(set(args.concurrency)), args.max_new_tokens,
+                            warmup=args.warmup, progress=not args.no_progress)
+    out_dir = args.out or Path("runs/bench") / time.strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(torch.get_num_threads())
+    machine.update(load_average_at_start=load_at_start, load_average_at_end=_loadavg())
+    write_json({"command": " ".join(["specllava"] + sys.argv[1:]), "set": set_name, "machine": machine,
+                "models": {**model_info, "dtype": str(target.dtype).removeprefix("torch.")},
+                "tree_options": tree_options, "draft_vocab": vocab, "load_aware": calibration, **result},
+               out_dir / "throughput.json")
+    md = markdown(result["summary"])
+    if result["divergences"]:
+        md += "\nDivergences from hf's tokens for the same prompt alone (target's top-2 logit margin there):\n\n"
+        md += "\n".join(f"- {d['method']} c={d['concurrency']} {d['prompt']}: position {d['position']}, "
+                         f"margin {d['margin']:.4f}" for d in result["divergences"]) + "\n"
+    (out_dir / "throughput.md").write_text(md)
+    plot(result["summary"], out_dir / "bench_throughput.png",
+         title=f"{set_name}, {args.max_new_tokens} new tokens, {str(target.dtype).removeprefix('torch.')}, "
+               f"{args.threads} threads")
+    print(md)
+    print(f"results in {out_dir}", file=sys.stderr)
+    return 0
+

@@ -164,3 +164,63 @@ def _is_prefix(keep: list[int] | torch.Tensor, m: int) -> bool:
             return False
         keep = keep.tolist()  # a CPU tensor: no device to wait for
     return list(keep) == list(range(m))
+
+
+# -- caches of several sequences: one row each (`core.batch`) ----------------------------------
+# A batched cache holds B rows with a common number of columns; which columns hold a key for
+# which row is the caller's bookkeeping (`core.batch.Rows`), so rows of different lengths share
+# one buffer. Columns no row uses hold zeros (never NaN: a masked key's value is still multiplied
+# by its zero weight).
+
+
+def row_kv(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's keys and values as [B, heads, columns, head_dim] views of the valid part."""
+    if isinstance(cache, KVBuffer):
+        return [k[:, :, : cache.length] for k in cache.keys], [v[:, :, : cache.length] for v in cache.values]
+    layers = [layer for layer in _layers(cache) if layer.is_initialized]
+    return [layer.keys for layer in layers], [layer.values for layer in layers]
+
+
+def cache_from_kv(like, keys: list[torch.Tensor], values: list[torch.Tensor], room: int = 256):
+    """A cache of `like`'s kind (a KVBuffer with `room` free columns, or a DynamicCache) holding
+    `keys` and `values` ([B, heads, columns, head_dim] per layer, copied)."""
+    if isinstance(like, KVBuffer):
+        length = keys[0].shape[2]
+        out_k, out_v = [], []
+        for k, v in zip(keys, values):
+            big_k = k.new_zeros(k.shape[:2] + (length + room,) + k.shape[3:])
+            big_v = v.new_zeros(v.shape[:2] + (length + room,) + v.shape[3:])
+            big_k[:, :, :length] = k
+            big_v[:, :, :length] = v
+            out_k.append(big_k)
+            out_v.append(big_v)
+        return KVBuffer(out_k, out_v, length)
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k.clone(), v.clone(), i)
+    return cache
+
+
+def compact_rows(cache, start: int, cols: torch.Tensor) -> None:
+    """Per row b, keep columns cols[b, j] at start + j, then crop every row to start + M.
+
+    cols: [B, M] absolute column indices (>= start), one row of them per cache row; a row that
+    keeps fewer than M pads its row with any valid column (the caller marks those unused).
+    Columns < start are untouched.
+
+    Example: start=10, row 0 keeps [10, 12, 13], row 1 keeps [11] padded to [11, 11, 11] ->
+    row 0's columns 10, 12, 13 move to 10, 11, 12; row 1's 11 moves to 10 (11, 12 unused).
+    """
+    b, m = cols.shape
+    keys, values = row_kv(cache)
+    for store in (keys, values):
+        for t in store:  # layer by layer, on each layer's device
+            idx = cols.to(t.device)[:, None, :, None].expand(b, t.shape[1], m, t.shape[3])
+            t[:, :, start : start + m] = t.gather(2, idx)  # gather copies before the write
+    if isinstance(cache, KVBuffer):
+        cache.length = start + m
+        return
+    for layer in _layers(cache):
+        if layer.is_initialized:
+            layer.keys = layer.keys[..., : start + m, :]
+            layer.values = layer.values[..., : start + m, :]

@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batch import Batch, step_batch
 from .backends import Backend, draft_backend, head_backend, target_backend
 from .cache import compact
 from .checks import CHECKS
 from .config import METHODS, TreeConfig
 from .drafting import DraftQ
 from .eagle import EagleHead
-from .inputs import check_inputs, check_model, check_sampling, eos_set
+from .inputs import check_inputs, check_model, check_sampling, eos_set, split_rows
 from .model_info import image_token_id, is_vlm, unsupported_attention, vocab_size
 from .quant import resolve_quant
 from .runner import ModelRunner
@@ -92,6 +93,12 @@ class SpeculativeDecoder:
             keeps its own forward (a failed check warns), as does target_lean=False. The prefill
             always runs through generate() itself.
 
+    batch_budgets: load-aware trees for method "dynamic": {B: node budget per sequence} for steps
+            of B sequences (a step of b sequences takes the entry of the largest B <= b; 0 = plain
+            decoding, the root alone, at that load), e.g. `tuning.budget.batch_node_budgets`'s
+            choice from the calibrated cost model. None (default): the tree options' budget at
+            every batch size. Lossless either way. Not for an EAGLE head.
+
     Each model's backend (`core.backends`) is chosen here, once: `target_backend`,
     `draft_backend` (and `sampled_draft_backend` when sampled requests use another vocabulary).
     """
@@ -106,6 +113,7 @@ class SpeculativeDecoder:
         draft_quant: str | None = "auto",
         draft_lean: bool = True,
         target_lean: bool = True,
+        batch_budgets: dict[int, int] | None = None,
         **tree_options,
     ):
         check_model(target, "target")
@@ -113,6 +121,7 @@ class SpeculativeDecoder:
             check_model(draft, "draft")
         with CHECKS.stamp_window():  # each model's weights fingerprinted once for the cached checks
             self._build(target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options)
+        self.batch_budgets = _check_batch_budgets(batch_budgets)
 
     def _build(self, target, draft, method, config, draft_vocab, draft_quant, draft_lean, target_lean, tree_options):
         if method not in METHODS:
@@ -162,6 +171,7 @@ class SpeculativeDecoder:
         # the draft's prefill reuses the target's vision features (identical vision towers)
         self.shares_vision = method != "ar" and not self.eagle and draft is not None and CHECKS.get(
             target, ("shares_vision", id(draft)), lambda: shares_vision_tower(target, draft), draft)
+        self._batch: Batch | None = None  # the sequences the last step ran together (`core.batch`)
         self.strategy = choose_strategy(method, target, draft, self.config, self.eagle, self.shares_vision)
 
     # ------------------------------------------------------------------------------------------
@@ -230,11 +240,39 @@ class SpeculativeDecoder:
                 seq.finish("time_limit")
             if not seq.finished:
                 live.append(seq)
-        return [self._step_one(seq) for seq in live]
+        skip = self._apply_budget(live)
+        if len(live) > 1 and self.strategy.batched:
+            # the batch's rows follow the sequences given: new ones join, absent ones leave
+            if self._batch is None or self._batch.seqs != live:
+                self._batch = Batch.build(live, self._batch)
+            results = step_batch(self._batch, skip_draft=skip)
+            if all(seq.finished for seq in live):  # nothing left to continue: free the buffers
+                self._batch = None
+            return results
+        if self._batch is not None:  # back to per-sequence steps: every row returns to its sequence
+            self._batch.release()
+            self._batch = None
+        return [self._step_one(seq, skip) for seq in live]
 
-    def _step_one(self, seq: Sequence) -> StepResult:
-        """draft -> verify -> accept -> compact -> emit, for one sequence."""
-        target, drafter, params, stats = seq.target, seq.drafter, seq.params, seq.stats
+    def _apply_budget(self, live: list[Sequence]) -> bool:
+        """Load-aware trees (`batch_budgets`): set every drafter's node budget for a step of
+        len(live) sequences; True when that budget is 0 (plain decoding: no draft this step)."""
+        if not self.batch_budgets or self.method != "dynamic" or self.eagle:
+            return False
+        sizes = [b for b in self.batch_budgets if b <= len(live)]
+        budget = self.batch_budgets[max(sizes)] if sizes else None
+        for seq in live:
+            if seq.drafter is not None:
+                seq.drafter.node_budget = budget or seq.drafter.default_budget
+        return budget == 0
+
+    def _step_one(self, seq: Sequence, skip_draft: bool = False) -> StepResult:
+        """draft -> verify -> accept -> compact -> emit, for one sequence (skip_draft: the root
+        alone, the drafter catching up at its next step)."""
+        target, params, stats = seq.target, seq.params, seq.stats
+        drafter = None if skip_draft else seq.drafter
+        if skip_draft and seq.drafter is not None:
+            seq.drafter.skip(seq.root)
         # 1. draft a tree rooted at the last emitted token (plain decoding: the root alone)
         t = time.perf_counter()
         tree = drafter.draft(seq.root) if drafter else root_only(seq.root, device=target.device)
@@ -294,6 +332,14 @@ class SpeculativeDecoder:
     ) -> SpecOutput:
         """Decode up to `max_new_tokens` tokens after the prompt: `start`, then `step` until done.
 
+        A batch (input_ids [B, len] with B > 1, padded, and its attention_mask, as the processor
+        returns them for lists of prompts and images; `inputs.split_rows`) decodes every row as
+        its own request, all rows stepped together, and returns `sequences` shaped as
+        transformers' batched generate() does: [B, len + longest new], the input rows as given,
+        rows that stopped early padded with pad_token_id (the generation config's, else the
+        first EOS id). Row b samples with seed + b. stats: the rows' stats under "rows".
+        Each row equals that row decoded alone.
+
         model_inputs: every other tensor the target's processor returns (LLaVA-NeXT's
                   `image_sizes`, ...), passed on to the target's prefill as generate() takes them
                   (and to a vision-language draft's). Call it as `generate(**processor(...))`.
@@ -307,6 +353,11 @@ class SpeculativeDecoder:
                   the tokens about to be streamed, row i for the i-th (`keep_logits`): the first
                   token's, then each step's. It must not modify them.
         """
+        if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[0] > 1:
+            return self._generate_rows(input_ids, pixel_values, attention_mask, streamer, on_step, model_inputs,
+                                       dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, max_time=max_time),
+                                       seed)
         seq = self.start(input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                          top_p, eos_token_id, seed, max_time, keep_logits=on_logits is not None, **model_inputs)
         if on_logits is not None:
@@ -325,6 +376,31 @@ class SpeculativeDecoder:
         if streamer is not None:
             streamer.end()
         return SpecOutput(sequences=seq.sequences(), stats=seq.summary())
+
+    def _generate_rows(self, input_ids, pixel_values, attention_mask, streamer, on_step, model_inputs, args,
+                       seed) -> SpecOutput:
+        """`generate` for a padded batch: one sequence per row, stepped together."""
+        if streamer is not None:
+            raise ValueError("a streamer takes one sequence, as transformers' streamers do: pass one prompt, or "
+                             "use start()/step() to stream many")
+        check_sampling(seed=seed)
+        rows = split_rows(self.target, input_ids, attention_mask, pixel_values, model_inputs)
+        seqs = [self.start(**row, **args, seed=None if seed is None else seed + b) for b, row in enumerate(rows)]
+        while not all(s.finished for s in seqs):
+            for result in self.step(seqs):
+                if on_step is not None:
+                    on_step(result.tree, result.verdict)
+        pad = self.target.generation_config.pad_token_id
+        if pad is None:  # as generate(): the first EOS id
+            eos = args["eos_token_id"] if args["eos_token_id"] is not None else self.target.generation_config.eos_token_id
+            eos = eos.tolist() if torch.is_tensor(eos) else eos
+            pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+        width = max(len(s.tokens) for s in seqs)
+        new = torch.tensor([s.tokens + [pad] * (width - len(s.tokens)) for s in seqs], dtype=input_ids.dtype)
+        stats = [s.summary() for s in seqs]
+        return SpecOutput(sequences=torch.cat([input_ids, new.to(input_ids.device)], dim=1),
+                          stats={"rows": stats, "new_tokens": sum(s["new_tokens"] for s in stats),
+                                 "time_total_s": max(s["time_total_s"] for s in stats)})
 
     def _draft_backend(self, draft_quant, lean: bool, vocab: torch.Tensor | None) -> Backend | None:
         """How the draft's decode steps run (`core.backends`); None for "ar" (no draft)."""
@@ -360,6 +436,17 @@ class SpeculativeDecoder:
             ids = ids[ids != img]
         return ids
 
+
+
+def _check_batch_budgets(table) -> dict[int, int] | None:
+    if table is None:
+        return None
+    ok = isinstance(table, dict) and table and all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 and isinstance(v, int) and not isinstance(v, bool)
+        and v >= 0 for k, v in table.items())
+    if not ok:
+        raise ValueError(f"batch_budgets must map batch sizes (ints >= 1) to node budgets (ints >= 0), got {table!r}")
+    return dict(table)
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:

@@ -50,6 +50,7 @@ class Drafter:
         # sampled mode: dynamic children are draws from q (see the module docstring)
         self.sampled = generator is not None and policy == "dynamic"
         self.node_budget = cfg.budget(self.sampled)  # dynamic: most nodes per tree, root excluded
+        self.default_budget = self.node_budget  # (load-aware trees change node_budget per step)
         self.generator = generator
         self.q: dict[int, torch.Tensor] = {}  # sampled mode: node -> log q row over the draft's columns
         self.pending: list[int] = []
@@ -73,6 +74,19 @@ class Drafter:
         start = self.runner.length - self.fed.numel()  # committed part of the draft cache
         # compacted by the next `_feed_pending`, whose one upload carries this index and the tokens
         self.keep = (start, keep)
+
+    def settle(self) -> None:
+        """Apply the compaction `commit` left to the next `_feed_pending` now: the draft cache
+        then holds exactly the committed tokens (a sequence joining a batch, `core.batch`)."""
+        if self.keep is not None:
+            start, keep = self.keep
+            compact(self.runner.cache, start, keep)
+            self.keep = None
+
+    def skip(self, root: int) -> None:
+        """A step verified without a tree (plain decoding at a high load): `root` joins the
+        pending tokens, fed with the next tree's; no `commit` follows."""
+        self.pending.append(root)
 
     # -- the policy of one step, apart from how the draft model is run -------------------------
     # A step: `begin(root)` gives the tokens to feed (the pending chain); its last logits go to

@@ -1,8 +1,8 @@
 """Checks of what a caller passes to `SpeculativeDecoder`: the models, the prompt and image
 tensors, the sampling arguments; each refusal names what was wrong and what to do.
 
-`check_inputs` covers one request (batch size 1: a row of a padded batch is unpadded first,
-`core.batch.split_rows`).
+`check_inputs` covers one request (batch size 1); `split_rows` turns a padded batch into one
+request per row first.
 """
 
 from __future__ import annotations
@@ -143,3 +143,62 @@ def eos_set(model, eos_token_id) -> set[int]:
         where = "eos_token_id" if given else "the target's generation_config.eos_token_id"
         raise ValueError(f"{where} must be a token id (int), a list of them or None, got {eos_token_id!r}")
     return {int(e) for e in ids}
+
+
+def split_rows(target, input_ids, attention_mask, pixel_values, model_inputs: dict) -> list[dict]:
+    """A padded batch, as a processor returns it for lists of prompts and images, into one
+    request per row: its unpadded input_ids [1, len], and its image's pixel_values and other
+    per-image tensors (LLaVA-NeXT's image_sizes).
+
+    Padding: each row's attention_mask ones must be one contiguous run (left padding, what
+    generate() wants for decoder-only models, or right padding: each row is decoded alone, so
+    either works). Images: the processor stacks the images of all rows in row order; a row with
+    image tokens takes the next one (one image per row), a text-only row none.
+    """
+    check_input_ids(target, input_ids)
+    n_rows = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    img = image_token_id(target) if is_vlm(target) else None
+    rows, has_image = [], []
+    for b in range(n_rows):
+        on = (attention_mask[b] != 0).nonzero().flatten()
+        if on.numel() == 0:
+            raise ValueError(f"row {b} of attention_mask is all zeros: that row has no prompt")
+        lo, hi = int(on[0]), int(on[-1]) + 1
+        if on.numel() != hi - lo:
+            raise ValueError(f"row {b} of attention_mask has padding inside the prompt; pad on the left "
+                             "(or the right) only, as the processor does")
+        ids = input_ids[b : b + 1, lo:hi]
+        rows.append({"input_ids": ids})
+        has_image.append(img is not None and bool((ids == img).any()))
+    n_images = sum(has_image)
+    if pixel_values is None:
+        if n_images:
+            raise ValueError(f"{n_images} rows have image tokens but no pixel_values were given; "
+                             "pass the processor's pixel_values")
+        extra = {}
+    else:
+        if not torch.is_tensor(pixel_values) or pixel_values.shape[0] != n_images:
+            got = pixel_values.shape[0] if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values holds {got} images but {n_images} rows have image tokens; a batch "
+                             "takes one image per row with image tokens, in row order")
+        extra = {"pixel_values": pixel_values}
+    extra.update(model_inputs)
+    image = 0
+    for b, row in enumerate(rows):
+        for name, value in extra.items():
+            per_image = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n_images
+            per_row = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n_rows
+            if per_image and (name == "pixel_values" or n_images != n_rows or not per_row):
+                if has_image[b]:  # the image tensors (pixel_values, image_sizes): this row's image
+                    row[name] = value[image : image + 1]
+            elif per_row:
+                row[name] = value[b : b + 1]
+            else:
+                row[name] = value
+        image += has_image[b]
+    return rows

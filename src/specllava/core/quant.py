@@ -9,12 +9,21 @@ slow without AMX, while int8 ones run on fbgemm's kernels (`tools/profile_decode
 docs/benchmarks.md).
 
 `Int8Linear` holds a per-output-channel symmetric int8 copy of a Linear's weight, prepacked once;
-its forward quantizes each input row on the fly (`quantized::linear_dynamic`), multiplies in int8
-and returns the input's dtype, so it drops into a bf16 or fp32 model (KV cache dtype unchanged).
+its forward quantizes its input on the fly (`quantized::linear_dynamic`: one scale and zero point
+for the whole input tensor), multiplies in int8 and returns the input's dtype, so it drops into a
+bf16 or fp32 model (KV cache dtype unchanged).
+
+Batched draft forwards (`core.batch`): since the activation scale spans the whole input, rows
+quantized together would round each other's tokens. Inside `batch_rows(real)` an Int8Linear
+quantizes each batch row's real tokens on their own, exactly the tensor that sequence feeds when
+it steps alone, so a sequence drafts the same tree in a batch as alone (its sampled tokens
+depend on the tree); pads get zeros.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import warnings
 
@@ -47,6 +56,23 @@ def resolve_quant(quant: str | None, device: torch.device | str) -> str | None:
     raise ValueError(f"unknown draft_quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
 
 
+_ROWS: contextvars.ContextVar[tuple[list[int], bool] | None] = contextvars.ContextVar("specllava_int8_rows",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def batch_rows(real: list[int], last: bool = False):
+    """Within: Int8Linear inputs [B, n, in] (or [B * n, in]) hold B sequences, row b's real
+    tokens its first real[b] (last=True: its last real[b]; the rest pads, which get zeros; an
+    input of fewer columns, such as the head's last one, holds the row's real tokens among them);
+    each row is quantized on its own (see the module docstring)."""
+    token = _ROWS.set((list(real), last))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
 class Int8Linear(torch.nn.Module):
     """y = x W^T + b with W in int8 (per output channel) and x quantized per call."""
 
@@ -63,6 +89,22 @@ class Int8Linear(torch.nn.Module):
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _ROWS.get()
+        if rows is None or len(rows[0]) < 2:
+            return self._linear(x)
+        real, last = rows
+        # [B, n, in] or its rows flattened batch-major, [B * n, in]
+        per_row = x.reshape(len(real), -1, x.shape[-1])
+        out = x.new_zeros(per_row.shape[:2] + (self.out_features,))
+        cols = per_row.shape[1]
+        for b, n in enumerate(real):
+            n = min(n, cols)
+            if n:
+                part = slice(cols - n, cols) if last else slice(0, n)
+                out[b, part] = self._linear(per_row[b, part])
+        return out.reshape(x.shape[:-1] + (self.out_features,))
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range=True: fbgemm's int8 x int8 products accumulate in int16 pairs; 7-bit
         # activations keep them from saturating
         return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)

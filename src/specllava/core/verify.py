@@ -62,6 +62,30 @@ def verify_greedy(tree: Tree, logits: torch.Tensor, anc: torch.Tensor) -> Verdic
     return Verdict(path=path, bonus=int(row[0]), tokens=[row[1 + n + i] for i in path], index=index)
 
 
+def verify_greedy_rows(tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor, real: torch.Tensor,
+                       logits: torch.Tensor, anc: torch.Tensor) -> list[Verdict]:
+    """`verify_greedy` for B trees at once, padded to N nodes; one host read for all of them.
+
+    tokens, parents, depth, real: [B, N] (real False: padding, never accepted; a pad's parent
+    is -1). logits: [B, N, V]. anc: [B, N, N] ancestor masks (a pad sees only itself).
+    """
+    argmax = logits.float().argmax(dim=-1)  # [B, N], as generate(): float32 logits, first max
+    match = tokens == argmax.gather(1, parents.clamp(min=0))  # [B, N]
+    match[:, 0] = True  # the roots are already emitted
+    match &= real
+    accepted = ~(anc & ~match[:, None, :]).any(dim=2)  # [B, N]
+    last = torch.where(accepted, depth, -1).argmax(dim=1)  # [B]
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    n = tokens.shape[1]
+    # the one read-back of a batched greedy step: per row the bonus, the path's membership, the tokens
+    read = torch.cat([argmax[rows, last][:, None], anc[rows, last].long(), tokens], dim=1).tolist()
+    out = []
+    for row in read:
+        path = [i for i, on in enumerate(row[1 : 1 + n]) if on]
+        out.append(Verdict(path=path, bonus=int(row[0]), tokens=[row[1 + n + i] for i in path]))
+    return out
+
+
 def verify_sampling(tree: Tree, p, generator: torch.Generator | None, q=None) -> Verdict:
     """Lossless multi-candidate rule. Two cases per node, both exact (docs/algorithms.md):
 

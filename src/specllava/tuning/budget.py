@@ -386,3 +386,33 @@ def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | Non
     speed = expected_speed(cost, prof)
     return budget, {"node_budget": budget, "cost_curve": asdict(cost), "profile": asdict(prof),
                     "expected_tokens_per_s": speed, "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------
+# load-aware budgets: the node budget per sequence for a batch of B sequences
+
+
+def batch_speed(cost: CostCurve, profile: AcceptanceProfile, batch: int, budget: int) -> float:
+    """Expected aggregate tokens/s of `batch` sequences stepped together (`core.batch`), each tree
+    with `budget` draft nodes; budget 0 = plain batched decoding (one token per sequence, no draft).
+
+    Model: one batched verification over B trees of k tokens each costs about one forward over
+    B * k tokens (the same rows through the same weights: `cost.at(B * k)`); drafting and the loop
+    cost `profile.rest_s` per step whatever B (a batched draft forward reads the draft's weights
+    once). As B grows the verification turns from reading weights to computing, each tree node
+    costs real time, and the best budget falls."""
+    if budget == 0:
+        return batch / cost.at(batch)
+    tau = profile.tau[budget - 1]
+    step = statistics.fmean(cost.at(batch * n) for n in profile.verified_tokens(budget)) + profile.rest_s
+    return batch * tau / step
+
+
+def batch_node_budgets(cost: CostCurve, profile: AcceptanceProfile, batch_sizes=(1, 2, 4, 8, 16)) -> dict[int, int]:
+    """For each batch size, the per-sequence node budget (0 = plain batched decoding) with the
+    highest expected aggregate speed (`batch_speed`); for `SpeculativeDecoder(batch_budgets=...)`."""
+    out = {}
+    for batch in batch_sizes:
+        candidates = [0] + list(profile.budgets)
+        out[int(batch)] = max(candidates, key=lambda b: batch_speed(cost, profile, batch, b))
+    return out

@@ -37,7 +37,8 @@ class Backend(Protocol):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None, cache: Any, *,
                 features: torch.Tensor | None = None, logits_to_keep: int = 0, hidden: bool = False) -> Step:
         """tokens, positions: [n] long, on `device`. bias: [1, 1, n, cache_len + n] additive mask
-        in `dtype` (None: causal). Appends the n positions to `cache`. features: [n, hidden], the
+        in `dtype` (None: causal). Batched (not the EAGLE head's): tokens, positions [B, n] on a
+        cache of B rows, bias [B, 1, n, cache_len + n]; logits (and hidden) then [B, n, ...]. Appends the n positions to `cache`. features: [n, hidden], the
         input features of a backend that reads them (the EAGLE head's), else None.
         logits_to_keep: logits of the last k positions only (0: all). hidden: also return the
         final hidden states."""

@@ -43,8 +43,12 @@ class TransformersBackend(_OnModel):
 
     def forward(self, tokens, positions, bias, cache, *, features=None, logits_to_keep=0, hidden=False) -> Step:
         no_features(self, features)
-        out = self.model(input_ids=tokens[None], position_ids=positions[None], attention_mask=bias, use_cache=True,
+        batched = tokens.dim() == 2  # [B, n]: one row of a B-row cache per sequence
+        ids, pos = (tokens, positions) if batched else (tokens[None], positions[None])
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=bias, use_cache=True,
                          logits_to_keep=logits_to_keep, output_hidden_states=hidden, **{self._cache_kw: cache})
+        if batched:
+            return Step(out.logits, out.hidden_states[-1] if hidden else None)
         return Step(out.logits[0], out.hidden_states[-1][0] if hidden else None)
 
 
@@ -68,7 +72,9 @@ class DecoderBackend(_OnModel):
 
     def forward(self, tokens, positions, bias, cache, *, features=None, logits_to_keep=0, hidden=False) -> Step:
         no_features(self, features)
-        out = self.body(input_ids=tokens[None], position_ids=positions[None], attention_mask=bias, use_cache=True,
+        batched = tokens.dim() == 2  # [B, n]: one row of a B-row cache per sequence
+        ids, pos = (tokens, positions) if batched else (tokens[None], positions[None])
+        out = self.body(input_ids=ids, position_ids=pos, attention_mask=bias, use_cache=True,
                         **{self._cache_kw: cache})
-        h = out.last_hidden_state[0]  # [n, hidden]
-        return Step(self.head(h[-logits_to_keep:] if logits_to_keep else h), h if hidden else None)
+        h = out.last_hidden_state if batched else out.last_hidden_state[0]  # [B, n, hidden] or [n, hidden]
+        return Step(self.head(h[..., -logits_to_keep:, :] if logits_to_keep else h), h if hidden else None)

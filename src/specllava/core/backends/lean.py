@@ -122,40 +122,48 @@ class LeanDecoder:
     # ------------------------------------------------------------------------------------------
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None,
                  cache: KVBuffer) -> torch.Tensor:
-        """tokens, positions: [n]; bias: [1, 1, n, length + n] additive mask (None: causal).
-        Appends the n positions to `cache`; returns the final-normed hidden states [n, hidden]."""
+        """tokens, positions: [n] (one sequence) or [B, n] (B sequences, one row each of a
+        B-row `cache`); bias: [1 or B, 1, n, length + n] additive mask (None: causal).
+        Appends the n positions to `cache`; returns the final-normed hidden states [n, hidden]
+        ([B, n, hidden])."""
         if self.exact:
             return self._exact(tokens, positions, bias, cache)
-        n, past = tokens.numel(), cache.length
-        x = self.embed(tokens).to(self.dtype)  # [n, hidden]
-        cos, sin = self.rope(positions, past + n)  # [1, n, head_dim] each
+        batched = tokens.dim() == 2
+        ids = tokens if batched else tokens[None]
+        b, n, past = ids.shape[0], ids.shape[1], cache.length
+        x = self.embed(ids.reshape(-1)).to(self.dtype)  # [b * n, hidden]
+        cos, sin = self.rope(positions, past + n)  # [1 or b, n, head_dim] each
         mask = step_mask(bias, n, past, self.dtype, x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, i, batch=b)
         cache.advance(n)
-        return rms_norm(x, self.final_norm, self.eps)
+        h = rms_norm(x, self.final_norm, self.eps)
+        return h.view(b, n, -1) if batched else h
 
     def _exact(self, tokens, positions, bias, cache: KVBuffer) -> torch.Tensor:
-        """transformers' Llama decoder forward, op for op (batch 1), on a KVBuffer."""
-        n = tokens.numel()
+        """transformers' Llama decoder forward, op for op, on a KVBuffer (tokens [n] or [B, n])."""
+        batched = tokens.dim() == 2
+        ids, pos = (tokens, positions) if batched else (tokens[None], positions[None])
+        b, n = ids.shape
         if bias is None and n > 1:  # as transformers' sdpa mask: boolean causal after the cache
             bias = causal_mask(n, cache.length, tokens.device)
-        x = self.embed(tokens[None])  # [1, n, hidden]
-        cos, sin = self.rotary(x, positions[None])  # [1, n, head_dim], in x's dtype
+        x = self.embed(ids)  # [b, n, hidden]
+        cos, sin = self.rotary(x, pos)  # [b, n, head_dim], in x's dtype
         cos, sin = cos[:, None], sin[:, None]
         for i, p in enumerate(self.layers):
             h = rms_norm(x, p["norm1"], self.eps)
-            q = F.linear(h, *p["q"]).view(1, n, -1, self.head_dim).transpose(1, 2)
-            k = F.linear(h, *p["k"]).view(1, n, -1, self.head_dim).transpose(1, 2)
-            v = F.linear(h, *p["v"]).view(1, n, -1, self.head_dim).transpose(1, 2)
+            q = F.linear(h, *p["q"]).view(b, n, -1, self.head_dim).transpose(1, 2)
+            k = F.linear(h, *p["k"]).view(b, n, -1, self.head_dim).transpose(1, 2)
+            v = F.linear(h, *p["v"]).view(b, n, -1, self.head_dim).transpose(1, 2)
             keys, values = cache.write(i, apply_rotary(k, cos, sin), v)
             att, _ = sdpa_attention_forward(p["attn"], apply_rotary(q, cos, sin), keys, values, bias,
                                             dropout=0.0, scaling=p["attn"].scaling)
-            x = x + F.linear(att.reshape(1, n, -1).contiguous(), *p["o"])
+            x = x + F.linear(att.reshape(b, n, -1).contiguous(), *p["o"])
             h = rms_norm(x, p["norm2"], self.eps)
             x = x + F.linear(F.silu(F.linear(h, *p["gate"])) * F.linear(h, *p["up"]), *p["down"])
         cache.advance(n)
-        return rms_norm(x, self.final_norm, self.eps)[0]
+        out = rms_norm(x, self.final_norm, self.eps)
+        return out if batched else out[0]
 
 
 class LeanBackend:
@@ -185,8 +193,8 @@ class LeanBackend:
 
     def forward(self, tokens, positions, bias, cache, *, features=None, logits_to_keep=0, hidden=False) -> Step:
         no_features(self, features)
-        h = self.decoder(tokens, positions, bias, cache)  # [n, hidden]
-        logits = self.head(h[-logits_to_keep:] if logits_to_keep else h)
+        h = self.decoder(tokens, positions, bias, cache)  # [n, hidden] or [B, n, hidden]
+        logits = self.head(h[..., -logits_to_keep:, :] if logits_to_keep else h)
         return Step(logits, h if hidden else None)
 
 

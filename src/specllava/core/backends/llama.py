@@ -70,7 +70,7 @@ class RotaryTable:
         self._table = (empty, empty)
 
     def __call__(self, positions: torch.Tensor, need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """[1, n, head_dim] cos and sin at `positions`. need: a bound on max(positions) + 1 known
+        """[1, n, head_dim] cos and sin at `positions` [n] ([B, n, head_dim] at [B, n]). need: a bound on max(positions) + 1 known
         without reading positions back to the host (a draft step's positions never pass its cache
         length + n: `Drafter` feeds each node at the root's position plus its depth); None reads it."""
         cos, sin = self._table  # one read: requests in other threads may replace the table meanwhile
@@ -82,6 +82,8 @@ class RotaryTable:
             cos, sin = self.rotary(probe, pos)
             cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
             self._table = (cos, sin)
+        if positions.dim() == 2:
+            return cos[positions], sin[positions]
         return cos[positions][None], sin[positions][None]
 
     @property
@@ -90,7 +92,7 @@ class RotaryTable:
 
 
 class FusedLayer:
-    """One Llama decoder layer for decode steps (batch 1): q, k and v in one linear, gate and up
+    """One Llama decoder layer for decode steps (of one or several sequences): q, k and v in one linear, gate and up
     in one, keys and values written in place into a `KVBuffer`, one `scaled_dot_product_attention`
     call with the caller's mask (GQA included). Norm weights in `dtype`; linears from `make_linear`
     (int8 or `dtype`). For drafts only: its sums run in another order than transformers'."""
@@ -117,17 +119,19 @@ class FusedLayer:
                    intermediate=cfg.intermediate_size, eps=eps)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                 cache, index: int) -> torch.Tensor:
-        """x: [n, hidden]; cos, sin: [1, n, head_dim]; writes layer `index` of `cache` (the caller
-        advances it once every layer has written)."""
-        n = x.shape[0]
-        qkv = self.qkv(rms_norm(x, self.norm1, self.eps))
-        q = qkv[:, : self.q_end].view(n, self.heads, self.head_dim).transpose(0, 1)
-        k = qkv[:, self.q_end : self.k_end].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = qkv[:, self.k_end :].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        keys, values = cache.write(index, apply_rotary(k, cos, sin)[None], v[None])
-        att = F.scaled_dot_product_attention(apply_rotary(q, cos, sin)[None], keys, values, attn_mask=mask,
-                                             enable_gqa=self.heads != self.kv_heads)
-        x = x + self.o(att[0].transpose(0, 1).reshape(n, self.q_end))
+                 cache, index: int, batch: int = 1) -> torch.Tensor:
+        """x: [batch * n, hidden] (rows of `batch` sequences, n each); cos, sin: [batch or 1, n,
+        head_dim]; mask: [batch or 1, 1, n, length + n]. Writes layer `index` of `cache` (the
+        caller advances it once every layer has written)."""
+        n = x.shape[0] // batch
+        qkv = self.qkv(rms_norm(x, self.norm1, self.eps))  # [batch * n, (heads + 2 kv_heads) * head_dim]
+        q = qkv[:, : self.q_end].view(batch, n, self.heads, self.head_dim).transpose(1, 2)
+        k = qkv[:, self.q_end : self.k_end].view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = qkv[:, self.k_end :].view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # [batch or 1, 1, n, head_dim]
+        keys, values = cache.write(index, apply_rotary(k, cos, sin), v)
+        att = F.scaled_dot_product_attention(apply_rotary(q, cos, sin), keys, values, attn_mask=mask,
+                                             enable_gqa=self.heads != self.kv_heads)  # [batch, heads, n, head_dim]
+        x = x + self.o(att.transpose(1, 2).reshape(batch * n, self.q_end))
         gate_up = self.gate_up(rms_norm(x, self.norm2, self.eps))
         return x + self.down(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
