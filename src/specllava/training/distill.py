@@ -363,6 +363,8 @@ def _shipped_draft(target, path: Path, device: torch.device):
         dtype = own[name].dtype if name.startswith(FROZEN_PREFIXES) else torch.float32
         setattr(draft.get_submodule(module_name), attr,
                 torch.nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+    if draft.config.get_text_config().tie_word_embeddings:  # a tied head stays the (new) embedding
+        draft.get_output_embeddings().weight = draft.get_input_embeddings().weight
     _copy_into(draft, tensors, path)
     if RANKING_ATTR in meta:
         setattr(draft.config, RANKING_ATTR, [int(t) for t in json.loads(meta[RANKING_ATTR])])
