@@ -9,7 +9,9 @@ request, with a plot and a JSON.
 Each concurrency level sends the same `--requests` requests (photo i for request i, cycling through
 the 8 photos), `--max-tokens` new tokens each at temperature 0, with N of them in flight at a time
 (a closed loop: a client sends its next request when its last one is answered). Aggregate tokens/s:
-the completion tokens of all of them over the wall time from the first sent to the last answered.
+the completion tokens of all of them over the wall time from the first sent to the last answered;
+and per CPU second of the server process (its `process_cpu_seconds_total` before and after), which
+depends less on what else the machine runs.
 Latency: a request's own, sent to answered. Each request's latency is also compared with the same
 request's at concurrency 1 ("x alone": the median over the repeats, then the max over requests), and
 its answer with its answer at concurrency 1 (at temperature 0 a batch changes no answer, up to
@@ -28,6 +30,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -84,15 +87,32 @@ def run_level(url: str, api_key: str, prompts: list[tuple[str, list[dict]]], con
                 "time_to_first_token_s": stats.get("time_to_first_token_s"),
                 "mean_accepted_length": stats.get("mean_accepted_length")}
 
+    cpu = server_cpu_s(url)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         rows = list(pool.map(one, range(requests)))
+    cpu = server_cpu_s(url) - cpu if cpu is not None else None
     wall = max(r["done"] for r in rows) - min(r["sent"] for r in rows)
     tokens = sum(r["completion_tokens"] for r in rows)
     lat = [r["latency_s"] for r in rows]
     for r in rows:
         del r["sent"], r["done"]
     return {"concurrency": concurrency, "requests": rows, "wall_s": wall, "completion_tokens": tokens,
-            "tokens_per_s": tokens / wall, "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95)}
+            "tokens_per_s": tokens / wall, "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
+            "server_cpu_s": cpu, "tokens_per_cpu_s": tokens / cpu if cpu else None}
+
+
+def server_cpu_s(url: str) -> float | None:
+    """The server process's CPU seconds so far (`process_cpu_seconds_total` of its /metrics), None
+    where it does not export them. Less sensitive than wall time to what else the machine runs."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("process_cpu_seconds_total "):
+            return float(line.split()[1])
+    return None
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -118,6 +138,7 @@ def summarize(runs: list[dict]) -> dict:
         row = {"concurrency": n, "repeats": len(level_runs),
                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in level_runs),
                "tokens_per_s_each": [r["tokens_per_s"] for r in level_runs],
+               "tokens_per_cpu_s": _median_or_none([r.get("tokens_per_cpu_s") for r in level_runs]),
                "latency_p50_s": statistics.median(r["latency_p50_s"] for r in level_runs),
                "latency_p95_s": statistics.median(r["latency_p95_s"] for r in level_runs)}
         if alone_lat:
@@ -132,7 +153,14 @@ def summarize(runs: list[dict]) -> dict:
     if one is not None:
         for lv in levels:
             lv["tokens_per_s_x_alone"] = lv["tokens_per_s"] / one["tokens_per_s"]
+            if lv["tokens_per_cpu_s"] and one["tokens_per_cpu_s"]:
+                lv["tokens_per_cpu_s_x_alone"] = lv["tokens_per_cpu_s"] / one["tokens_per_cpu_s"]
     return {"levels": levels}
+
+
+def _median_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,10 +229,38 @@ def plot(report: dict, path: Path) -> None:
     ax2.set_ylabel("latency per request (s)")
     ax2.set_ylim(bottom=0)
     fig.suptitle(f"specllava serve: {report['requests']} requests of {report['max_tokens']} new tokens per level, "
-                 f"median of {report['repeat']}", fontsize=10)
+                 "median over the repeats", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def print_summary(report: dict) -> None:
+    print(f"\n{report['requests']} requests of {report['max_tokens']} new tokens per level, median over the repeats "
+          f"done (load average before {report['load_average_before'][0]:.1f}, after "
+          f"{report['load_average_after'][0]:.1f}, on {report['cpus']} CPUs):")
+    for server in report["servers"]:
+        print(f"{server['name']} (max_batch {(server['health'] or {}).get('max_batch')}):")
+        for lv in server["levels"]:
+            extra = ""
+            if "latency_x_alone_max" in lv:
+                extra = (f"; tokens/s x{lv['tokens_per_s_x_alone']:.2f} of 1 concurrent, latency x{lv['latency_x_alone_median']:.2f} "
+                         f"of alone (median), x{lv['latency_x_alone_max']:.2f} (max); answers differing from alone: "
+                         f"{lv['answers_differing_from_alone']}")
+            if lv["tokens_per_cpu_s"] is not None:
+                extra += f"; {lv['tokens_per_cpu_s']:.2f} tokens per server CPU second"
+                if "tokens_per_cpu_s_x_alone" in lv:
+                    extra += f" (x{lv['tokens_per_cpu_s_x_alone']:.2f} of 1 concurrent)"
+            print(f"  {lv['concurrency']:>3} concurrent ({lv['repeats']} repeats): {lv['tokens_per_s']:7.1f} tokens/s, "
+                  f"latency p50 {lv['latency_p50_s']:.2f} s, p95 {lv['latency_p95_s']:.2f} s{extra}")
+
+
+def write_report(report: dict, out: Path) -> None:
+    """serve_load.json and serve_load.png in `out`, the summaries from the runs so far."""
+    for server in report["servers"]:
+        server.update(summarize(server["runs"]))
+    (out / "serve_load.json").write_text(json.dumps(report, indent=1))
+    plot(report, out / "serve_load.png")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,8 +275,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=8, help="requests per level (default: 8, one per photo)")
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")
     ap.add_argument("--repeat", type=int, default=3, help="sweeps over all levels and servers (default: 3)")
-    ap.add_argument("--out", type=Path, default=Path("runs/serve_load"), help="folder for serve_load.json/.png")
+    ap.add_argument("--out", type=Path, default=Path("runs/serve_load"),
+                    help="folder for serve_load.json/.png, rewritten after every run (default: runs/serve_load)")
+    ap.add_argument("--summarize", type=Path, default=None, metavar="JSON",
+                    help="only print the summary of a serve_load.json (e.g. of a sweep stopped early) and redraw its plot")
     opts = ap.parse_args(argv)
+    if opts.summarize is not None:
+        report = json.loads(opts.summarize.read_text())
+        write_report(report, opts.summarize.parent)
+        print_summary(report)
+        return report
     if not opts.server and not opts.url:
         opts.server = [""]
     if min(opts.concurrency) < 1 or opts.requests < 1 or opts.max_tokens < 1 or opts.repeat < 1:
@@ -228,45 +292,32 @@ def main(argv: list[str] | None = None) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
     prompts = photo_messages()
     names = [f"serve {a}".strip() for a in opts.server] + list(opts.url)
-    load_before = os.getloadavg()
+    report = {"command": shlex.join(["python", "tools/serve_load.py", *(sys.argv[1:] if argv is None else argv)]),
+              "concurrency": sorted(set(opts.concurrency)), "requests": opts.requests, "max_tokens": opts.max_tokens,
+              "repeat": opts.repeat, "cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
     with ExitStack() as stack:
         urls = [stack.enter_context(started_server(a, opts.out / f"server{i}.log")) for i, a in enumerate(opts.server)]
         urls += opts.url
         keys = ["unused"] * len(opts.server) + [opts.api_key] * len(opts.url)
-        health = [_health(u) for u in urls]
+        report["servers"] = [{"name": name, "url": u, "health": _health(u), "runs": []} for name, u in zip(names, urls)]
         for u, k in zip(urls, keys):  # warm-up: the first request pays one-time costs
             run_level(u, k, prompts, 1, 1, opts.max_tokens)
-        runs: list[list[dict]] = [[] for _ in urls]
         for rep in range(opts.repeat):
             for n in opts.concurrency:
                 for s, (u, k) in enumerate(zip(urls, keys)):
                     run = run_level(u, k, prompts, n, opts.requests, opts.max_tokens)
-                    runs[s].append(run)
+                    report["servers"][s]["runs"].append(run)
+                    report["load_average_after"] = os.getloadavg()
+                    write_report(report, opts.out)
                     print(f"[{rep + 1}/{opts.repeat}] {names[s]}: {n} concurrent: {run['tokens_per_s']:.1f} tokens/s, "
-                          f"latency p50 {run['latency_p50_s']:.2f} s, p95 {run['latency_p95_s']:.2f} s", flush=True)
-    report = {"command": shlex.join(["python", "tools/serve_load.py", *(sys.argv[1:] if argv is None else argv)]),
-              "concurrency": sorted(set(opts.concurrency)), "requests": opts.requests, "max_tokens": opts.max_tokens,
-              "repeat": opts.repeat, "cpus": os.cpu_count(), "load_average_before": load_before,
-              "load_average_after": os.getloadavg(),
-              "servers": [{"name": name, "url": u, "health": h, **summarize(r), "runs": r}
-                          for name, u, h, r in zip(names, urls, health, runs)]}
-    (opts.out / "serve_load.json").write_text(json.dumps(report, indent=1))
-    plot(report, opts.out / "serve_load.png")
-    print(f"\n{opts.requests} requests of {opts.max_tokens} new tokens per level, median of {opts.repeat} "
-          f"(load average before {load_before[0]:.1f}, after {report['load_average_after'][0]:.1f}):")
-    for server in report["servers"]:
-        print(f"{server['name']} (max_batch {(server['health'] or {}).get('max_batch')}):")
-        for lv in server["levels"]:
-            extra = ""
-            if "latency_x_alone_max" in lv:
-                extra = (f"; tokens/s x{lv['tokens_per_s_x_alone']:.2f} of 1 concurrent, latency x{lv['latency_x_alone_median']:.2f} "
-                         f"of alone (median), x{lv['latency_x_alone_max']:.2f} (max); answers differing from alone: "
-                         f"{lv['answers_differing_from_alone']}")
-            print(f"  {lv['concurrency']:>3} concurrent: {lv['tokens_per_s']:7.1f} tokens/s, latency p50 "
-                  f"{lv['latency_p50_s']:.2f} s, p95 {lv['latency_p95_s']:.2f} s{extra}")
+                          f"latency p50 {run['latency_p50_s']:.2f} s, p95 {run['latency_p95_s']:.2f} s, server CPU "
+                          f"{run['server_cpu_s'] or float('nan'):.1f} s", flush=True)
+    print_summary(report)
     print(f"wrote {opts.out / 'serve_load.json'} and {opts.out / 'serve_load.png'}")
     return report
 
 
 if __name__ == "__main__":
+    # a SIGTERM ends the sweep as Ctrl-C does: the servers it started are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

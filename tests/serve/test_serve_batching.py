@@ -7,6 +7,8 @@ import threading
 import time
 import urllib.request
 
+from specllava import SpeculativeDecoder
+
 from serve_helpers import SlowDecoder, image_bytes, running_server, user
 from test_serve_api import client, metric, post, reference
 
@@ -96,3 +98,52 @@ def test_time_limit_and_stop_sequence_end_one_request_of_a_batch(served_models):
     status, r = out["long"]
     assert status == 200 and r["specllava"]["stopped_by"] == "time_limit" and r["usage"]["completion_tokens"] < 300
     assert out["short"].choices[0].message.content == reference(served_models, messages, 12)[0]
+
+
+def test_concurrent_requests_share_one_target_forward_per_step(served_models, monkeypatch):
+    """Four concurrent requests: every step of the scheduler over B > 1 sequences runs ONE target
+    forward for all of them (core's batched step), not one per sequence."""
+    target, draft, processor = served_models
+    steps = []  # (sequences stepped, target forwards in that step)
+
+    class CountingDecoder(SpeculativeDecoder):
+        def step(self, sequences):
+            before = forwards[0]
+            results = super().step(sequences)
+            steps.append((len(results), forwards[0] - before))
+            return results
+
+    decoder = CountingDecoder(target, draft, method="dynamic")
+    forwards = [0]
+    original = decoder.target_backend.forward  # the target's verification forward (prefills go through generate)
+
+    def counted(*args, **kwargs):
+        forwards[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder.target_backend, "forward", counted)
+    prompts = [user(f"Picture {i}", image_bytes(i)) for i in range(4)]
+    alone = [reference(served_models, m, 16)[0] for m in prompts]
+    with running_server(target, draft, processor, max_batch=4, make_decoder=lambda: decoder) as (url, engine, _):
+        gate = threading.Event()
+        engine.on_start = lambda job: gate.wait(10)  # hold the first admission until all four are queued
+        answers = [None] * 4
+
+        def ask(i):
+            answers[i] = client(url).chat.completions.create(model="specllava", messages=prompts[i],
+                                                             max_tokens=16).choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.queue_length() < 3:
+            assert time.monotonic() < deadline, "the requests did not queue"
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join()
+    assert answers == alone
+    batched = [(b, f) for b, f in steps if b > 1]
+    assert batched and batched[0][0] == 4, steps  # all four admitted before the first step
+    assert all(f == 1 for _, f in batched), f"target forwards per step of B > 1 sequences: {steps}"

@@ -48,6 +48,29 @@ def test_tree_options_and_budget_reach_every_decoder(tiny_paths, monkeypatch):
         engine.close()
 
 
+def test_budget_auto_sizes_each_requests_tree_by_the_batch(tiny_paths, monkeypatch):
+    """--budget auto with --max-batch N: the decoder gets a node budget per batch size from the same
+    calibration (a lone request keeps --budget auto's own); with --max-batch 1 it gets none."""
+    import specllava.tuning.budget as budget
+    from specllava.serve.cli import build
+
+    seen = {}
+    monkeypatch.setattr(budget, "auto_node_budget", lambda *a, **k: (9, {}))
+    monkeypatch.setattr(budget, "verify_cost_curve", lambda target: "cost")
+    monkeypatch.setattr(budget, "acceptance_profile", lambda *a, **k: seen.update(args=a, kwargs=k) or "profile")
+    monkeypatch.setattr(budget, "batch_node_budgets", lambda cost, prof, sizes: {b: 12 // b for b in sizes}
+                        if (cost, prof) == ("cost", "profile") else None)
+    flags = ["serve", "--target", str(tiny_paths.target_dir), "--draft", str(tiny_paths.draft_dir), "--dtype", "float32",
+             "--budget", "auto"]
+    for max_batch, table in [(4, {1: 9, 2: 6, 3: 4, 4: 3}), (1, None)]:
+        _, engine = build(build_parser().parse_args([*flags, "--max-batch", str(max_batch)]))
+        try:
+            assert engine.decoder.config.node_budget == 9 and engine.decoder.batch_budgets == table
+        finally:
+            engine.close()
+    assert seen["kwargs"]["draft_quant"] == "auto" and "pixel_values" in seen["args"][2][0]  # profiled on the photo
+
+
 def test_serve_loads_models_as_generate_does(tiny_paths, monkeypatch):
     """The same load options as generate (`models.options`), --device-map included, and real loads."""
     import torch

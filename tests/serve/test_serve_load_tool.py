@@ -54,9 +54,13 @@ def test_sweep_against_a_live_server(served_models, tmp_path):
         assert run["completion_tokens"] == sum(r["completion_tokens"] for r in run["requests"]) > 0
         assert all(1 <= r["completion_tokens"] <= 6 for r in run["requests"])
         assert run["tokens_per_s"] == pytest.approx(run["completion_tokens"] / run["wall_s"])
+        assert run["server_cpu_s"] > 0 and run["tokens_per_cpu_s"] == pytest.approx(
+            run["completion_tokens"] / run["server_cpu_s"])  # this process's CPU: the server runs in it
         assert run["latency_p50_s"] <= run["latency_p95_s"] <= max(r["latency_s"] for r in run["requests"])
     # at temperature 0 (float32) a request answers the same with another in flight
     assert server["levels"][1]["answers_differing_from_alone"] == 0
+    again = serve_load.main(["--summarize", str(tmp_path / "serve_load.json")])  # the summary of a saved sweep
+    assert again["servers"][0]["levels"] == json.loads(json.dumps(server["levels"]))
 
 
 @pytest.mark.slow  # a `specllava serve` process importing torch and transformers: 10-20 s here

@@ -312,3 +312,34 @@ def test_more_sampled_answers_than_records_answer_each_record_several_times(tmp_
     per_record = Counter(i.split("#")[0] for i in ids)
     assert sorted(per_record.values()) == [2, 3, 3]  # two full rounds, then a seeded choice of two
     assert Counter(r["conversations"][0]["value"] for r in eight) == Counter({f"q{k[1]}": v for k, v in per_record.items()})
+
+
+def test_draft_init_from_a_shipped_file_trains_its_values_and_never_writes_the_target(tmp_path, tiny_models):
+    """--draft-init draft.safetensors: the file's tensors, the trained ones as float32 copies; a file
+    that carries vocabulary rows of its own gets its own rows (not trained as shared), the target's stay."""
+    from safetensors.torch import load_file
+
+    from specllava.training.distill import make_draft, save_draft
+
+    target, processor = tiny_models
+    embed_before = target.get_input_embeddings().weight.detach().clone()
+    source = build_draft_from_target(copy.deepcopy(target), num_layers=1).float()
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if ".layers.0." in name or name.startswith("model.language_model.embed_tokens"):
+                p.add_(0.25)
+    path = save_draft(source, processor, tmp_path / "own_rows", embeddings_frozen=False)
+    stored = load_file(str(path))
+    assert "model.language_model.embed_tokens.weight" in stored
+    draft, frozen = make_draft(target, DistillConfig(target=None, data=None, draft_init=path))
+    assert not frozen  # rows of its own: they train
+    state = draft.state_dict()
+    for name, value in stored.items():
+        assert state[name].dtype == torch.float32 or name.startswith("model.vision_tower."), name
+        torch.testing.assert_close(state[name].float(), value.float())
+    assert torch.equal(target.get_input_embeddings().weight, embed_before)  # the target is untouched
+    for own, theirs in ((draft.get_input_embeddings(), target.get_input_embeddings()),
+                        (draft.get_output_embeddings(), target.get_output_embeddings())):
+        assert own.weight.data_ptr() != theirs.weight.data_ptr()  # training them cannot write the target
+    if draft.config.get_text_config().tie_word_embeddings:
+        assert draft.get_output_embeddings().weight is draft.get_input_embeddings().weight

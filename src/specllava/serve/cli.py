@@ -43,8 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=d.model_name,
                    help=f"the model name clients send and /v1/models lists (default: {d.model_name})")
     p.add_argument("--max-batch", type=positive_int, default=1,
-                   help="requests decoded together, step by step (continuous batching: a waiting request joins "
-                   "between two steps, in arrival order; default: 1)")
+                   help="requests decoded together, step by step, their trees verified in one target forward "
+                   "(continuous batching: a waiting request joins between two steps, in arrival order). Use it "
+                   "with --budget auto, which shrinks each request's tree as the batch grows (with the default "
+                   "tree a batch can be slower than one request at a time: docs/serving.md). Default: 1")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests that may wait for a place in the batch; beyond that the server answers 429 (default: 64)")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens,
@@ -117,20 +119,44 @@ def load_models(args):
     return load(DecodingOptions.from_args(args), LoadOptions.from_args(args))
 
 
+def _calibration_inputs(processor) -> list[dict]:
+    """What `--budget auto` profiles acceptance on: the shipped example photo."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ..models.hf import chat_inputs
+
+    with Image.open(Path(__file__).parents[1] / "assets" / "example.jpg") as img:
+        return [chat_inputs(processor, "Describe this image.", img.convert("RGB"))]
+
+
 def tree_options(args, target, draft, processor) -> dict:
     """--tree-option and --budget as `generate` takes them; auto calibrates on the shipped example photo."""
     opts = DecodingOptions.from_args(args)
-    inputs = []
-    if opts.budget == "auto":
-        from pathlib import Path
-
-        from PIL import Image
-
-        from ..models.hf import chat_inputs
-
-        with Image.open(Path(__file__).parents[1] / "assets" / "example.jpg") as img:
-            inputs = [chat_inputs(processor, "Describe this image.", img.convert("RGB"))]
+    inputs = _calibration_inputs(processor) if opts.budget == "auto" else []
     return opts.resolve_tree_options(target, draft, inputs, prefix="specllava serve: ")
+
+
+def batch_budgets(args, target, draft, processor, options: dict) -> dict[int, int] | None:
+    """With --budget auto, dynamic trees and --max-batch > 1: the node budget per request for each
+    batch size up to --max-batch (`tuning.budget.batch_node_budgets`, from the same cached
+    calibration), so that each request's tree shrinks as more requests share one verification
+    forward; a lone request keeps --budget auto's budget. None otherwise (every batch size takes
+    the tree options' budget)."""
+    opts = DecodingOptions.from_args(args)
+    if opts.budget != "auto" or opts.method != "dynamic" or args.max_batch < 2:
+        return None
+    from ..tuning.budget import acceptance_profile, batch_node_budgets, verify_cost_curve
+
+    inputs = [{k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inp.items()}
+              for inp in _calibration_inputs(processor)]
+    cost = verify_cost_curve(target)
+    profile = acceptance_profile(target, draft, inputs, options, cost, draft_vocab=opts.draft_vocab_for(draft, opts.temperature),
+                                 draft_quant=opts.draft_quant)
+    table = {**batch_node_budgets(cost, profile, range(1, args.max_batch + 1)), 1: options["node_budget"]}
+    print(f"specllava serve: --budget auto: node budget per request by batch size {table}", file=sys.stderr, flush=True)
+    return table
 
 
 def build(args):
@@ -157,11 +183,12 @@ def build_engine(args):
     t = time.perf_counter()
     target, draft, processor = load_models(args)
     options = tree_options(args, target, draft, processor) if args.method != "ar" else {}
+    budgets = batch_budgets(args, target, draft, processor, options)
     print(f"specllava serve: models loaded in {time.perf_counter() - t:.1f} s; preparing "
           f"the decoder ({args.method}, batches of up to {args.max_batch}) ...", file=sys.stderr, flush=True)
     engine = Engine(
         target, draft, processor,
-        lambda: SpeculativeDecoder(target, draft, **opts.decoder_kwargs(), **options),
+        lambda: SpeculativeDecoder(target, draft, **opts.decoder_kwargs(), batch_budgets=budgets, **options),
         max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout, method=args.method,
     )  # fmt: skip

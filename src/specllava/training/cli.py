@@ -131,8 +131,8 @@ def add_parser(subparsers) -> None:
 
     s = subparsers.add_parser(
         "train-draft", help="distil a draft VLM for any Hugging Face LLaVA target",
-        description="Distil a small LLaVA draft from a LLaVA target: total variation (or KL) between the target's "
-                    "and the draft's token distributions along the answers of LLaVA conversation JSON (teacher forcing), optionally "
+        description="Distil a small LLaVA draft from a LLaVA target: KL(target || draft) (or the total variation) "
+                    "between their token distributions along the answers of LLaVA conversation JSON (teacher forcing), optionally "
                     "after regenerating the answers with the target. Ends with the mean accepted length "
                     "(dynamic tree, T=0) on held-out prompts, printed and saved as JSON.")
     d = source_defaults("specllava.training.distill", "DistillConfig")
@@ -167,8 +167,8 @@ def add_parser(subparsers) -> None:
                         "(cached in <out>/on_policy/)")
     s.add_argument("--on-policy-every", type=cli_args.positive_int, default=d.on_policy_every, metavar="STEPS")
     s.add_argument("--loss", choices=("kl", "tvd", "mix"), default=d.loss,
-                   help="objective: tvd = total variation 1 - sum min(p, q), the probability that a sampled draft "
-                        "token is rejected; kl = KL(target || draft); mix = (1 - w) KL + w TVD, w = --loss-mix "
+                   help="objective: kl = KL(target || draft); tvd = total variation 1 - sum min(p, q), the "
+                        "probability that a sampled draft token is rejected; mix = (1 - w) KL + w TVD, w = --loss-mix "
                         "(default: %(default)s)")
     s.add_argument("--loss-mix", type=cli_args.fraction, default=d.loss_mix, metavar="W",
                    help="TVD weight of --loss mix (default: %(default)s)")

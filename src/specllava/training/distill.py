@@ -2,10 +2,10 @@
 
 Contract:
 
-- `train_draft(cfg)` distils a draft of the target's class from the target: minimise the total
-  variation 1 - sum min(p, q) (p = target, q = draft token distribution; what speculative sampling's
-  acceptance rewards), KL(p || q) (the Spec-LLaVA recipe) or a mix (``loss``) at every assistant token
-  of LLaVA conversation JSON, teacher-forced along the answers. With
+- `train_draft(cfg)` distils a draft of the target's class from the target: minimise KL(p || q)
+  (p = target, q = draft token distribution; the Spec-LLaVA recipe, the default), the total
+  variation 1 - sum min(p, q) (what the acceptance of one sampled candidate rewards) or a mix
+  (``loss``) at every assistant token of LLaVA conversation JSON, teacher-forced along the answers. With
   ``regenerate`` the answers are first replaced by the target's own greedy answers to each record's
   first question (cached in ``<out>/answers.jsonl``, one line per record, resumable), so the draft
   learns the text it will actually be asked to predict. ``sampled_answers`` adds that many answers
@@ -119,9 +119,9 @@ class DistillConfig:
     image_folder: the folder ``data``'s image paths are relative to (default: the file's folder).
     feature_cache_gb: disk cap of the vision-feature cache in ``<out>/features/`` (`FeatureCache`;
         0 = recompute the features of every batch).
-    loss: "tvd" (total variation, 1 - sum min(p, q): what acceptance rewards; the default, measured
-        against KL in docs/training.md), "kl" (KL(p || q)) or "mix" ((1 - loss_mix) * KL + loss_mix *
-        TVD); see `distill_loss`.
+    loss: "kl" (KL(p || q), the default), "tvd" (total variation, 1 - sum min(p, q): what a single
+        sampled candidate's acceptance rewards) or "mix" ((1 - loss_mix) * KL + loss_mix * TVD); see
+        `distill_loss` and the measurements in docs/training.md.
     loss_vocab: the ids the TVD term compares over: None = the draft's sampled vocabulary (its ranked
         ids, as many as `core.vocab.default_draft_vocab` gives at T > 0: what the decoder samples
         from), 0 = the full vocabulary, K = the first K ranked ids.
@@ -162,7 +162,7 @@ class DistillConfig:
     attn_implementation: str | None = None
     image_folder: Path | None = None
     feature_cache_gb: float = 0.0
-    loss: str = "tvd"
+    loss: str = "kl"
     loss_mix: float = 0.5
     loss_vocab: int | None = None
     on_policy: int = 0
@@ -363,6 +363,8 @@ def _shipped_draft(target, path: Path, device: torch.device):
         dtype = own[name].dtype if name.startswith(FROZEN_PREFIXES) else torch.float32
         setattr(draft.get_submodule(module_name), attr,
                 torch.nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+    if draft.config.get_text_config().tie_word_embeddings:  # a tied head stays the (new) embedding
+        draft.get_output_embeddings().weight = draft.get_input_embeddings().weight
     _copy_into(draft, tensors, path)
     if RANKING_ATTR in meta:
         setattr(draft.config, RANKING_ATTR, [int(t) for t in json.loads(meta[RANKING_ATTR])])
