@@ -57,7 +57,7 @@ def load_tiny(paths):
     """(target, draft, processor) of `assemble_tiny`'s pair, in float32."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = load_models(paths)
+        m = load_models(paths, dtype=torch.float32)
     return m.target, m.draft, m.processor
 
 

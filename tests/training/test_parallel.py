@@ -62,7 +62,7 @@ def test_two_processes_train_the_draft_one_process_trains(tmp_path, assembled_pa
            "-m", "specllava.training", "train-draft", "--target", str(assembled_pair.target_dir), "--data", str(data),
            "--out", str(two), *_cli(args)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[:3000] + "\n[...]\n" + run.stderr[-3000:]
     log = (two / "train.log").read_text()
     assert "2 data-parallel processes" in log and "4 of 16 training records are text-only" in log
     assert "skipping 2 of 20 records whose image is missing" in log

@@ -676,7 +676,8 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
                      grad_scaler=torch.amp.GradScaler(input_device(draft).type) if amp == torch.float16 else None,
                      lengths=lambda: examples.lengths, processes=procs)
     draft.eval()
-    if not procs.main:  # the main process saves and reports
+    if not procs.main:  # the main process saves and reports while the others wait for it
+        procs.finish()
         return {}
     save_draft(draft, processor, out, embeddings_frozen, token_ranking=ranking, shipped=cfg.draft_preset is None)
     objective = {"kl": "KL(target || draft)", "tvd": "TVD(target, draft)",
@@ -699,6 +700,7 @@ def train_draft(cfg: DistillConfig, log=print) -> dict:
                 f"({r['new_tokens']} tokens), {r['ms_per_step']:.0f} ms/step")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log(f"report written to {out / 'report.json'}")
+    procs.finish()
     return report
 
 

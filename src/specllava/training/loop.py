@@ -78,6 +78,13 @@ class Processes:
         if self.count > 1:
             torch.distributed.barrier()
 
+    def finish(self) -> None:
+        """Every process waits here, then leaves the process group together: one that exits while
+        another still works (the main one saving and reporting) can abort in gloo's threads."""
+        if self.count > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def gather(self, obj) -> list:
         """Every process's ``obj`` (small Python objects), in process order."""
         if self.count == 1:
