@@ -73,13 +73,15 @@ def test_the_exactness_rule_tells_a_near_tie_from_a_wrong_token(tiny_target):
 @pytest.mark.slow  # a minute or more: both parts' runs on tiny models
 def test_the_tiny_rehearsal_writes_its_json_and_plots(tmp_path):
     done = subprocess.run([sys.executable, str(TOOLS / "gpu_check.py"), "--tiny", "--skip-tests", "--out", str(tmp_path),
-                           "--new-tokens", "8", "--repeats", "1", "--dtype", "float32"],
+                           "--new-tokens", "16", "--repeats", "1", "--dtype", "float32"],
                           capture_output=True, text=True, timeout=900, cwd=TOOLS.parent)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(result["random_draft"]) == set(result["self_draft"]) == set(gpu_check.RUNS)
     assert result["exactness_failures"] == []
     assert result["self_draft"]["chain"]["mean_accepted"] > 2  # the self-draft is right
+    # 16 tokens: enough steps for the calibrated tree to learn that this flat draft is always right (with 8,
+    # whether its first trees go deep depends on the random target's tokens, which the thread count can flip)
     assert result["self_draft"]["dynamic"]["mean_accepted"] > 2 and result["self_draft"]["dynamic"]["tree_nodes_mean"] > 2
     for name in gpu_check.METHODS:
         assert result["self_draft"][name]["host_syncs_per_step"]["counted"] >= 1
