@@ -228,6 +228,39 @@ def test_calibrated_plain_steps_in_a_batch_equal_each_row_alone(target, sampled)
     assert nodes.count(0) > 5 and max(nodes) > 0  # plain steps and drafted ones
 
 
+def test_greedy_rows_take_plain_steps_together_and_sampled_rows_keep_their_trees(target):
+    """A seldom-right draft in a batch: its greedy rows find that drafting does not pay at this batch
+    size and take plain steps together (the calibrated cost model knows the batch); a greedy row
+    joining then holds from its first step, beside a seeded sampled row that drafts every step with
+    the trees it grows alone. Every row emits what it emits alone."""
+    dec = SpeculativeDecoder(target, tiny_llava(123, hidden=32, layers=1), method="dynamic")
+    reqs = requests() + [llava_prompt(4, text_len=7)]
+    kw = [{}, {}, {}, dict(do_sample=True, temperature=1.0, seed=7), {}]
+    news = [60, 60, 60, 60, 30]
+
+    def alone(k):
+        seq = dec.start(*reqs[k], max_new_tokens=news[k], **kw[k])
+        while not seq.finished:
+            dec.step([seq])
+        return seq
+
+    alone = [alone(k) for k in range(len(reqs))]
+    seqs = {}
+    for step in range(400):
+        for k in range(len(reqs)):
+            if step == (20 if k == 4 else 0):
+                seqs[k] = dec.start(*reqs[k], max_new_tokens=news[k], **kw[k])
+        if all(s.finished for s in seqs.values()):
+            break
+        dec.step(list(seqs.values()))
+    seqs = [seqs[k] for k in range(len(reqs))]
+    assert [s.sequences().tolist() for s in seqs] == [a.sequences().tolist() for a in alone]
+    assert seqs[3].stats.nodes == alone[3].stats.nodes  # the sampled row's trees do not follow the batch
+    assert seqs[4].stats.nodes[0] == 0 and seqs[3].stats.nodes[20] > 0  # held at once, a drafting row beside it
+    together = [all(seqs[k].stats.nodes[i] == 0 for k in (0, 1, 2)) for i in range(20, 50)]
+    assert sum(together) > 20  # the greedy rows' plain steps coincide
+
+
 def test_cancel_and_time_limit_between_steps(target, drafts):
     dec = SpeculativeDecoder(target, drafts["perturbed"], method="dynamic")
     reqs = requests()

@@ -80,6 +80,22 @@ def test_observed_nodes_land_in_the_bucket_that_lookups_read():
         assert cal.tried[1, 0].tolist() == [1.0 if b == want else 0.0 for b in range(N_BUCKETS)], q
 
 
+def test_the_cost_model_follows_the_batch():
+    cost = CostModel(node_cost=0.03, draft_cost=0.05)
+    assert cost.step(10, 4) == pytest.approx(1 + 0.3 + 0.2)  # alone: a lone forward is the unit
+    cost.batch = 8  # the forward shared by 8 rows: one row's plain step costs 1/8 + 0.03 * 7/8
+    plain = 1 / 8 + 0.03 * 7 / 8
+    assert cost.step(0, 0) == pytest.approx(1.0)
+    assert cost.step(10, 4) == pytest.approx((plain + 0.3 + 0.2) / plain)
+    cal = Calibrator(cost=cost)
+    scores = [0.9, 0.8, 0.5, 0.3, 0.2, 0.1]
+    cost.batch = 1
+    alone = cal.budget(scores, draft_forwards=2, most=8)
+    cost.batch = 8
+    assert cal.budget(scores, draft_forwards=2, most=8) < alone  # nodes cost more of a step in a batch
+    assert int(cal.budget_on_device(torch.tensor(scores), 2, 8)) == cal.budget(scores, 2, 8)
+
+
 def test_budget_maximises_expected_tokens_per_cost():
     cal = Calibrator(cost=CostModel(node_cost=0.1, draft_cost=0.0))
     # (1 + 0.9) / 1.1 = 1.73, (1 + 0.9 + 0.5) / 1.2 = 2.0, + 0.05 -> 2.45 / 1.3 = 1.88

@@ -318,7 +318,7 @@ def _draft_group(rows: Rows, drafters: list[Drafter], roots: list[int]):
         visible = torch.zeros(n_rows, width, block + width, dtype=torch.bool, device=dev)
         visible[:, :, block:] = torch.eye(width, dtype=torch.bool, device=dev)  # each query itself
         for b, (d, f) in enumerate(zip(drafters, fronts)):
-            positions[b] = d.root_pos
+            positions[b] = max(rows.lengths[b] - 1, 0)  # a done row's pad: any position (masked)
             if f is None:
                 continue
             n = f.numel()

@@ -38,6 +38,15 @@ Cost model (relative to one target forward of a single token): a step with N tre
 draft forwards costs 1 + node_cost * N + draft_cost * F. The defaults are the default pair's on a
 2-core CPU (docs/benchmarks.md, "Where the time goes": about 1.2 ms per verified node and 2-3 ms
 per draft forward with its loop work, against a 41 ms plain step).
+
+Under batching (`CostModel.batch` = B sequences sharing each target forward, set by the decoder
+before every step) the forward's fixed part (reading the weights, the per-forward overhead) is
+shared by B rows while each verified node still costs its own compute, so one row's plain step
+costs c0 = 1/B + node_cost * (1 - 1/B) of a lone forward, and a step with N nodes and F draft
+forwards c0 + node_cost * N + draft_cost * F. Costs are kept in units of that plain step (B = 1:
+the formula above), so `draft_pays` still compares with plain decoding's 1 token per unit: with
+8 rows a node costs about a fifth of a plain step instead of a thirtieth, trees shrink, and a
+draft that does not pay there leaves its row to plain batched decoding.
 """
 
 from __future__ import annotations
@@ -64,9 +73,13 @@ class CostModel:
 
     node_cost: float = 0.03
     draft_cost: float = 0.05
+    batch: int = 1  # sequences sharing each target forward (the decoder sets it every step)
 
-    def step(self, nodes: float, draft_forwards: float) -> float:
-        return 1.0 + self.node_cost * nodes + self.draft_cost * draft_forwards
+    def step(self, nodes, draft_forwards):
+        """The cost of a step with `nodes` tree nodes (a number or a tensor) and `draft_forwards`
+        draft forwards, in units of one plain step at this batch size."""
+        plain = 1.0 / self.batch + self.node_cost * (1.0 - 1.0 / self.batch)
+        return (plain + self.node_cost * nodes + self.draft_cost * draft_forwards) / plain
 
 
 class Calibrator:
@@ -226,7 +239,7 @@ class Calibrator:
         caller reads it together with what it needs anyway, or alone)."""
         best = scores.float().sort(descending=True).values[:most]
         n = torch.arange(1, best.numel() + 1, device=best.device, dtype=torch.float64)
-        rate = (1.0 + best.double().cumsum(0)) / (1.0 + self.cost.node_cost * n + self.cost.draft_cost * draft_forwards)
+        rate = (1.0 + best.double().cumsum(0)) / self.cost.step(n, draft_forwards)
         # argmax takes the first of equal rates, as `budget` keeps the first strictly best
         return rate.argmax() + 1 if best.numel() else torch.ones((), dtype=torch.long, device=best.device)
 

@@ -255,9 +255,25 @@ class SpeculativeDecoder:
         return [self._step_one(seq, skip) for seq in live]
 
     def _apply_budget(self, live: list[Sequence]) -> bool:
-        """Load-aware trees (`batch_budgets`): set every drafter's node budget for a step of
-        len(live) sequences; True when that budget is 0 (plain decoding: no draft this step)."""
+        """Load-aware trees: every calibrated drafter's cost model learns how many sequences share
+        this step's target forward (`calibration.CostModel.batch`), so its tree and its choice of
+        plain steps follow the load; with `batch_budgets`, every drafter's node budget for a step
+        of len(live) sequences is set from the table. True when that budget is 0 (plain decoding:
+        no draft this step)."""
+        rows = len(live) if len(live) > 1 and self.strategy.batched else 1
+        # greedy rows only: their tokens do not depend on the tree, while a seeded sampled row must
+        # draw what it draws alone, so its trees never depend on the batch
+        greedy = [seq for seq in live if seq.drafter is not None and seq.drafter.can_go_plain
+                  and not seq.params.do_sample]
+        for seq in greedy:
+            seq.drafter.calib.cost.batch = rows
         if not self.batch_budgets or self.method != "dynamic" or self.eagle:
+            # The greedy rows of a batched step decide together: a row that drafts pads every other
+            # row's verification to its tree's width, so unless half of them find that drafting pays
+            # at this batch size, all of them take a plain step (they feed the draft nothing).
+            if rows > 1 and greedy and 2 * sum(seq.drafter.wants_tree(seq.root) for seq in greedy) < len(greedy):
+                for seq in greedy:
+                    seq.drafter.hold()
             return False
         sizes = [b for b in self.batch_budgets if b <= len(live)]
         budget = self.batch_budgets[max(sizes)] if sizes else None

@@ -55,6 +55,7 @@ class Drafter:
         # a draft that reads features of its pending tokens (EAGLE) cannot leave them pending
         self.can_go_plain = self.calib is not None and type(self)._pending_features is Drafter._pending_features
         self.plain = False  # this step verifies the root alone (drafting does not pay, `Calibrator.draft_pays`)
+        self._wants = None  # this step's choice (`wants_tree`), made once per step
         self.node_budget = cfg.budget(self.sampled)  # dynamic: most nodes per tree, root excluded
         self.default_budget = self.node_budget  # (load-aware trees change node_budget per step)
         self.generator = generator
@@ -99,7 +100,22 @@ class Drafter:
         """A step verified without a tree (plain decoding at a high load): `root` joins the
         pending tokens, fed with the next tree's; no `commit` follows."""
         self._observe_last(root)
+        self._wants = None
         self.pending.append(root)
+
+    def wants_tree(self, root: int) -> bool:
+        """Whether this step, at `root`, should draft: False when the calibrated drafter finds that
+        drafting does not pay (`Calibrator.draft_pays`). Asked once per step (by `begin`, or first
+        by a batched step deciding for all its rows); the answer stands until the step begins or is
+        skipped."""
+        self._observe_last(root)
+        if self._wants is None:
+            self._wants = not (self.can_go_plain and not self.calib.draft_pays())
+        return self._wants
+
+    def hold(self) -> None:
+        """This step is plain whatever `wants_tree` said (a batched step's greedy rows decide together)."""
+        self._wants = False
 
     # -- the policy of one step, apart from how the draft model is run -------------------------
     # A step: `begin(root)` gives the tokens to feed (the pending chain); its last logits go to
@@ -120,7 +136,8 @@ class Drafter:
         self.kept = None
         self.budgets = None  # (nodes, draft forwards, budget now, after one more forward): `_should_stop`
         self.forwards = 1
-        self.plain = self.can_go_plain and not self.calib.draft_pays()
+        self.plain = not self.wants_tree(root)
+        self._wants = None
         if self.plain:
             self._start_tree(self.runner.device)
             return []
