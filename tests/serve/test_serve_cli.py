@@ -23,7 +23,7 @@ def test_defaults_are_those_of_specllava_generate():
     args = build_parser().parse_args(["serve"])
     gen = build_parser().parse_args(["generate", "--prompt", "x"])
     assert (args.target, args.draft, args.method, args.draft_quant) == (gen.target, gen.draft, gen.method, gen.draft_quant)
-    assert (args.method, args.dtype, args.host, args.port, args.max_batch) == ("dynamic", "auto", "127.0.0.1", 8000, 1)
+    assert (args.method, args.dtype, args.host, args.port, args.max_batch) == ("dynamic", "auto", "127.0.0.1", 8000, 8)
     assert not args.allow_remote_images
 
 

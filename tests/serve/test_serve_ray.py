@@ -22,7 +22,7 @@ def test_replica_settings_from_the_flags(tiny_paths):
 
     flags = replica_flags(build_parser().parse_args(["serve", "--replicas", "2", "--max-queue", "10"]))
     d = deployment(flags)
-    assert d.num_replicas == 2 and d.max_ongoing_requests == 1 + 10 and d.ray_actor_options["num_cpus"] == 1
+    assert d.num_replicas == 2 and d.max_ongoing_requests == 8 + 10 and d.ray_actor_options["num_cpus"] == 1  # --max-batch + --max-queue
     scaled = deployment({**flags, "max_replicas": 5})
     assert (scaled._deployment_config.autoscaling_config.min_replicas,
             scaled._deployment_config.autoscaling_config.max_replicas) == (2, 5)

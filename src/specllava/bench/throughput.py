@@ -216,11 +216,12 @@ def plot(summary: dict, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for method, by_c in summary.items():
-        cs = sorted(by_c)
-        ax1.plot(cs, [by_c[c]["tokens_per_s"] for c in cs], marker="o", label=method)
-        ax2.plot(cs, [by_c[c]["p50_latency_s"] for c in cs], marker="o", label=f"{method} p50")
-        ax2.plot(cs, [by_c[c]["p95_latency_s"] for c in cs], marker="x", linestyle=":", label=f"{method} p95")
+    for k, (method, by_c) in enumerate(summary.items()):
+        cs, color = sorted(by_c), f"C{k}"  # one colour per method in both panels
+        ax1.plot(cs, [by_c[c]["tokens_per_s"] for c in cs], marker="o", color=color, label=method)
+        ax2.plot(cs, [by_c[c]["p50_latency_s"] for c in cs], marker="o", color=color, label=f"{method} p50")
+        ax2.plot(cs, [by_c[c]["p95_latency_s"] for c in cs], marker="x", linestyle=":", color=color,
+                 label=f"{method} p95")
     for ax, label in ((ax1, "aggregate tokens/s"), (ax2, "request latency (s)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({c for by_c in summary.values() for c in by_c}))

@@ -42,11 +42,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=d.model_name,
                    help=f"the model name clients send and /v1/models lists (default: {d.model_name})")
-    p.add_argument("--max-batch", type=positive_int, default=1,
+    p.add_argument("--max-batch", type=positive_int, default=8,
                    help="requests decoded together, step by step, their trees verified in one target forward "
-                   "(continuous batching: a waiting request joins between two steps, in arrival order). Use it "
-                   "with --budget auto, which shrinks each request's tree as the batch grows (with the default "
-                   "tree a batch can be slower than one request at a time: docs/serving.md). Default: 1")
+                   "(continuous batching: a waiting request joins between two steps, in arrival order); each "
+                   "request's tree follows the batch size. 1: one request at a time, the others queued "
+                   "(docs/serving.md measures both). Default: 8")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests that may wait for a place in the batch; beyond that the server answers 429 (default: 64)")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens,
