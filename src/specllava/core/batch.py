@@ -255,7 +255,10 @@ def step_batch(batch: Batch, skip_draft: bool = False) -> list[StepResult]:
         cols = []
         for b in members:
             start, fed_cols = fed_at[b]
-            keep = seqs[b].drafter.accepted_fed(trees[b], verdicts[b].path)
+            # a greedy row's step is charged the padded width it was verified at (a sampled row's
+            # observations stay those it makes alone)
+            keep = seqs[b].drafter.accepted_fed(trees[b], verdicts[b].path,
+                                                None if seqs[b].params.do_sample else width)
             cols.append([start + fed_cols[k] for k in keep])
         rows.keep(fed_at[members[0]][0], cols)
     t2 = time.perf_counter()

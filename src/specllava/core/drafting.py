@@ -192,10 +192,12 @@ class Drafter:
         """The step's final tree (the policy's selection among the grown nodes)."""
         return self._finalize(Tree(self.tokens, self.parents, self.depth, self.score))
 
-    def accepted_fed(self, tree: Tree, path: list[int]) -> list[int]:
+    def accepted_fed(self, tree: Tree, path: list[int], width: int | None = None) -> list[int]:
         """After verification: the fed nodes to keep in the draft cache, as offsets into the fed
         order (the accepted path's fed prefix); the rest of the accepted tokens become pending
-        (the bonus is added by the next `begin` as its root)."""
+        (the bonus is added by the next `begin` as its root). width: the nodes the verification
+        computed for this row (a batch pads every tree to the widest), what the calibrator charges
+        the step (default: the tree's own nodes)."""
         if self.plain:  # the root stays pending with the earlier ones; the bonus joins them next step
             return []
         n_fed, n = self.fed.numel(), len(tree)
@@ -213,7 +215,7 @@ class Drafter:
             grown, rest = read[rest : rest + n], rest + n
         if self.calib is not None:
             observation = (*self.calib.unpack(read[rest:], self.tokens.numel()), [grown[i] for i in path],
-                           self.forwards, n - 1)
+                           self.forwards, max(n, width or 0) - 1)
             if self.sampled:  # the tree is all that was grown, and the path says what was accepted
                 self.calib.observe(*observation)
             else:  # at T=0 the target's argmax decides for grown nodes left out of the tree too:
