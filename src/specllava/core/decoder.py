@@ -268,10 +268,9 @@ class SpeculativeDecoder:
         for seq in greedy:
             seq.drafter.calib.cost.batch = rows
         if not self.batch_budgets or self.method != "dynamic" or self.eagle:
-            # The greedy rows of a batched step decide together: one drafting row makes the whole
-            # batch run draft forwards and pads the others' attention to its tree, so unless half
-            # of them find that drafting pays at this batch size, all of them take a plain step
-            # (they feed the draft nothing).
+            # The greedy rows of a batched step decide together: a row that drafts pads every other
+            # row's verification to its tree's width, so unless half of them find that drafting pays
+            # at this batch size, all of them take a plain step (they feed the draft nothing).
             if rows > 1 and greedy and 2 * sum(seq.drafter.wants_tree(seq.root) for seq in greedy) < len(greedy):
                 for seq in greedy:
                     seq.drafter.hold()

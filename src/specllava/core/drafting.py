@@ -110,7 +110,7 @@ class Drafter:
         skipped."""
         self._observe_last(root)
         if self._wants is None:
-            self._wants = not self.can_go_plain or self.calib.draft_pays()
+            self._wants = not (self.can_go_plain and not self.calib.draft_pays())
         return self._wants
 
     def hold(self) -> None:
