@@ -261,37 +261,6 @@ def test_greedy_rows_take_plain_steps_together_and_sampled_rows_keep_their_trees
     assert sum(together) > 20  # the greedy rows' plain steps coincide
 
 
-def test_ragged_verification_computes_the_padded_batchs_logits(target, drafts, monkeypatch):
-    """The exact target path verifies a batch's padded trees on their real nodes alone (the pads'
-    weights work skipped): the logits behind every emitted token equal, bit for bit, those of the
-    same batch verified with its pads computed."""
-    import specllava.core.backends.lean as lean
-
-    packed = []
-    exact, forward = lean.LeanDecoder._exact, lean.LeanBackend.forward
-    monkeypatch.setattr(lean.LeanDecoder, "_exact", lambda self, *a: packed.append(a[4] is not None) or exact(self, *a))
-    dec = SpeculativeDecoder(target, drafts["perturbed"], method="dynamic")
-    assert dec.target_backend.kind == "exact"
-    reqs, news = requests(), [30, 20, 25, 12]
-
-    def logits_of():
-        seqs = [dec.start(ids, px, max_new_tokens=n, keep_logits=True) for (ids, px), n in zip(reqs, news)]
-        rows = {id(s): [s.first_logits] for s in seqs}
-        while not all(s.finished for s in seqs):
-            for r in dec.step(seqs):
-                rows[id(r.sequence)].append(r.logits)
-        return [torch.cat(rows[id(s)]) for s in seqs]
-
-    ragged = logits_of()
-    assert any(packed)  # some verification had pads to skip
-    monkeypatch.setattr(lean.LeanBackend, "forward", lambda self, *a, real_counts=None, **k: forward(self, *a, **k))
-    packed.clear()
-    padded = logits_of()
-    assert not any(packed)
-    for r, p in zip(ragged, padded):
-        assert torch.equal(r, p)
-
-
 def test_cancel_and_time_limit_between_steps(target, drafts):
     dec = SpeculativeDecoder(target, drafts["perturbed"], method="dynamic")
     reqs = requests()

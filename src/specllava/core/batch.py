@@ -17,8 +17,7 @@ One step (`step_batch`), each stage one forward for all rows:
   1. draft: every drafter's pending chain in one draft forward; then per depth, every row's
      frontier in one draft forward (rows whose tree is done feed a masked pad); the policy
      (`Drafter.begin / grow / tree / accepted_fed`) stays per sequence;
-  2. verify: all trees, padded to the largest, in one target forward (4D mask per row); on the
-     target's exact path the weights compute the real nodes alone (`real_counts`);
+  2. verify: all trees, padded to the largest, in one target forward (4D mask per row);
   3. accept: greedy rows in one vectorised rule with one host read; sampled rows per row, each
      with its own generator;
   4. compact: per row, both caches keep the accepted path (`cache.compact_rows`);
@@ -90,7 +89,7 @@ class Rows:
         return [pick(k) for k in keys], [pick(v) for v in values], self.pos[b, cols]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, visible: torch.Tensor,
-                mark: int, logits_to_keep: int = 0, real_counts: list[int] | None = None) -> torch.Tensor:
+                mark: int, logits_to_keep: int = 0) -> torch.Tensor:
         """One forward of n new tokens per row on top of the cache; returns logits [B, n, V]
         (of the last `logits_to_keep` columns only when > 0).
 
@@ -106,11 +105,8 @@ class Rows:
         dtype = self.backend.dtype
         bias = torch.zeros(seen.shape, dtype=dtype, device=seen.device)
         bias.masked_fill_(~seen, torch.finfo(dtype).min)
-        # the target's exact path computes the real tokens alone (`real_counts`: each row's real
-        # tokens come first, as the verification's padded trees do); other backends the whole rows
-        ragged = dict(real_counts=real_counts) if real_counts is not None and self.backend.kind == "exact" else {}
         logits = self.backend.forward(tokens, positions, bias[:, None], self.cache,
-                                      logits_to_keep=logits_to_keep, **ragged).logits  # [B, n, V]
+                                      logits_to_keep=logits_to_keep).logits  # [B, n, V]
         self.pos = pos
         return logits
 
@@ -237,7 +233,7 @@ def step_batch(batch: Batch, skip_draft: bool = False) -> list[StepResult]:
     anc = torch.stack([ancestor_mask(p) for p in parents])  # [B, N, N]
     positions = depth + torch.tensor(target.lengths, device=dev)[:, None]  # [B, N]
     mark = target.columns
-    logits = target.forward(tokens, positions, real, anc, mark, real_counts=[len(t) for t in seen])  # [B, N, V]
+    logits = target.forward(tokens, positions, real, anc, mark)  # [B, N, V]
     # 3. accept: greedy rows together (one host read), sampled rows each with its own generator
     verdicts: list[Verdict | None] = [None] * n_rows
     greedy = [b for b, s in enumerate(seqs) if not s.params.do_sample]
@@ -259,8 +255,8 @@ def step_batch(batch: Batch, skip_draft: bool = False) -> list[StepResult]:
         cols = []
         for b in members:
             start, fed_cols = fed_at[b]
-            # a greedy row's step is charged the batch's widest tree (its draft forwards and its
-            # attention are padded to it); a sampled row's observations stay those it makes alone
+            # a greedy row's step is charged the padded width it was verified at (a sampled row's
+            # observations stay those it makes alone)
             keep = seqs[b].drafter.accepted_fed(trees[b], verdicts[b].path,
                                                 None if seqs[b].params.do_sample else width)
             cols.append([start + fed_cols[k] for k in keep])

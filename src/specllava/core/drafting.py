@@ -195,8 +195,9 @@ class Drafter:
     def accepted_fed(self, tree: Tree, path: list[int], width: int | None = None) -> list[int]:
         """After verification: the fed nodes to keep in the draft cache, as offsets into the fed
         order (the accepted path's fed prefix); the rest of the accepted tokens become pending
-        (the bonus is added by the next `begin` as its root). width: the nodes the calibrator
-        charges the step (a batch: its widest tree; default: the tree's own nodes)."""
+        (the bonus is added by the next `begin` as its root). width: the nodes the verification
+        computed for this row (a batch pads every tree to the widest), what the calibrator charges
+        the step (default: the tree's own nodes)."""
         if self.plain:  # the root stays pending with the earlier ones; the bonus joins them next step
             return []
         n_fed, n = self.fed.numel(), len(tree)

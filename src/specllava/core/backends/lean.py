@@ -121,15 +121,13 @@ class LeanDecoder:
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None,
-                 cache: KVBuffer, pack: torch.Tensor | None = None) -> torch.Tensor:
+                 cache: KVBuffer) -> torch.Tensor:
         """tokens, positions: [n] (one sequence) or [B, n] (B sequences, one row each of a
         B-row `cache`); bias: [1 or B, 1, n, length + n] additive mask (None: causal).
         Appends the n positions to `cache`; returns the final-normed hidden states [n, hidden]
-        ([B, n, hidden]). pack (exact path, B rows): the flat indices (row * n + column) of the
-        real tokens; the weights then compute those alone and the hidden states come back
-        packed, [len(pack), hidden] (pads reach the attention as zeros, masked as before)."""
+        ([B, n, hidden])."""
         if self.exact:
-            return self._exact(tokens, positions, bias, cache, pack)
+            return self._exact(tokens, positions, bias, cache)
         batched = tokens.dim() == 2
         ids = tokens if batched else tokens[None]
         b, n, past = ids.shape[0], ids.shape[1], cache.length
@@ -142,9 +140,8 @@ class LeanDecoder:
         h = rms_norm(x, self.final_norm, self.eps)
         return h.view(b, n, -1) if batched else h
 
-    def _exact(self, tokens, positions, bias, cache: KVBuffer, pack: torch.Tensor | None = None) -> torch.Tensor:
-        """transformers' Llama decoder forward, op for op, on a KVBuffer (tokens [n] or [B, n];
-        with `pack`, the per-token work on the real tokens alone, see `__call__`)."""
+    def _exact(self, tokens, positions, bias, cache: KVBuffer) -> torch.Tensor:
+        """transformers' Llama decoder forward, op for op, on a KVBuffer (tokens [n] or [B, n])."""
         batched = tokens.dim() == 2
         ids, pos = (tokens, positions) if batched else (tokens[None], positions[None])
         b, n = ids.shape
@@ -153,27 +150,20 @@ class LeanDecoder:
         x = self.embed(ids)  # [b, n, hidden]
         cos, sin = self.rotary(x, pos)  # [b, n, head_dim], in x's dtype
         cos, sin = cos[:, None], sin[:, None]
-        if pack is not None:
-            x = x.reshape(b * n, -1).index_select(0, pack)  # [T, hidden]: the real tokens
-
-        def heads(t):  # [b, heads, n, head_dim] from the projection of x (packed: pads as zeros)
-            if pack is not None:
-                t = t.new_zeros(b * n, t.shape[-1]).index_copy_(0, pack, t)
-            return t.view(b, n, -1, self.head_dim).transpose(1, 2)
-
         for i, p in enumerate(self.layers):
             h = rms_norm(x, p["norm1"], self.eps)
-            q, k, v = heads(F.linear(h, *p["q"])), heads(F.linear(h, *p["k"])), heads(F.linear(h, *p["v"]))
+            q = F.linear(h, *p["q"]).view(b, n, -1, self.head_dim).transpose(1, 2)
+            k = F.linear(h, *p["k"]).view(b, n, -1, self.head_dim).transpose(1, 2)
+            v = F.linear(h, *p["v"]).view(b, n, -1, self.head_dim).transpose(1, 2)
             keys, values = cache.write(i, apply_rotary(k, cos, sin), v)
             att, _ = sdpa_attention_forward(p["attn"], apply_rotary(q, cos, sin), keys, values, bias,
                                             dropout=0.0, scaling=p["attn"].scaling)
-            att = att.reshape(b, n, -1) if pack is None else att.reshape(b * n, -1).index_select(0, pack)
-            x = x + F.linear(att.contiguous(), *p["o"])
+            x = x + F.linear(att.reshape(b, n, -1).contiguous(), *p["o"])
             h = rms_norm(x, p["norm2"], self.eps)
             x = x + F.linear(F.silu(F.linear(h, *p["gate"])) * F.linear(h, *p["up"]), *p["down"])
         cache.advance(n)
         out = rms_norm(x, self.final_norm, self.eps)
-        return out if batched or pack is not None else out[0]
+        return out if batched else out[0]
 
 
 class LeanBackend:
@@ -201,24 +191,9 @@ class LeanBackend:
             raise ValueError("a lean backend continues a prefill: it needs the prefill's cache")
         return KVBuffer.from_cache(cache, self.dtype)
 
-    def forward(self, tokens, positions, bias, cache, *, features=None, logits_to_keep=0, hidden=False,
-                real_counts: list[int] | None = None) -> Step:
-        """real_counts (the exact path, tokens [B, n]): each row's real tokens, first in its row, the
-        rest pads whose logits are not wanted: the weights (and the head) compute the real tokens
-        alone, the pads' logits come back as zeros."""
+    def forward(self, tokens, positions, bias, cache, *, features=None, logits_to_keep=0, hidden=False) -> Step:
         no_features(self, features)
-        pack = None
-        if real_counts is not None and self.decoder.exact and tokens.dim() == 2 and not logits_to_keep:
-            b, n = tokens.shape
-            if sum(real_counts) < b * n:
-                pack = torch.tensor([r * n + j for r, c in enumerate(real_counts) for j in range(c)],
-                                    device=tokens.device)  # an upload, not a read-back
-        h = self.decoder(tokens, positions, bias, cache, pack)  # [n, hidden], [B, n, hidden] or [T, hidden]
-        if pack is not None:
-            logits = self.head(h)
-            logits = logits.new_zeros(b * n, logits.shape[-1]).index_copy_(0, pack, logits).view(b, n, -1)
-            h = h.new_zeros(b * n, h.shape[-1]).index_copy_(0, pack, h).view(b, n, -1) if hidden else None
-            return Step(logits, h)
+        h = self.decoder(tokens, positions, bias, cache)  # [n, hidden] or [B, n, hidden]
         logits = self.head(h[..., -logits_to_keep:, :] if logits_to_keep else h)
         return Step(logits, h if hidden else None)
 
