@@ -31,7 +31,7 @@ from . import cli_args
 METHODS = ("ar", "chain", "static", "dynamic")
 QUANT_CHOICES = ("auto", "int8", "none")
 TREE_FIELDS = ("max_depth", "node_budget", "max_children", "child_mass", "min_path_conf", "frontier",
-               "min_feed_mass", "score_temperature", "calibrate", "chain_length", "choices")
+               "min_feed_mass", "score_temperature", "calibrate", "draft_cost", "chain_length", "choices")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2")
 

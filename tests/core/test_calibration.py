@@ -133,6 +133,24 @@ def test_drafting_stops_when_it_does_not_pay_and_probes_again():
     assert sum(later) > 0.9 * len(later)  # the probes found that drafting pays again
 
 
+def test_the_draft_cost_option_reaches_the_cost_model():
+    target, draft = draft_pair(0.2)
+    ids = text_prompt(3, length=12, vocab=96)
+    outs = {}
+    for cost in (0.0, 2.0):
+        dec = SpeculativeDecoder(target, draft, method="dynamic", draft_quant="none", draft_cost=cost)
+        seq = dec.start(ids, max_new_tokens=48)
+        assert seq.drafter.calib.cost.draft_cost == cost
+        while not seq.finished:
+            dec.step([seq])
+        outs[cost] = seq
+    assert outs[0.0].tokens == outs[2.0].tokens
+    plain = {c: s.stats.nodes.count(0) for c, s in outs.items()}
+    assert plain[2.0] > plain[0.0]  # a dearer draft forward pays less often
+    with pytest.raises(ValueError, match="draft_cost"):
+        SpeculativeDecoder(target, draft, method="dynamic", draft_cost=-0.1)
+
+
 def draft_pair(noise, seed=1):
     target = tiny_lm(0, vocab=96, hidden=48, layers=2, init=0.15)
     return target, perturbed_copy(target, noise, seed)

@@ -31,6 +31,7 @@ FLOAT_RANGES = {
     "min_path_conf": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "min_feed_mass": (lambda v: v >= 0.0, ">= 0"),
     "score_temperature": (lambda v: v > 0.0 and v != float("inf"), "> 0"),
+    "draft_cost": (lambda v: 0.0 <= v < float("inf"), ">= 0"),
 }
 
 
@@ -75,6 +76,9 @@ class TreeConfig:
                      expected tokens per cost (capped by `node_budget`), and steps where
                      drafting does not pay verify the root alone (plain decoding), with
                      periodic probes. Default True; False uses the draft's q as it is.
+      draft_cost     with `calibrate`: what one draft forward (with its share of the loop's
+                     work) costs, as a fraction of a plain step's target forward, in the
+                     calibrator's cost model (`calibration.CostModel`).
     When sampling (T>0) the dynamic tree draws each node's children from the draft instead of
     taking its top ranks, fills `node_budget` while growing (most confident parents first) and
     uses `min_path_conf` to choose which nodes to expand, never to prune a drawn child: the
@@ -93,6 +97,7 @@ class TreeConfig:
     min_feed_mass: float = 0.3
     score_temperature: float = 1.0
     calibrate: bool = True
+    draft_cost: float = 0.05
     chain_length: int = 5
     choices: tuple[tuple[int, ...], ...] = field(default=DEFAULT_STATIC_CHOICES)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .cache import compact
-from .calibration import Calibrator
+from .calibration import Calibrator, CostModel
 from .config import TreeConfig
 from .runner import ModelRunner
 from .tree import Tree, ancestor_mask, attention_bias, chain_choices, validate_choices
@@ -51,7 +51,8 @@ class Drafter:
         # sampled mode: dynamic and chain children are draws from q (see the module docstring)
         self.sampled = generator is not None and policy in ("dynamic", "chain")
         # dynamic: the draft's confidences read through this sequence's measured acceptance
-        self.calib = Calibrator(cfg.max_depth) if policy == "dynamic" and cfg.calibrate else None
+        self.calib = (Calibrator(cfg.max_depth, cost=CostModel(draft_cost=cfg.draft_cost))
+                      if policy == "dynamic" and cfg.calibrate else None)
         # a draft that reads features of its pending tokens (EAGLE) cannot leave them pending
         self.can_go_plain = self.calib is not None and type(self)._pending_features is Drafter._pending_features
         self.plain = False  # this step verifies the root alone (drafting does not pay, `Calibrator.draft_pays`)
