@@ -26,9 +26,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from specllava import SpeculativeDecoder  # noqa: E402
-from specllava.core.drafting import Drafter  # noqa: E402
 from specllava.core.eagle import EagleHead  # noqa: E402
-from specllava.core.syncs import HostSyncCounter  # noqa: E402
+from specllava.core.syncs import count_generation  # noqa: E402
 
 DEEP = dict(max_depth=6, min_feed_mass=0.0, min_path_conf=0.0)
 CASES = [("ar", {}), ("chain", {}), ("static", {}), ("dynamic", {}), ("dynamic", DEEP)]
@@ -57,29 +56,8 @@ def perturbed(model, scale: float = 0.02, seed: int = 1):
 
 def count(decoder, ids, new_tokens: int, **gen) -> dict:
     """Syncs per step (steps after the first), the steps' tree depths, and where they were made."""
-    depths, levels, syncs = [], [0], HostSyncCounter()
-
-    def on_step(tree, verdict):
-        syncs.mark()
-        with syncs.pause():  # d: levels drafted (the budget may then drop the deepest)
-            depths.append(max(int(tree.depth.max()), levels[-1]))
-            levels.append(0)
-
-    grow = Drafter.grow
-
-    def counting_grow(self, logits):
-        before = 1 if self.tokens is None else self.tokens.numel()  # the root is no level
-        out = grow(self, logits)
-        levels[-1] += self.tokens.numel() > before
-        return out
-
-    Drafter.grow = counting_grow
-    try:
-        with syncs:
-            out = decoder.generate(ids, max_new_tokens=new_tokens, on_step=on_step, **gen)
-    finally:
-        Drafter.grow = grow
-    per_step, depths = syncs.per_step(), depths[1:]
+    syncs, depths, out = count_generation(decoder, ids, new_tokens, **gen)
+    per_step = syncs.per_step()
     where = Counter()
     for i in range(len(per_step)):
         where.update(f"{kind} at {place}" for kind, place in syncs.step_events(i).elements())

@@ -9,9 +9,8 @@ import torch
 from random_models import perturbed_copy, text_prompt, tiny_lm
 from specllava import SpeculativeDecoder
 from specllava.core.cache import KVBuffer, compact
-from specllava.core.drafting import Drafter
 from specllava.core.eagle import EagleHead
-from specllava.core.syncs import HostSyncCounter
+from specllava.core.syncs import HostSyncCounter, count_generation
 
 LAYERS = 32
 DEEP = dict(max_depth=6, min_feed_mass=0.0, min_path_conf=0.0)  # trees several levels deep
@@ -54,32 +53,7 @@ def test_the_counter_would_catch_a_per_layer_index_upload():
 
 
 def _count(decoder, ids, **gen):
-    """Host syncs of every decoding step after the first, and the levels each step drafted (grown
-    levels that kept a node; the verified tree's depth unless the budget dropped the deepest)."""
-    depths, levels = [], [0]
-    syncs = HostSyncCounter()
-
-    def on_step(tree, verdict):
-        syncs.mark()
-        with syncs.pause():
-            depths.append(max(int(tree.depth.max()), levels[-1]))
-            levels.append(0)
-
-    grow = Drafter.grow
-
-    def counting_grow(self, logits):
-        before = 1 if self.tokens is None else self.tokens.numel()  # the root is no level
-        out = grow(self, logits)
-        levels[-1] += self.tokens.numel() > before
-        return out
-
-    Drafter.grow = counting_grow
-    try:
-        with syncs:
-            out = decoder.generate(ids, max_new_tokens=40, on_step=on_step, **gen)
-    finally:
-        Drafter.grow = grow
-    return syncs, depths[1:], out
+    return count_generation(decoder, ids, 40, **gen)
 
 
 @pytest.fixture(scope="module")

@@ -126,3 +126,35 @@ class HostSyncCounter(TorchFunctionMode):
                 counter.paused -= 1
 
         return _Paused()
+
+
+def count_generation(decoder, ids, new_tokens: int, **gen):
+    """One `decoder.generate` under a `HostSyncCounter`, each step marked. Returns (the counter,
+    the tree depth of every step after the first, the output): a step's depth is the levels its
+    draft grew (that kept a node), or its verified tree's depth when deeper, since the node budget
+    may drop the deepest level after the syncs that grew it."""
+    from .drafting import Drafter
+
+    depths, levels, syncs = [], [0], HostSyncCounter()
+
+    def on_step(tree, verdict):
+        syncs.mark()
+        with syncs.pause():
+            depths.append(max(int(tree.depth.max()), levels[-1]))
+            levels.append(0)
+
+    grow = Drafter.grow
+
+    def counting_grow(self, logits):
+        before = 1 if self.tokens is None else self.tokens.numel()  # the root is no level
+        out = grow(self, logits)
+        levels[-1] += self.tokens.numel() > before
+        return out
+
+    Drafter.grow = counting_grow
+    try:
+        with syncs:
+            out = decoder.generate(ids, max_new_tokens=new_tokens, on_step=on_step, **gen)
+    finally:
+        Drafter.grow = grow
+    return syncs, depths[1:], out
