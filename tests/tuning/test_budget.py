@@ -34,6 +34,7 @@ def _counting(monkeypatch):
 
 def test_cost_curve_is_cached_per_architecture_dtype_and_threads(tmp_path, monkeypatch):
     calls = _counting(monkeypatch)
+    monkeypatch.setattr(calibrate, "agrees", lambda cached, fresh: True)  # the keys alone (staleness: below)
     model = tiny_llava(0)
     kw = dict(sizes=SIZES, prefix_len=8, repeats=1, cache_dir=tmp_path)
     first = verify_cost_curve(model, **kw)
@@ -105,6 +106,7 @@ def test_isotonic_fit_never_decreases():
 
 def test_auto_node_budget_measures_once_then_reads_the_cache(tiny_pair, tmp_path, monkeypatch):
     calls = _counting(monkeypatch)
+    monkeypatch.setattr(calibrate, "agrees", lambda cached, fresh: True)  # timer noise never re-measures here
     target, draft = tiny_pair
     ids, px = llava_prompt(5)
     inputs = [{"input_ids": ids, "pixel_values": px}]
@@ -170,3 +172,39 @@ def test_model_devices_lists_where_the_weights_are():
     model = tiny_llava(0)
     assert calibrate.model_devices(model) == [torch.device("cpu")]
 
+
+
+def test_a_cached_curve_taken_under_another_load_is_measured_again(tmp_path, monkeypatch):
+    import json
+
+    calls = _counting(monkeypatch)
+    model = tiny_llava(0)
+    kw = dict(sizes=SIZES, prefix_len=8, repeats=1, cache_dir=tmp_path)
+    first = verify_cost_curve(model, **kw)
+    (path,) = tmp_path.glob("verify-*.json")
+    data = json.loads(path.read_text())
+    # a curve 50x slower than this machine, with its 1-token forward above the noise floor
+    slow = [max(s, calibrate.NOISE_FLOOR) * 50 for s in first.seconds]
+    data["curve"]["seconds"] = slow
+    path.write_text(json.dumps(data))
+    again = verify_cost_curve(model, **kw)
+    assert len(calls) == 2 and again.seconds != slow  # measured again, and stored
+    assert json.loads(path.read_text())["curve"]["seconds"] == again.seconds
+    assert calibrate.agrees(0.1, 0.12) and not calibrate.agrees(0.3, 0.02) and not calibrate.agrees(0.005, 0.1)
+    assert calibrate.agrees(0.0005, 0.0015)  # both under the noise floor: not compared
+
+
+def test_an_acceptance_profile_measured_beside_another_curve_is_measured_again(tiny_pair, tmp_path, monkeypatch):
+    target, draft = tiny_pair
+    ids, px = llava_prompt(5)
+    inputs = [{"input_ids": ids, "pixel_values": px}]
+    measured = []
+    real = calibrate.measure_acceptance
+    monkeypatch.setattr(calibrate, "measure_acceptance", lambda *a, **k: measured.append(1) or real(*a, **k))
+    curve = CostCurve([1, 2], [0.02, 0.03], 8, {})
+    kw = dict(cache_dir=tmp_path, max_new_tokens=8)
+    calibrate.acceptance_profile(target, draft, inputs, {}, curve, **kw)
+    calibrate.acceptance_profile(target, draft, inputs, {}, CostCurve([1, 2], [0.025, 0.03], 8, {}), **kw)
+    assert len(measured) == 1  # the same machine: read from the cache
+    calibrate.acceptance_profile(target, draft, inputs, {}, CostCurve([1, 2], [0.3, 0.4], 8, {}), **kw)
+    assert len(measured) == 2  # the curve moved 15x: the profile's step times are stale too

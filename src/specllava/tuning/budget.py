@@ -21,7 +21,9 @@ too small a tree.)
   and thread count (and GPU), not on the weights, and is cached under ~/.cache/specllava/calibration/
   keyed by (architecture fingerprint, CPU model, threads, dtype, torch version, and the name of every
   GPU the target sits on). Every forward is timed between two device synchronizations, so a GPU's
-  queued work is counted where it runs.
+  queued work is counted where it runs. On every use a cached curve is checked against a fresh
+  timing of a one-token forward and measured again when the two differ by more than 3x (a curve
+  taken while other jobs shared the machine).
 - tau(B) comes from `acceptance_profile`: one greedy decoding run with a large budget, recording
   every step's tree and accepted path. The dynamic tree with budget B keeps the B nodes of highest
   path confidence (an ancestor-closed set, `Drafter._finalize`), and greedy verification accepts
@@ -29,14 +31,17 @@ too small a tree.)
   recorded path that lies inside the top B: tau(B) is replayed exactly per step, for every B at
   once. (Steps then fall at different places in the text; the profile assumes acceptance is
   stationary over the text. At T>0 the greedy profile is used as an approximation.) t_rest is
-  measured in the same run (decode time minus verification time, per step). The profile depends on the weights of both models and is cached per
-  (target weights, draft weights, tree options, machine).
+  measured in the same run (decode time minus verification time, per step). The profile depends
+  on the weights of both models and is cached per (target weights, draft weights, tree options,
+  machine), and measured again when the cost curve in use no longer matches the one it was
+  measured beside (the same 3x rule).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import statistics
 import time
@@ -54,6 +59,19 @@ from ..core.tree import attention_bias
 
 CACHE_DIR = Path.home() / ".cache" / "specllava" / "calibration"
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96)
+# A cached measurement whose one-token forward is off from a fresh timing by more than this
+# factor either way was taken under another load (a busy shared machine) and is measured again;
+# timings under NOISE_FLOOR seconds are not compared (timer noise, and nothing to choose).
+STALE = 3.0
+NOISE_FLOOR = 0.002
+log = logging.getLogger(__name__)
+
+
+def agrees(cached: float, fresh: float) -> bool:
+    """Whether a cached one-token forward time still describes this machine (`STALE`)."""
+    if max(cached, fresh) < NOISE_FLOOR:
+        return True
+    return 1.0 / STALE <= cached / max(fresh, 1e-9) <= STALE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +210,13 @@ class CostCurve:
 
 @torch.inference_mode()
 def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 7, seed: int = 0) -> list[float]:
+    """Median seconds of one target forward over n tree tokens on a cached `prefix_len` prefix
+    (`time_forwards`)."""
+    return time_forwards(target, sizes, prefix_len, repeats, seed)
+
+
+@torch.inference_mode()
+def time_forwards(target, sizes, prefix_len: int, repeats: int, seed: int = 0) -> list[float]:
     """Median seconds of one target forward over n tree tokens on a cached `prefix_len` prefix.
 
     The prefix is random text tokens (the cost of attention depends on its length, not its
@@ -236,7 +261,11 @@ def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int =
     path = _cache_file("verify", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
     if cached is not None:
-        return CostCurve(**cached["curve"])
+        curve = CostCurve(**cached["curve"])
+        if agrees(curve.at(1), time_forwards(target, (1,), prefix_len, repeats=3)[0]):
+            return curve
+        log.info("the cached verification cost curve %s is off by more than %gx from a fresh timing "
+                 "(measured under another load?): measuring it again", path, STALE)
     curve = CostCurve(list(sizes), measure_verify_cost(target, sizes, prefix_len, repeats), prefix_len, key)
     _store(path, {"key": key, "curve": asdict(curve), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return curve
@@ -335,12 +364,14 @@ def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | N
            "profile_version": 2}  # 2: records each step's tree size
     path = _cache_file("acceptance", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
-    if cached is not None:
+    # the profile's step times (`rest_s`) were taken beside the cost curve of that moment: when
+    # the curve now in use disagrees with it, both were measured under another load
+    if cached is not None and agrees(cached.get("verify_1_s", cost.at(1)), cost.at(1)):
         return AcceptanceProfile(**cached["profile"])
     prof = measure_acceptance(target, draft, inputs, tree_options, cost, max_budget, max_new_tokens, draft_vocab,
                               draft_quant)
     prof.key = key
-    _store(path, {"key": key, "profile": asdict(prof)})
+    _store(path, {"key": key, "profile": asdict(prof), "verify_1_s": cost.at(1)})
     return prof
 
 
