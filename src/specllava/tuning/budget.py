@@ -361,12 +361,12 @@ def acceptance_profile(target, draft, inputs: list[dict], tree_options: dict | N
            "tree_options": json.loads(json.dumps(tree_options, sort_keys=True, default=list)),
            **machine_key(target.dtype, model=target), "max_budget": max_budget, "max_new_tokens": max_new_tokens,
            "n_prompts": len(inputs), "draft_vocab": draft_vocab, "draft_quant": draft_quant,
-           "profile_version": 2}  # 2: records each step's tree size
+           "profile_version": 3}  # 2: records each step's tree size; 3: and the cost curve beside it
     path = _cache_file("acceptance", key, cache_dir)
     cached = None if refresh else _load_cached(path, key)
     # the profile's step times (`rest_s`) were taken beside the cost curve of that moment: when
     # the curve now in use disagrees with it, both were measured under another load
-    if cached is not None and agrees(cached.get("verify_1_s", cost.at(1)), cost.at(1)):
+    if cached is not None and agrees(cached["verify_1_s"], cost.at(1)):
         return AcceptanceProfile(**cached["profile"])
     prof = measure_acceptance(target, draft, inputs, tree_options, cost, max_budget, max_new_tokens, draft_vocab,
                               draft_quant)
