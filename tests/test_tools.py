@@ -22,3 +22,21 @@ def test_tool_help_exits_cleanly(tool):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage:"), done.stdout[:500]
     assert "Traceback" not in done.stderr
+
+
+def test_batch_steps_summary_splits_the_time_by_rows_and_by_drafting():
+    sys.path.insert(0, str(TOOLS[0].parent))
+    try:
+        from batch_steps import summarize
+    finally:
+        sys.path.pop(0)
+    steps = [{"rows": 4, "seconds": 0.1, "draft_seconds": 0.04, "sizes": [5, 1, 7, 1], "tokens": [3, 1, 4, 1]},
+             {"rows": 4, "seconds": 0.02, "draft_seconds": 0.0, "sizes": [1, 1, 1, 1], "tokens": [1, 1, 1, 1]},
+             {"rows": 1, "seconds": 0.02, "draft_seconds": 0.0, "sizes": [1], "tokens": [1]}]
+    s = summarize(steps, n_rows=4)
+    assert s["tokens"] == 14 and s["ms_per_token"] == pytest.approx(140 / 14)
+    assert s["drafted"]["steps"] == 1 and s["drafted"]["ms_per_token"] == pytest.approx(100 / 9)
+    assert s["drafted"]["draft_ms_per_step"] == pytest.approx(40)
+    assert s["plain"]["tokens"] == 5 and s["by_rows"][1]["ms_per_token"] == pytest.approx(20)
+    assert list(s["by_rows"]) == [4, 1]
+    assert s["tail_share_of_time"] == pytest.approx(0.02 / 0.14)  # 1 row of 4 left
