@@ -86,3 +86,10 @@ def test_the_tiny_rehearsal_writes_its_json_and_plots(tmp_path):
     for name in gpu_check.METHODS:
         assert result["self_draft"][name]["host_syncs_per_step"]["counted"] >= 1
     assert (tmp_path / "verify_cost.png").stat().st_size > 0 and (tmp_path / "methods.png").stat().st_size > 0
+    for part in ("many_random_draft", "many_self_draft"):  # requests arriving together, c = 1 and 4
+        summary = result[part]["summary"]
+        assert set(summary) == {"hf", "ar", "dynamic"} and all(set(by_c) == {"1", "4"} for by_c in summary.values())
+        assert all(x["tokens_per_s"] > 0 for by_c in summary.values() for x in by_c.values())
+        assert result[part]["exactness_failures"] == []
+        assert sum(e["equal"] is True for r in result[part]["runs"] for e in r["exactness"]) >= 4
+        assert (tmp_path / f"{part}.png").stat().st_size > 0

@@ -4,7 +4,7 @@
     PYTHONPATH=src python tools/gpu_check.py --tiny --out runs/gpu-check-tiny   # rehearsal: small shapes, any device
     PYTHONPATH=src python tools/gpu_check.py --plan                      # memory it needs (meta device, no GPU)
 
-Everything lands in `<out>/gpu_check.json` (rewritten as each part finishes) and two plots:
+Everything lands in `<out>/gpu_check.json` (rewritten as each part finishes) and four plots:
 
 1. tests: `pytest -m cuda` (tests/core/test_devices.py: greedy exactness against `generate()` in
    float32, float16 and bfloat16, target and draft on different devices, an accelerate-dispatched
@@ -28,10 +28,16 @@ Everything lands in `<out>/gpu_check.json` (rewritten as each part finishes) and
    the self-draft and every method again: the speed-up a draft of that cost reaches when it is
    always right, and the engine's time per step beside the models' (`overhead_ms_per_step`).
 
+4b, 5b. many requests at once, after parts 4 and 5 with the same draft: `--concurrency` requests
+   arriving together (default 1 and 8), decoded by transformers' batched `generate()`, batched
+   `ar` and batched `dynamic` (`specllava bench --throughput`'s groups and summary): aggregate
+   tokens/s and latency against concurrency, and a plot per part.
+
 Every run of parts 4 and 5 is checked against `generate()`'s tokens for the same prompt: equal,
 or a first divergence at a near-tie (the target's logits of the two tokens within `--tie-ulps`
 units of its dtype's precision, the rule of tests/core/test_devices.py and of `specllava bench`'s
-divergence list); anything else fails the check. Host syncs per decoding step are counted both
+divergence list); anything else fails the check. So is every row of parts 4b and 5b, against
+`generate()` on its prompt alone. Host syncs per decoding step are counted both
 with `torch.cuda.set_sync_debug_mode` and with `core.syncs.HostSyncCounter`; peak GPU memory per
 part. Exit status 1 when a test or an exactness check failed.
 """
@@ -336,6 +342,52 @@ def compare_methods(target, draft, inputs_list, device: str, new_tokens: int, ul
     return out
 
 
+@torch.inference_mode()
+def many_requests(target, draft, device: str, new_tokens: int, ulps: int, concurrency: list[int], memory: Memory,
+                  label: str) -> dict:
+    """Requests arriving together, c at a time (`specllava bench --throughput`'s groups, through
+    its `time_group`): transformers' batched `generate()` (hf), batched plain decoding (ar) and
+    batched dynamic trees, interleaved per group; aggregate tokens/s and latency per c (its
+    `summarize`), and every row checked against `generate()` on that prompt alone (`near_tie`)."""
+    from specllava.bench.harness import method_order
+    from specllava.bench.throughput import summarize, time_group
+
+    rows = [{**p, "attention_mask": torch.ones_like(p["input_ids"])}
+            for p in (prompt(target, 100 + seed, device) for seed in range(max(concurrency)))]
+    decoders = {"hf": None, "ar": SpeculativeDecoder(target, None, method="ar"),
+                "dynamic": SpeculativeDecoder(target, draft, method="dynamic", **DYNAMIC_OPTIONS)}
+    pad = target.generation_config.pad_token_id
+    eos_ids = target.generation_config.eos_token_id
+    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
+    pad = pad if pad is not None else (min(eos) if eos else 0)
+    for method, decoder in decoders.items():  # warm-up: the batched kernels and buffers of every c
+        time_group(method, target, decoder, rows, 4, pad, eos)
+    memory.start()
+    runs = []
+    for turn, (c, g) in enumerate((c, g) for c in concurrency for g in range(len(rows) // c)):
+        for method in method_order(tuple(decoders), turn):
+            sync(device)
+            rec = time_group(method, target, decoders[method], rows[g * c:(g + 1) * c], new_tokens, pad, eos)
+            runs.append({"method": method, "concurrency": c, "group": g, "prompts": list(range(g * c, (g + 1) * c)),
+                         **{k: v for k, v in rec.items() if k != "mean_accepted"}})
+    memory.record(label)
+    alone = {r["prompts"][0]: r["tokens"][0] for r in runs if r["method"] == "hf" and r["concurrency"] == 1}
+    failures = []
+    for r in runs:
+        r["exactness"] = [near_tie(target, rows[i], alone[i], tokens, ulps) if i in alone else {"equal": None}
+                          for i, tokens in zip(r["prompts"], r["tokens"])]
+        failures += [f"{r['method']} c={r['concurrency']} prompt {i}" for i, e in zip(r["prompts"], r["exactness"])
+                     if e["equal"] is False and not e.get("near_tie")]
+    summary = summarize(runs)
+    for method, by_c in summary.items():
+        print(f"   {method:8s} " + "  ".join(f"c={c}: {x['tokens_per_s']:.1f} tok/s (x{x['speedup_vs_c1']:.2f}), "
+                                            f"p50 {x['p50_latency_s']:.2f} s" for c, x in by_c.items()), flush=True)
+    print(f"   rows equal to generate() alone or at a near-tie: {'all' if not failures else 'NOT ' + ', '.join(failures)}",
+          flush=True)
+    return {"summary": summary, "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs],
+            "exactness_failures": failures}
+
+
 SYNC_TOKENS = 48  # tokens decoded to count host syncs: several steps even when the draft is right
 
 
@@ -429,6 +481,12 @@ def plot(result: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "methods.png", dpi=120)
         plt.close(fig)
+    from specllava.bench.throughput import plot as throughput_plot
+
+    for key, name in (("many_random_draft", "random draft"), ("many_self_draft", "self-draft")):
+        if result.get(key):
+            throughput_plot(result[key]["summary"], out / f"{key}.png",
+                            title=f"{result['target']} on {result['device_name']}, {name}, {result['new_tokens']} tokens")
 
 
 def plan(dtype: torch.dtype, shapes: str, new_tokens: int, self_layers: int) -> dict:
@@ -470,12 +528,15 @@ def main(argv=None) -> int:
                     help="part 5: scale of the output projections of the target's layers past the self-draft's "
                          "(0: the self-draft is always right; between 0 and 1: partly right)")
     ap.add_argument("--tie-ulps", type=int, default=4, help="near-tie tolerance, in units of the dtype's precision")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None,
+                    help="parts 4b and 5b: requests arriving together (default 1 8; 1 4 with --tiny)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     shapes = "tiny" if args.tiny else "full"
     args.new_tokens = args.new_tokens or (24 if args.tiny else 64)
     args.repeats = args.repeats or (2 if args.tiny else 5)
     args.prompts = args.prompts or (1 if args.tiny else 2)
+    args.concurrency = sorted(set(args.concurrency or ([1, 4] if args.tiny else [1, 8])))
     k = args.self_layers or (1 if args.tiny else 2)
     if args.plan:
         print(json.dumps(plan(dtype, shapes, args.new_tokens, k), indent=1))
@@ -494,7 +555,7 @@ def main(argv=None) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
         "dtype": args.dtype, "new_tokens": args.new_tokens, "tie_ulps": args.tie_ulps,
-        "prompts": args.prompts, "dynamic_tree_options": DYNAMIC_OPTIONS,
+        "prompts": args.prompts, "concurrency": args.concurrency, "dynamic_tree_options": DYNAMIC_OPTIONS,
         "target": "llava-1.5-7b-shaped (random weights)" if not args.tiny else "tiny llava (random)",
         "draft": "llava-68m-shaped (random weights)" if not args.tiny else "tiny draft (random)",
         "self_draft": f"the target's first {k} layers (shared weights)", "plan": plan(dtype, shapes, args.new_tokens, k),
@@ -557,6 +618,12 @@ def main(argv=None) -> int:
                                              "random_draft", verify_curve, result["draft_ms"]["68M-shaped"])
     save("random_draft", t)
 
+    print(f"== 4b. many requests at once, random draft: concurrency {args.concurrency}", flush=True)
+    t = time.perf_counter()
+    result["many_random_draft"] = many_requests(target, draft, device, args.new_tokens, args.tie_ulps,
+                                                args.concurrency, memory, "many_random_draft")
+    save("many_random_draft", t)
+
     print(f"== 5. methods, self-draft (layers {k}.. scaled by {args.upper_scale}; the envelope)", flush=True)
     t = time.perf_counter()
     silence_upper_layers(target, k, args.upper_scale)
@@ -564,8 +631,16 @@ def main(argv=None) -> int:
                                            "self_draft", verify_curve, result["draft_ms"][f"self-draft ({k} layers)"])
     save("self_draft", t)
 
+    print(f"== 5b. many requests at once, self-draft: concurrency {args.concurrency}", flush=True)
+    t = time.perf_counter()
+    result["many_self_draft"] = many_requests(target, selfd, device, args.new_tokens, args.tie_ulps,
+                                              args.concurrency, memory, "many_self_draft")
+    save("many_self_draft", t)
+
     failed = [f"{part}/{name}" for part in ("random_draft", "self_draft") for name, e in result[part].items()
               if not all(x["equal"] or x.get("near_tie") for x in e["exactness"])]
+    failed += [f"{part}/{f}" for part in ("many_random_draft", "many_self_draft")
+               for f in result[part]["exactness_failures"]]
     result["exactness_failures"] = failed
     save()
     plot(result, args.out)
