@@ -428,3 +428,20 @@ def test_batch_node_budgets_shrink_with_the_batch():
     table = batch_node_budgets(cost, profile, (1, 2, 4, 8, 64))
     assert table[1] >= table[2] >= table[4] >= table[8] >= table[64]
     assert table[1] > table[8] and table[64] == 0  # at a high load plain batched decoding wins
+    # drafting that costs each row what it costs alone (compute-bound, as on a CPU): plain sooner
+    slow = batch_node_budgets(cost, profile, (1, 2, 4, 8, 64), {b: 0.010 * b for b in (1, 2, 4, 8, 64)})
+    assert slow[1] == table[1]  # alone: the same drafting time, the same budget
+    assert slow[4] == 0 < table[4]
+
+
+def test_measured_batch_rest_is_the_lone_rest_scaled_by_the_batch(tiny_pair):
+    from random_models import llava_prompt
+    from specllava.tuning.budget import AcceptanceProfile, measure_batch_rest
+
+    target, draft = tiny_pair
+    ids, px = llava_prompt(3)
+    profile = AcceptanceProfile([1, 2], [1.5, 2.0], rest_s=0.004, steps=10, key={})
+    rest = measure_batch_rest(target, draft, {"input_ids": ids, "pixel_values": px}, profile,
+                              {"min_path_conf": 0.0}, (1, 4), steps=3)
+    assert set(rest) == {1, 4} and rest[1] == pytest.approx(0.004)  # B = 1: the profile's own
+    assert rest[4] > 0

@@ -58,8 +58,10 @@ def test_budget_auto_sizes_each_requests_tree_by_the_batch(tiny_paths, monkeypat
     monkeypatch.setattr(budget, "auto_node_budget", lambda *a, **k: (9, {}))
     monkeypatch.setattr(budget, "verify_cost_curve", lambda target: "cost")
     monkeypatch.setattr(budget, "acceptance_profile", lambda *a, **k: seen.update(args=a, kwargs=k) or "profile")
-    monkeypatch.setattr(budget, "batch_node_budgets", lambda cost, prof, sizes: {b: 12 // b for b in sizes}
-                        if (cost, prof) == ("cost", "profile") else None)
+    monkeypatch.setattr(budget, "measure_batch_rest", lambda target, draft, inp, prof, opts, sizes, **k:
+                        seen.update(rest_sizes=list(sizes)) or {b: 0.001 * b for b in sizes})
+    monkeypatch.setattr(budget, "batch_node_budgets", lambda cost, prof, sizes, rest: {b: 12 // b for b in sizes}
+                        if (cost, prof, rest[2]) == ("cost", "profile", 0.002) else None)
     flags = ["serve", "--target", str(tiny_paths.target_dir), "--draft", str(tiny_paths.draft_dir), "--dtype", "float32",
              "--budget", "auto"]
     for max_batch, table in [(4, {1: 9, 2: 6, 3: 4, 4: 3}), (1, None)]:
@@ -69,6 +71,7 @@ def test_budget_auto_sizes_each_requests_tree_by_the_batch(tiny_paths, monkeypat
         finally:
             engine.close()
     assert seen["kwargs"]["draft_quant"] == "auto" and "pixel_values" in seen["args"][2][0]  # profiled on the photo
+    assert seen["rest_sizes"] == [1, 2, 3, 4]  # each batch size's drafting time measured
 
 
 def test_serve_loads_models_as_generate_does(tiny_paths, monkeypatch):

@@ -363,7 +363,8 @@ def run_throughput_mode(args) -> int:
     calibration = None
     if args.load_aware:
         from ..core.model_info import input_device
-        from ..tuning.budget import acceptance_profile, batch_node_budgets, batch_speed, verify_cost_curve
+        from ..tuning.budget import (acceptance_profile, batch_node_budgets, batch_speed, measure_batch_rest,
+                                     verify_cost_curve)
         from .harness import prepare_inputs
 
         inputs = [prepare_inputs(processor, p, target.dtype, input_device(target))
@@ -371,10 +372,14 @@ def run_throughput_mode(args) -> int:
         cost = verify_cost_curve(target, refresh=args.recalibrate)
         profile = acceptance_profile(target, draft, inputs, tree_options, cost, refresh=args.recalibrate,
                                      max_new_tokens=args.max_new_tokens, draft_vocab=vocab, draft_quant=opts.draft_quant)
-        table = batch_node_budgets(cost, profile, sorted(set(args.concurrency)))
-        calibration = {"batch_budgets": table, "expected_tokens_per_s": {
-            c: {b: batch_speed(cost, profile, c, b) for b in [0] + sorted(set(args.fixed_budgets) | {table[c]})}
-            for c in table}}
+        rest = measure_batch_rest(target, draft, inputs[0], profile, tree_options, sorted(set(args.concurrency)),
+                                  draft_vocab=vocab, draft_quant=opts.draft_quant)
+        table = batch_node_budgets(cost, profile, sorted(set(args.concurrency)), rest)
+        calibration = {"batch_budgets": table, "rest_ms_by_batch": {c: 1e3 * r for c, r in rest.items()},
+                       "expected_tokens_per_s": {
+                           c: {b: batch_speed(cost, profile, c, b, rest.get(c))
+                               for b in [0] + sorted(set(args.fixed_budgets) | {table[c]})}
+                           for c in table}}
         print(f"--load-aware: node budget per sequence by batch size {table}", file=sys.stderr)
         decoders["dynamic-load"] = SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=vocab,
                                                       draft_quant=opts.draft_quant, batch_budgets=table,

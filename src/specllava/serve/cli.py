@@ -141,20 +141,24 @@ def tree_options(args, target, draft, processor) -> dict:
 def batch_budgets(args, target, draft, processor, options: dict) -> dict[int, int] | None:
     """With --budget auto, dynamic trees and --max-batch > 1: the node budget per request for each
     batch size up to --max-batch (`tuning.budget.batch_node_budgets`, from the same cached
-    calibration), so that each request's tree shrinks as more requests share one verification
-    forward; a lone request keeps --budget auto's budget. None otherwise (every batch size takes
+    calibration and each batch size's drafting time, `measure_batch_rest`, a few seconds at start),
+    so that each request's tree shrinks as more requests share one verification forward; a lone
+    request keeps --budget auto's budget. None otherwise (every batch size takes
     the tree options' budget)."""
     opts = DecodingOptions.from_args(args)
     if opts.budget != "auto" or opts.method != "dynamic" or args.max_batch < 2:
         return None
-    from ..tuning.budget import acceptance_profile, batch_node_budgets, verify_cost_curve
+    from ..tuning.budget import acceptance_profile, batch_node_budgets, measure_batch_rest, verify_cost_curve
 
     inputs = [{k: v.to(target.dtype) if k == "pixel_values" else v for k, v in inp.items()}
               for inp in _calibration_inputs(processor)]
     cost = verify_cost_curve(target)
     profile = acceptance_profile(target, draft, inputs, options, cost, draft_vocab=opts.draft_vocab_for(draft, opts.temperature),
                                  draft_quant=opts.draft_quant)
-    table = {**batch_node_budgets(cost, profile, range(1, args.max_batch + 1)), 1: options["node_budget"]}
+    sizes = range(1, args.max_batch + 1)
+    rest = measure_batch_rest(target, draft, inputs[0], profile, options, sizes,
+                              draft_vocab=opts.draft_vocab_for(draft, opts.temperature), draft_quant=opts.draft_quant)
+    table = {**batch_node_budgets(cost, profile, sizes, rest), 1: options["node_budget"]}
     print(f"specllava serve: --budget auto: node budget per request by batch size {table}", file=sys.stderr, flush=True)
     return table
 

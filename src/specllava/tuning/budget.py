@@ -423,27 +423,71 @@ def auto_node_budget(target, draft, inputs: list[dict], tree_options: dict | Non
 # load-aware budgets: the node budget per sequence for a batch of B sequences
 
 
-def batch_speed(cost: CostCurve, profile: AcceptanceProfile, batch: int, budget: int) -> float:
+def batch_speed(cost: CostCurve, profile: AcceptanceProfile, batch: int, budget: int,
+                rest_s: float | None = None) -> float:
     """Expected aggregate tokens/s of `batch` sequences stepped together (`core.batch`), each tree
     with `budget` draft nodes; budget 0 = plain batched decoding (one token per sequence, no draft).
 
     Model: one batched verification over B trees of k tokens each costs about one forward over
     B * k tokens (the same rows through the same weights: `cost.at(B * k)`); drafting and the loop
-    cost `profile.rest_s` per step whatever B (a batched draft forward reads the draft's weights
-    once). As B grows the verification turns from reading weights to computing, each tree node
-    costs real time, and the best budget falls."""
+    cost `rest_s` per step: what `measure_batch_rest` measured at this batch size (the draft's
+    forwards over B frontiers and the per-row work grow with B where they are compute, as on a
+    CPU), or without it `profile.rest_s`, the lone sequence's. As B grows the verification turns
+    from reading weights to computing, each tree node costs real time, and the best budget falls."""
     if budget == 0:
         return batch / cost.at(batch)
     tau = profile.tau[budget - 1]
-    step = statistics.fmean(cost.at(batch * n) for n in profile.verified_tokens(budget)) + profile.rest_s
+    rest = profile.rest_s if rest_s is None else rest_s
+    step = statistics.fmean(cost.at(batch * n) for n in profile.verified_tokens(budget)) + rest
     return batch * tau / step
 
 
-def batch_node_budgets(cost: CostCurve, profile: AcceptanceProfile, batch_sizes=(1, 2, 4, 8, 16)) -> dict[int, int]:
+def batch_node_budgets(cost: CostCurve, profile: AcceptanceProfile, batch_sizes=(1, 2, 4, 8, 16),
+                       rest_by_batch: dict[int, float] | None = None) -> dict[int, int]:
     """For each batch size, the per-sequence node budget (0 = plain batched decoding) with the
-    highest expected aggregate speed (`batch_speed`); for `SpeculativeDecoder(batch_budgets=...)`."""
+    highest expected aggregate speed (`batch_speed`, with `rest_by_batch[B]` as a step's drafting
+    and loop time when given: `measure_batch_rest`); for `SpeculativeDecoder(batch_budgets=...)`."""
     out = {}
     for batch in batch_sizes:
+        rest = None if rest_by_batch is None else rest_by_batch.get(int(batch))
         candidates = [0] + list(profile.budgets)
-        out[int(batch)] = max(candidates, key=lambda b: batch_speed(cost, profile, batch, b))
+        out[int(batch)] = max(candidates, key=lambda b: batch_speed(cost, profile, batch, b, rest))
     return out
+
+
+@torch.inference_mode()
+def measure_batch_rest(target, draft, inputs: dict, profile: AcceptanceProfile, tree_options: dict | None = None,
+                       batch_sizes=(1, 2, 4, 8), steps: int = 6, max_budget: int = 96, draft_vocab: int | None = None,
+                       draft_quant: str = "auto") -> dict[int, float]:
+    """A step's time besides the verification forward (drafting and the loop) with B sequences
+    stepped together, for every B in `batch_sizes`, in the units of `profile.rest_s`: that lone
+    time scaled by how much longer the same step takes with B rows.
+
+    B copies of one prompt (`inputs`, prepared) are decoded together by the acceptance profile's
+    dynamic tree (budget `max_budget`), drafting at every step (`calibrate=false`: a batch's
+    calibrated rows may take plain steps, which draft nothing); per step, the wall time less the
+    verification's (`Sequence.stats`), median over `steps` steps after one untimed step. Identical
+    rows grow identical trees, so B changes nothing but the batch. A few seconds on a CPU."""
+    opts = {**(tree_options or {}), "node_budget": max_budget, "calibrate": False, "draft_quant": draft_quant,
+            "draft_vocab": draft_vocab or None}
+    inputs = {k: v.to(target.dtype) if k == "pixel_values" and v is not None else v for k, v in inputs.items()}
+    decoder = SpeculativeDecoder(target, draft, method="dynamic", **opts)
+    measured = {}
+    for batch in sorted(set(int(b) for b in batch_sizes) | {1}):
+        seqs = [decoder.start(**inputs, max_new_tokens=8 * (steps + 2)) for _ in range(batch)]
+        decoder.step(seqs)
+        rest = []
+        for _ in range(steps):
+            live = [s for s in seqs if not s.finished]
+            if not live:
+                break
+            verify = live[0].stats.t_verify  # a batched step charges every row the same verification
+            t = time.perf_counter()
+            decoder.step(live)
+            rest.append(time.perf_counter() - t - (live[0].stats.t_verify - verify))
+        measured[batch] = statistics.median(rest) if rest else float("nan")
+    lone = measured[1]
+    wanted = set(int(x) for x in batch_sizes)
+    if not lone > 0:  # nothing measured alone (every copy ended at once): the lone time everywhere
+        return {}
+    return {b: profile.rest_s * r / lone for b, r in measured.items() if b in wanted and r == r}
