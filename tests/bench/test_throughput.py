@@ -27,6 +27,8 @@ def test_throughput_mode_end_to_end(assembled_pair, llava_json, tmp_path, capsys
     assert set(summary) == {"hf", "ar", "dynamic"} | ({"dynamic-b2", "dynamic-load"} if load_aware else set())
     if load_aware:
         assert set(result["load_aware"]["batch_budgets"]) == {"1", "2"}
+        assert set(result["load_aware"]["rest_ms_by_batch"]) == {"1", "2"}  # each batch size's drafting time
+        assert all(ms > 0 for ms in result["load_aware"]["rest_ms_by_batch"].values())
     for method in summary:
         assert set(summary[method]) == {"1", "2"}
         assert summary[method]["1"]["requests"] == 2 and summary[method]["2"]["requests"] == 2

@@ -149,8 +149,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "(methods dynamic-bN)")
     run.add_argument("--load-aware", action="store_true",
                      help="with --throughput: also measure dynamic-load, dynamic whose node budget per sequence "
-                     "follows the batch size (tuning.budget.batch_node_budgets, from the calibrated cost model; "
-                     "calibrates on the first --calibration-prompts prompts at the first run)")
+                     "follows the batch size (tuning.budget.batch_node_budgets, from the calibrated cost model "
+                     "and each batch size's measured drafting time; calibrates on the first "
+                     "--calibration-prompts prompts at the first run)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/<timestamp>); one that "
                    "is not empty is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its results")
@@ -372,14 +373,16 @@ def run_throughput_mode(args) -> int:
         cost = verify_cost_curve(target, refresh=args.recalibrate)
         profile = acceptance_profile(target, draft, inputs, tree_options, cost, refresh=args.recalibrate,
                                      max_new_tokens=args.max_new_tokens, draft_vocab=vocab, draft_quant=opts.draft_quant)
-        rest = measure_batch_rest(target, draft, inputs[0], profile, tree_options, sorted(set(args.concurrency)),
-                                  draft_vocab=vocab, draft_quant=opts.draft_quant)
-        table = batch_node_budgets(cost, profile, sorted(set(args.concurrency)), rest)
+        # every batch size up to the largest: as rows finish, a group steps at the sizes in between
+        sizes = range(1, max(args.concurrency) + 1)
+        rest = measure_batch_rest(target, draft, inputs[0], profile, tree_options, sizes, draft_vocab=vocab,
+                                  draft_quant=opts.draft_quant)
+        table = batch_node_budgets(cost, profile, sizes, rest)
         calibration = {"batch_budgets": table, "rest_ms_by_batch": {c: 1e3 * r for c, r in rest.items()},
                        "expected_tokens_per_s": {
                            c: {b: batch_speed(cost, profile, c, b, rest.get(c))
                                for b in [0] + sorted(set(args.fixed_budgets) | {table[c]})}
-                           for c in table}}
+                           for c in sorted(set(args.concurrency))}}
         print(f"--load-aware: node budget per sequence by batch size {table}", file=sys.stderr)
         decoders["dynamic-load"] = SpeculativeDecoder(target, draft, method="dynamic", draft_vocab=vocab,
                                                       draft_quant=opts.draft_quant, batch_budgets=table,
