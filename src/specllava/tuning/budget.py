@@ -210,13 +210,6 @@ class CostCurve:
 
 @torch.inference_mode()
 def measure_verify_cost(target, sizes=SIZES, prefix_len: int = 160, repeats: int = 7, seed: int = 0) -> list[float]:
-    """Median seconds of one target forward over n tree tokens on a cached `prefix_len` prefix
-    (`time_forwards`)."""
-    return time_forwards(target, sizes, prefix_len, repeats, seed)
-
-
-@torch.inference_mode()
-def time_forwards(target, sizes, prefix_len: int, repeats: int, seed: int = 0) -> list[float]:
     """Median seconds of one target forward over n tree tokens on a cached `prefix_len` prefix.
 
     The prefix is random text tokens (the cost of attention depends on its length, not its
@@ -262,7 +255,7 @@ def verify_cost_curve(target, sizes=SIZES, prefix_len: int = 160, repeats: int =
     cached = None if refresh else _load_cached(path, key)
     if cached is not None:
         curve = CostCurve(**cached["curve"])
-        if agrees(curve.at(1), time_forwards(target, (1,), prefix_len, repeats=3)[0]):
+        if agrees(curve.at(1), measure_verify_cost(target, (1,), prefix_len, repeats=3)[0]):
             return curve
         log.info("the cached verification cost curve %s is off by more than %gx from a fresh timing "
                  "(measured under another load?): measuring it again", path, STALE)
