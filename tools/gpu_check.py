@@ -350,16 +350,13 @@ def many_requests(target, draft, device: str, new_tokens: int, ulps: int, concur
     batched dynamic trees, interleaved per group; aggregate tokens/s and latency per c (its
     `summarize`), and every row checked against `generate()` on that prompt alone (`near_tie`)."""
     from specllava.bench.harness import method_order
-    from specllava.bench.throughput import summarize, time_group
+    from specllava.bench.throughput import pad_and_eos, summarize, time_group
 
     rows = [{**p, "attention_mask": torch.ones_like(p["input_ids"])}
             for p in (prompt(target, 100 + seed, device) for seed in range(max(concurrency)))]
     decoders = {"hf": None, "ar": SpeculativeDecoder(target, None, method="ar"),
                 "dynamic": SpeculativeDecoder(target, draft, method="dynamic", **DYNAMIC_OPTIONS)}
-    pad = target.generation_config.pad_token_id
-    eos_ids = target.generation_config.eos_token_id
-    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
-    pad = pad if pad is not None else (min(eos) if eos else 0)
+    pad, eos = pad_and_eos(target)
     for method, decoder in decoders.items():  # warm-up: the batched kernels and buffers of every c
         time_group(method, target, decoder, rows, 4, pad, eos)
     memory.start()

@@ -54,6 +54,15 @@ def batch_inputs(rows: list[dict], pad_id: int) -> dict:
     return out
 
 
+def pad_and_eos(target) -> tuple[int, set[int]]:
+    """The padding id for `batch_inputs` (the generation config's, else its smallest EOS id, else
+    0) and the set of EOS ids, from `target.generation_config`."""
+    eos_ids = target.generation_config.eos_token_id
+    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
+    pad_id = target.generation_config.pad_token_id
+    return (pad_id if pad_id is not None else (min(eos) if eos else 0)), eos
+
+
 def _new_tokens(row: torch.Tensor, eos: set[int]) -> list[int]:
     """A generate() row's new tokens up to its first EOS (kept)."""
     out = []
@@ -95,11 +104,7 @@ def run_throughput(target, decoders: dict, processor, prompts, concurrency: list
 
     device = input_device(target)
     rows = [prepare_inputs(processor, p, target.dtype, device) for p in prompts]
-    pad_id = target.generation_config.pad_token_id
-    eos_ids = target.generation_config.eos_token_id
-    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
-    if pad_id is None:
-        pad_id = min(eos) if eos else 0
+    pad_id, eos = pad_and_eos(target)
     methods = tuple(decoders)
     for _ in range(warmup):  # untimed: lazy initialisation, allocator growth, kernel choice
         for method in methods:
